@@ -1,0 +1,13 @@
+"""Fused kernels for Self-Distillation Fine-Tuning: LM head + student/teacher divergence."""
+from .divergence_spec import DIVERGENCES, REDUCTIONS, make_spec
+from .fused_divergence import BACKENDS, fused_linear_divergence
+from .reference import reference_linear_divergence
+
+__all__ = [
+    "BACKENDS",
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "fused_linear_divergence",
+    "make_spec",
+    "reference_linear_divergence",
+]

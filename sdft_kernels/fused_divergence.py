@@ -1,0 +1,107 @@
+"""``fused_linear_divergence``: LM head + student/teacher divergence without [N, V] logits."""
+from __future__ import annotations
+
+import torch
+
+from . import torch_backend
+from .divergence_spec import DivergenceSpec, make_spec
+from .input_checks import check_inputs
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_backend():
+    from . import triton_backend
+
+    return triton_backend
+
+
+def _pick_backend(name: str, device: torch.device):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return torch_backend
+    try:
+        backend = _triton_backend()
+    except ImportError as err:
+        raise RuntimeError(f"backend 'triton' needs the triton package: {err}") from err
+    if device.type != "cuda" and not backend.interpreting():
+        raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing "
+                           "sdft_kernels; use backend='torch' (the default on CPU) instead")
+    return backend
+
+
+class _RowDivergence(torch.autograd.Function):
+    """Per-row divergence; gradients flow to the student hidden states and the LM-head weight only."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, w, w_t, spec: DivergenceSpec, backend, shared: bool):
+        if h_s.shape[0] == 0:
+            loss, stats = h_s.new_zeros(0, dtype=torch.float32), None
+        elif backend is torch_backend:
+            loss, stats = backend.forward(h_s, h_t, w, w_t, spec)
+        else:
+            loss, stats = backend.forward(h_s, h_t, w, w_t, spec, shared)
+        ctx.save_for_backward(h_s, h_t, w, w_t, stats)
+        ctx.spec, ctx.backend, ctx.shared = spec, backend, shared
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        h_s, h_t, w, w_t, stats = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if h_s.shape[0] == 0:
+            d_h = torch.zeros_like(h_s) if need_h else None
+            d_w = torch.zeros_like(w) if need_w else None
+            return d_h, None, d_w, None, None, None, None
+        row_grad = grad_rows.float() * ctx.spec.inv_temperature
+        if ctx.backend is torch_backend:
+            d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, need_h, need_w)
+        else:
+            d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, ctx.shared,
+                                            need_h, need_w)
+        return d_h, None, d_w, None, None, None, None
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Divergence between softmax(student_hidden @ weight.T / T) and the teacher's, per token.
+
+    ``student_hidden`` [..., H] and ``teacher_hidden`` [..., H_t] hold one row per scored token;
+    ``weight`` [V, H] is the LM head, ``teacher_weight`` [V, H_t] a separate teacher head (None: the
+    teacher uses ``weight``). ``mask`` [...] selects the tokens that count. The teacher gets no
+    gradient. Returns an fp32 scalar (``mean`` over selected tokens, ``sum``) or per-token losses
+    (``none``, zero where masked). ``backend``: ``auto`` (Triton on CUDA, chunked PyTorch on CPU),
+    ``triton`` or ``torch``.
+    """
+    spec = make_spec(divergence, beta, temperature)
+    t_weight = check_inputs(student_hidden, teacher_hidden, weight, teacher_weight, mask, reduction)
+    impl = _pick_backend(backend, student_hidden.device)
+    shared = teacher_weight is None or teacher_weight is weight
+    lead = student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    selected = None
+    if mask is not None:
+        selected = mask.reshape(-1).bool().nonzero().squeeze(1)
+        h_s = h_s.index_select(0, selected)
+        h_t = h_t.index_select(0, selected)
+    rows = _RowDivergence.apply(h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(),
+                                spec, impl, shared)
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(rows.shape[0], 1)
+    if selected is not None:
+        rows = rows.new_zeros(mask.numel()).index_copy(0, selected, rows)
+    return rows.reshape(lead)

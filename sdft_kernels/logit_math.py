@@ -1,0 +1,54 @@
+"""Per-row divergence terms and logit gradients from a block of (temperature-scaled) logits.
+
+Used by the chunked PyTorch backend; the Triton kernels implement the same formulas tile by tile.
+With p = softmax(s), q = softmax(t):
+
+* reverse KL  d/ds_j = p_j (log p_j - log q_j - KL(p||q))
+* forward KL  d/ds_j = p_j - q_j
+* jsd         d/ds_j = (1 - beta) p_j (log p_j - log m_j - KL(p||m))
+
+``c`` is the row scalar the gradient needs (KL(p||q) or KL(p||m); zero for forward KL).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .divergence_spec import DivergenceSpec
+
+
+def _log_mixture(log_p, log_q, beta):
+    return torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+
+
+def row_terms(s: torch.Tensor, t: torch.Tensor, spec: DivergenceSpec):
+    """Return (loss, lse_s, lse_t, c) per row of the logit blocks ``s`` and ``t``."""
+    lse_s = torch.logsumexp(s, dim=-1)
+    lse_t = torch.logsumexp(t, dim=-1)
+    log_p = s - lse_s[:, None]
+    log_q = t - lse_t[:, None]
+    if spec.kind == "reverse_kl":
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return loss, lse_s, lse_t, loss
+    if spec.kind == "forward_kl":
+        loss = (log_q.exp() * (log_q - log_p)).sum(-1)
+        return loss, lse_s, lse_t, torch.zeros_like(loss)
+    beta = spec.beta
+    log_m = _log_mixture(log_p, log_q, beta)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * kl_qm + (1 - beta) * kl_pm, lse_s, lse_t, kl_pm
+
+
+def grad_from_logits(s, t, lse_s, lse_t, c, spec: DivergenceSpec) -> torch.Tensor:
+    """d(row loss)/d(s) for each row, given that row's statistics."""
+    log_p = s - lse_s[:, None]
+    log_q = t - lse_t[:, None]
+    p = log_p.exp()
+    if spec.kind == "forward_kl":
+        return p - log_q.exp()
+    if spec.kind == "reverse_kl":
+        return p * (log_p - log_q - c[:, None])
+    log_m = _log_mixture(log_p, log_q, spec.beta)
+    return (1 - spec.beta) * p * (log_p - log_m - c[:, None])

@@ -1,0 +1,69 @@
+"""Chunked PyTorch backend: exact, bounded memory, used automatically on the CPU.
+
+Rows are processed ``chunk`` at a time so only [chunk, V] logits exist at once; the forward keeps
+three floats per row (lse_s, lse_t, c) and the backward recomputes the logits of each chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+from .divergence_spec import DivergenceSpec
+from .logit_math import grad_from_logits, row_terms
+
+# Bytes of one [chunk, V] float32 logit block; a handful of such blocks live at once.
+CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def _compute_dtype(*tensors):
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def _chunk_logits(h_s, h_t, w, w_t, rows, spec, dtype):
+    s = (h_s[rows].to(dtype) @ w.T) * spec.inv_temperature
+    t = (h_t[rows].to(dtype) @ w_t.T) * spec.inv_temperature
+    return s, t
+
+
+def forward(h_s, h_t, w, w_t, spec: DivergenceSpec):
+    """Per-row losses [N] and the statistics [3, N] the backward needs."""
+    dtype = _compute_dtype(h_s, h_t, w, w_t)
+    w32, wt32 = w.to(dtype), w_t.to(dtype)
+    n = h_s.shape[0]
+    loss = torch.empty(n, dtype=dtype, device=h_s.device)
+    stats = torch.empty(3, n, dtype=dtype, device=h_s.device)
+    step = _rows_per_chunk(w.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
+        loss[rows], stats[0, rows], stats[1, rows], stats[2, rows] = row_terms(s, t, spec)
+    return loss, stats
+
+
+def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, need_h: bool, need_w: bool):
+    """Gradients for student hidden and weight; ``row_grad`` already holds 1/T."""
+    dtype = _compute_dtype(h_s, h_t, w, w_t)
+    w32, wt32 = w.to(dtype), w_t.to(dtype)
+    n = h_s.shape[0]
+    d_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
+    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
+    step = _rows_per_chunk(w.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
+        gz = grad_from_logits(s, t, stats[0, rows], stats[1, rows], stats[2, rows], spec)
+        gz *= row_grad[rows].to(dtype)[:, None]
+        if need_h:
+            d_h[rows] = gz @ w32
+        if need_w:
+            d_w.addmm_(gz.T, h_s[rows].to(dtype))
+    return (
+        d_h.to(h_s.dtype) if need_h else None,
+        d_w.to(w.dtype) if need_w else None,
+    )

@@ -1,0 +1,136 @@
+"""Launchers for the Triton kernels: forward row statistics, backward via vocabulary chunks.
+
+Backward: for each vocabulary chunk [v_lo, v_hi) the grad kernel writes d loss / d logits as a
+bounded [N, chunk] block, then two GEMMs give dH (accumulated in fp32) and dW[v_lo:v_hi]
+(one GEMM over all N rows, so dW is accumulated in fp32 inside the GEMM and written once).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import triton_kernels as K
+from .divergence_spec import DivergenceSpec
+
+KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+# Bytes of the [N, chunk] gradient block of the backward.
+GRAD_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tiles(device: torch.device):
+    """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) for this device."""
+    if device.type == "cuda":
+        return 128, 128, 64, {"num_warps": 8, "num_stages": 3}
+    return 16, 32, 16, {}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _common(h_s, h_t, w, w_t):
+    return (h_s.shape[1], h_t.shape[1], h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0))
+
+
+def _splits(n_rows: int, vocab: int, block_n: int, block_v: int, device) -> tuple[int, int]:
+    """Split the vocabulary so that the grid fills the device; returns (splits, columns per split)."""
+    row_blocks = triton_cdiv(n_rows, block_n)
+    v_tiles = triton_cdiv(vocab, block_v)
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    splits = max(1, min(v_tiles, triton_cdiv(target, row_blocks)))
+    per_split = triton_cdiv(v_tiles, splits) * block_v
+    return triton_cdiv(vocab, per_split), per_split
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _combine(m, z, a):
+    """Merge per-split online softmax partials: returns (lse, normalized sum)."""
+    top = m.max(0).values
+    scale = torch.exp(m - top)
+    total = (z * scale).sum(0)
+    return top + torch.log(total), (a * scale).sum(0) / total
+
+
+def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
+    """Per-row losses [N] (fp32) and statistics [3, N] = lse_s, lse_t, c."""
+    n, vocab = h_s.shape[0], w.shape[0]
+    bn, bv, bk, opts = _tiles(h_s.device)
+    splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
+    grid = (triton_cdiv(n, bn), splits)
+    common = _common(h_s, h_t, w, w_t)
+    precision = _precision(h_s.dtype)
+    part = torch.empty(6, splits, n, dtype=torch.float32, device=h_s.device)
+    K.stats_kernel[grid](h_s, h_t, w, w_t, part, n, vocab, *common, spec.inv_temperature, per_split,
+                         SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
+    lse_s, mean_s_minus_t = _combine(part[0], part[1], part[2])
+    lse_t, mean_t_minus_s = _combine(part[3], part[4], part[5])
+    stats = torch.empty(3, n, dtype=torch.float32, device=h_s.device)
+    stats[0], stats[1] = lse_s, lse_t
+    if spec.kind == "reverse_kl":
+        loss = mean_s_minus_t - lse_s + lse_t
+        stats[2] = loss
+    elif spec.kind == "forward_kl":
+        loss = mean_t_minus_s - lse_t + lse_s
+        stats[2] = 0.0
+    else:
+        jsd_part = torch.empty(2, splits, n, dtype=torch.float32, device=h_s.device)
+        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, n, vocab, *common, spec.inv_temperature,
+                           per_split, math.log(spec.beta), math.log1p(-spec.beta),
+                           SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
+        kl_qm, kl_pm = jsd_part.sum(1)
+        loss = spec.beta * kl_qm + (1 - spec.beta) * kl_pm
+        stats[2] = kl_pm
+    return loss, stats
+
+
+def _mm_fp32(a, b):
+    """a @ b with an fp32 result, accumulated in fp32 where the platform allows it."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return (a @ b).float()
+
+
+def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool,
+             need_h: bool, need_w: bool):
+    """Gradients for student hidden and LM-head weight; ``row_grad`` (fp32 [N]) holds 1/T."""
+    n, vocab = h_s.shape[0], w.shape[0]
+    bn, bv, bk, opts = _tiles(h_s.device)
+    common = _common(h_s, h_t, w, w_t)
+    precision = _precision(h_s.dtype)
+    elt = w.element_size()
+    chunk = max(bv, (GRAD_BLOCK_BYTES // max(1, n * elt)) // bv * bv)
+    chunk = min(chunk, triton_cdiv(vocab, bv) * bv)
+    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+    d_w = torch.empty_like(w) if need_w else None
+    gz = torch.empty(n, chunk, dtype=w.dtype, device=h_s.device)
+    beta = spec.beta if spec.kind == "jsd" else 0.5
+    row_grad = row_grad.contiguous()
+    for v_lo in range(0, vocab, chunk):
+        v_hi = min(v_lo + chunk, vocab)
+        width = v_hi - v_lo
+        grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
+        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, gz, n, *common, gz.stride(0),
+                            spec.inv_temperature, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
+                            KIND=KIND_ID[spec.kind], SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                            PRECISION=precision, **opts)
+        block = gz[:, :width]
+        if need_h:
+            d_h += _mm_fp32(block, w[v_lo:v_hi])
+        if need_w:
+            torch.mm(block.T, h_s, out=d_w[v_lo:v_hi])
+    return (d_h.to(h_s.dtype) if need_h else None), d_w

@@ -1,0 +1,178 @@
+"""Triton kernels for the fused LM-head divergence.
+
+Each kernel computes [BLOCK_N, BLOCK_V] tiles of student and teacher logits on the fly
+(fp32 accumulation over the hidden size) and never writes a [N, V] tensor:
+
+* ``stats_kernel``: online log-sum-exp of both distributions over a slice of the vocabulary plus
+  the running sums that give KL(p||q) and KL(q||p) in one pass (partials per vocabulary split).
+* ``jsd_kernel``: the second pass that jsd needs (its mixture needs normalized p and q).
+* ``grad_kernel``: d loss / d student logits for a vocabulary chunk, scaled per row; the caller
+  turns it into dH and dW with two GEMMs.
+
+When teacher and student share the LM head each weight tile is loaded once for both dots.
+"""
+import triton
+import triton.language as tl
+
+@triton.jit
+def _dot_rows(acc, X, W, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += X[rows, :K] @ W[cols, :K]^T."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(X + rows[:, None] * stride_x + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(W + cols[None, :] * stride_w + ks[:, None],
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
+                 s_hs, s_ht, s_w, s_wt, inv_temp, SHARED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Student and teacher logit tiles divided by the temperature, fp32."""
+    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if SHARED:
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            x_mask = row_mask[:, None] & k_mask[None, :]
+            w = tl.load(W + cols[None, :] * s_w + ks[:, None],
+                        mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            hs = tl.load(HS + rows[:, None] * s_hs + ks[None, :], mask=x_mask, other=0.0)
+            acc_s = tl.dot(hs, w, acc_s, input_precision=PRECISION)
+            ht = tl.load(HT + rows[:, None] * s_ht + ks[None, :], mask=x_mask, other=0.0)
+            acc_t = tl.dot(ht, w, acc_t, input_precision=PRECISION)
+    else:
+        acc_s = _dot_rows(acc_s, HS, W, rows, cols, row_mask, col_mask, H, s_hs, s_w, BLOCK_K, PRECISION)
+        acc_t = _dot_rows(acc_t, HT, WT, rows, cols, row_mask, col_mask, H_T, s_ht, s_wt, BLOCK_K, PRECISION)
+    return acc_s * inv_temp, acc_t * inv_temp
+
+
+@triton.jit
+def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, v_per_split,
+                 SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[6, splits, N]: max_s, sum_s, sum p(s-t), max_t, sum_t, sum q(t-s) (unnormalized)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    z_s = tl.zeros((BLOCK_N,), tl.float32)
+    z_t = tl.zeros((BLOCK_N,), tl.float32)
+    a_s = tl.zeros((BLOCK_N,), tl.float32)
+    a_t = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_hi
+        s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
+                            s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+        valid = col_mask[None, :]
+        diff = tl.where(valid, s - t, 0.0)
+        s = tl.where(valid, s, float("-inf"))
+        t = tl.where(valid, t, float("-inf"))
+        new_m_s = tl.maximum(m_s, tl.max(s, 1))
+        new_m_t = tl.maximum(m_t, tl.max(t, 1))
+        e_s = tl.exp(s - new_m_s[:, None])
+        e_t = tl.exp(t - new_m_t[:, None])
+        scale_s = tl.exp(m_s - new_m_s)
+        scale_t = tl.exp(m_t - new_m_t)
+        z_s = z_s * scale_s + tl.sum(e_s, 1)
+        a_s = a_s * scale_s + tl.sum(e_s * diff, 1)
+        z_t = z_t * scale_t + tl.sum(e_t, 1)
+        a_t = a_t * scale_t - tl.sum(e_t * diff, 1)
+        m_s = new_m_s
+        m_t = new_m_t
+    plane = n_splits * N
+    base = OUT + pid_s * N + rows
+    tl.store(base, m_s, mask=row_mask)
+    tl.store(base + plane, z_s, mask=row_mask)
+    tl.store(base + 2 * plane, a_s, mask=row_mask)
+    tl.store(base + 3 * plane, m_t, mask=row_mask)
+    tl.store(base + 4 * plane, z_t, mask=row_mask)
+    tl.store(base + 5 * plane, a_t, mask=row_mask)
+
+
+@triton.jit
+def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
+    a = log_q + log_beta
+    b = log_p + log_1m_beta
+    top = tl.maximum(a, b)
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+
+
+@triton.jit
+def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, v_per_split,
+               log_beta, log_1m_beta,
+               SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[2, splits, N]: partial KL(q||m) and KL(p||m) given LSE[2, N] = (lse_s, lse_t)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    lse_s = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(LSE + N + rows, mask=row_mask, other=0.0)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    kl_qm = tl.zeros((BLOCK_N,), tl.float32)
+    kl_pm = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < v_hi
+        s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
+                            s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+        log_p = s - lse_s[:, None]
+        log_q = t - lse_t[:, None]
+        log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+        valid = col_mask[None, :]
+        kl_qm += tl.sum(tl.where(valid, tl.exp(log_q) * (log_q - log_m), 0.0), 1)
+        kl_pm += tl.sum(tl.where(valid, tl.exp(log_p) * (log_p - log_m), 0.0), 1)
+    plane = n_splits * N
+    base = OUT + pid_s * N + rows
+    tl.store(base, kl_qm, mask=row_mask)
+    tl.store(base + plane, kl_pm, mask=row_mask)
+
+
+@triton.jit
+def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, GZ, N, H, H_T, s_hs, s_ht, s_w, s_wt, s_gz,
+                inv_temp, v_lo, v_hi, log_beta, log_1m_beta, one_m_beta,
+                KIND: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """GZ[:, v - v_lo] = ROW_GRAD * d loss / d s for v in [v_lo, v_hi); STATS[3, N] = lse_s, lse_t, c."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < v_hi
+    s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
+                        s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+    lse_s = tl.load(STATS + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(STATS + N + rows, mask=row_mask, other=0.0)
+    c = tl.load(STATS + 2 * N + rows, mask=row_mask, other=0.0)
+    g = tl.load(ROW_GRAD + rows, mask=row_mask, other=0.0)
+    log_p = s - lse_s[:, None]
+    log_q = t - lse_t[:, None]
+    p = tl.exp(log_p)
+    if KIND == 0:  # reverse KL
+        gz = p * (log_p - log_q - c[:, None])
+    elif KIND == 1:  # forward KL
+        gz = p - tl.exp(log_q)
+    else:  # jsd
+        log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+        gz = one_m_beta * p * (log_p - log_m - c[:, None])
+    gz = gz * g[:, None]
+    out = GZ + rows[:, None] * s_gz + (cols - v_lo)[None, :]
+    tl.store(out, gz.to(GZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
