@@ -23,6 +23,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """Uninitialized buffer for kernel outputs (tests poison it to prove every element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _tiles(device: torch.device):
     """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) for this device."""
     if device.type == "cuda":
@@ -31,6 +36,9 @@ def _tiles(device: torch.device):
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied exactly (no tf32); 16-bit ones use the tensor cores."""
+    if interpreting():
+        return "interp"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -71,7 +79,7 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
     grid = (triton_cdiv(n, bn), splits)
     common = _common(h_s, h_t, w, w_t)
     precision = _precision(h_s.dtype)
-    part = torch.empty(6, splits, n, dtype=torch.float32, device=h_s.device)
+    part = alloc((6, splits, n), torch.float32, h_s.device)
     K.stats_kernel[grid](h_s, h_t, w, w_t, part, n, vocab, *common, spec.inv_temperature, per_split,
                          SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
     lse_s, mean_s_minus_t = _combine(part[0], part[1], part[2])
@@ -85,7 +93,7 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
         loss = mean_t_minus_s - lse_t + lse_s
         stats[2] = 0.0
     else:
-        jsd_part = torch.empty(2, splits, n, dtype=torch.float32, device=h_s.device)
+        jsd_part = alloc((2, splits, n), torch.float32, h_s.device)
         K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, n, vocab, *common, spec.inv_temperature,
                            per_split, math.log(spec.beta), math.log1p(-spec.beta),
                            SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
@@ -116,19 +124,20 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     chunk = max(bv, (GRAD_BLOCK_BYTES // max(1, n * elt)) // bv * bv)
     chunk = min(chunk, triton_cdiv(vocab, bv) * bv)
     d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
-    d_w = torch.empty_like(w) if need_w else None
-    gz = torch.empty(n, chunk, dtype=w.dtype, device=h_s.device)
+    d_w = alloc(w.shape, w.dtype, w.device) if need_w else None
+    gz_buffer = alloc((n * chunk,), w.dtype, h_s.device)
     beta = spec.beta if spec.kind == "jsd" else 0.5
     row_grad = row_grad.contiguous()
     for v_lo in range(0, vocab, chunk):
         v_hi = min(v_lo + chunk, vocab)
         width = v_hi - v_lo
+        # A contiguous [n, width] block: CPU GEMMs may read a strided view's unwritten padding.
+        block = gz_buffer[: n * width].view(n, width)
         grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
-        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, gz, n, *common, gz.stride(0),
+        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, block, n, *common, width,
                             spec.inv_temperature, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
                             KIND=KIND_ID[spec.kind], SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
                             PRECISION=precision, **opts)
-        block = gz[:, :width]
         if need_h:
             d_h += _mm_fp32(block, w[v_lo:v_hi])
         if need_w:

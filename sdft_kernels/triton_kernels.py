@@ -15,6 +15,16 @@ import triton
 import triton.language as tl
 
 @triton.jit
+def _dot(x, w, acc, PRECISION: tl.constexpr):
+    """acc += x @ w in fp32. PRECISION "interp" upcasts first: Triton's CPU interpreter
+    mis-multiplies bf16 dots, and bf16/fp16 products are exact in fp32 anyway."""
+    if PRECISION == "interp":
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dot_rows(acc, X, W, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """acc += X[rows, :K] @ W[cols, :K]^T."""
@@ -25,7 +35,7 @@ def _dot_rows(acc, X, W, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * stride_w + ks[:, None],
                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = _dot(x, w, acc, PRECISION)
     return acc
 
 
@@ -45,9 +55,9 @@ def _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
             w = tl.load(W + cols[None, :] * s_w + ks[:, None],
                         mask=col_mask[None, :] & k_mask[:, None], other=0.0)
             hs = tl.load(HS + rows[:, None] * s_hs + ks[None, :], mask=x_mask, other=0.0)
-            acc_s = tl.dot(hs, w, acc_s, input_precision=PRECISION)
+            acc_s = _dot(hs, w, acc_s, PRECISION)
             ht = tl.load(HT + rows[:, None] * s_ht + ks[None, :], mask=x_mask, other=0.0)
-            acc_t = tl.dot(ht, w, acc_t, input_precision=PRECISION)
+            acc_t = _dot(ht, w, acc_t, PRECISION)
     else:
         acc_s = _dot_rows(acc_s, HS, W, rows, cols, row_mask, col_mask, H, s_hs, s_w, BLOCK_K, PRECISION)
         acc_t = _dot_rows(acc_t, HT, WT, rows, cols, row_mask, col_mask, H_T, s_ht, s_wt, BLOCK_K, PRECISION)
