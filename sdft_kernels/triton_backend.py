@@ -28,11 +28,20 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tiles(device: torch.device):
-    """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) for this device."""
-    if device.type == "cuda":
-        return 128, 128, 64, {"num_warps": 8, "num_stages": 3}
-    return 16, 32, 16, {}
+# Tile shapes on a GPU per kernel; benchmarks/tune_tiles.py measures alternatives.
+# Chosen on an H100 (benchmarks/results/tune_tiles_h100_round*.log).
+GPU_TILES = {
+    "stats": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    "grad": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+}
+# Small tiles keep the CPU interpreter quick and exercise the edge masks.
+INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16)
+
+
+def _tiles(device: torch.device, kernel: str):
+    """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) for one kernel on this device."""
+    cfg = dict(GPU_TILES[kernel] if device.type == "cuda" else INTERPRETER_TILES)
+    return cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_K"), cfg
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -74,7 +83,7 @@ def _combine(m, z, a):
 def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
     """Per-row losses [N] (fp32) and statistics [3, N] = lse_s, lse_t, c."""
     n, vocab = h_s.shape[0], w.shape[0]
-    bn, bv, bk, opts = _tiles(h_s.device)
+    bn, bv, bk, opts = _tiles(h_s.device, "stats")
     splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
     grid = (triton_cdiv(n, bn), splits)
     common = _common(h_s, h_t, w, w_t)
@@ -117,7 +126,7 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
              need_h: bool, need_w: bool):
     """Gradients for student hidden and LM-head weight; ``row_grad`` (fp32 [N]) holds 1/T."""
     n, vocab = h_s.shape[0], w.shape[0]
-    bn, bv, bk, opts = _tiles(h_s.device)
+    bn, bv, bk, opts = _tiles(h_s.device, "grad")
     common = _common(h_s, h_t, w, w_t)
     precision = _precision(h_s.dtype)
     elt = w.element_size()
