@@ -1,0 +1,7 @@
+"""sdft: Self-Distillation Fine-Tuning with fused LM-head divergence kernels."""
+from .config import SDFTConfig
+from .evaluate import skill_accuracy
+from .models import load_model
+from .trainer import TrainResult, train
+
+__all__ = ["SDFTConfig", "TrainResult", "load_model", "skill_accuracy", "train"]

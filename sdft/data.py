@@ -1,0 +1,83 @@
+"""Loading SDFT examples: a prompt and a demonstration, from jsonl, a list or a HF Dataset.
+
+Accepted columns: ``prompt`` (a string or chat messages) and ``demonstration`` (TRL's
+``privileged_context`` and ``completion`` are accepted too; a messages-form completion is joined).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_KEYS = ("demonstration", "privileged_context", "completion")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: tuple  # chat messages, each a (role, content) pair
+    demonstration: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.prompt]
+
+
+def _as_messages(value, where: str) -> tuple:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: 'prompt' is empty")
+        return (("user", value),)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        for m in value:
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {sorted(m)}")
+        if not any(m["role"] == "user" for m in value):
+            raise ValueError(f"{where}: prompt messages hold no user turn")
+        return tuple((m["role"], m["content"]) for m in value)
+    raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(value).__name__}")
+
+
+def _as_text(value, where: str) -> str:
+    if isinstance(value, list):
+        value = "".join(m["content"] for m in value if m.get("role", "assistant") == "assistant")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: the demonstration is empty or not text")
+    return value
+
+
+def to_example(row: dict, where: str) -> Example:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a mapping with 'prompt' and 'demonstration', got {type(row).__name__}")
+    if "prompt" not in row:
+        raise ValueError(f"{where}: missing field 'prompt' (fields present: {sorted(row)})")
+    key = next((k for k in DEMO_KEYS if row.get(k) is not None), None)
+    if key is None:
+        raise ValueError(f"{where}: missing field 'demonstration' (or TRL's 'privileged_context'); "
+                         f"fields present: {sorted(row)}")
+    return Example(_as_messages(row["prompt"], where), _as_text(row[key], where))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def load_examples(data) -> list[Example]:
+    """Examples from a .jsonl/.json path, a list of dicts, or anything iterable of dicts (HF Dataset)."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        rows = _read_jsonl(path) if path.suffix != ".json" else json.loads(path.read_text())
+        name = str(path)
+    else:
+        rows, name = list(data), "dataset"
+    examples = [to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
+    if not examples:
+        raise ValueError(f"{name} holds no examples")
+    return examples

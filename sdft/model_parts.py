@@ -1,0 +1,16 @@
+"""Reaching the decoder stack and the LM head of a (possibly peft-wrapped) causal LM."""
+from __future__ import annotations
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_of(model):
+    """The decoder stack returning final (normed) hidden states; LoRA layers live inside it."""
+    return base_model(model).get_decoder()
+
+
+def lm_head_weight(model):
+    return base_model(model).get_output_embeddings().weight

