@@ -65,16 +65,20 @@ def _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
 
 
 @triton.jit
+def _row_block(N, BLOCK_N: tl.constexpr):
+    """Rows of this program (axis 0), their mask, this vocabulary split's offset and the plane size
+    of a [quantities, splits, N] partials tensor (axis 1 = split)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return rows, rows < N, tl.program_id(1) * N, tl.num_programs(1) * N
+
+
+@triton.jit
 def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, v_per_split,
                  SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[6, splits, N]: max_s, sum_s, sum p(s-t), max_t, sum_t, sum q(t-s) (unnormalized)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < N
-    v_lo = pid_s * v_per_split
+    rows, row_mask, split_base, plane = _row_block(N, BLOCK_N)
+    v_lo = tl.program_id(1) * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
     m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -103,8 +107,7 @@ def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_te
         a_t = a_t * scale_t - tl.sum(e_t * diff, 1)
         m_s = new_m_s
         m_t = new_m_t
-    plane = n_splits * N
-    base = OUT + pid_s * N + rows
+    base = OUT + split_base + rows
     tl.store(base, m_s, mask=row_mask)
     tl.store(base + plane, z_s, mask=row_mask)
     tl.store(base + 2 * plane, a_s, mask=row_mask)
@@ -127,14 +130,10 @@ def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv
                SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[2, splits, N]: partial KL(q||m) and KL(p||m) given LSE[2, N] = (lse_s, lse_t)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < N
+    rows, row_mask, split_base, plane = _row_block(N, BLOCK_N)
     lse_s = tl.load(LSE + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(LSE + N + rows, mask=row_mask, other=0.0)
-    v_lo = pid_s * v_per_split
+    v_lo = tl.program_id(1) * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
     kl_qm = tl.zeros((BLOCK_N,), tl.float32)
     kl_pm = tl.zeros((BLOCK_N,), tl.float32)
@@ -149,8 +148,7 @@ def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv
         valid = col_mask[None, :]
         kl_qm += tl.sum(tl.where(valid, tl.exp(log_q) * (log_q - log_m), 0.0), 1)
         kl_pm += tl.sum(tl.where(valid, tl.exp(log_p) * (log_p - log_m), 0.0), 1)
-    plane = n_splits * N
-    base = OUT + pid_s * N + rows
+    base = OUT + split_base + rows
     tl.store(base, kl_qm, mask=row_mask)
     tl.store(base + plane, kl_pm, mask=row_mask)
 
