@@ -38,8 +38,6 @@ class _RowDivergence(torch.autograd.Function):
     def forward(ctx, h_s, h_t, w, w_t, spec: DivergenceSpec, backend, shared: bool):
         if h_s.shape[0] == 0:
             loss, stats = h_s.new_zeros(0, dtype=torch.float32), None
-        elif backend is torch_backend:
-            loss, stats = backend.forward(h_s, h_t, w, w_t, spec)
         else:
             loss, stats = backend.forward(h_s, h_t, w, w_t, spec, shared)
         ctx.save_for_backward(h_s, h_t, w, w_t, stats)
@@ -55,11 +53,8 @@ class _RowDivergence(torch.autograd.Function):
             d_w = torch.zeros_like(w) if need_w else None
             return d_h, None, d_w, None, None, None, None
         row_grad = grad_rows.float() * ctx.spec.inv_temperature
-        if ctx.backend is torch_backend:
-            d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, need_h, need_w)
-        else:
-            d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, ctx.shared,
-                                            need_h, need_w)
+        d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, ctx.shared,
+                                        need_h, need_w)
         return d_h, None, d_w, None, None, None, None
 
 

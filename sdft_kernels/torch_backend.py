@@ -31,8 +31,9 @@ def _chunk_logits(h_s, h_t, w, w_t, rows, spec, dtype):
     return s, t
 
 
-def forward(h_s, h_t, w, w_t, spec: DivergenceSpec):
-    """Per-row losses [N] and the statistics [3, N] the backward needs."""
+def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool = False):
+    """Per-row losses [N] and the statistics [3, N] the backward needs (``shared``: unused, same
+    signature as the Triton backend)."""
     dtype = _compute_dtype(h_s, h_t, w, w_t)
     w32, wt32 = w.to(dtype), w_t.to(dtype)
     n = h_s.shape[0]
@@ -46,7 +47,7 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec):
     return loss, stats
 
 
-def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, need_h: bool, need_w: bool):
+def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool, need_h: bool, need_w: bool):
     """Gradients for student hidden and weight; ``row_grad`` already holds 1/T."""
     dtype = _compute_dtype(h_s, h_t, w, w_t)
     w32, wt32 = w.to(dtype), w_t.to(dtype)
