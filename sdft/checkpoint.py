@@ -1,7 +1,8 @@
 """Checkpoints that survive a crash: written to a temporary folder, then renamed into place.
 
-A checkpoint holds the trainable parameters, the optimizer, the EMA teacher (if any) and the step;
-a folder named ``checkpoint-N`` is therefore always complete.
+A checkpoint holds the trainable parameters, the optimizer, the EMA teacher (if any), the random
+number generator states (so a resumed run samples the same rollouts as an uninterrupted one) and the
+step; a folder named ``checkpoint-N`` is therefore always complete.
 """
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -29,6 +43,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     tmp.mkdir()
     torch.save(trainable_state(model), tmp / "trainable.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     teacher_state = teacher.state_dict()
     if teacher_state is not None:
         torch.save(teacher_state, tmp / "teacher.pt")
@@ -67,4 +82,6 @@ def load_checkpoint(path, model, optimizer, teacher) -> int:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
     if (path / "teacher.pt").exists():
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location="cpu"))
+    if (path / "rng.pt").exists():
+        set_rng_state(torch.load(path / "rng.pt"))
     return int(json.loads((path / "state.json").read_text())["step"])
