@@ -8,8 +8,6 @@ Writes benchmarks/results/divergence_<device>.json and .md. Useful FLOPs are 8*N
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import (  # noqa: E402
-    bf16_gemm_tflops, environment, markdown_table, median_ms, peak_extra_mib, write_results)
+    bf16_gemm_tflops, environment, markdown_table, median_ms, peak_extra_mib, run_in_subprocess, write_results)
 from sdft_kernels import fused_linear_divergence, make_spec  # noqa: E402
 from sdft_kernels.reference import divergence_from_logits  # noqa: E402
 
@@ -91,6 +89,8 @@ def measure_case(name, shape, n, dtype, divergence, reps, device):
     """Loss, median ms and peak extra MiB of one implementation at one size."""
     h, v = SHAPES[shape]
     gen = torch.Generator().manual_seed(0)
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hs = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
     ht = torch.randn(n, h, generator=gen).to(device, dtype)
     w = (torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
@@ -104,16 +104,6 @@ def measure_case(name, shape, n, dtype, divergence, reps, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"loss": loss, "ms": ms, "peak_extra_mib": mem}
-
-
-def measure_in_subprocess(name, shape, n, dtype, divergence, reps):
-    """CPU: a fresh process per case, so its peak resident set is its own."""
-    code = (f"import json, torch; from benchmarks.bench_divergence import measure_case; "
-            f"print(json.dumps(measure_case({name!r}, {shape!r}, {n}, torch.{dtype}, {divergence!r}, {reps}, "
-            f"torch.device('cpu'))))")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -149,7 +139,8 @@ def main(argv=None):
                         if cuda:
                             row.update(measure_case(name, shape, n, dtype, divergence, args.reps, device))
                         else:
-                            row.update(measure_in_subprocess(name, shape, n, args.dtype, divergence, args.reps))
+                            row.update(run_in_subprocess("benchmarks.bench_divergence", "measure_case", name, shape,
+                                                         n, args.dtype, divergence, args.reps, "cpu"))
                     except torch.cuda.OutOfMemoryError:
                         rows.append({**row, "note": "out of memory"})
                         torch.cuda.empty_cache()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +107,17 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def run_in_subprocess(module: str, function: str, *args) -> dict:
+    """``module.function(*args)`` in a fresh Python process (CPU: its peak resident set is its own).
+
+    Arguments travel as Python literals; the function returns something JSON can carry.
+    """
+    code = (f"import json, torch; from {module} import {function}; "
+            f"print(json.dumps({function}(*{args!r})))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module}.{function}{args!r} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

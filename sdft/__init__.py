@@ -2,6 +2,7 @@
 from .config import SDFTConfig
 from .evaluate import skill_accuracy
 from .models import load_model
+from .sft import train_sft
 from .trainer import TrainResult, train
 
-__all__ = ["SDFTConfig", "TrainResult", "load_model", "skill_accuracy", "train"]
+__all__ = ["SDFTConfig", "TrainResult", "load_model", "skill_accuracy", "train", "train_sft"]

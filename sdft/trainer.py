@@ -72,7 +72,7 @@ def _apply_lora(model, config: SDFTConfig):
     return get_peft_model(model, lora)
 
 
-def _batch_indices(step: int, micro: int, n: int, config: SDFTConfig) -> list[int]:
+def batch_indices(step: int, micro: int, n: int, config: SDFTConfig) -> list[int]:
     """Prompts of one micro-step: a fresh seeded shuffle each epoch, so a resumed run sees the same order."""
     per_step = config.per_device_train_batch_size
     start = (step * config.gradient_accumulation_steps + micro) * per_step
@@ -94,14 +94,8 @@ def _resume_path(config: SDFTConfig):
     return Path(config.resume_from_checkpoint)
 
 
-def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-          step_callback=None) -> TrainResult:
-    """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
-
-    ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
-    pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
-    bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step.
-    """
+def prepare(model, dataset, config, tokenizer):
+    """(config, model, tokenizer, examples, device) with defaults filled in and LoRA applied."""
     if config is None:
         config = SDFTConfig()
     elif isinstance(config, dict):
@@ -123,7 +117,14 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     if config.use_lora:
         model = _apply_lora(model, config)
     model.train()
-    encoded = encode_examples(examples, tokenizer, config, device)
+    return config, model, tokenizer, examples, device
+
+
+def run_steps(model, tokenizer, config, device, step_fn, step_callback=None, desc="sdft") -> TrainResult:
+    """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
+
+    ``step_fn(teacher, optimizer, step)`` runs one optimizer step and returns its metrics record.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     teacher = Teacher(model, config.teacher_mode, config.ema_decay)
@@ -133,10 +134,10 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     if resume is not None:
         start = load_checkpoint(resume, model, optimizer, teacher)
     history = []
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="sdft",
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not config.progress_bar)
     for step in bar:
-        record = _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device)
+        record = step_fn(teacher, optimizer, step)
         history.append(record)
         if (step + 1) % config.logging_steps == 0:
             log.write(record)
@@ -149,6 +150,30 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     return TrainResult(model, tokenizer, config.max_steps, history, Path(config.output_dir))
 
 
+def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
+          step_callback=None) -> TrainResult:
+    """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
+
+    ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
+    pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
+    bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step.
+    """
+    config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
+    encoded = encode_examples(examples, tokenizer, config, device)
+
+    def step_fn(teacher, optimizer, step):
+        return _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device)
+
+    return run_steps(model, tokenizer, config, device, step_fn, step_callback)
+
+
+def clip_and_step(model, optimizer, config) -> float:
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               config.max_grad_norm)
+    optimizer.step()
+    return float(grad_norm)
+
+
 def _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device) -> dict:
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -157,7 +182,7 @@ def _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, dev
     completion_lengths = []
     for micro in range(config.gradient_accumulation_steps):
         groups = []
-        for idx in _batch_indices(step, micro, len(encoded), config):
+        for idx in batch_indices(step, micro, len(encoded), config):
             ex = encoded[idx]
             rollouts = sample_rollouts(model, tokenizer, ex.prompt_ids, config.num_generations,
                                        config.max_completion_length, config.temperature)
@@ -174,16 +199,14 @@ def _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, dev
                 naive_tokens += n
             completion_lengths += rollouts.mask.sum(1).tolist()
         tokens += micro_tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               config.max_grad_norm)
-    optimizer.step()
+    grad_norm = clip_and_step(model, optimizer, config)
     teacher.update()
     elapsed = time.perf_counter() - t0
     return {
         "step": step + 1,
         "loss": loss_sum / max(tokens, 1),
         "divergence": config.divergence,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "mean_completion_length": sum(completion_lengths) / max(len(completion_lengths), 1),

@@ -112,14 +112,28 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
     return loss, stats
 
 
+_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether torch.mm(out_dtype=fp32) works there
+
+
 def _mm_fp32(a, b):
-    """a @ b with an fp32 result, accumulated in fp32 where the platform allows it."""
+    """a @ b with an fp32 result, accumulated in fp32 where the platform allows it.
+
+    Whether ``torch.mm(out_dtype=...)`` exists for this device and dtype is found out once, not
+    by catching an exception on every vocabulary chunk.
+    """
     if a.dtype == torch.float32:
         return a @ b
-    try:
+    key = (a.device.type, a.dtype)
+    if key not in _OUT_DTYPE_MM:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_MM[key] = True
+            return out
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_MM[key] = False
+    if _OUT_DTYPE_MM[key]:
         return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return (a @ b).float()
+    return (a @ b).float()
 
 
 def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool,

@@ -110,3 +110,14 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path):
 def test_too_long_prompt_names_the_example(tmp_path):
     with pytest.raises(ValueError, match="example 0: the prompt has .* over max_prompt_length=5"):
         _run(tmp_path, max_prompt_length=5)
+
+
+def test_sft_baseline_learns_the_demonstrations(tmp_path):
+    from sdft import train_sft
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+    result = train_sft(model, ROWS, _config(tmp_path, max_steps=30, learning_rate=1e-2), tokenizer=tok)
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "checkpoint-30").exists()

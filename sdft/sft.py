@@ -1,0 +1,59 @@
+"""Plain supervised fine-tuning on the demonstrations: the baseline SDFT is measured against.
+
+Same data, optimizer, batching, step budget, checkpoints and metrics as ``sdft.train``; the loss is
+the cross-entropy of the demonstration tokens (and the end-of-turn) given the prompt.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import SDFTConfig
+from .metrics import peak_memory_mib
+from .rollouts import chat_ids
+from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps
+
+
+def demonstration_ids(tokenizer, example, config: SDFTConfig, device):
+    """(ids [P+D], number of prompt tokens P): the chat with the demonstration as the assistant turn."""
+    prompt = chat_ids(tokenizer, example.messages(), device)
+    full = tokenizer.apply_chat_template(
+        example.messages() + [{"role": "assistant", "content": example.demonstration}],
+        return_tensors="pt", return_dict=True)["input_ids"][0].to(device)
+    if full.numel() <= prompt.numel() or not torch.equal(full[: prompt.numel()], prompt):
+        raise ValueError("the chat template does not extend the prompt with the assistant turn; "
+                         "SFT needs the prompt tokens to be a prefix of the full chat")
+    if full.numel() > config.max_prompt_length + config.max_completion_length:
+        raise ValueError(f"an SFT example has {full.numel()} tokens, over max_prompt_length + "
+                         f"max_completion_length = {config.max_prompt_length + config.max_completion_length}")
+    return full, prompt.numel()
+
+
+def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
+              step_callback=None) -> TrainResult:
+    """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
+    config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
+    encoded = [demonstration_ids(tokenizer, ex, config, device) for ex in examples]
+
+    def step_fn(teacher, optimizer, step):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        batches = [batch_indices(step, micro, len(encoded), config)
+                   for micro in range(config.gradient_accumulation_steps)]
+        tokens = sum(encoded[i][0].numel() - encoded[i][1] for batch in batches for i in batch)
+        loss_sum = 0.0
+        for batch in batches:
+            for i in batch:
+                ids, p = encoded[i]
+                logits = model(input_ids=ids[None]).logits[0, p - 1: -1].float()
+                loss = torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum")
+                (loss / tokens).backward()
+                loss_sum += float(loss.detach())
+        grad_norm = clip_and_step(model, optimizer, config)
+        elapsed = time.perf_counter() - t0
+        return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",
+                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
+
+    return run_steps(model, tokenizer, config, device, step_fn, step_callback, desc="sft")
