@@ -1,0 +1,148 @@
+"""Forgetting benchmark: SDFT vs SFT on SmolLM2-135M-Instruct, learning three skills one after another.
+
+    python benchmarks/bench_forgetting.py                   # both methods, three skills
+    python benchmarks/bench_forgetting.py --skills 1 --steps 20   # a quick single-skill run
+
+Both methods get the same demonstrations, optimizer, learning rate, batch and number of steps per
+skill. After every stage it measures every skill's held-out accuracy, general-question accuracy and
+held-out text perplexity; during training it tracks the current skill's accuracy every few steps.
+Writes benchmarks/results/forgetting.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.forgetting_skills import all_skills  # noqa: E402
+from benchmarks.measure import environment, markdown_table, write_results  # noqa: E402
+from benchmarks.prior_capability import general_accuracy, heldout_perplexity  # noqa: E402
+from sdft import SDFTConfig, load_model, skill_accuracy, train, train_sft  # noqa: E402
+
+METHODS = {"sdft": train, "sft": train_sft}
+
+
+def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
+    out = {}
+    for skill in skills:
+        out[skill.name] = skill_accuracy(model, tokenizer, skill.eval[:eval_limit], skill.score)["exact"]
+    general = general_accuracy(model, tokenizer)
+    out["general_questions"] = general["accuracy"]
+    out["heldout_perplexity"] = heldout_perplexity(model, tokenizer)
+    return out
+
+
+def run_method(method: str, skills, args, work: Path) -> dict:
+    """Train one method through all skills in order; every stage's scores and the accuracy curve."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model()
+    stages = [{"stage": 0, "after": "base model", **evaluate_all(model, tokenizer, skills, args.eval_limit)}]
+    print(method, stages[-1], flush=True)
+    curve = []
+    offset = 0
+    for k, skill in enumerate(skills, start=1):
+        config = SDFTConfig(output_dir=str(work / method / skill.name), max_steps=args.steps,
+                            learning_rate=args.lr, per_device_train_batch_size=args.batch,
+                            num_generations=args.generations, max_completion_length=args.completion_length,
+                            teacher_mode=args.teacher_mode, save_steps=10**9, save_total_limit=1,
+                            progress_bar=False, seed=args.seed + k)
+
+        def track(step, record, skill=skill, offset=offset):
+            if step % args.curve_every == 0:
+                acc = skill_accuracy(model, tokenizer, skill.eval[:args.curve_limit], skill.score)["exact"]
+                curve.append({"step": offset + step, "skill": skill.name, "accuracy": acc,
+                              "loss": record["loss"]})
+                print(method, skill.name, step, f"loss {record['loss']:.4f} acc {acc:.2f}", flush=True)
+
+        t0 = time.perf_counter()
+        result = METHODS[method](model, skill.train, config, tokenizer=tokenizer, step_callback=track)
+        model = result.model
+        stages.append({"stage": k, "after": skill.name, "train_seconds": time.perf_counter() - t0,
+                       **evaluate_all(model, tokenizer, skills, args.eval_limit)})
+        print(method, stages[-1], flush=True)
+        offset += args.steps
+    return {"stages": stages, "curve": curve}
+
+
+def summary_rows(results: dict, skills) -> list[dict]:
+    rows = []
+    for method, res in results.items():
+        base = res["stages"][0]
+        for st in res["stages"]:
+            row = {"method": method, "after": st["after"]}
+            for s in skills:
+                row[s.name] = st[s.name]
+            row["general_questions"] = st["general_questions"]
+            row["general_drop"] = base["general_questions"] - st["general_questions"]
+            row["heldout_perplexity"] = st["heldout_perplexity"]
+            row["perplexity_rise"] = st["heldout_perplexity"] - base["heldout_perplexity"]
+            rows.append(row)
+    return rows
+
+
+def plot(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, res in results.items():
+        names = sorted({c["skill"] for c in res["curve"]}, key=lambda n: [c["skill"] for c in res["curve"]].index(n))
+        for name in names:
+            pts = [c for c in res["curve"] if c["skill"] == name]
+            ax.plot([p["step"] for p in pts], [p["accuracy"] for p in pts], marker="o",
+                    linestyle="-" if method == "sdft" else "--", label=f"{method}: {name}")
+    ax.set_xlabel("optimizer step (skills learned one after another)")
+    ax.set_ylabel("held-out accuracy of the skill being learned")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("SDFT vs SFT on SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--skills", type=int, default=3, help="how many of the three skills to learn in turn")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per skill")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=2, help="prompts per step")
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--completion-length", type=int, default=24)
+    p.add_argument("--teacher-mode", default="live")
+    p.add_argument("--eval-limit", type=int, default=24, help="held-out prompts per skill at each stage")
+    p.add_argument("--curve-every", type=int, default=10)
+    p.add_argument("--curve-limit", type=int, default=12, help="held-out prompts per curve point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default="forgetting")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    skills = all_skills()[: args.skills]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as work:
+        results = {m: run_method(m, skills, args, Path(work)) for m in args.methods}
+    rows = summary_rows(results, skills)
+    env = environment(device)
+    header = (f"# Forgetting: SDFT vs SFT, SmolLM2-135M-Instruct\n\nEnvironment: {env}. Settings: {vars(args)}. "
+              "Skill columns: exact-match accuracy on held-out prompts; general_questions: share of general "
+              "questions answered right; heldout_perplexity: plain text no run trains on.\n\n")
+    columns = ["method", "after"] + [s.name for s in skills] + ["general_questions", "general_drop",
+                                                                 "heldout_perplexity", "perplexity_rise"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
+               "summary": rows}
+    write_results(args.out, args.tag, payload, header + markdown_table(rows, columns))
+    plot(results, args.out / f"{args.tag}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Three new skills for the forgetting benchmark, each a fixed output format learned from demonstrations.
+
+1. ``tool_calls``: a request becomes a one-line JSON tool call (the bundled skill of ``sdft.skill``).
+2. ``shopping_list``: a sentence naming three items becomes a JSON list of them.
+3. ``hashtags``: a three-word topic becomes three lowercase hashtags.
+
+Prompts carry no format instruction; eval prompts use words never seen in training.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from sdft.skill import load_skill
+from sdft.skill import score as tool_call_score
+
+ITEMS = ["eggs", "milk", "bread", "apples", "rice", "cheese", "butter", "coffee", "tea", "onions", "carrots",
+         "pasta", "sugar", "flour", "bananas", "yogurt", "honey", "beans", "lemons", "salt"]
+ITEM_PHRASES = ["I need to buy {}, {} and {}.", "Pick up {}, {} and {} on the way home.",
+                "We're out of {}, {} and {}."]
+HELD_OUT_ITEMS = 5
+
+TOPIC_WORDS = [["sunny", "quiet", "late", "happy", "cold", "lazy", "busy", "rainy", "golden", "wild"],
+               ["beach", "night", "morning", "city", "forest", "kitchen", "garden", "river", "mountain", "office"],
+               ["walk", "coffee", "party", "music", "dinner", "reading", "coding", "picnic", "sunset", "run"]]
+HELD_OUT_WORDS = 3
+
+
+@dataclass
+class Skill:
+    name: str
+    train: list[dict]
+    eval: list[dict]
+    score: Callable[[str, str], dict]
+
+
+def _json_score(response: str, demonstration: str, shape: type) -> dict:
+    try:
+        parsed = json.loads(response.strip())
+    except json.JSONDecodeError:
+        return {"format": 0.0, "exact": 0.0}
+    ok = isinstance(parsed, shape)
+    return {"format": float(ok), "exact": float(ok and parsed == json.loads(demonstration))}
+
+
+def shopping_score(response: str, demonstration: str) -> dict:
+    return _json_score(response, demonstration, list)
+
+
+def hashtag_score(response: str, demonstration: str) -> dict:
+    words = response.split()
+    ok = bool(words) and all(w.startswith("#") and len(w) > 1 for w in words)
+    return {"format": float(ok), "exact": float(ok and words == demonstration.split())}
+
+
+def _shopping_rows(items: list[str], count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    combos = list(itertools.permutations(items, 3))
+    rng.shuffle(combos)
+    rows = []
+    for k, combo in enumerate(combos[:count]):
+        rows.append({"prompt": ITEM_PHRASES[k % len(ITEM_PHRASES)].format(*combo),
+                     "demonstration": json.dumps(list(combo))})
+    return rows
+
+
+def _hashtag_rows(pools: list[list[str]], count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    combos = list(itertools.product(*pools))
+    rng.shuffle(combos)
+    return [{"prompt": " ".join(c).capitalize() + ".", "demonstration": " ".join("#" + w for w in c)}
+            for c in combos[:count]]
+
+
+def all_skills() -> list[Skill]:
+    """The three skills in the order the sequential run learns them."""
+    words_train = [p[:-HELD_OUT_WORDS] for p in TOPIC_WORDS]
+    words_eval = [p[-HELD_OUT_WORDS:] for p in TOPIC_WORDS]
+    return [
+        Skill("tool_calls", load_skill("train"), load_skill("eval"), tool_call_score),
+        Skill("shopping_list", _shopping_rows(ITEMS[:-HELD_OUT_ITEMS], 90, 0),
+              _shopping_rows(ITEMS[-HELD_OUT_ITEMS:], 30, 1), shopping_score),
+        Skill("hashtags", _hashtag_rows(words_train, 90, 0), _hashtag_rows(words_eval, 27, 1), hashtag_score),
+    ]

@@ -1,0 +1,82 @@
+"""Prior capability: what the model could do before learning a new skill, measured before and after.
+
+``general_accuracy``: greedy answers to fixed general questions, right when the answer holds one of
+the expected words (the questions are ones SmolLM2-135M-Instruct answers right before training).
+``heldout_perplexity``: perplexity of fixed plain-text paragraphs no run trains on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdft.evaluate import generate_answers
+from sdft.data import load_examples
+
+QUESTIONS = [
+    ("What is the capital of France?", ["paris"]),
+    ("What is the capital of Japan?", ["tokyo"]),
+    ("What gas do plants absorb from the air?", ["carbon dioxide", "co2"]),
+    ("What is the chemical symbol for water?", ["h2o"]),
+    ("How many days are there in a week?", ["seven", "7"]),
+    ("What is the boiling point of water in Celsius?", ["100"]),
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
+    ("What is the opposite of hot?", ["cold"]),
+    ("What color is the sky on a clear day?", ["blue"]),
+    ("Which ocean is the largest?", ["pacific"]),
+    ("Which organ pumps blood through the body?", ["heart"]),
+    ("What language is spoken in Spain?", ["spanish"]),
+    ("What is 2 plus 2?", ["4", "four"]),
+    ("What star is at the center of our solar system?", ["sun"]),
+    ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
+    ("What is the currency of the United States?", ["dollar"]),
+    ("What is the capital of Germany?", ["berlin"]),
+    ("What is the capital of England?", ["london"]),
+    ("What animal is known as man's best friend?", ["dog"]),
+    ("How many hours are in a day?", ["24", "twenty-four"]),
+    ("What language is spoken in Brazil?", ["portuguese"]),
+    ("What is the largest mammal on Earth?", ["whale"]),
+]
+
+HELDOUT_TEXT = [
+    "The river flows slowly through the valley, past old stone bridges and fields of wheat. In spring the "
+    "water rises with melted snow from the mountains, and farmers watch the banks with care.",
+    "A library is a quiet place where people come to read, study and borrow books. Many libraries now also "
+    "lend films, music and computers, and some run classes for children and adults.",
+    "Bread is made from flour, water, salt and yeast. The dough is kneaded, left to rise, shaped into loaves "
+    "and baked in a hot oven until the crust turns golden brown.",
+    "The human heart beats about one hundred thousand times a day. It pumps blood through a network of "
+    "arteries and veins that carries oxygen to every part of the body.",
+    "Trains connect many cities across Europe. Travellers can often cross several countries in a single day, "
+    "watching forests, lakes and small towns pass by the window.",
+    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into "
+    "sugar and oxygen. It takes place mostly in the leaves.",
+    "The museum opened a new exhibition about ancient Egypt. Visitors can see painted coffins, jewellery, "
+    "tools and papyrus scrolls that are more than three thousand years old.",
+    "Good sleep helps the body recover and the mind stay sharp. Doctors suggest going to bed at the same "
+    "time each night and keeping screens out of the bedroom.",
+]
+
+
+def general_accuracy(model, tokenizer, max_new_tokens: int = 40) -> dict:
+    """Share of general questions whose greedy answer names an expected word, plus the answers."""
+    examples = load_examples([{"prompt": q, "demonstration": "-"} for q, _ in QUESTIONS])
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+    right = [any(w in a.lower() for w in words) for a, (_, words) in zip(answers, QUESTIONS)]
+    return {"accuracy": sum(right) / len(right), "answers": answers}
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokenizer) -> float:
+    """exp(mean token negative log-likelihood) over the held-out paragraphs (plain text, no chat)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for text in HELDOUT_TEXT:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    model.train(was_training)
+    return math.exp(nll / count)
