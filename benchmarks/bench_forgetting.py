@@ -49,7 +49,7 @@ def run_method(method: str, skills, args, work: Path) -> dict:
         config = SDFTConfig(output_dir=str(work / method / skill.name), max_steps=args.steps,
                             learning_rate=args.lr, per_device_train_batch_size=args.batch,
                             num_generations=args.generations, max_completion_length=args.completion_length,
-                            teacher_mode=args.teacher_mode, save_steps=10**9, save_total_limit=1,
+                            teacher_mode=args.teacher_mode, divergence=args.divergence, save_steps=10**9, save_total_limit=1,
                             progress_bar=False, seed=args.seed + k)
 
         def track(step, record, skill=skill, offset=offset):
@@ -117,6 +117,8 @@ def main(argv=None):
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--completion-length", type=int, default=24)
     p.add_argument("--teacher-mode", default="live")
+    p.add_argument("--divergence", default="forward_kl",
+                   help="SDFT's divergence (forward KL learns fastest at this budget, see the README)")
     p.add_argument("--eval-limit", type=int, default=24, help="held-out prompts per skill at each stage")
     p.add_argument("--curve-every", type=int, default=10)
     p.add_argument("--curve-limit", type=int, default=12, help="held-out prompts per curve point")
