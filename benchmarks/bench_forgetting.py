@@ -24,7 +24,7 @@ from benchmarks.measure import environment, markdown_table, write_results  # noq
 from benchmarks.prior_capability import general_accuracy, heldout_perplexity  # noqa: E402
 from sdft import SDFTConfig, load_model, skill_accuracy, train, train_sft  # noqa: E402
 
-METHODS = {"sdft": train, "sft": train_sft}
+METHODS = {"sft": train_sft, "sdft": train}
 
 
 def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
@@ -33,6 +33,7 @@ def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
         out[skill.name] = skill_accuracy(model, tokenizer, skill.eval[:eval_limit], skill.score)["exact"]
     general = general_accuracy(model, tokenizer)
     out["general_questions"] = general["accuracy"]
+    out["general_answers_sample"] = [a[:100] for a in general["answers"][:3]]
     out["heldout_perplexity"] = heldout_perplexity(model, tokenizer)
     return out
 

@@ -4,7 +4,10 @@
 2. ``shopping_list``: a sentence naming three items becomes a JSON list of them.
 3. ``hashtags``: a three-word topic becomes three lowercase hashtags.
 
-Prompts carry no format instruction; eval prompts use words never seen in training.
+Each skill's prompts open with its own system message naming the setting (a smart-home assistant, a
+shopping app, a social-media helper) but not the format, which must be learned from demonstrations;
+so a model can learn when to use the format, and general questions (default system prompt) should
+keep their usual answers. Eval prompts use words never seen in training.
 """
 from __future__ import annotations
 
@@ -27,6 +30,17 @@ TOPIC_WORDS = [["sunny", "quiet", "late", "happy", "cold", "lazy", "busy", "rain
                ["beach", "night", "morning", "city", "forest", "kitchen", "garden", "river", "mountain", "office"],
                ["walk", "coffee", "party", "music", "dinner", "reading", "coding", "picnic", "sunset", "run"]]
 HELD_OUT_WORDS = 3
+
+
+SYSTEM = {"tool_calls": "You are the voice assistant of a smart home.",
+          "shopping_list": "You are the shopping list app.",
+          "hashtags": "You are the social media post helper."}
+
+
+def _in_setting(name: str, rows: list[dict]) -> list[dict]:
+    """Rows with the skill's system message in front of the user prompt (chat-message form)."""
+    return [{"prompt": [{"role": "system", "content": SYSTEM[name]}, {"role": "user", "content": r["prompt"]}],
+             "demonstration": r["demonstration"]} for r in rows]
 
 
 @dataclass
@@ -79,9 +93,10 @@ def all_skills() -> list[Skill]:
     """The three skills in the order the sequential run learns them."""
     words_train = [p[:-HELD_OUT_WORDS] for p in TOPIC_WORDS]
     words_eval = [p[-HELD_OUT_WORDS:] for p in TOPIC_WORDS]
-    return [
-        Skill("tool_calls", load_skill("train"), load_skill("eval"), tool_call_score),
-        Skill("shopping_list", _shopping_rows(ITEMS[:-HELD_OUT_ITEMS], 90, 0),
-              _shopping_rows(ITEMS[-HELD_OUT_ITEMS:], 30, 1), shopping_score),
-        Skill("hashtags", _hashtag_rows(words_train, 90, 0), _hashtag_rows(words_eval, 27, 1), hashtag_score),
-    ]
+    splits = {
+        "tool_calls": (load_skill("train"), load_skill("eval"), tool_call_score),
+        "shopping_list": (_shopping_rows(ITEMS[:-HELD_OUT_ITEMS], 90, 0), _shopping_rows(ITEMS[-HELD_OUT_ITEMS:], 30, 1),
+                          shopping_score),
+        "hashtags": (_hashtag_rows(words_train, 90, 0), _hashtag_rows(words_eval, 27, 1), hashtag_score),
+    }
+    return [Skill(name, _in_setting(name, tr), _in_setting(name, ev), score) for name, (tr, ev, score) in splits.items()]
