@@ -11,6 +11,7 @@ Writes benchmarks/results/forgetting.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,7 +25,9 @@ from benchmarks.measure import environment, markdown_table, write_results  # noq
 from benchmarks.prior_capability import general_accuracy, heldout_perplexity  # noqa: E402
 from sdft import SDFTConfig, load_model, skill_accuracy, train, train_sft  # noqa: E402
 
-METHODS = {"sft": train_sft, "sdft": train}
+# name -> (trainer, config overrides)
+METHODS = {"sft": (train_sft, {}), "sdft": (train, {"teacher_mode": "frozen"}),
+           "sdft_live_teacher": (train, {"teacher_mode": "live"})}
 
 
 def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
@@ -50,7 +53,7 @@ def run_method(method: str, skills, args, work: Path) -> dict:
         config = SDFTConfig(output_dir=str(work / method / skill.name), max_steps=args.steps,
                             learning_rate=args.lr, per_device_train_batch_size=args.batch,
                             num_generations=args.generations, max_completion_length=args.completion_length,
-                            teacher_mode=args.teacher_mode, divergence=args.divergence, save_steps=10**9, save_total_limit=1,
+                            divergence=args.divergence, **METHODS[method][1], save_steps=10**9, save_total_limit=1,
                             progress_bar=False, seed=args.seed + k)
 
         def track(step, record, skill=skill, offset=offset):
@@ -61,7 +64,7 @@ def run_method(method: str, skills, args, work: Path) -> dict:
                 print(method, skill.name, step, f"loss {record['loss']:.4f} acc {acc:.2f}", flush=True)
 
         t0 = time.perf_counter()
-        result = METHODS[method](model, skill.train, config, tokenizer=tokenizer, step_callback=track)
+        result = METHODS[method][0](model, skill.train, config, tokenizer=tokenizer, step_callback=track)
         model = result.model
         stages.append({"stage": k, "after": skill.name, "train_seconds": time.perf_counter() - t0,
                        **evaluate_all(model, tokenizer, skills, args.eval_limit)})
@@ -110,14 +113,13 @@ def plot(results: dict, path: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=["sft", "sdft"], choices=list(METHODS))
     p.add_argument("--skills", type=int, default=3, help="how many of the three skills to learn in turn")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per skill")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=2, help="prompts per step")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--completion-length", type=int, default=24)
-    p.add_argument("--teacher-mode", default="live")
     p.add_argument("--divergence", default="forward_kl",
                    help="SDFT's divergence (forward KL learns fastest at this budget, see the README)")
     p.add_argument("--eval-limit", type=int, default=24, help="held-out prompts per skill at each stage")
@@ -126,13 +128,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--tag", default="forgetting")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="earlier result JSON files whose methods join this table and plot")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     skills = all_skills()[: args.skills]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work:
-        results = {m: run_method(m, skills, args, Path(work)) for m in args.methods}
+        results = {}
+        for path in args.merge:
+            results.update(json.loads(path.read_text())["results"])
+        for method in args.methods:
+            results[method] = run_method(method, skills, args, Path(work))
     rows = summary_rows(results, skills)
     env = environment(device)
     header = (f"# Forgetting: SDFT vs SFT, SmolLM2-135M-Instruct\n\nEnvironment: {env}. Settings: {vars(args)}. "
