@@ -29,7 +29,10 @@ class SDFTConfig:
     distillation_alpha: float = 0.5  # jsd beta (TRL's name); 0 forward KL, 1 reverse KL
     distillation_temperature: float = 1.0
     # Teacher
-    teacher_mode: str = "live"  # live (current weights) | frozen (initial weights) | ema
+    # frozen (weights at the start of train(); LoRA: adapters off, no copy) | live (current weights) | ema.
+    # Frozen is the default: on SmolLM2 a live teacher drifted with the student and lost the skill and
+    # general answers (benchmarks/results/forgetting.md); the frozen one anchors the student.
+    teacher_mode: str = "frozen"
     ema_decay: float = 0.99
     teacher_template: str = "fewshot"  # fewshot | paper | a format string with {prompt} and {demonstration}
     share_prefix: bool = True  # compute each prompt / teacher context once per G rollouts
