@@ -44,7 +44,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     torch.save(trainable_state(model), tmp / "trainable.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    teacher_state = teacher.state_dict()
+    teacher_state = teacher.state_dict() if teacher is not None else None
     if teacher_state is not None:
         torch.save(teacher_state, tmp / "teacher.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": config.to_dict()}, indent=2))
@@ -66,7 +66,7 @@ def list_checkpoints(output_dir) -> list[Path]:
 
 
 def load_checkpoint(path, model, optimizer, teacher) -> int:
-    """Restore a checkpoint into model, optimizer and teacher; returns its step."""
+    """Restore a checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete sdft checkpoint (no state.json)")
@@ -80,7 +80,7 @@ def load_checkpoint(path, model, optimizer, teacher) -> int:
         for name, value in state.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    if (path / "teacher.pt").exists():
+    if teacher is not None and (path / "teacher.pt").exists():
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location="cpu"))
     if (path / "rng.pt").exists():
         set_rng_state(torch.load(path / "rng.pt"))

@@ -36,7 +36,7 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
     config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
     encoded = [demonstration_ids(tokenizer, ex, config, device) for ex in examples]
 
-    def step_fn(teacher, optimizer, step):
+    def step_fn(optimizer, step):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         batches = [batch_indices(step, micro, len(encoded), config)
@@ -56,4 +56,4 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
                 "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
 
-    return run_steps(model, tokenizer, config, device, step_fn, step_callback, desc="sft")
+    return run_steps(model, tokenizer, config, step_fn, step_callback=step_callback, desc="sft")

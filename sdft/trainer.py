@@ -120,14 +120,14 @@ def prepare(model, dataset, config, tokenizer):
     return config, model, tokenizer, examples, device
 
 
-def run_steps(model, tokenizer, config, device, step_fn, step_callback=None, desc="sdft") -> TrainResult:
+def run_steps(model, tokenizer, config, step_fn, teacher=None, step_callback=None, desc="sdft") -> TrainResult:
     """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
 
-    ``step_fn(teacher, optimizer, step)`` runs one optimizer step and returns its metrics record.
+    ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
+    (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    teacher = Teacher(model, config.teacher_mode, config.ema_decay)
     log = MetricsLog(Path(config.output_dir) / "metrics.jsonl")
     start = 0
     resume = _resume_path(config)
@@ -137,7 +137,7 @@ def run_steps(model, tokenizer, config, device, step_fn, step_callback=None, des
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not config.progress_bar)
     for step in bar:
-        record = step_fn(teacher, optimizer, step)
+        record = step_fn(optimizer, step)
         history.append(record)
         if (step + 1) % config.logging_steps == 0:
             log.write(record)
@@ -160,11 +160,12 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     """
     config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
     encoded = encode_examples(examples, tokenizer, config, device)
+    teacher = Teacher(model, config.teacher_mode, config.ema_decay)
 
-    def step_fn(teacher, optimizer, step):
+    def step_fn(optimizer, step):
         return _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device)
 
-    return run_steps(model, tokenizer, config, device, step_fn, step_callback)
+    return run_steps(model, tokenizer, config, step_fn, teacher, step_callback)
 
 
 def clip_and_step(model, optimizer, config) -> float:
