@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from sdft.evaluate import generate_answers
 from sdft.data import load_examples
+from sdft.evaluate import generate_answers
+from sdft.model_parts import eval_mode
 
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),
@@ -69,14 +70,12 @@ def general_accuracy(model, tokenizer, max_new_tokens: int = 40) -> dict:
 @torch.no_grad()
 def heldout_perplexity(model, tokenizer) -> float:
     """exp(mean token negative log-likelihood) over the held-out paragraphs (plain text, no chat)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for text in HELDOUT_TEXT:
-        ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    model.train(was_training)
+    with eval_mode(model):
+        for text in HELDOUT_TEXT:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
     return math.exp(nll / count)

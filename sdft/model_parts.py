@@ -1,6 +1,8 @@
 """Reaching the decoder stack and the LM head of a (possibly peft-wrapped) causal LM."""
 from __future__ import annotations
 
+import contextlib
+
 
 def base_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
@@ -14,3 +16,14 @@ def decoder_of(model):
 
 def lm_head_weight(model):
     return base_model(model).get_output_embeddings().weight
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run a block with the model in eval mode (no dropout), then restore its train/eval state."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

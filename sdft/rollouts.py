@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_parts import eval_mode
+
 
 @dataclass
 class Rollouts:
@@ -40,13 +42,11 @@ def trim_completions(sequences: torch.Tensor, eos_ids: set[int], pad_id: int):
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature) -> Rollouts:
     """Sample ``num_generations`` completions of one prompt from ``model``."""
-    was_training = model.training
-    model.eval()
     inputs = prompt_ids[None].expand(num_generations, -1)
-    out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
-                         temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     eos.discard(None)
     completions, mask = trim_completions(out[:, prompt_ids.numel():], eos, tokenizer.pad_token_id)

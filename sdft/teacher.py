@@ -12,7 +12,7 @@ import torch
 
 from sdft_kernels.prefix_sharing import shared_prefix_hidden, unshared_hidden
 
-from .model_parts import decoder_of, lm_head_weight
+from .model_parts import decoder_of, eval_mode, lm_head_weight
 
 
 class Teacher:
@@ -40,12 +40,8 @@ class Teacher:
         """Teacher hidden states [G, L, H] predicting each completion token."""
         fn = shared_prefix_hidden if share_prefix else unshared_hidden
         model = self._model()
-        was_training = model.training
-        model.eval()
-        with self._context():
-            out = fn(decoder_of(model), context_ids, completions, mask)
-        model.train(was_training)
-        return out
+        with eval_mode(model), self._context():
+            return fn(decoder_of(model), context_ids, completions, mask)
 
     def head_weight(self):
         """The teacher's LM head, or None when it is the student's own (the fused op then reads it once)."""
