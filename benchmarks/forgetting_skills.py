@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from sdft.skill import load_skill
+from sdft.skill import json_score, load_skill
 from sdft.skill import score as tool_call_score
 
 ITEMS = ["eggs", "milk", "bread", "apples", "rice", "cheese", "butter", "coffee", "tea", "onions", "carrots",
@@ -51,17 +51,8 @@ class Skill:
     score: Callable[[str, str], dict]
 
 
-def _json_score(response: str, demonstration: str, shape: type) -> dict:
-    try:
-        parsed = json.loads(response.strip())
-    except json.JSONDecodeError:
-        return {"format": 0.0, "exact": 0.0}
-    ok = isinstance(parsed, shape)
-    return {"format": float(ok), "exact": float(ok and parsed == json.loads(demonstration))}
-
-
 def shopping_score(response: str, demonstration: str) -> dict:
-    return _json_score(response, demonstration, list)
+    return json_score(response, demonstration, lambda parsed: isinstance(parsed, list))
 
 
 def hashtag_score(response: str, demonstration: str) -> dict:

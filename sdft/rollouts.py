@@ -19,10 +19,10 @@ class Rollouts:
         return int(self.mask.sum())
 
 
-def chat_ids(tokenizer, messages: list[dict], device) -> torch.Tensor:
-    """Token ids [P] of chat messages with the assistant turn opened."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
+    """Token ids [P] of chat messages, by default with the assistant turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
     return ids[0].to(device)
 
 

@@ -18,9 +18,8 @@ from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_ste
 def demonstration_ids(tokenizer, example, config: SDFTConfig, device):
     """(ids [P+D], number of prompt tokens P): the chat with the demonstration as the assistant turn."""
     prompt = chat_ids(tokenizer, example.messages(), device)
-    full = tokenizer.apply_chat_template(
-        example.messages() + [{"role": "assistant", "content": example.demonstration}],
-        return_tensors="pt", return_dict=True)["input_ids"][0].to(device)
+    full = chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.demonstration}],
+                    device, add_generation_prompt=False)
     if full.numel() <= prompt.numel() or not torch.equal(full[: prompt.numel()], prompt):
         raise ValueError("the chat template does not extend the prompt with the assistant turn; "
                          "SFT needs the prompt tokens to be a prefix of the full chat")

@@ -53,15 +53,20 @@ def load_skill(split: str = "train") -> list[dict]:
     return build_split(split)
 
 
-def score(response: str, demonstration: str) -> dict:
-    """``format``: the response is a JSON object with a "tool" key; ``exact``: it equals the demonstration."""
-    text = response.strip()
+def json_score(response: str, demonstration: str, well_formed) -> dict:
+    """``format``: the response parses as JSON and ``well_formed(parsed)``; ``exact``: it equals the
+    demonstration's JSON as well."""
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(response.strip())
     except json.JSONDecodeError:
         return {"format": 0.0, "exact": 0.0}
-    ok = isinstance(parsed, dict) and "tool" in parsed
+    ok = bool(well_formed(parsed))
     return {"format": float(ok), "exact": float(ok and parsed == json.loads(demonstration))}
+
+
+def score(response: str, demonstration: str) -> dict:
+    """``format``: the response is a JSON object with a "tool" key; ``exact``: it equals the demonstration."""
+    return json_score(response, demonstration, lambda parsed: isinstance(parsed, dict) and "tool" in parsed)
 
 
 def main():
