@@ -43,8 +43,7 @@ def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
 
 def run_method(method: str, skills, args, work: Path) -> dict:
     """Train one method through all skills in order; every stage's scores and the accuracy curve."""
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model()  # each stage's train() seeds itself from args.seed
     stages = [{"stage": 0, "after": "base model", **evaluate_all(model, tokenizer, skills, args.eval_limit)}]
     print(method, stages[-1], flush=True)
     curve = []
@@ -97,11 +96,10 @@ def plot(results: dict, path: Path):
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for method, res in results.items():
-        names = sorted({c["skill"] for c in res["curve"]}, key=lambda n: [c["skill"] for c in res["curve"]].index(n))
-        for name in names:
+        for name in dict.fromkeys(c["skill"] for c in res["curve"]):  # skills in the order learned
             pts = [c for c in res["curve"] if c["skill"] == name]
             ax.plot([p["step"] for p in pts], [p["accuracy"] for p in pts], marker="o",
-                    linestyle="-" if method == "sdft" else "--", label=f"{method}: {name}")
+                    linestyle="--" if method == "sft" else "-", label=f"{method}: {name}")
     ax.set_xlabel("optimizer step (skills learned one after another)")
     ax.set_ylabel("held-out accuracy of the skill being learned")
     ax.set_ylim(-0.05, 1.05)
@@ -131,7 +129,6 @@ def main(argv=None):
     p.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="earlier result JSON files whose methods join this table and plot")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     skills = all_skills()[: args.skills]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
