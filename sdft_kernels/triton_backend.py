@@ -6,6 +6,8 @@ bounded [N, chunk] block, then two GEMMs give dH (accumulated in fp32) and dW[v_
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 
@@ -112,26 +114,22 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
     return loss, stats
 
 
-_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether torch.mm(out_dtype=fp32) works there
+@functools.lru_cache(maxsize=None)
+def _has_out_dtype_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(out_dtype=fp32)`` works for this device and input dtype (probed once)."""
+    probe = torch.ones(1, 1, dtype=dtype, device=device_type)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError):
+        return False
 
 
 def _mm_fp32(a, b):
-    """a @ b with an fp32 result, accumulated in fp32 where the platform allows it.
-
-    Whether ``torch.mm(out_dtype=...)`` exists for this device and dtype is found out once, not
-    by catching an exception on every vocabulary chunk.
-    """
+    """a @ b with an fp32 result, accumulated in fp32 where the platform allows it."""
     if a.dtype == torch.float32:
         return a @ b
-    key = (a.device.type, a.dtype)
-    if key not in _OUT_DTYPE_MM:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _OUT_DTYPE_MM[key] = True
-            return out
-        except (TypeError, RuntimeError):
-            _OUT_DTYPE_MM[key] = False
-    if _OUT_DTYPE_MM[key]:
+    if _has_out_dtype_mm(a.device.type, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
