@@ -1,11 +1,15 @@
-"""Checkpoints that survive a crash: written to a temporary folder, then renamed into place.
+"""Checkpoints that survive a crash and reveal damage.
 
-A checkpoint holds the trainable parameters, the optimizer, the EMA teacher (if any), the random
-number generator states (so a resumed run samples the same rollouts as an uninterrupted one) and the
-step; a folder named ``checkpoint-N`` is therefore always complete.
+A checkpoint folder ``checkpoint-N`` holds the trainable weights (``trainable.safetensors``), the EMA
+teacher if any (``teacher.safetensors``), the optimizer and RNG states (``optimizer.pt``, ``rng.pt``,
+read back with ``weights_only=True`` so opening a checkpoint cannot run code), ``state.json`` (step,
+config) and, written last, ``manifest.json`` with the size and SHA-256 of every other file. It is
+written to a temporary folder and renamed into place, so a crash while saving leaves no partial
+``checkpoint-N``; the manifest catches files damaged afterwards (truncated copy, full disk).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,12 +17,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged."""
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -34,6 +44,40 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path):
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def damage(path) -> str | None:
+    """None if the checkpoint at ``path`` is complete and intact, else what is wrong with it."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not found"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (an incomplete or foreign folder)"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,13 +85,14 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(trainable_state(model), tmp / "trainable.pt")
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     teacher_state = teacher.state_dict() if teacher is not None else None
     if teacher_state is not None:
-        torch.save(teacher_state, tmp / "teacher.pt")
+        save_file(teacher_state, str(tmp / "teacher.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": config.to_dict()}, indent=2))
+    _write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -57,31 +102,45 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
 
 
 def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (intact or not), oldest first."""
     out = Path(output_dir)
-    if not out.exists():
+    if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir() if (m := PATTERN.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
+def newest_intact(output_dir, report=print) -> Path | None:
+    """The newest checkpoint that passes its manifest; each damaged newer one is reported and skipped."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        report(f"sdft: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def checkpoint_step(path) -> int:
+    return int(json.loads((Path(path) / "state.json").read_text())["step"])
+
+
 def load_checkpoint(path, model, optimizer, teacher) -> int:
-    """Restore a checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
+    """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
     path = Path(path)
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete sdft checkpoint (no state.json)")
-    state = torch.load(path / "trainable.pt", map_location="cpu")
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
+    state = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = set(params) - set(state), set(state) - set(params)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    if teacher is not None and (path / "teacher.pt").exists():
-        teacher.load_state_dict(torch.load(path / "teacher.pt", map_location="cpu"))
-    if (path / "rng.pt").exists():
-        set_rng_state(torch.load(path / "rng.pt"))
-    return int(json.loads((path / "state.json").read_text())["step"])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if teacher is not None and (path / "teacher.safetensors").exists():
+        teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return checkpoint_step(path)

@@ -1,76 +1,206 @@
-"""SDFTConfig: every knob of a run. Names follow TRL's SDFTConfig where they mean the same."""
+"""SDFTConfig: every knob of a run, typed, documented and validated when it is built.
+
+Names follow TRL's SDFTConfig where they mean the same. Each field carries a one-line ``help`` in its
+metadata; ``sdft train --help`` and ``sdft config --show`` are generated from it, so they cannot drift.
+Validation (types, ranges, choices) runs in ``__post_init__``: a bad value is a one-line ``ValueError``
+before any model loads, for the API and the CLI alike.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import json
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from sdft_kernels.divergence_spec import make_spec
+from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
 
 TEACHER_MODES = ("live", "frozen", "ema")
+NONFINITE_ACTIONS = ("stop", "skip")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _opt(default, help: str, *, choices=None, minimum=None, positive=False, below=None, kind=None):
+    """A config field with its one-line help and range; a list default gets a factory."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "below": below,
+            "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class SDFTConfig:
-    output_dir: str = "sdft-output"
+    output_dir: str = _opt("sdft-output", "folder for checkpoints, metrics.jsonl and the resolved config")
     # Optimisation
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 40
-    per_device_train_batch_size: int = 2  # prompts per micro-step
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
+    learning_rate: float = _opt(1e-5, "AdamW learning rate", positive=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", minimum=0.0)
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value", positive=True)
+    max_steps: int = _opt(40, "optimizer steps in the run", positive=True)
+    per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
+    gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)
+    seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
     # Rollouts (student samples on-policy)
-    num_generations: int = 4  # G rollouts per prompt
-    temperature: float = 1.0  # sampling temperature
-    max_prompt_length: int = 512
-    max_completion_length: int = 48
+    num_generations: int = _opt(4, "G: sampled rollouts per prompt", positive=True)
+    temperature: float = _opt(1.0, "sampling temperature of the rollouts", positive=True)
+    max_prompt_length: int = _opt(512, "longest prompt / teacher context in tokens (longer is an error)",
+                                  positive=True)
+    max_completion_length: int = _opt(48, "longest rollout in tokens", positive=True)
     # Distillation loss
-    divergence: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
-    distillation_alpha: float = 0.5  # jsd beta (TRL's name); 0 forward KL, 1 reverse KL
-    distillation_temperature: float = 1.0
+    divergence: str = _opt("reverse_kl", "per-token divergence student vs teacher", choices=DIVERGENCES)
+    distillation_alpha: float = _opt(0.5, "jsd beta (TRL's name): 0 forward KL, 1 reverse KL", minimum=0.0)
+    distillation_temperature: float = _opt(1.0, "logits are divided by this before the divergence",
+                                           positive=True)
     # Teacher
-    # frozen (weights at the start of train(); LoRA: adapters off, no copy) | live (current weights) | ema.
-    # Frozen is the default: on SmolLM2 a live teacher drifted with the student and lost the skill and
-    # general answers (benchmarks/results/forgetting.md); the frozen one anchors the student.
-    teacher_mode: str = "frozen"
-    ema_decay: float = 0.99
-    teacher_template: str = "fewshot"  # fewshot | paper | a format string with {prompt} and {demonstration}
-    share_prefix: bool = True  # compute each prompt / teacher context once per G rollouts
+    teacher_mode: str = _opt("frozen", "frozen: initial weights (LoRA: adapters off); live: current weights; "
+                             "ema: moving average of the student", choices=TEACHER_MODES)
+    ema_decay: float = _opt(0.99, "ema teacher: phi <- decay*phi + (1-decay)*theta each step", minimum=0.0,
+                            below=1.0)
+    teacher_template: str = _opt("fewshot", "fewshot | paper | a format string with {prompt} and "
+                                 "{demonstration}")
+    share_prefix: bool = _opt(True, "compute each prompt / teacher context once per G rollouts")
     # LoRA (via peft)
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_lora: bool = _opt(False, "train LoRA adapters instead of all weights")
+    lora_r: int = _opt(16, "LoRA rank", positive=True)
+    lora_alpha: int = _opt(32, "LoRA scaling alpha", positive=True)
+    lora_dropout: float = _opt(0.0, "LoRA dropout", minimum=0.0, below=1.0)
+    lora_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          "modules that get adapters (comma-separated on the CLI)")
     # Bookkeeping
-    logging_steps: int = 1
-    save_steps: int = 20
-    save_total_limit: int = 2
-    resume_from_checkpoint: bool | str = False
-    progress_bar: bool = True
-    device: str = "auto"  # auto | cpu | cuda
+    logging_steps: int = _opt(1, "write metrics.jsonl every this many steps", positive=True)
+    save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
+    save_total_limit: int = _opt(2, "keep this many newest checkpoints (0: keep all)", minimum=0)
+    resume_from_checkpoint: bool | str = _opt(
+        False, "true: continue from the newest intact checkpoint in output_dir; or a checkpoint path",
+        kind="resume")
+    overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds checkpoints "
+                                      "(deletes them and metrics.jsonl)")
+    nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop the run, or skip the step",
+                          choices=NONFINITE_ACTIONS)
+    progress_bar: bool = _opt(True, "show a tqdm progress bar")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if not DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)
-        if self.teacher_mode not in TEACHER_MODES:
-            raise ValueError(f"unknown teacher_mode {self.teacher_mode!r}; expected one of {', '.join(TEACHER_MODES)}")
-        positive = ["learning_rate", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "num_generations", "max_prompt_length", "max_completion_length", "save_steps", "logging_steps"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
+            raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SDFTConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}; "
+                             "`sdft train --help` lists them all")
         return cls(**values)
+
+    @classmethod
+    def from_strings(cls, pairs: dict[str, str], base: dict | None = None) -> "SDFTConfig":
+        """From CLI ``KEY=VALUE`` text over ``base`` values, each parsed by its field's type (not JSON)."""
+        by_name = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(pairs) - set(by_name))
+        if unknown:
+            raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}; "
+                             "`sdft train --help` lists them all")
+        return cls(**{**(base or {}), **{k: parse_text(by_name[k], v) for k, v in pairs.items()}})
+
+
+def _type_name(f) -> str:
+    if f.metadata.get("kind") == "resume":
+        return "bool|path"
+    return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]"}[str(f.type)]
+
+
+def _checked(f, value):
+    """``value`` if it fits field ``f`` (ints are accepted for floats); otherwise a one-line error."""
+    kind, name = _type_name(f), f.name
+    if kind == "bool|path":
+        if isinstance(value, bool) or (isinstance(value, str) and value):
+            return value
+        raise ValueError(f"{name} must be true, false or a checkpoint path, got {value!r}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    elif kind == "list[str]":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or \
+                not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{name} must be a non-empty list of names, got {value!r}")
+        value = list(value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        value = float(value)
+    meta = f.metadata
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(meta['choices'])}")
+    if meta["positive"] and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ValueError(f"{name} must be >= {meta['minimum']}, got {value}")
+    if meta["below"] is not None and not value < meta["below"]:
+        raise ValueError(f"{name} must be below {meta['below']:g}, got {value}")
+    return value
+
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_text(f, text: str):
+    """Parse CLI text for field ``f`` by its declared type; the range check follows in the config."""
+    kind, name = _type_name(f), f.name
+    low = text.strip().lower()
+    if kind in ("bool", "bool|path"):
+        if low in TRUE:
+            return True
+        if low in FALSE:
+            return False
+        if kind == "bool":
+            raise ValueError(f"{name} must be true or false, got {text!r}")
+        return text
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {text!r}") from None
+    if kind == "list[str]":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def describe_fields() -> str:
+    """One line per config key: name, type, default and meaning (for ``sdft train --help``)."""
+    lines = []
+    for f in fields(SDFTConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if isinstance(default, list):
+            default = ",".join(default)
+        if isinstance(default, bool):
+            default = json.dumps(default)
+        lines.append(f"  {f.name} ({_type_name(f)}, default {default})\n      {f.metadata['help']}")
+    return "\n".join(lines)

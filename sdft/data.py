@@ -56,14 +56,31 @@ def to_example(row: dict, where: str) -> Example:
     return Example(_as_messages(row["prompt"], where), _as_text(row[key], where))
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def _read_json(path: Path) -> list:
+    try:
+        rows = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: a .json dataset must hold a list of rows, got {type(rows).__name__}")
     return rows
 
 
@@ -73,7 +90,9 @@ def load_examples(data) -> list[Example]:
         path = Path(data)
         if not path.exists():
             raise FileNotFoundError(f"dataset file not found: {path}")
-        rows = _read_jsonl(path) if path.suffix != ".json" else json.loads(path.read_text())
+        if not path.is_file():
+            raise ValueError(f"dataset {path} is not a file (give a .jsonl or .json file)")
+        rows = _read_jsonl(path) if path.suffix != ".json" else _read_json(path)
         name = str(path)
     else:
         rows, name = list(data), "dataset"

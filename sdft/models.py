@@ -77,6 +77,10 @@ def load_model(model=None, dtype=torch.float32):
         else:
             if not (path / "config.json").exists():
                 raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+            try:
+                json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:

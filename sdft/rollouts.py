@@ -1,22 +1,44 @@
-"""On-policy rollouts: G sampled completions per prompt from the student, cut at end-of-sequence."""
+"""On-policy rollouts: G sampled completions per prompt from the student, for a whole micro-batch.
+
+``RolloutEngine`` is the seam: anything with ``generate(model, prompts, num_generations,
+max_new_tokens, temperature, greedy=False) -> RolloutBatch`` can produce rollouts (a vLLM or server
+engine can be plugged in through ``SDFT``'s ``engine`` argument). ``HFRolloutEngine`` is the built-in
+one: every prompt of the micro-batch is prefilled once (right padded into one batch), its KV cache is
+expanded to its G samples after the prefill, and all B*G rows then decode together, each stopping at
+its own end-of-sequence token; the loop ends as soon as every row has finished.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from .batch_prefix import right_pad
 from .model_parts import eval_mode
 
 
 @dataclass
-class Rollouts:
-    prompt_ids: torch.Tensor  # [P]
-    completions: torch.Tensor  # [G, L], right padded with pad_id
-    mask: torch.Tensor  # [G, L] bool, True on scored tokens (EOS included)
+class RolloutBatch:
+    """G rollouts for each of B prompts; rows ``b*G .. b*G+G-1`` belong to prompt b."""
+
+    prompts: list[torch.Tensor]  # B prompt id tensors [P_b]
+    completions: torch.Tensor  # [B*G, L] right padded with pad_id
+    mask: torch.Tensor  # [B*G, L] bool, True on scored tokens (EOS included)
+    logprobs: torch.Tensor  # [B*G, L] float32 rollout-time log-probs of the sampled tokens (0 if masked)
+
+    @property
+    def group_size(self) -> int:
+        return self.completions.shape[0] // len(self.prompts)
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())
+
+
+class RolloutEngine(Protocol):
+    def generate(self, model, prompts: list[torch.Tensor], num_generations: int, max_new_tokens: int,
+                 temperature: float, greedy: bool = False) -> RolloutBatch: ...
 
 
 def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
@@ -28,32 +50,74 @@ def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: boo
 
 def trim_completions(sequences: torch.Tensor, eos_ids: set[int], pad_id: int):
     """Mask every token after the first EOS of each row; drop all-padding columns at the end."""
-    is_eos = torch.zeros_like(sequences, dtype=torch.bool)
-    for eos in eos_ids:
-        is_eos |= sequences == eos
+    is_eos = torch.isin(sequences, torch.tensor(sorted(eos_ids), device=sequences.device))
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
     mask = ~after_eos
-    width = int(mask.sum(1).max()) if mask.numel() else 0
-    width = max(width, 1)
+    width = max(int(mask.sum(1).max()) if mask.numel() else 0, 1)
     completions = torch.where(mask, sequences, torch.full_like(sequences, pad_id))[:, :width]
     return completions, mask[:, :width]
 
 
-@torch.no_grad()
-def sample_rollouts(model, tokenizer, prompt_ids, num_generations, max_new_tokens, temperature) -> Rollouts:
-    """Sample ``num_generations`` completions of one prompt from ``model``."""
-    inputs = prompt_ids[None].expand(num_generations, -1)
-    with eval_mode(model):
-        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
-    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    eos.discard(None)
-    completions, mask = trim_completions(out[:, prompt_ids.numel():], eos, tokenizer.pad_token_id)
-    return Rollouts(prompt_ids, completions, mask)
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS and every EOS id of the model's generation config."""
+    ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    ids.discard(None)
+    return ids
 
 
 def _as_list(value):
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _last_logits(model, ids, mask, lengths):
+    """Prefill the right-padded prompts; logits [B, V] at each prompt's last real token, and the cache."""
+    keep = torch.unique(lengths - 1)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=keep)
+    column = torch.searchsorted(keep, lengths - 1)
+    return out.logits[torch.arange(ids.shape[0], device=ids.device), column], out.past_key_values
+
+
+class HFRolloutEngine:
+    """Batched sampling with any transformers causal LM (see the module docstring)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def generate(self, model, prompts, num_generations, max_new_tokens, temperature, greedy=False) -> RolloutBatch:
+        pad_id = self.tokenizer.pad_token_id
+        stop = torch.tensor(sorted(eos_ids(model, self.tokenizer)), device=prompts[0].device)
+        ids, attn = right_pad(prompts, pad_id)
+        lengths = attn.sum(1)
+        with eval_mode(model):
+            logits, cache = _last_logits(model, ids, attn, lengths)
+            cache.batch_repeat_interleave(num_generations)
+            logits = logits.repeat_interleave(num_generations, 0)
+            attn = attn.repeat_interleave(num_generations, 0)
+            positions = lengths.repeat_interleave(num_generations)[:, None]
+            rows = logits.shape[0]
+            done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+            tokens, logprobs, alive = [], [], []
+            for t in range(max_new_tokens):
+                log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+                if greedy:
+                    token = log_p.argmax(-1)
+                else:
+                    token = torch.multinomial(log_p.exp(), 1).squeeze(1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                alive.append(~done)
+                logprobs.append(torch.where(done, 0.0, log_p.gather(1, token[:, None]).squeeze(1)))
+                tokens.append(token)
+                done = done | torch.isin(token, stop)
+                if bool(done.all()) or t + 1 == max_new_tokens:
+                    break
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=attn, position_ids=positions + t,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
+        mask = torch.stack(alive, 1)
+        width = max(int(mask.sum(1).max()), 1)
+        return RolloutBatch(list(prompts), torch.stack(tokens, 1)[:, :width], mask[:, :width],
+                            torch.stack(logprobs, 1)[:, :width])

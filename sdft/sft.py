@@ -32,8 +32,9 @@ def demonstration_ids(tokenizer, example, config: SDFTConfig, device):
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
               step_callback=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
-    config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
-    encoded = [demonstration_ids(tokenizer, ex, config, device) for ex in examples]
+    run = prepare(model, dataset, config, tokenizer)
+    config, model, device = run.config, run.model, run.device
+    encoded = [demonstration_ids(run.tokenizer, ex, config, device) for ex in run.examples]
 
     def step_fn(optimizer, step):
         t0 = time.perf_counter()
@@ -49,10 +50,10 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
                 loss = torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum")
                 (loss / tokens).backward()
                 loss_sum += float(loss.detach())
-        grad_norm = clip_and_step(model, optimizer, config)
+        grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
         elapsed = time.perf_counter() - t0
         return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",
-                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "grad_norm": grad_norm, "skipped": skipped, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
 
-    return run_steps(model, tokenizer, config, step_fn, step_callback=step_callback, desc="sft")
+    return run_steps(run, step_fn, step_callback=step_callback, desc="sft")

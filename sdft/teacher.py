@@ -10,8 +10,8 @@ import copy
 
 import torch
 
-from sdft_kernels.prefix_sharing import shared_prefix_hidden, unshared_hidden
 
+from .batch_prefix import batched_prefix_hidden, batched_unshared_hidden
 from .model_parts import decoder_of, eval_mode, lm_head_weight
 
 
@@ -36,12 +36,12 @@ class Teacher:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def hidden(self, context_ids, completions, mask, share_prefix: bool = True) -> torch.Tensor:
-        """Teacher hidden states [G, L, H] predicting each completion token."""
-        fn = shared_prefix_hidden if share_prefix else unshared_hidden
+    def hidden(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True) -> torch.Tensor:
+        """Teacher hidden states [B*G, L, H] predicting each completion token (``batch_prefix``)."""
+        fn = batched_prefix_hidden if share_prefix else batched_unshared_hidden
         model = self._model()
         with eval_mode(model), self._context():
-            return fn(decoder_of(model), context_ids, completions, mask)
+            return fn(decoder_of(model), contexts, completions, mask, pad_id)
 
     def head_weight(self):
         """The teacher's LM head, or None when it is the student's own (the fused op then reads it once)."""

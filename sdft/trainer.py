@@ -7,6 +7,7 @@ computed once per prompt and shared by the G rollouts (``share_prefix``).
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,15 +16,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdft_kernels.prefix_sharing import tokens_processed
-
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .batch_loss import sdft_batch_loss
+from .batch_prefix import tokens_processed
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
-from .group_loss import group_loss
 from .metrics import MetricsLog, peak_memory_mib
 from .models import load_model
-from .rollouts import chat_ids, sample_rollouts
+from .rollouts import HFRolloutEngine, RolloutEngine, chat_ids
+from .run_dir import METRICS_FILE, plan_run, start_run
 from .teacher import Teacher
 from .templates import teacher_messages
 
@@ -85,54 +86,70 @@ def batch_indices(step: int, micro: int, n: int, config: SDFTConfig) -> list[int
     return out
 
 
-def _resume_path(config: SDFTConfig):
-    if not config.resume_from_checkpoint:
-        return None
-    if config.resume_from_checkpoint is True:
-        found = list_checkpoints(config.output_dir)
-        return found[-1] if found else None
-    return Path(config.resume_from_checkpoint)
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm of a step was NaN or infinite; the run stopped before updating."""
 
 
-def prepare(model, dataset, config, tokenizer):
-    """(config, model, tokenizer, examples, device) with defaults filled in and LoRA applied."""
+def as_config(config) -> SDFTConfig:
     if config is None:
-        config = SDFTConfig()
-    elif isinstance(config, dict):
-        config = SDFTConfig.from_dict(config)
-    device = _device(config.device)
-    torch.manual_seed(config.seed)
-    if model is None or isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model)
-    elif tokenizer is None:
+        return SDFTConfig()
+    if isinstance(config, dict):
+        return SDFTConfig.from_dict(config)
+    if not isinstance(config, SDFTConfig):
+        raise TypeError(f"config must be an SDFTConfig, a dict or None, got {type(config).__name__}")
+    return config
+
+
+@dataclass
+class Run:
+    """What ``prepare`` sets up for a training loop."""
+
+    config: SDFTConfig
+    model: object
+    tokenizer: object
+    examples: list[Example]
+    device: torch.device
+    resume: Path | None
+
+
+def prepare(model, dataset, config, tokenizer) -> Run:
+    """Validate config, data and output_dir (cheap, before any model loads), then load the model."""
+    config = as_config(config)
+    if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if dataset is None:
         from .skill import load_skill
 
         dataset = load_skill("train")
     examples = load_examples(dataset)
+    resume = plan_run(config)
+    device = _device(config.device)
+    torch.manual_seed(config.seed)
+    if model is None or isinstance(model, (str, Path)):
+        model, tokenizer = load_model(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     if config.use_lora:
         model = _apply_lora(model, config)
     model.train()
-    return config, model, tokenizer, examples, device
+    return Run(config, model, tokenizer, examples, device, resume)
 
 
-def run_steps(model, tokenizer, config, step_fn, teacher=None, step_callback=None, desc="sdft") -> TrainResult:
+def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") -> TrainResult:
     """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
     (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
+    config, model = run.config, run.model
+    out = Path(config.output_dir)
+    start_run(config, run.resume)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    log = MetricsLog(Path(config.output_dir) / "metrics.jsonl")
-    start = 0
-    resume = _resume_path(config)
-    if resume is not None:
-        start = load_checkpoint(resume, model, optimizer, teacher)
+    log = MetricsLog(out / METRICS_FILE)
+    start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher)
+    log.truncate(start)
     history = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not config.progress_bar)
@@ -143,76 +160,85 @@ def run_steps(model, tokenizer, config, step_fn, teacher=None, step_callback=Non
             log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-            save_checkpoint(config.output_dir, step + 1, model, optimizer, teacher, config,
-                            config.save_total_limit)
+            save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit)
         if step_callback is not None:
             step_callback(step + 1, record)
-    return TrainResult(model, tokenizer, config.max_steps, history, Path(config.output_dir))
+    return TrainResult(model, run.tokenizer, config.max_steps, history, out)
 
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-          step_callback=None) -> TrainResult:
+          step_callback=None, engine: RolloutEngine | None = None) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
     pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
     bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step.
+    ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     """
-    config, model, tokenizer, examples, device = prepare(model, dataset, config, tokenizer)
-    encoded = encode_examples(examples, tokenizer, config, device)
-    teacher = Teacher(model, config.teacher_mode, config.ema_decay)
+    run = prepare(model, dataset, config, tokenizer)
+    encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
+    teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
+    engine = engine or HFRolloutEngine(run.tokenizer)
 
     def step_fn(optimizer, step):
-        return _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device)
+        return _train_step(run, teacher, engine, optimizer, encoded, step)
 
-    return run_steps(model, tokenizer, config, step_fn, teacher, step_callback)
-
-
-def clip_and_step(model, optimizer, config) -> float:
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               config.max_grad_norm)
-    optimizer.step()
-    return float(grad_norm)
+    return run_steps(run, step_fn, teacher, step_callback)
 
 
-def _train_step(model, tokenizer, teacher, optimizer, encoded, step, config, device) -> dict:
+def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[float, bool]:
+    """Clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the weights."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                     config.max_grad_norm))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        return grad_norm, False
+    optimizer.zero_grad(set_to_none=True)
+    if config.nonfinite == "skip":
+        return grad_norm, True
+    raise NonFiniteError(f"step {step + 1}: loss {loss} and gradient norm {grad_norm} must be finite; stopped "
+                         "before the update, the last checkpoint is intact (nonfinite=skip skips such steps)")
+
+
+def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
+    config, model = run.config, run.model
+    pad_id = run.tokenizer.pad_token_id
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     tokens = shared_tokens = naive_tokens = 0
     completion_lengths = []
     for micro in range(config.gradient_accumulation_steps):
-        groups = []
-        for idx in batch_indices(step, micro, len(encoded), config):
-            ex = encoded[idx]
-            rollouts = sample_rollouts(model, tokenizer, ex.prompt_ids, config.num_generations,
-                                       config.max_completion_length, config.temperature)
-            groups.append((ex, rollouts))
-        micro_tokens = sum(r.num_tokens for _, r in groups)
-        for ex, rollouts in groups:
-            loss = group_loss(model, teacher, rollouts, ex.teacher_ids, config)
-            (loss / (micro_tokens * config.gradient_accumulation_steps)).backward()
-            loss_sum += float(loss.detach())
-            length = rollouts.completions.shape[1]
-            for ctx in (ex.prompt_ids.numel(), ex.teacher_ids.numel()):
-                s, n = tokens_processed(ctx, length, config.num_generations)
-                shared_tokens += s
-                naive_tokens += n
-            completion_lengths += rollouts.mask.sum(1).tolist()
-        tokens += micro_tokens
-    grad_norm = clip_and_step(model, optimizer, config)
-    teacher.update()
+        chosen = [encoded[i] for i in batch_indices(step, micro, len(encoded), config)]
+        batch = engine.generate(model, [ex.prompt_ids for ex in chosen], config.num_generations,
+                                config.max_completion_length, config.temperature)
+        contexts = [ex.teacher_ids for ex in chosen]
+        loss = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id)
+        (loss / (batch.num_tokens * config.gradient_accumulation_steps)).backward()
+        loss_sum += float(loss.detach())
+        width = batch.completions.shape[1]
+        for side in (batch.prompts, contexts):
+            s, n = tokens_processed([c.numel() for c in side], width, batch.group_size)
+            shared_tokens += s
+            naive_tokens += n
+        completion_lengths += batch.mask.sum(1).tolist()
+        tokens += batch.num_tokens
+    loss = loss_sum / max(tokens, 1)
+    grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss)
+    if not skipped:
+        teacher.update()
     elapsed = time.perf_counter() - t0
     return {
         "step": step + 1,
-        "loss": loss_sum / max(tokens, 1),
+        "loss": loss,
         "divergence": config.divergence,
         "grad_norm": grad_norm,
+        "skipped": skipped,
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "mean_completion_length": sum(completion_lengths) / max(len(completion_lengths), 1),
         "tokens_processed": shared_tokens if config.share_prefix else naive_tokens,
         "tokens_processed_unshared": naive_tokens,
-        "peak_memory_mib": peak_memory_mib(device),
+        "peak_memory_mib": peak_memory_mib(run.device),
         "seconds": elapsed,
     }

@@ -29,7 +29,8 @@ def test_one_sdft_step_on_the_embedded_model(smollm2, tmp_path):
 
 
 def test_cli_trains_and_reports_bad_input(tmp_path, capsys):
-    settings = [f"{k}={json.dumps(v)}" for k, v in {**TINY_RUN, "output_dir": str(tmp_path)}.items()]
+    settings = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                for k, v in {**TINY_RUN, "output_dir": str(tmp_path)}.items()]
     assert cli(["train", "--no-eval", "--set", *settings]) == 0
     assert (tmp_path / "metrics.jsonl").exists()
     assert cli(["train", "--model", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,137 @@
+"""Batched shared-prefix passes equal the unshared, unbatched computation: values and gradients.
+
+Gradients are compared in float64. One input stays float32 there: transformers computes the rotary
+cos/sin tables in float32 whatever the model dtype, and vectorised float32 cos/sin may differ by an
+ulp (u = 2**-24) between batch shapes. That bounds the difference at a few u relative to the largest
+gradient (``ROTARY_TOL``); any real difference (a wrong position, a leaked padding slot, a missing
+cache expansion) is of order one. In float32 the same comparison
+is made norm-wise with a bound derived from the arithmetic (see ``_fp32_bound``), independent of
+this machine's SIMD width or thread count.
+"""
+import pytest
+import torch
+
+from sdft.batch_prefix import batched_prefix_hidden, batched_unshared_hidden, tokens_processed
+from sdft_kernels import fused_linear_divergence
+from tiny_model import tiny_llama
+
+PAD = 0
+G = 3
+ROTARY_TOL = 16 * 2.0 ** -24  # see the module docstring
+
+
+def _batch(seed, context_lengths=(7, 2, 11), width=6):
+    gen = torch.Generator().manual_seed(seed)
+    contexts = [torch.randint(1, 97, (n,), generator=gen) for n in context_lengths]
+    rows = G * len(contexts)
+    completions = torch.randint(1, 97, (rows, width), generator=gen)
+    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
+    lengths[0] = width
+    mask = torch.arange(width)[None] < lengths[:, None]
+    return contexts, torch.where(mask, completions, PAD), mask
+
+
+def _one_row_at_a_time(decoder, contexts, completions, mask):
+    """Reference: each rollout alone, its whole context, no padding, no cache."""
+    out = []
+    for r in range(completions.shape[0]):
+        ctx = contexts[r // G]
+        n = int(mask[r].sum())
+        ids = torch.cat([ctx, completions[r, : n - 1]])[None]
+        hidden = decoder(input_ids=ids).last_hidden_state[0, ctx.numel() - 1:]
+        out.append(torch.nn.functional.pad(hidden, (0, 0, 0, completions.shape[1] - n)))
+    return torch.stack(out)
+
+
+def _loss(model, hidden_fn, contexts, completions, mask, teacher_hidden):
+    hidden = hidden_fn(model.get_decoder(), contexts, completions, mask)
+    weight = model.get_output_embeddings().weight
+    return fused_linear_divergence(hidden, teacher_hidden, weight, mask=mask, divergence="forward_kl",
+                                   reduction="sum")
+
+
+def _grads(model, hidden_fn, batch, teacher_hidden):
+    model.zero_grad(set_to_none=True)
+    _loss(model, hidden_fn, *batch, teacher_hidden).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+FNS = {
+    "shared_batched": lambda d, c, x, m: batched_prefix_hidden(d, c, x, m, PAD),
+    "unshared_batched": lambda d, c, x, m: batched_unshared_hidden(d, c, x, m, PAD),
+    "row_at_a_time": _one_row_at_a_time,
+}
+
+
+@pytest.mark.parametrize("lengths", [(7, 2, 11), (5,), (3, 3)])
+def test_hidden_states_match_one_row_at_a_time(lengths):
+    model = tiny_llama().double().eval()
+    contexts, completions, mask = _batch(1, lengths)
+    with torch.no_grad():
+        ref = _one_row_at_a_time(model.get_decoder(), contexts, completions, mask)
+        for name in ("shared_batched", "unshared_batched"):
+            got = FNS[name](model.get_decoder(), contexts, completions, mask)
+            torch.testing.assert_close(got[mask], ref[mask], rtol=ROTARY_TOL, atol=ROTARY_TOL, msg=name)
+
+
+def test_hidden_state_predicts_next_completion_token():
+    model = tiny_llama().eval()
+    contexts, completions, mask = _batch(2, (4, 9))
+    with torch.no_grad():
+        h = batched_prefix_hidden(model.get_decoder(), contexts, completions, mask, PAD)
+        for r in range(completions.shape[0]):
+            n = int(mask[r].sum())
+            ctx = contexts[r // G]
+            logits = model(torch.cat([ctx, completions[r, :n]])[None]).logits[0, ctx.numel() - 1: -1]
+            ours = h[r, :n] @ model.get_output_embeddings().weight.T
+            torch.testing.assert_close(ours, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_equal_the_unshared_unbatched_computation_float64():
+    model = tiny_llama().double()
+    batch = _batch(3)
+    teacher_hidden = torch.randn(*batch[1].shape, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    ref = _grads(model, _one_row_at_a_time, batch, teacher_hidden)
+    for name in ("shared_batched", "unshared_batched"):
+        got = _grads(model, FNS[name], batch, teacher_hidden)
+        for param, g in ref.items():
+            scale = g.abs().max().item()
+            torch.testing.assert_close(got[param], g, rtol=0, atol=ROTARY_TOL * max(scale, 1e-30),
+                                       msg=f"{name}: {param}")
+
+
+def _fp32_bound(reference: torch.Tensor, depth: int) -> float:
+    """Norm-wise relative error bound of an fp32 computation against its float64 value.
+
+    Each fp32 operation rounds with relative error u = 2**-24; a gradient of a depth-d network is a
+    chain of about ``4 * depth + 4`` matmul / softmax / norm stages, each a reduction of length K that
+    contributes at most about ``sqrt(K) * u`` in norm (random-walk rounding, Higham 3.5). With K <= 64
+    here, a stage is below 8u, so the whole chain below (4d + 4) * 8u; a factor 10 covers the
+    conditioning of the softmax and the norm layers.
+    """
+    u = 2.0 ** -24
+    return 10 * (4 * depth + 4) * 8 * u * reference.norm().item()
+
+
+def test_fp32_shared_and_unshared_gradients_agree_within_rounding():
+    model64 = tiny_llama().double()
+    model32 = tiny_llama()
+    batch = _batch(4)
+    teacher_hidden = torch.randn(*batch[1].shape, 32, generator=torch.Generator().manual_seed(9))
+    exact = _grads(model64, _one_row_at_a_time, batch, teacher_hidden.double())
+    for name in ("shared_batched", "row_at_a_time"):
+        got = _grads(model32, FNS[name], batch, teacher_hidden)
+        for param, g in exact.items():
+            error = (got[param].double() - g).norm().item()
+            assert error <= _fp32_bound(g, depth=2) + 1e-30, (name, param, error)
+
+
+def test_contexts_of_one_token_are_refused():
+    model = tiny_llama()
+    contexts, completions, mask = _batch(5, (4, 1))
+    with pytest.raises(ValueError, match="at least 2 token ids"):
+        batched_prefix_hidden(model.get_decoder(), contexts, completions, mask, PAD)
+
+
+def test_tokens_processed():
+    assert tokens_processed([100, 50], 20, 4) == (150 + 2 * 4 * 20, 4 * (150 + 2 * 20))

@@ -1,0 +1,62 @@
+"""The batched rollout engine: same greedy tokens as model.generate per prompt, EOS per row, log-probs."""
+import torch
+
+from sdft.rollouts import HFRolloutEngine, RolloutBatch, trim_completions
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+PROMPTS = ["add 1 2", "a much longer prompt here", "x"]
+
+
+def _setup(eos_bias=0.0):
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok)).eval()
+    if eos_bias:
+        with torch.no_grad():  # make end-of-turn likely so rows stop at different steps
+            model.get_output_embeddings().weight[tok.eos_token_id] *= eos_bias
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"][0] for p in PROMPTS]
+    return tok, model, prompts
+
+
+def test_greedy_equals_generate_on_each_prompt_alone():
+    tok, model, prompts = _setup()
+    batch = HFRolloutEngine(tok).generate(model, prompts, 2, 12, 1.0, greedy=True)
+    assert isinstance(batch, RolloutBatch) and batch.completions.shape[0] == 2 * len(prompts)
+    for b, prompt in enumerate(prompts):
+        ref = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
+                             do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        ref, ref_mask = trim_completions(ref[:, prompt.numel():], {tok.eos_token_id}, tok.pad_token_id)
+        for row in (2 * b, 2 * b + 1):
+            got = batch.completions[row][batch.mask[row]]
+            assert got.tolist() == ref[0][ref_mask[0]].tolist()
+
+
+def test_rows_stop_at_their_own_eos_and_logprobs_match_a_rescoring():
+    torch.manual_seed(0)
+    tok, model, prompts = _setup(eos_bias=40.0)
+    batch = HFRolloutEngine(tok).generate(model, prompts, 4, 10, 0.7)
+    lengths = batch.mask.sum(1)
+    assert batch.completions.shape[1] == int(lengths.max())
+    assert len(set(lengths.tolist())) > 1  # rows ended at different steps
+    for r in range(batch.completions.shape[0]):
+        n = int(lengths[r])
+        row = batch.completions[r]
+        assert (row[n:] == tok.pad_token_id).all()
+        eos_at = (row[:n] == tok.eos_token_id).nonzero()
+        assert eos_at.numel() == 0 or (eos_at.numel() == 1 and int(eos_at[0]) == n - 1)
+        prompt = prompts[r // 4]
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, row[:n]])[None]).logits[0, prompt.numel() - 1: -1]
+        expected = torch.log_softmax(logits / 0.7, -1).gather(1, row[:n, None]).squeeze(1)
+        torch.testing.assert_close(batch.logprobs[r, :n], expected, rtol=1e-4, atol=1e-4)
+        assert (batch.logprobs[r, n:] == 0).all()
+
+
+def test_sampling_is_seeded():
+    tok, model, prompts = _setup()
+    torch.manual_seed(3)
+    a = HFRolloutEngine(tok).generate(model, prompts, 2, 6, 1.0)
+    torch.manual_seed(3)
+    b = HFRolloutEngine(tok).generate(model, prompts, 2, 6, 1.0)
+    assert torch.equal(a.completions, b.completions)
