@@ -2,6 +2,8 @@
 
     python benchmarks/bench_divergence.py            # CPU: small N; GPU: N=4096 at SmolLM2 and Qwen shapes
 
+``gemm_floor`` times the four GEMMs alone (no softmax, no divergence): the floor for any exact method.
+
 Writes benchmarks/results/divergence_<device>.json and .md. Useful FLOPs are 8*N*H*V
 (student + teacher logits, dH, dW); the rate is reported against a measured bf16 GEMM.
 """
@@ -58,7 +60,27 @@ def liger(hs, ht, w, divergence):
     return _LIGER[divergence](hs, w, ht, w.detach(), None)
 
 
-IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger}
+class _GemmFloor(torch.autograd.Function):
+    """The four GEMMs any exact implementation does (student and teacher logits, dH, dW), nothing else."""
+
+    @staticmethod
+    def forward(ctx, hs, ht, w):
+        ctx.save_for_backward(hs, ht, w)
+        s, t = hs @ w.T, ht @ w.T
+        return s[0, 0] + t[0, 0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hs, ht, w = ctx.saved_tensors
+        gz = torch.empty(hs.shape[0], w.shape[0], dtype=hs.dtype, device=hs.device).fill_(grad.item())
+        return gz @ w, None, gz.T @ hs
+
+
+def gemm_floor(hs, ht, w, divergence):
+    return _GemmFloor.apply(hs, ht, w)
+
+
+IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger, "gemm_floor": gemm_floor}
 
 
 def available(name: str, device: torch.device) -> str | None:
@@ -116,6 +138,7 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--reps", type=int, default=10 if cuda else 3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--stem", default=None, help="result file name (default divergence_<device>)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -162,7 +185,7 @@ def main(argv=None):
               "peak above what was allocated before the step (CUDA allocator; CPU resident set).\n\n")
     columns = ["shape", "N", "divergence", "impl", "ms", "peak_extra_mib", "mem_vs_naive_pct", "tflops",
                "pct_gemm_peak", "loss", "note"]
-    write_results(args.out, f"divergence_{tag}", {"environment": env, "gemm_peak_tflops": peak, "rows": rows},
+    write_results(args.out, args.stem or f"divergence_{tag}", {"environment": env, "gemm_peak_tflops": peak, "rows": rows},
                   header + markdown_table(rows, columns))
 
 

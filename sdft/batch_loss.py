@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sdft_kernels import fused_linear_divergence
 
-from .batch_prefix import batched_prefix_hidden, batched_unshared_hidden
+from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
 from .model_parts import decoder_of, lm_head_weight
 
 
@@ -14,7 +14,7 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     per G rollouts when ``config.share_prefix`` (the default).
     """
     t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix)
-    fn = batched_prefix_hidden if config.share_prefix else batched_unshared_hidden
+    fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
     s_hidden = fn(decoder_of(student), batch.prompts, batch.completions, batch.mask, pad_id)
     weight = lm_head_weight(student)
     return fused_linear_divergence(

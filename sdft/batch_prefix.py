@@ -1,7 +1,16 @@
-"""Shared-prefix forward for a whole micro-batch: every context once, all rollouts in one pass.
+"""Shared-prefix forward for a whole micro-batch: every context once, all rollouts together.
 
 A micro-batch has B contexts (prompts, or teacher contexts) with G rollouts each, the rollouts stored
-as rows ``b*G .. b*G+G-1`` of one ``[B*G, L]`` completion tensor. Two decoder calls score them all:
+as rows ``b*G .. b*G+G-1`` of one ``[B*G, L]`` completion tensor.
+
+``tree_hidden`` (the default) runs ONE decoder call: each group becomes one packed row
+``[prefix, continuation 1, ..., continuation G]`` with a tree-shaped attention mask (a continuation
+sees the prefix and its own earlier tokens) and positions that restart after the prefix for every
+continuation. Nothing is copied per rollout, each weight sees one matmul per micro-batch (one
+weight-gradient GEMM, no accumulation of several passes), and no padding query is ever fully masked.
+It needs an attention implementation that takes a custom 4-D mask (``sdpa`` or ``eager``).
+
+``batched_prefix_hidden`` (any attention implementation) runs two decoder calls:
 
 1. the B shared prefixes (context minus its last token), right padded into one ``[B, P]`` batch;
 2. the ``[B*G, L]`` continuations (last context token, then the completion minus its last token)
@@ -61,6 +70,68 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True)
     return out.last_hidden_state
+
+
+def _tree_rows(contexts, cont_ids, group):
+    """Packed ids, positions and segment ids [B, T] (segment 0: prefix, g+1: continuation g; -1 pad)."""
+    width = cont_ids.shape[1]
+    ids, pos, seg = [], [], []
+    for b, ctx in enumerate(contexts):
+        p = ctx.numel() - 1
+        conts = cont_ids[b * group:(b + 1) * group]
+        ids.append(torch.cat([ctx[:-1], conts.reshape(-1)]))
+        steps = torch.arange(width, device=ctx.device)
+        pos.append(torch.cat([torch.arange(p, device=ctx.device), (p + steps).repeat(group)]))
+        seg.append(torch.cat([torch.zeros(p, dtype=torch.long, device=ctx.device),
+                              torch.arange(1, group + 1, device=ctx.device).repeat_interleave(width)]))
+    return ids, pos, seg
+
+
+def tree_mask(seg: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: query i sees key j <= i when j is prefix or in i's own segment (pads: self)."""
+    t = seg.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    visible = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    visible |= torch.eye(t, dtype=torch.bool, device=seg.device)  # a padding query sees itself: no NaN
+    return visible[:, None]
+
+
+def supports_tree(decoder) -> bool:
+    return getattr(decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
+                completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass.
+
+    Same contract as ``batched_prefix_hidden``; the decoder must use ``sdpa`` or ``eager`` attention.
+    """
+    if any(c.dim() != 1 or c.numel() < 2 for c in contexts):
+        raise ValueError("every context must be a 1-D tensor of at least 2 token ids")
+    if completions.shape[0] % len(contexts):
+        raise ValueError(f"{completions.shape[0]} completion rows do not split into {len(contexts)} groups")
+    group = completions.shape[0] // len(contexts)
+    cont_ids, _ = continuations(contexts, completions, completion_mask)
+    ids, pos, seg = _tree_rows(contexts, cont_ids, group)
+    ids, _ = right_pad(ids, pad_id)
+    pos, _ = right_pad(pos, 0)
+    seg, _ = right_pad(seg, -1)
+    mask = tree_mask(seg)
+    if decoder.config._attn_implementation == "eager":
+        dtype = decoder.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    width = cont_ids.shape[1]
+    starts = [ctx.numel() - 1 for ctx in contexts]
+    rows = [hidden[b, starts[b]:starts[b] + group * width].reshape(group, width, -1) for b in range(len(contexts))]
+    return torch.cat(rows, dim=0)
+
+
+def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id) -> torch.Tensor:
+    """The packed tree pass where the attention implementation allows it, else the KV-cache pass."""
+    fn = tree_hidden if supports_tree(decoder) else batched_prefix_hidden
+    return fn(decoder, contexts, completions, completion_mask, pad_id)
 
 
 def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id) -> torch.Tensor:

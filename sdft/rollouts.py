@@ -79,6 +79,17 @@ def _last_logits(model, ids, mask, lengths):
     return out.logits[torch.arange(ids.shape[0], device=ids.device), column], out.past_key_values
 
 
+def sample(log_p: torch.Tensor) -> torch.Tensor:
+    """One token per row from log-probabilities, by inverting the cumulative distribution.
+
+    Exact categorical sampling with one uniform draw per row; ``torch.multinomial`` draws one
+    exponential per vocabulary entry, which cost ~10 ms a step for 8 x 49152 on a 2-core CPU.
+    """
+    cdf = log_p.exp().double().cumsum(-1)
+    u = torch.rand(log_p.shape[0], 1, dtype=torch.float64, device=log_p.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=log_p.shape[1] - 1)
+
+
 class HFRolloutEngine:
     """Batched sampling with any transformers causal LM (see the module docstring)."""
 
@@ -102,10 +113,7 @@ class HFRolloutEngine:
             tokens, logprobs, alive = [], [], []
             for t in range(max_new_tokens):
                 log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-                if greedy:
-                    token = log_p.argmax(-1)
-                else:
-                    token = torch.multinomial(log_p.exp(), 1).squeeze(1)
+                token = log_p.argmax(-1) if greedy else sample(log_p)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 alive.append(~done)
                 logprobs.append(torch.where(done, 0.0, log_p.gather(1, token[:, None]).squeeze(1)))

@@ -11,7 +11,7 @@ import copy
 import torch
 
 
-from .batch_prefix import batched_prefix_hidden, batched_unshared_hidden
+from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
 from .model_parts import decoder_of, eval_mode, lm_head_weight
 
 
@@ -38,7 +38,7 @@ class Teacher:
     @torch.no_grad()
     def hidden(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True) -> torch.Tensor:
         """Teacher hidden states [B*G, L, H] predicting each completion token (``batch_prefix``)."""
-        fn = batched_prefix_hidden if share_prefix else batched_unshared_hidden
+        fn = shared_prefix_hidden if share_prefix else batched_unshared_hidden
         model = self._model()
         with eval_mode(model), self._context():
             return fn(decoder_of(model), contexts, completions, mask, pad_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import torch_backend
 from .divergence_spec import DivergenceSpec, make_spec
@@ -58,6 +59,37 @@ class _RowDivergence(torch.autograd.Function):
         return d_h, None, d_w, None, None, None, None
 
 
+class _ScalarDivergence(torch.autograd.Function):
+    """Summed (or mean) divergence with its gradients computed during the forward pass.
+
+    The upstream gradient of a scalar only scales dH and dW, so they are computed chunk by chunk
+    next to the loss (no logits recompute) and scaled in backward. Double backward is refused.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, w, w_t, spec: DivergenceSpec, backend, scale: float):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if h_s.shape[0] == 0:
+            total = h_s.new_zeros((), dtype=torch.float32)
+            d_h = torch.zeros_like(h_s) if need_h else None
+            d_w = torch.zeros_like(w) if need_w else None
+        else:
+            total, d_h, d_w = backend.forward_with_grad(h_s, h_t, w, w_t, spec, need_h, need_w)
+        ctx.save_for_backward(d_h, d_w)
+        ctx.scale, ctx.h_dtype, ctx.w_dtype = scale, h_s.dtype, w.dtype
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        d_h, d_w = ctx.saved_tensors
+        factor = grad_total * ctx.scale
+        # Backward runs once (once_differentiable), so the saved buffers can be scaled in place.
+        d_h = d_h.mul_(factor).to(ctx.h_dtype) if d_h is not None else None
+        d_w = d_w.mul_(factor).to(ctx.w_dtype) if d_w is not None else None
+        return d_h, None, d_w, None, None, None, None
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -91,8 +123,12 @@ def fused_linear_divergence(
         selected = mask.reshape(-1).bool().nonzero().squeeze(1)
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
-    rows = _RowDivergence.apply(h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(),
-                                spec, impl, shared)
+    args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
+    wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)
+    if reduction != "none" and hasattr(impl, "forward_with_grad") and wants_grad:
+        scale = 1.0 if reduction == "sum" else 1.0 / max(h_s.shape[0], 1)
+        return _ScalarDivergence.apply(*args, scale)
+    rows = _RowDivergence.apply(*args, shared)
     if reduction == "sum":
         return rows.sum()
     if reduction == "mean":

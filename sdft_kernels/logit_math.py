@@ -52,3 +52,38 @@ def grad_from_logits(s, t, lse_s, lse_t, c, spec: DivergenceSpec) -> torch.Tenso
         return p * (log_p - log_q - c[:, None])
     log_m = _log_mixture(log_p, log_q, spec.beta)
     return (1 - spec.beta) * p * (log_p - log_m - c[:, None])
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Turn a logit block into probabilities in place; return each row's log-sum-exp."""
+    peak = x.amax(-1, keepdim=True)
+    x.sub_(peak).exp_()
+    total = x.sum(-1, keepdim=True)
+    x.div_(total)
+    return (peak + total.log()).squeeze(-1)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product without a [rows, V] temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
+
+
+def terms_and_grad(s: torch.Tensor, t: torch.Tensor, spec: DivergenceSpec):
+    """(per-row loss, d(row loss)/d(s)) from one block of logits, in as few passes as possible.
+
+    Consumes ``s`` and ``t`` (chunk temporaries): they are overwritten. With d = s - t,
+    KL(p||q) = <p, d> - lse_s + lse_t and KL(q||p) = -<q, d> + lse_s - lse_t.
+    """
+    if spec.kind == "jsd":
+        loss, lse_s, lse_t, c = row_terms(s, t, spec)
+        return loss, grad_from_logits(s, t, lse_s, lse_t, c, spec)
+    d = s - t
+    lse_s = _softmax_(s)  # s is now p
+    if spec.kind == "forward_kl":
+        lse_t = _softmax_(t)  # t is now q
+        loss = lse_s - lse_t - _row_dot(t, d)
+        return loss, s.sub_(t)
+    peak = t.amax(-1)
+    lse_t = peak + t.sub_(peak[:, None]).exp_().sum(-1).log()
+    loss = _row_dot(s, d) - lse_s + lse_t
+    return loss, d.sub_((lse_s - lse_t + loss)[:, None]).mul_(s)

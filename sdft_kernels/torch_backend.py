@@ -1,14 +1,19 @@
 """Chunked PyTorch backend: exact, bounded memory, used automatically on the CPU.
 
-Rows are processed ``chunk`` at a time so only [chunk, V] logits exist at once; the forward keeps
-three floats per row (lse_s, lse_t, c) and the backward recomputes the logits of each chunk.
+Rows are processed ``chunk`` at a time so only [chunk, V] logits exist at once. Two ways to train:
+
+* ``forward_with_grad`` (a scalar loss, what training uses): each chunk's logits give its loss and,
+  right away, its logit gradient, hence dH and dW; nothing is recomputed: 8*N*H*V FLOPs in all.
+* ``forward`` + ``backward`` (per-row losses, ``reduction="none"``, whose upstream gradient is only
+  known later): the forward keeps three floats per row (lse_s, lse_t, c) and the backward recomputes
+  the logits of each chunk (12*N*H*V FLOPs).
 """
 from __future__ import annotations
 
 import torch
 
 from .divergence_spec import DivergenceSpec
-from .logit_math import grad_from_logits, row_terms
+from .logit_math import grad_from_logits, row_terms, terms_and_grad
 
 # Bytes of one [chunk, V] float32 logit block; a handful of such blocks live at once.
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -68,3 +73,25 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
         d_h.to(h_s.dtype) if need_h else None,
         d_w.to(w.dtype) if need_w else None,
     )
+
+
+def forward_with_grad(h_s, h_t, w, w_t, spec: DivergenceSpec, need_h: bool, need_w: bool):
+    """(summed loss, d(sum)/d h_s, d(sum)/d w) in one pass over the row chunks (no recompute)."""
+    dtype = _compute_dtype(h_s, h_t, w, w_t)
+    w32, wt32 = w.to(dtype), w_t.to(dtype)
+    n = h_s.shape[0]
+    total = torch.zeros((), dtype=dtype, device=h_s.device)
+    d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
+    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
+    step = _rows_per_chunk(w.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
+        loss, gz = terms_and_grad(s, t, spec)
+        total += loss.sum()
+        gz.mul_(spec.inv_temperature)
+        if need_h:
+            torch.mm(gz, w32, out=d_h[rows])
+        if need_w:
+            d_w.addmm_(gz.T, h_s[rows].to(dtype))
+    return total, d_h, d_w

@@ -11,7 +11,7 @@ this machine's SIMD width or thread count.
 import pytest
 import torch
 
-from sdft.batch_prefix import batched_prefix_hidden, batched_unshared_hidden, tokens_processed
+from sdft.batch_prefix import batched_prefix_hidden, batched_unshared_hidden, tokens_processed, tree_hidden
 from sdft_kernels import fused_linear_divergence
 from tiny_model import tiny_llama
 
@@ -58,6 +58,7 @@ def _grads(model, hidden_fn, batch, teacher_hidden):
 
 FNS = {
     "shared_batched": lambda d, c, x, m: batched_prefix_hidden(d, c, x, m, PAD),
+    "tree": lambda d, c, x, m: tree_hidden(d, c, x, m, PAD),
     "unshared_batched": lambda d, c, x, m: batched_unshared_hidden(d, c, x, m, PAD),
     "row_at_a_time": _one_row_at_a_time,
 }
@@ -69,7 +70,7 @@ def test_hidden_states_match_one_row_at_a_time(lengths):
     contexts, completions, mask = _batch(1, lengths)
     with torch.no_grad():
         ref = _one_row_at_a_time(model.get_decoder(), contexts, completions, mask)
-        for name in ("shared_batched", "unshared_batched"):
+        for name in ("tree", "shared_batched", "unshared_batched"):
             got = FNS[name](model.get_decoder(), contexts, completions, mask)
             torch.testing.assert_close(got[mask], ref[mask], rtol=ROTARY_TOL, atol=ROTARY_TOL, msg=name)
 
@@ -92,7 +93,7 @@ def test_gradients_equal_the_unshared_unbatched_computation_float64():
     batch = _batch(3)
     teacher_hidden = torch.randn(*batch[1].shape, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     ref = _grads(model, _one_row_at_a_time, batch, teacher_hidden)
-    for name in ("shared_batched", "unshared_batched"):
+    for name in ("tree", "shared_batched", "unshared_batched"):
         got = _grads(model, FNS[name], batch, teacher_hidden)
         for param, g in ref.items():
             scale = g.abs().max().item()
@@ -119,18 +120,30 @@ def test_fp32_shared_and_unshared_gradients_agree_within_rounding():
     batch = _batch(4)
     teacher_hidden = torch.randn(*batch[1].shape, 32, generator=torch.Generator().manual_seed(9))
     exact = _grads(model64, _one_row_at_a_time, batch, teacher_hidden.double())
-    for name in ("shared_batched", "row_at_a_time"):
+    for name in ("tree", "shared_batched", "row_at_a_time"):
         got = _grads(model32, FNS[name], batch, teacher_hidden)
         for param, g in exact.items():
             error = (got[param].double() - g).norm().item()
             assert error <= _fp32_bound(g, depth=2) + 1e-30, (name, param, error)
 
 
-def test_contexts_of_one_token_are_refused():
+@pytest.mark.parametrize("fn", [batched_prefix_hidden, tree_hidden])
+def test_contexts_of_one_token_are_refused(fn):
     model = tiny_llama()
     contexts, completions, mask = _batch(5, (4, 1))
     with pytest.raises(ValueError, match="at least 2 token ids"):
-        batched_prefix_hidden(model.get_decoder(), contexts, completions, mask, PAD)
+        fn(model.get_decoder(), contexts, completions, mask, PAD)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_tree_pass_under_both_attention_implementations(attn):
+    model = tiny_llama().double().eval()
+    model.config._attn_implementation = attn
+    contexts, completions, mask = _batch(6)
+    with torch.no_grad():
+        ref = _one_row_at_a_time(model.get_decoder(), contexts, completions, mask)
+        got = tree_hidden(model.get_decoder(), contexts, completions, mask, PAD)
+    torch.testing.assert_close(got[mask], ref[mask], rtol=ROTARY_TOL, atol=ROTARY_TOL)
 
 
 def test_tokens_processed():

@@ -1,0 +1,206 @@
+"""Whole SDFT steps, side by side: ``sdft.train`` vs TRL's ``SDFTTrainer`` (and our SFT step).
+
+    pip install trl                       # a benchmark extra, never a runtime dependency
+    python benchmarks/bench_trl.py        # all settings; --settings short_g4 ... to pick
+
+Same model (the embedded SmolLM2-135M-Instruct, saved once as a local HF folder so TRL can load it by
+path), same data, same G, same completion budget, same loss (full-vocabulary forward KL: TRL
+``distillation_mode="full_logits", distillation_alpha=0`` <-> ours ``divergence="forward_kl"``; frozen
+teacher: TRL ``teacher_model_kind="base"`` <-> ours ``teacher_mode="frozen"``; the same teacher
+template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. Each side
+runs in its own process; seconds per optimizer step exclude loading and the first step; peak memory
+is the process's peak resident set (CPU) or peak allocated memory (CUDA). Settings:
+
+* ``short``: the bundled tool-call prompts (about 30 prompt tokens), G = 4 and 8.
+* ``long``: the same requests under a ~600-token tool catalogue as system message (as ToolAlpaca
+  does), demonstrations of at least 64 tokens, G = 4 and 8.
+
+Writes benchmarks/results/trl_step_<device>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.measure import environment, markdown_table, run_in_subprocess, write_results  # noqa: E402
+
+PROMPTS_PER_STEP = 2
+COMPLETION = 24
+LR = 1e-5
+TEMPLATE = "{prompt}\n\n{demonstration}"
+SETTINGS = {"short_g4": ("short", 4), "short_g8": ("short", 8), "long_g4": ("long", 4), "long_g8": ("long", 8)}
+MODEL_DIR = Path.home() / ".cache" / "sdft" / "smollm2-135m-instruct-hf"
+
+
+def tool_catalogue() -> str:
+    """A deterministic ~600-token catalogue of tools, the long system message."""
+    lines = ["You are an assistant that answers every request with exactly one JSON tool call.",
+             "Available tools:"]
+    verbs = ["look up", "schedule", "cancel", "convert", "translate", "summarise", "order", "track"]
+    things = ["flights", "hotel rooms", "currency amounts", "calendar events", "parcels", "recipes",
+              "news articles", "train tickets"]
+    for i, (verb, thing) in enumerate((v, t) for v in verbs for t in things[:4]):
+        lines.append(f"- tool_{i}_{verb.replace(' ', '_')}: {verb} {thing}; arguments: query (string), "
+                     f"limit (integer, default {i % 5 + 1}).")
+    from sdft.skill import TOOLS
+
+    for tool, (arg, _) in TOOLS.items():
+        lines.append(f"- {tool}: arguments: {arg}.")
+    return "\n".join(lines)
+
+
+def rows(setting: str) -> list[dict]:
+    """(prompt messages, demonstration) rows of one setting, in TRL's and our column names."""
+    from sdft.skill import load_skill
+
+    out = []
+    for row in load_skill("train"):
+        messages = [{"role": "user", "content": row["prompt"]}]
+        demo = row["demonstration"]
+        if setting == "long":
+            messages = [{"role": "system", "content": tool_catalogue()}] + messages
+            demo = (f"{demo}\nI picked this tool because the request names its argument directly, and no "
+                    "other tool in the catalogue takes that kind of value; the argument is copied from "
+                    "the request exactly as written, without any conversion or extra fields, so the call "
+                    "can run as it is.")
+        out.append({"prompt": messages, "demonstration": demo})
+    return out
+
+
+def model_dir() -> str:
+    """The embedded model as a local HF folder (made once)."""
+    if not (MODEL_DIR / "config.json").exists():
+        from sdft import load_model
+        from sdft.export import save_hf_folder
+
+        save_hf_folder(*load_model(), MODEL_DIR)
+    return str(MODEL_DIR)
+
+
+def _peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _summary(seconds: list[float], extra: dict) -> dict:
+    measured = seconds[1:]  # the first step warms caches and allocators
+    return {"seconds_per_step": statistics.median(measured), "step_seconds": seconds,
+            "peak_memory_mib": _peak_mib(), **extra}
+
+
+def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict:
+    """Our side: ``sdft.train`` (or ``sdft.train_sft``) for ``steps`` optimizer steps."""
+    import tempfile
+
+    import sdft
+
+    torch.manual_seed(0)
+    data = rows(setting)
+    config = sdft.SDFTConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP,
+        num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
+        divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
+        progress_bar=False, temperature=1.0)
+    model, tokenizer = sdft.load_model(model_dir())
+    fn = sdft.train if method == "sdft" else sdft.train_sft
+    result = fn(model, data, config, tokenizer=tokenizer)
+    records = result.metrics
+    return _summary([r["seconds"] for r in records],
+                    {"tokens_per_step": statistics.mean(r["tokens"] for r in records),
+                     "tokens_processed": records[-1].get("tokens_processed"),
+                     "tokens_processed_unshared": records[-1].get("tokens_processed_unshared"),
+                     "loss": records[-1]["loss"]})
+
+
+def run_trl(setting: str, group: int, steps: int) -> dict:
+    """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    torch.manual_seed(0)
+    data = Dataset.from_list([{"prompt": r["prompt"], "privileged_context": r["demonstration"]}
+                              for r in rows(setting)])
+    args = SDFTConfig(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP * group,
+        gradient_accumulation_steps=1, num_generations=group, max_completion_length=COMPLETION,
+        max_prompt_length=None, learning_rate=LR, distillation_mode="full_logits", distillation_alpha=0.0,
+        teacher_model_kind="base", teacher_prompt_template="{prompt}\n\n{privileged_context}",
+        distillation_is_clip=None, num_loss_tokens_to_skip=0, temperature=1.0, top_k=0, top_p=1.0,
+        report_to="none", save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
+        bf16=False, seed=0, disable_tqdm=True)
+    seconds = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            seconds.append(time.perf_counter() - self.t0)
+
+    path = model_dir()
+    trainer = SDFTTrainer(model=path, args=args, train_dataset=data,
+                          processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _summary(seconds, {"loss": losses[-1] if losses else None})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"], choices=["trl", "sdft", "sft"])
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--stem", default=None)
+    args = p.parse_args(argv)
+    model_dir()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    results = []
+    for name in args.settings:
+        setting, group = SETTINGS[name]
+        row = {"setting": name, "G": group, "prompts_per_step": PROMPTS_PER_STEP}
+        for side in args.sides:
+            fn, extra = ("run_trl", ()) if side == "trl" else ("run_sdft", (side,))
+            out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, args.steps, *extra)
+            print(name, side, json.dumps(out), flush=True)
+            row[side] = out
+        results.append(row)
+    table = []
+    for r in results:
+        line = {"setting": r["setting"], "G": r["G"]}
+        for side in args.sides:
+            line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
+            line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
+        if "trl" in r and "sdft" in r:
+            line["speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r["sdft"]["seconds_per_step"]
+            line["memory_vs_trl"] = r["sdft"]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
+        if "sft" in r and "sdft" in r:
+            line["sdft_over_sft"] = r["sdft"]["seconds_per_step"] / r["sft"]["seconds_per_step"]
+        table.append(line)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    header = (f"# Whole SDFT step: sdft.train vs TRL SDFTTrainer\n\nEnvironment: {env}. "
+              f"{PROMPTS_PER_STEP} prompts per step, at most {COMPLETION} completion tokens, forward KL over "
+              f"the full vocabulary, frozen teacher, AdamW lr {LR}; median seconds per optimizer step over "
+              f"steps 2..{args.steps}; peak memory of each side's process.\n\n"
+              f"Command: `python benchmarks/bench_trl.py {' '.join(argv or sys.argv[1:])}`\n\n")
+    write_results(args.out, args.stem or f"trl_step_{tag}", {"environment": env, "rows": results},
+                  header + markdown_table(table, list(table[0])))
+
+
+if __name__ == "__main__":
+    main()
