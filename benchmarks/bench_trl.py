@@ -111,7 +111,7 @@ def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP,
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
         divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
-        progress_bar=False, temperature=1.0)
+        progress_bar=False, temperature=1.0, save_final_model=False)
     model, tokenizer = sdft.load_model(model_dir())
     fn = sdft.train if method == "sdft" else sdft.train_sft
     result = fn(model, data, config, tokenizer=tokenizer)

@@ -38,6 +38,15 @@ def right_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def group_size(contexts: list[torch.Tensor], completions: torch.Tensor) -> int:
+    """G, after checking that every context has a token to share and the rows split into groups."""
+    if any(c.dim() != 1 or c.numel() < 2 for c in contexts):
+        raise ValueError("every context must be a 1-D tensor of at least 2 token ids")
+    if completions.shape[0] % len(contexts):
+        raise ValueError(f"{completions.shape[0]} completion rows do not split into {len(contexts)} groups")
+    return completions.shape[0] // len(contexts)
+
+
 def continuations(contexts: list[torch.Tensor], completions: torch.Tensor, completion_mask: torch.Tensor):
     """(ids, attention mask) ``[B*G, L]``: row r is ``context[-1], completion[r, :-1]``."""
     group = completions.shape[0] // len(contexts)
@@ -54,11 +63,7 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     ``decoder`` is a Hugging Face base model (``model.get_decoder()``); ``completions`` holds G rows
     per context (``B*G`` rows in all), right padded; ``completion_mask`` marks the real tokens.
     """
-    if any(c.dim() != 1 or c.numel() < 2 for c in contexts):
-        raise ValueError("every context must be a 1-D tensor of at least 2 token ids")
-    if completions.shape[0] % len(contexts):
-        raise ValueError(f"{completions.shape[0]} completion rows do not split into {len(contexts)} groups")
-    group = completions.shape[0] // len(contexts)
+    group = group_size(contexts, completions)
     prefix_ids, prefix_mask = right_pad([c[:-1] for c in contexts], pad_id)
     cont_ids, cont_mask = continuations(contexts, completions, completion_mask)
     pre = decoder(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
@@ -107,11 +112,7 @@ def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor
 
     Same contract as ``batched_prefix_hidden``; the decoder must use ``sdpa`` or ``eager`` attention.
     """
-    if any(c.dim() != 1 or c.numel() < 2 for c in contexts):
-        raise ValueError("every context must be a 1-D tensor of at least 2 token ids")
-    if completions.shape[0] % len(contexts):
-        raise ValueError(f"{completions.shape[0]} completion rows do not split into {len(contexts)} groups")
-    group = completions.shape[0] // len(contexts)
+    group = group_size(contexts, completions)
     cont_ids, _ = continuations(contexts, completions, completion_mask)
     ids, pos, seg = _tree_rows(contexts, cont_ids, group)
     ids, _ = right_pad(ids, pad_id)

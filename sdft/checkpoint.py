@@ -28,7 +28,8 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors as they are (no copy on the CPU: saving only reads them)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -78,7 +79,10 @@ def damage(path) -> str | None:
     return None
 
 
-def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int) -> Path:
+def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
+                    model_source: str | None = None) -> Path:
+    """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
+    embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
@@ -91,7 +95,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     teacher_state = teacher.state_dict() if teacher is not None else None
     if teacher_state is not None:
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": config.to_dict()}, indent=2))
+    state = {"step": step, "config": config.to_dict(), "model": model_source}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -120,12 +125,16 @@ def newest_intact(output_dir, report=print) -> Path | None:
     return None
 
 
+def checkpoint_state(path) -> dict:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def checkpoint_step(path) -> int:
-    return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    return int(checkpoint_state(path)["step"])
 
 
-def load_checkpoint(path, model, optimizer, teacher) -> int:
-    """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
+def load_trainable(path, model):
+    """Copy a verified checkpoint's trainable weights into ``model`` (same trainable parameter names)."""
     path = Path(path)
     problem = damage(path)
     if problem is not None:
@@ -139,6 +148,12 @@ def load_checkpoint(path, model, optimizer, teacher) -> int:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(path, model, optimizer, teacher) -> int:
+    """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
+    path = Path(path)
+    load_trainable(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if teacher is not None and (path / "teacher.safetensors").exists():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))

@@ -2,6 +2,7 @@
 
 ``sdft train``: fine-tune (defaults: embedded SmolLM2-135M-Instruct, bundled tool-call skill).
 ``sdft config --show``: print the resolved config of ``--set`` overrides, or of a run / checkpoint.
+``sdft export CHECKPOINT OUT``: write a checkpoint as a Hugging Face folder (LoRA: adapter or merged).
 Config keys, types, defaults and meanings in ``--help`` come from ``SDFTConfig`` itself. Every
 check that needs no model (config, data, output_dir) runs before the model loads; bad input is one
 line on stderr and exit status 2.
@@ -57,7 +58,22 @@ def _build_parser():
     cf.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SDFTConfig overrides")
     cf.add_argument("--from", dest="source", default=None, metavar="DIR",
                     help="a run's output_dir or a checkpoint folder: show the config it ran with")
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    ex.add_argument("checkpoint", help="a checkpoint-N folder")
+    ex.add_argument("out", help="the folder to write")
+    ex.add_argument("--model", default=None, help="the base model's path (default: the one the checkpoint records)")
+    ex.add_argument("--merge", action="store_true", help="LoRA: write the merged full model, not the adapter")
     return parser
+
+
+def _export(args, parser) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.model, args.merge)
+    print(f"wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})"
+          if not (Path(out) / "adapter_config.json").exists() else
+          f"wrote the LoRA adapter to {out}; load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def _train(args, parser) -> int:
@@ -100,7 +116,8 @@ def main(argv=None):
     from .trainer import NonFiniteError
 
     try:
-        return _train(args, parser) if args.command == "train" else _config(args, parser)
+        command = {"train": _train, "config": _config, "export": _export}[args.command]
+        return command(args, parser)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)
         return 2

@@ -76,6 +76,9 @@ class SDFTConfig:
                                       "(deletes them and metrics.jsonl)")
     nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop the run, or skip the step",
                           choices=NONFINITE_ACTIONS)
+    save_final_model: bool = _opt(True, "at the end write output_dir/final_model, a Hugging Face folder "
+                                  "(LoRA: the peft adapter)")
+    merge_lora: bool = _opt(False, "LoRA: final_model (and sdft export) hold the merged full model instead")
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 

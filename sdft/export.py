@@ -33,3 +33,51 @@ def save_hf_folder(model, tokenizer, out) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def export_model(model, tokenizer, out, merge_lora: bool = False) -> Path:
+    """A loadable folder from a trained model. LoRA: the peft adapter (``PeftModel.from_pretrained``
+    over the base model), or with ``merge_lora`` the merged full model; otherwise the full model."""
+    out = Path(out)
+    if not hasattr(model, "peft_config"):
+        return save_hf_folder(model, tokenizer, out)
+    if merge_lora:
+        import copy
+
+        return save_hf_folder(copy.deepcopy(model).merge_and_unload(), tokenizer, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False) -> Path:
+    """``sdft export``: rebuild the trained model from a checkpoint and write it as ``export_model`` does.
+
+    ``model``: the base model's path (default: the one the checkpoint records; None there means the
+    embedded SmolLM2).
+    """
+    from .checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
+    from .config import SDFTConfig
+    from .models import load_model
+    from .trainer import apply_lora
+
+    problem = damage(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")
+    state = checkpoint_state(checkpoint)
+    source = model if model is not None else state.get("model")
+    if source == OBJECT_SOURCE:
+        raise ValueError(f"{checkpoint} was trained from a model object: pass the base model's path (--model)")
+    config = SDFTConfig.from_dict(state["config"])
+    base, tokenizer = load_model(source)
+    if config.use_lora:
+        base = apply_lora(base, config)
+    load_trainable(checkpoint, base)
+    return export_model(base, tokenizer, out, merge_lora)
+
+
+OBJECT_SOURCE = "<model object>"

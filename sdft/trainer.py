@@ -21,12 +21,16 @@ from .batch_prefix import tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
+from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .models import load_model
 from .rollouts import HFRolloutEngine, RolloutEngine, chat_ids
 from .run_dir import METRICS_FILE, plan_run, start_run
 from .teacher import Teacher
 from .templates import teacher_messages
+
+
+FINAL_MODEL = "final_model"
 
 
 @dataclass
@@ -65,7 +69,7 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
     return encoded
 
 
-def _apply_lora(model, config: SDFTConfig):
+def apply_lora(model, config: SDFTConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -110,6 +114,7 @@ class Run:
     examples: list[Example]
     device: torch.device
     resume: Path | None
+    model_source: str | None  # the base model's path; None: the embedded model (see sdft.export)
 
 
 def prepare(model, dataset, config, tokenizer) -> Run:
@@ -123,6 +128,8 @@ def prepare(model, dataset, config, tokenizer) -> Run:
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config)
+    source = OBJECT_SOURCE if model is not None and not isinstance(model, (str, Path)) else model
+    source = str(source) if source is not None else None
     device = _device(config.device)
     torch.manual_seed(config.seed)
     if model is None or isinstance(model, (str, Path)):
@@ -131,9 +138,9 @@ def prepare(model, dataset, config, tokenizer) -> Run:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     if config.use_lora:
-        model = _apply_lora(model, config)
+        model = apply_lora(model, config)
     model.train()
-    return Run(config, model, tokenizer, examples, device, resume)
+    return Run(config, model, tokenizer, examples, device, resume, source)
 
 
 def make_optimizer(model, config):
@@ -167,9 +174,12 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
             log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-            save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit)
+            save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
+                            run.model_source)
         if step_callback is not None:
             step_callback(step + 1, record)
+    if config.save_final_model:
+        export_model(model, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
     return TrainResult(model, run.tokenizer, config.max_steps, history, out)
 
 
@@ -197,10 +207,12 @@ def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[flo
     """Clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the weights."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                      config.max_grad_norm))
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients before rollouts and checkpoints
+    if finite:
         return grad_norm, False
-    optimizer.zero_grad(set_to_none=True)
     if config.nonfinite == "skip":
         return grad_norm, True
     raise NonFiniteError(f"step {step + 1}: loss {loss} and gradient norm {grad_norm} must be finite; stopped "

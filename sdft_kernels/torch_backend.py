@@ -30,6 +30,18 @@ def _rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
+def _row_chunks(n: int, vocab: int):
+    """Row slices of at most ``CHUNK_BYTES`` of [rows, vocab] float32 logits each."""
+    step = _rows_per_chunk(vocab)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _upcast_heads(h_s, h_t, w, w_t):
+    """(compute dtype, student head, teacher head) in at least float32."""
+    dtype = _compute_dtype(h_s, h_t, w, w_t)
+    return dtype, w.to(dtype), w_t.to(dtype)
+
+
 def _chunk_logits(h_s, h_t, w, w_t, rows, spec, dtype):
     s = (h_s[rows].to(dtype) @ w.T) * spec.inv_temperature
     t = (h_t[rows].to(dtype) @ w_t.T) * spec.inv_temperature
@@ -39,14 +51,11 @@ def _chunk_logits(h_s, h_t, w, w_t, rows, spec, dtype):
 def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool = False):
     """Per-row losses [N] and the statistics [3, N] the backward needs (``shared``: unused, same
     signature as the Triton backend)."""
-    dtype = _compute_dtype(h_s, h_t, w, w_t)
-    w32, wt32 = w.to(dtype), w_t.to(dtype)
+    dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     n = h_s.shape[0]
     loss = torch.empty(n, dtype=dtype, device=h_s.device)
     stats = torch.empty(3, n, dtype=dtype, device=h_s.device)
-    step = _rows_per_chunk(w.shape[0])
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
+    for rows in _row_chunks(n, w.shape[0]):
         s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
         loss[rows], stats[0, rows], stats[1, rows], stats[2, rows] = row_terms(s, t, spec)
     return loss, stats
@@ -54,14 +63,10 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool = False):
 
 def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool, need_h: bool, need_w: bool):
     """Gradients for student hidden and weight; ``row_grad`` already holds 1/T."""
-    dtype = _compute_dtype(h_s, h_t, w, w_t)
-    w32, wt32 = w.to(dtype), w_t.to(dtype)
-    n = h_s.shape[0]
+    dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     d_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
     d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
-    step = _rows_per_chunk(w.shape[0])
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
+    for rows in _row_chunks(h_s.shape[0], w.shape[0]):
         s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
         gz = grad_from_logits(s, t, stats[0, rows], stats[1, rows], stats[2, rows], spec)
         gz *= row_grad[rows].to(dtype)[:, None]
@@ -77,15 +82,11 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
 
 def forward_with_grad(h_s, h_t, w, w_t, spec: DivergenceSpec, need_h: bool, need_w: bool):
     """(summed loss, d(sum)/d h_s, d(sum)/d w) in one pass over the row chunks (no recompute)."""
-    dtype = _compute_dtype(h_s, h_t, w, w_t)
-    w32, wt32 = w.to(dtype), w_t.to(dtype)
-    n = h_s.shape[0]
+    dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     total = torch.zeros((), dtype=dtype, device=h_s.device)
     d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
     d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
-    step = _rows_per_chunk(w.shape[0])
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
+    for rows in _row_chunks(h_s.shape[0], w.shape[0]):
         s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
         loss, gz = terms_and_grad(s, t, spec)
         total += loss.sum()

@@ -15,7 +15,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
 BASE = dict(max_steps=3, per_device_train_batch_size=1, num_generations=2, max_completion_length=4,
-            save_steps=1, progress_bar=False, device="cpu")
+            save_steps=1, progress_bar=False, device="cpu", save_final_model=False)
 
 
 def _run(tmp_path, step_callback=None, **change):

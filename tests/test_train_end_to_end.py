@@ -16,7 +16,8 @@ ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1,
 
 def _config(tmp_path, **change):
     base = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, num_generations=3,
-                max_completion_length=6, learning_rate=1e-3, save_steps=2, progress_bar=False, device="cpu")
+                max_completion_length=6, learning_rate=1e-3, save_steps=2, progress_bar=False, device="cpu",
+                save_final_model=False)
     return SDFTConfig(**{**base, **change})
 
 
