@@ -71,10 +71,14 @@ def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _last_logits(model, ids, mask, lengths):
-    """Prefill the right-padded prompts; logits [B, V] at each prompt's last real token, and the cache."""
+def _last_logits(model, ids, lengths):
+    """Prefill the right-padded prompts; logits [B, V] at each prompt's last real token, and the cache.
+
+    No padding mask: with right padding a real token never sees a padding slot under the causal
+    mask alone, so attention takes its fast causal path; decoding masks the padding slots.
+    """
     keep = torch.unique(lengths - 1)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=keep)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=keep)
     column = torch.searchsorted(keep, lengths - 1)
     return out.logits[torch.arange(ids.shape[0], device=ids.device), column], out.past_key_values
 
@@ -90,6 +94,45 @@ def sample(log_p: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=log_p.shape[1] - 1)
 
 
+def _append_in_place(layer, key_states, value_states, *args, **kwargs):
+    """``DynamicLayer.update`` without the concatenation: write into the reserved room."""
+    end = layer.filled + key_states.shape[-2]
+    layer.key_room[:, :, layer.filled:end] = key_states
+    layer.value_room[:, :, layer.filled:end] = value_states
+    layer.filled = end
+    layer.keys, layer.values = layer.key_room[:, :, :end], layer.value_room[:, :, :end]
+    return layer.keys, layer.values
+
+
+def reserve_room(cache, room: int):
+    """Give every layer of a ``DynamicCache`` one buffer with ``room`` more positions.
+
+    ``DynamicCache`` grows by concatenation, which copies the whole cache at every decoding step;
+    here each new token is written in place.
+    """
+    for layer in cache.layers:
+        batch, heads, length, dim = layer.keys.shape
+        for name, old in (("key_room", layer.keys), ("value_room", layer.values)):
+            buf = old.new_empty(batch, heads, length + room, dim)
+            buf[:, :, :length] = old
+            setattr(layer, name, buf)
+        layer.filled = length
+        layer.keys, layer.values = layer.key_room[:, :, :length], layer.value_room[:, :, :length]
+        layer.update = _append_in_place.__get__(layer)
+
+
+def decode_mask(prompt_mask: torch.Tensor, group: int, steps: int, dtype, eager: bool) -> torch.Tensor:
+    """[B, 1, G, P + G*steps] mask of decoding step ``steps - 1``: sample g sees its prompt's real
+    tokens and its own earlier tokens, which sit at slots P + t*G + g."""
+    batch = prompt_mask.shape[0]
+    own = torch.eye(group, dtype=torch.bool, device=prompt_mask.device).repeat(1, steps)  # [G, G*steps]
+    mask = torch.cat([prompt_mask.bool()[:, None, :].expand(batch, group, -1),
+                      own[None].expand(batch, -1, -1)], dim=2)[:, None]
+    if not eager:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 class HFRolloutEngine:
     """Batched sampling with any transformers causal LM (see the module docstring)."""
 
@@ -102,12 +145,21 @@ class HFRolloutEngine:
         stop = torch.tensor(sorted(eos_ids(model, self.tokenizer)), device=prompts[0].device)
         ids, attn = right_pad(prompts, pad_id)
         lengths = attn.sum(1)
+        group = num_generations
+        eager = model.config._attn_implementation == "eager"
+        dtype = model.get_input_embeddings().weight.dtype
         with eval_mode(model):
-            logits, cache = _last_logits(model, ids, attn, lengths)
-            cache.batch_repeat_interleave(num_generations)
-            logits = logits.repeat_interleave(num_generations, 0)
-            attn = attn.repeat_interleave(num_generations, 0)
-            positions = lengths.repeat_interleave(num_generations)[:, None]
+            logits, cache = _last_logits(model, ids, lengths)
+            logits = logits.repeat_interleave(group, 0)
+            # Each prompt's G samples decode as G query tokens of one row over the prompt's single
+            # KV cache (tree-shaped mask): the prompt KV is never copied or read G times.
+            tree = model.config._attn_implementation in ("sdpa", "eager")
+            if tree:
+                reserve_room(cache, group * max_new_tokens)
+            else:
+                cache.batch_repeat_interleave(group)
+                attn = attn.repeat_interleave(group, 0)
+            positions = lengths[:, None] + torch.zeros(1, group, dtype=lengths.dtype, device=ids.device)
             rows = logits.shape[0]
             done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
             tokens, logprobs, alive = [], [], []
@@ -121,10 +173,17 @@ class HFRolloutEngine:
                 done = done | torch.isin(token, stop)
                 if bool(done.all()) or t + 1 == max_new_tokens:
                     break
-                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=attn, position_ids=positions + t,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1]
+                if tree:
+                    mask = decode_mask(attn, group, t + 1, dtype, eager)
+                    out = model(input_ids=token.view(-1, group), attention_mask=mask, position_ids=positions + t,
+                                past_key_values=cache, use_cache=True)
+                    logits = out.logits.reshape(rows, -1)
+                else:
+                    attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                    out = model(input_ids=token[:, None], attention_mask=attn,
+                                position_ids=positions.reshape(-1, 1) + t, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
+                    logits = out.logits[:, -1]
         mask = torch.stack(alive, 1)
         width = max(int(mask.sum(1).max()), 1)
         return RolloutBatch(list(prompts), torch.stack(tokens, 1)[:, :width], mask[:, :width],

@@ -1,4 +1,5 @@
 """The batched rollout engine: same greedy tokens as model.generate per prompt, EOS per row, log-probs."""
+import pytest
 import torch
 
 from sdft.rollouts import HFRolloutEngine, RolloutBatch, trim_completions
@@ -32,9 +33,12 @@ def test_greedy_equals_generate_on_each_prompt_alone():
             assert got.tolist() == ref[0][ref_mask[0]].tolist()
 
 
-def test_rows_stop_at_their_own_eos_and_logprobs_match_a_rescoring():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_stop_at_their_own_eos_and_logprobs_match_a_rescoring(attn):
+    """The rescoring runs each row alone, causally: it checks the shared-prompt tree decoding."""
     torch.manual_seed(0)
     tok, model, prompts = _setup(eos_bias=40.0)
+    model.config._attn_implementation = attn
     batch = HFRolloutEngine(tok).generate(model, prompts, 4, 10, 0.7)
     lengths = batch.mask.sum(1)
     assert batch.completions.shape[1] == int(lengths.max())
