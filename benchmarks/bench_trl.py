@@ -7,7 +7,8 @@ Same model (the embedded SmolLM2-135M-Instruct, saved once as a local HF folder 
 path), same data, same G, same completion budget, same loss (full-vocabulary forward KL: TRL
 ``distillation_mode="full_logits", distillation_alpha=0`` <-> ours ``divergence="forward_kl"``; frozen
 teacher: TRL ``teacher_model_kind="base"`` <-> ours ``teacher_mode="frozen"``; the same teacher
-template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. Each side
+template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. TRL runs with its default gradient checkpointing; our
+``sdft`` side runs without it (our default) and ``sdft_gc`` with it. Each side
 runs in its own process; seconds per optimizer step exclude loading and the first step; peak memory
 is the process's peak resident set (CPU) or peak allocated memory (CUDA). Settings:
 
@@ -100,7 +101,8 @@ def _summary(seconds: list[float], extra: dict) -> dict:
 
 
 def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict:
-    """Our side: ``sdft.train`` (or ``sdft.train_sft``) for ``steps`` optimizer steps."""
+    """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
+    ``sdft.train_sft``) for ``steps`` optimizer steps."""
     import tempfile
 
     import sdft
@@ -111,9 +113,10 @@ def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP,
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
         divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
-        progress_bar=False, temperature=1.0, save_final_model=False)
+        progress_bar=False, temperature=1.0, save_final_model=False,
+        gradient_checkpointing=method == "sdft_gc")
     model, tokenizer = sdft.load_model(model_dir())
-    fn = sdft.train if method == "sdft" else sdft.train_sft
+    fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
     records = result.metrics
     return _summary([r["seconds"] for r in records],
@@ -162,7 +165,7 @@ def run_trl(setting: str, group: int, steps: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"], choices=["trl", "sdft", "sft"])
+    p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"], choices=["trl", "sdft", "sdft_gc", "sft"])
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None)
@@ -186,9 +189,10 @@ def main(argv=None):
         for side in args.sides:
             line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
             line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
-        if "trl" in r and "sdft" in r:
-            line["speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r["sdft"]["seconds_per_step"]
-            line["memory_vs_trl"] = r["sdft"]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
+        for ours in ("sdft", "sdft_gc"):
+            if "trl" in r and ours in r:
+                line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
+                line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
         if "sft" in r and "sdft" in r:
             line["sdft_over_sft"] = r["sdft"]["seconds_per_step"] / r["sft"]["seconds_per_step"]
         table.append(line)

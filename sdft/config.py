@@ -39,6 +39,8 @@ class SDFTConfig:
     per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)
     seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
+    gradient_checkpointing: bool = _opt(False, "recompute decoder activations in backward: less memory, "
+                                        "about one more student forward of time (TRL's default is on)")
     # Rollouts (student samples on-policy)
     num_generations: int = _opt(4, "G: sampled rollouts per prompt", positive=True)
     temperature: float = _opt(1.0, "sampling temperature of the rollouts", positive=True)

@@ -137,6 +137,8 @@ def prepare(model, dataset, config, tokenizer) -> Run:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.use_lora:
         model = apply_lora(model, config)
     model.train()

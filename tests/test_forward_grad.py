@@ -17,6 +17,7 @@ KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_one_pass_gradients_match_reference_and_recompute(divergence, beta, reduction, monkeypatch):
     monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 211 * 7)  # 7 rows per chunk: several chunks
+    monkeypatch.setattr(torch_backend, "MIN_CHUNK_ROWS", 1)
     s, t, w, tw, mask = make_inputs(40, 24, 211, h_teacher=16, seed=7, device="cpu")
     kw = dict(mask=mask, divergence=divergence, beta=beta, temperature=1.3, reduction=reduction,
               backend="torch")
