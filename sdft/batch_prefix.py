@@ -102,8 +102,9 @@ def tree_mask(seg: torch.Tensor) -> torch.Tensor:
     return visible[:, None]
 
 
-def supports_tree(decoder) -> bool:
-    return getattr(decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
+def supports_tree(model) -> bool:
+    """Whether ``model``'s attention takes a custom 4-D mask (what the tree-shaped passes need)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from .batch_prefix import right_pad
+from .batch_prefix import right_pad, supports_tree
 from .model_parts import eval_mode
 
 
@@ -153,7 +153,7 @@ class HFRolloutEngine:
             logits = logits.repeat_interleave(group, 0)
             # Each prompt's G samples decode as G query tokens of one row over the prompt's single
             # KV cache (tree-shaped mask): the prompt KV is never copied or read G times.
-            tree = model.config._attn_implementation in ("sdpa", "eager")
+            tree = supports_tree(model)
             if tree:
                 reserve_room(cache, group * max_new_tokens)
             else:

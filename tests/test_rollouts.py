@@ -20,7 +20,11 @@ def _setup(eos_bias=0.0):
     return tok, model, prompts
 
 
-def test_greedy_equals_generate_on_each_prompt_alone():
+@pytest.mark.parametrize("tree", [True, False], ids=["shared_prompt_kv", "replicated_kv_fallback"])
+def test_greedy_equals_generate_on_each_prompt_alone(tree, monkeypatch):
+    import sdft.rollouts
+
+    monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
     tok, model, prompts = _setup()
     batch = HFRolloutEngine(tok).generate(model, prompts, 2, 12, 1.0, greedy=True)
     assert isinstance(batch, RolloutBatch) and batch.completions.shape[0] == 2 * len(prompts)
