@@ -107,6 +107,15 @@ def supports_tree(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
+def as_attention_mask(visible: torch.Tensor, model) -> torch.Tensor:
+    """A custom 4-D bool mask as ``model``'s attention wants it: bool for sdpa, additive for eager."""
+    if model.config._attn_implementation != "eager":
+        return visible
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible,
+                                                                                       torch.finfo(dtype).min)
+
+
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
                 completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass.
@@ -119,10 +128,7 @@ def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor
     ids, _ = right_pad(ids, pad_id)
     pos, _ = right_pad(pos, 0)
     seg, _ = right_pad(seg, -1)
-    mask = tree_mask(seg)
-    if decoder.config._attn_implementation == "eager":
-        dtype = decoder.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    mask = as_attention_mask(tree_mask(seg), decoder)
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     width = cont_ids.shape[1]
     starts = [ctx.numel() - 1 for ctx in contexts]

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from .batch_prefix import right_pad, supports_tree
+from .batch_prefix import as_attention_mask, right_pad, supports_tree
 from .model_parts import eval_mode
 
 
@@ -121,16 +121,13 @@ def reserve_room(cache, room: int):
         layer.update = _append_in_place.__get__(layer)
 
 
-def decode_mask(prompt_mask: torch.Tensor, group: int, steps: int, dtype, eager: bool) -> torch.Tensor:
-    """[B, 1, G, P + G*steps] mask of decoding step ``steps - 1``: sample g sees its prompt's real
+def decode_mask(prompt_mask: torch.Tensor, group: int, steps: int) -> torch.Tensor:
+    """[B, 1, G, P + G*steps] bool mask of decoding step ``steps - 1``: sample g sees its prompt's real
     tokens and its own earlier tokens, which sit at slots P + t*G + g."""
     batch = prompt_mask.shape[0]
     own = torch.eye(group, dtype=torch.bool, device=prompt_mask.device).repeat(1, steps)  # [G, G*steps]
-    mask = torch.cat([prompt_mask.bool()[:, None, :].expand(batch, group, -1),
+    return torch.cat([prompt_mask.bool()[:, None, :].expand(batch, group, -1),
                       own[None].expand(batch, -1, -1)], dim=2)[:, None]
-    if not eager:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 class HFRolloutEngine:
@@ -146,8 +143,6 @@ class HFRolloutEngine:
         ids, attn = right_pad(prompts, pad_id)
         lengths = attn.sum(1)
         group = num_generations
-        eager = model.config._attn_implementation == "eager"
-        dtype = model.get_input_embeddings().weight.dtype
         with eval_mode(model):
             logits, cache = _last_logits(model, ids, lengths)
             logits = logits.repeat_interleave(group, 0)
@@ -174,7 +169,7 @@ class HFRolloutEngine:
                 if bool(done.all()) or t + 1 == max_new_tokens:
                     break
                 if tree:
-                    mask = decode_mask(attn, group, t + 1, dtype, eager)
+                    mask = as_attention_mask(decode_mask(attn, group, t + 1), model)
                     out = model(input_ids=token.view(-1, group), attention_mask=mask, position_ids=positions + t,
                                 past_key_values=cache, use_cache=True)
                     logits = out.logits.reshape(rows, -1)
