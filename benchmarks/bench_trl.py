@@ -13,8 +13,10 @@ runs in its own process; seconds per optimizer step exclude loading and the firs
 is the process's peak resident set (CPU) or peak allocated memory (CUDA). Settings:
 
 * ``short``: the bundled tool-call prompts (about 30 prompt tokens), G = 4 and 8.
-* ``long``: the same requests under a ~600-token tool catalogue as system message (as ToolAlpaca
+* ``long``: the same requests under a ~930-token tool catalogue as system message (as ToolAlpaca
   does), demonstrations of at least 64 tokens, G = 4 and 8.
+* ``shared``: 4 or 8 prompts per step, all under one ~530-token system message (the catalogue's
+  first 21 lines), G = 4 and 8: what the batch-wide prefix tree shares across prompts.
 
 Writes benchmarks/results/trl_step_<device>.json and .md.
 """
@@ -32,16 +34,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import environment, markdown_table, run_in_subprocess, write_results  # noqa: E402
 
-PROMPTS_PER_STEP = 2
 COMPLETION = 24
 LR = 1e-5
 TEMPLATE = "{prompt}\n\n{demonstration}"
-SETTINGS = {"short_g4": ("short", 4), "short_g8": ("short", 8), "long_g4": ("long", 4), "long_g8": ("long", 8)}
+SETTINGS = {"short_g4": ("short", 4, 2), "short_g8": ("short", 8, 2), "long_g4": ("long", 4, 2),
+            "long_g8": ("long", 8, 2), "shared_p4_g4": ("shared", 4, 4), "shared_p4_g8": ("shared", 8, 4),
+            "shared_p8_g4": ("shared", 4, 8), "shared_p8_g8": ("shared", 8, 8)}
+DEFAULT_SETTINGS = ["short_g4", "short_g8", "long_g4", "long_g8"]
+SHARED_LINES = 21  # the catalogue's first 21 lines: 529 tokens
 MODEL_DIR = Path.home() / ".cache" / "sdft" / "smollm2-135m-instruct-hf"
 
 
-def tool_catalogue() -> str:
-    """A deterministic ~600-token catalogue of tools, the long system message."""
+def tool_catalogue(keep: int | None = None) -> str:
+    """A deterministic ~930-token catalogue of tools, the long system message (its first ``keep`` lines)."""
     lines = ["You are an assistant that answers every request with exactly one JSON tool call.",
              "Available tools:"]
     verbs = ["look up", "schedule", "cancel", "convert", "translate", "summarise", "order", "track"]
@@ -54,7 +59,7 @@ def tool_catalogue() -> str:
 
     for tool, (arg, _) in TOOLS.items():
         lines.append(f"- {tool}: arguments: {arg}.")
-    return "\n".join(lines)
+    return "\n".join(lines[:keep])
 
 
 def rows(setting: str) -> list[dict]:
@@ -65,6 +70,8 @@ def rows(setting: str) -> list[dict]:
     for row in load_skill("train"):
         messages = [{"role": "user", "content": row["prompt"]}]
         demo = row["demonstration"]
+        if setting == "shared":
+            messages = [{"role": "system", "content": tool_catalogue(SHARED_LINES)}] + messages
         if setting == "long":
             messages = [{"role": "system", "content": tool_catalogue()}] + messages
             demo = (f"{demo}\nI picked this tool because the request names its argument directly, and no "
@@ -100,7 +107,7 @@ def _summary(seconds: list[float], extra: dict) -> dict:
             "peak_memory_mib": _peak_mib(), **extra}
 
 
-def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict:
+def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft") -> dict:
     """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
     ``sdft.train_sft``) for ``steps`` optimizer steps."""
     import tempfile
@@ -110,7 +117,7 @@ def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict
     torch.manual_seed(0)
     data = rows(setting)
     config = sdft.SDFTConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP,
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=prompts,
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
         divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
@@ -126,7 +133,7 @@ def run_sdft(setting: str, group: int, steps: int, method: str = "sdft") -> dict
                      "loss": records[-1]["loss"]})
 
 
-def run_trl(setting: str, group: int, steps: int) -> dict:
+def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
     """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration."""
     import tempfile
 
@@ -138,7 +145,7 @@ def run_trl(setting: str, group: int, steps: int) -> dict:
     data = Dataset.from_list([{"prompt": r["prompt"], "privileged_context": r["demonstration"]}
                               for r in rows(setting)])
     args = SDFTConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP * group,
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=prompts * group,
         gradient_accumulation_steps=1, num_generations=group, max_completion_length=COMPLETION,
         max_prompt_length=None, learning_rate=LR, distillation_mode="full_logits", distillation_alpha=0.0,
         teacher_model_kind="base", teacher_prompt_template="{prompt}\n\n{privileged_context}",
@@ -164,7 +171,7 @@ def run_trl(setting: str, group: int, steps: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"], choices=["trl", "sdft", "sdft_gc", "sft"])
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -175,17 +182,17 @@ def main(argv=None):
     env = environment(device)
     results = []
     for name in args.settings:
-        setting, group = SETTINGS[name]
-        row = {"setting": name, "G": group, "prompts_per_step": PROMPTS_PER_STEP}
+        setting, group, prompts = SETTINGS[name]
+        row = {"setting": name, "G": group, "prompts_per_step": prompts}
         for side in args.sides:
             fn, extra = ("run_trl", ()) if side == "trl" else ("run_sdft", (side,))
-            out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, args.steps, *extra)
+            out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)
             print(name, side, json.dumps(out), flush=True)
             row[side] = out
         results.append(row)
     table = []
     for r in results:
-        line = {"setting": r["setting"], "G": r["G"]}
+        line = {"setting": r["setting"], "prompts": r["prompts_per_step"], "G": r["G"]}
         for side in args.sides:
             line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
             line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
@@ -193,12 +200,15 @@ def main(argv=None):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
+        if "sdft" in r and r["sdft"].get("tokens_processed"):
+            line["sdft_token_passes_vs_unshared"] = (r["sdft"]["tokens_processed"]
+                                                     / r["sdft"]["tokens_processed_unshared"])
         if "sft" in r and "sdft" in r:
             line["sdft_over_sft"] = r["sdft"]["seconds_per_step"] / r["sft"]["seconds_per_step"]
         table.append(line)
     tag = "gpu" if device.type == "cuda" else "cpu"
     header = (f"# Whole SDFT step: sdft.train vs TRL SDFTTrainer\n\nEnvironment: {env}. "
-              f"{PROMPTS_PER_STEP} prompts per step, at most {COMPLETION} completion tokens, forward KL over "
+              f"Prompts per step as in the table, at most {COMPLETION} completion tokens, forward KL over "
               f"the full vocabulary, frozen teacher, AdamW lr {LR}; median seconds per optimizer step over "
               f"steps 2..{args.steps}; peak memory of each side's process.\n\n"
               f"Command: `python benchmarks/bench_trl.py {' '.join(argv or sys.argv[1:])}`\n\n")

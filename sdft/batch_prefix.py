@@ -3,12 +3,13 @@
 A micro-batch has B contexts (prompts, or teacher contexts) with G rollouts each, the rollouts stored
 as rows ``b*G .. b*G+G-1`` of one ``[B*G, L]`` completion tensor.
 
-``tree_hidden`` (the default) runs ONE decoder call: each group becomes one packed row
-``[prefix, continuation 1, ..., continuation G]`` with a tree-shaped attention mask (a continuation
-sees the prefix and its own earlier tokens) and positions that restart after the prefix for every
-continuation. Nothing is copied per rollout, each weight sees one matmul per micro-batch (one
-weight-gradient GEMM, no accumulation of several passes), and no padding query is ever fully masked.
-It needs an attention implementation that takes a custom 4-D mask (``sdpa`` or ``eager``).
+``tree_hidden`` (the default) runs ONE decoder call over the micro-batch's prefix tree
+(``sdft.prefix_tree``): every distinct prefix (a system message shared by several prompts, a
+prompt shared by its G rollouts, rollouts that sampled the same first tokens) is one node, packed in
+depth-first order with a tree-shaped attention mask and its depth as position. Nothing is copied
+per rollout, and each weight sees one matmul per micro-batch. Groups that share too little to pay
+for the extra attention pairs go to separate rows. It needs an attention implementation that takes
+a custom 4-D mask (``sdpa`` or ``eager``).
 
 ``batched_prefix_hidden`` (any attention implementation) runs two decoder calls:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .prefix_tree import PackedTrees, pack_groups, pairs_per_token
 
 def right_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D id tensors into ``[B, max_len]`` right padded with ``pad_id``, plus the 0/1 mask."""
@@ -77,31 +79,6 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     return out.last_hidden_state
 
 
-def _tree_rows(contexts, cont_ids, group):
-    """Packed ids, positions and segment ids [B, T] (segment 0: prefix, g+1: continuation g; -1 pad)."""
-    width = cont_ids.shape[1]
-    ids, pos, seg = [], [], []
-    for b, ctx in enumerate(contexts):
-        p = ctx.numel() - 1
-        conts = cont_ids[b * group:(b + 1) * group]
-        ids.append(torch.cat([ctx[:-1], conts.reshape(-1)]))
-        steps = torch.arange(width, device=ctx.device)
-        pos.append(torch.cat([torch.arange(p, device=ctx.device), (p + steps).repeat(group)]))
-        seg.append(torch.cat([torch.zeros(p, dtype=torch.long, device=ctx.device),
-                              torch.arange(1, group + 1, device=ctx.device).repeat_interleave(width)]))
-    return ids, pos, seg
-
-
-def tree_mask(seg: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool: query i sees key j <= i when j is prefix or in i's own segment (pads: self)."""
-    t = seg.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
-    q, k = seg[:, :, None], seg[:, None, :]
-    visible = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
-    visible |= torch.eye(t, dtype=torch.bool, device=seg.device)  # a padding query sees itself: no NaN
-    return visible[:, None]
-
-
 def supports_tree(model) -> bool:
     """Whether ``model``'s attention takes a custom 4-D mask (what the tree-shaped passes need)."""
     return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
@@ -116,24 +93,54 @@ def as_attention_mask(visible: torch.Tensor, model) -> torch.Tensor:
                                                                                        torch.finfo(dtype).min)
 
 
+def pack_rollouts(contexts: list[torch.Tensor], completions: torch.Tensor, completion_mask: torch.Tensor,
+                  pad_id: int, pairs: float) -> tuple[PackedTrees, torch.Tensor]:
+    """The micro-batch's prefix tree, and the flat node index ``[B*G, L]`` predicting each completion token.
+
+    Sequence r is its context followed by completion r minus its last real token; slot t of row r is
+    read at sequence position ``len(context) - 1 + t`` (masked slots: the row's last real node).
+    """
+    group = group_size(contexts, completions)
+    lengths = completion_mask.sum(1).tolist()
+    rows = completions.tolist()
+    groups = [(ctx.tolist(), [rows[r][:max(lengths[r] - 1, 0)] for r in range(b * group, (b + 1) * group)])
+              for b, ctx in enumerate(contexts)]
+    packed = pack_groups(groups, pad_id, pairs, completions.device)
+    width = completions.shape[1]
+    steps = torch.arange(width, device=completions.device)
+    index = []
+    for r in range(completions.shape[0]):
+        nodes = packed.sequence_nodes[r]
+        start = contexts[r // group].numel() - 1
+        index.append(packed.flat_index(r, nodes[(start + steps).clamp(max=nodes.numel() - 1)]))
+    return packed, torch.stack(index)
+
+
+def tree_forward(decoder, packed: PackedTrees, **kwargs):
+    """One decoder call over packed prefix trees (tree-shaped mask, depth as position)."""
+    mask = as_attention_mask(packed.visible(), decoder)
+    return decoder(input_ids=packed.ids, attention_mask=mask, position_ids=packed.positions, **kwargs)
+
+
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
                 completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass.
+    """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass over
+    the micro-batch's prefix tree (``sdft.prefix_tree``): every distinct prefix once.
 
     Same contract as ``batched_prefix_hidden``; the decoder must use ``sdpa`` or ``eager`` attention.
     """
+    packed, index = pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))
+    hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[index]
+
+
+def scored_tokens(decoder, contexts, completions, completion_mask, pad_id, share_prefix: bool = True) -> int:
+    """Token passes the scoring of one side costs: tree nodes (shared) or every row's whole sequence."""
+    if share_prefix and supports_tree(decoder):
+        return pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))[0].num_nodes
     group = group_size(contexts, completions)
-    cont_ids, _ = continuations(contexts, completions, completion_mask)
-    ids, pos, seg = _tree_rows(contexts, cont_ids, group)
-    ids, _ = right_pad(ids, pad_id)
-    pos, _ = right_pad(pos, 0)
-    seg, _ = right_pad(seg, -1)
-    mask = as_attention_mask(tree_mask(seg), decoder)
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    width = cont_ids.shape[1]
-    starts = [ctx.numel() - 1 for ctx in contexts]
-    rows = [hidden[b, starts[b]:starts[b] + group * width].reshape(group, width, -1) for b in range(len(contexts))]
-    return torch.cat(rows, dim=0)
+    shared, unshared = tokens_processed([c.numel() for c in contexts], completions.shape[1], group)
+    return shared if share_prefix else unshared
 
 
 def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id) -> torch.Tensor:

@@ -3,9 +3,10 @@
 ``RolloutEngine`` is the seam: anything with ``generate(model, prompts, num_generations,
 max_new_tokens, temperature, greedy=False) -> RolloutBatch`` can produce rollouts (a vLLM or server
 engine can be plugged in through ``SDFT``'s ``engine`` argument). ``HFRolloutEngine`` is the built-in
-one: every prompt of the micro-batch is prefilled once (right padded into one batch), its KV cache is
-expanded to its G samples after the prefill, and all B*G rows then decode together, each stopping at
-its own end-of-sequence token; the loop ends as soon as every row has finished.
+one: the micro-batch's prompts are prefilled once as a prefix tree (a system message they share is
+computed once, ``sdft.prefix_tree``), every sample then decodes as one query token over its prompt's
+nodes (the prompt KV is never copied per sample), each stopping at its own end-of-sequence token;
+the loop ends as soon as every row has finished.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Protocol
 
 import torch
 
-from .batch_prefix import as_attention_mask, right_pad, supports_tree
+from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
+from .prefix_tree import pack_groups, pairs_per_token
 from .model_parts import eval_mode
 
 
@@ -121,13 +123,70 @@ def reserve_room(cache, room: int):
         layer.update = _append_in_place.__get__(layer)
 
 
-def decode_mask(prompt_mask: torch.Tensor, group: int, steps: int) -> torch.Tensor:
-    """[B, 1, G, P + G*steps] bool mask of decoding step ``steps - 1``: sample g sees its prompt's real
-    tokens and its own earlier tokens, which sit at slots P + t*G + g."""
-    batch = prompt_mask.shape[0]
-    own = torch.eye(group, dtype=torch.bool, device=prompt_mask.device).repeat(1, steps)  # [G, G*steps]
-    return torch.cat([prompt_mask.bool()[:, None, :].expand(batch, group, -1),
-                      own[None].expand(batch, -1, -1)], dim=2)[:, None]
+class _TreeDecoder:
+    """Prefill the prompts' prefix tree once (a system message shared by several prompts is one
+    set of nodes), then decode every sample as one query token of its prompt's row.
+
+    Sample ``k = b*G + g`` is query slot ``q`` of row ``r`` (the row holding prompt b's tree). It
+    sees its prompt's nodes (the prefill mask's row of the prompt's last node) and its own earlier
+    tokens, which sit at slots ``T + t*Q + q`` of the row's cache; padding slots see only themselves.
+    """
+
+    def __init__(self, model, prompts, group: int, max_new_tokens: int, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        device = prompts[0].device
+        packed = pack_groups([(p.tolist(), []) for p in prompts], pad_id, pairs_per_token(model.config), device)
+        last = torch.stack([nodes[-1] for nodes in packed.sequence_nodes])
+        row = torch.tensor(packed.sequence_row, device=device)
+        keep = torch.unique(last)
+        out = tree_forward(model, packed, use_cache=True, logits_to_keep=keep)
+        self.first_logits = out.logits[row, torch.searchsorted(keep, last)].repeat_interleave(group, 0)
+        self.cache = out.past_key_values
+        rows, width = packed.ids.shape
+        self.slot_row = row.repeat_interleave(group)
+        per_row = torch.bincount(self.slot_row, minlength=rows)
+        first_in_row = torch.cumsum(per_row, 0) - per_row
+        order = torch.argsort(self.slot_row, stable=True)
+        self.slot_q = torch.empty_like(order)
+        self.slot_q[order] = torch.arange(order.numel(), device=device) - first_in_row[self.slot_row[order]]
+        self.queries = int(per_row.max())
+        reserve_room(self.cache, self.queries * max_new_tokens)
+        prompt_vis = packed.visible()[:, 0][row, last]  # [B, T]
+        self.prefix_mask = torch.zeros(rows, self.queries, width, dtype=torch.bool, device=device)
+        self.prefix_mask[self.slot_row, self.slot_q] = prompt_vis.repeat_interleave(group, 0)
+        self.positions = torch.zeros(rows, self.queries, dtype=torch.long, device=device)
+        self.positions[self.slot_row, self.slot_q] = packed.positions[row, last].repeat_interleave(group) + 1
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed decoding step t's tokens [B*G]; logits [B*G, V] for the next one."""
+        rows, queries = self.prefix_mask.shape[:2]
+        ids = torch.full((rows, queries), self.pad_id, dtype=tokens.dtype, device=tokens.device)
+        ids[self.slot_row, self.slot_q] = tokens
+        own = torch.eye(queries, dtype=torch.bool, device=tokens.device).repeat(1, t + 1)
+        mask = torch.cat([self.prefix_mask, own[None].expand(rows, -1, -1)], dim=2)[:, None]
+        out = self.model(input_ids=ids, attention_mask=as_attention_mask(mask, self.model),
+                         position_ids=self.positions + t, past_key_values=self.cache, use_cache=True)
+        return out.logits[self.slot_row, self.slot_q]
+
+
+class _ReplicatedDecoder:
+    """Fallback for attention without custom masks: right-padded prefill, cache copied G times."""
+
+    def __init__(self, model, prompts, group: int, pad_id: int):
+        self.model = model
+        ids, self.attn = right_pad(prompts, pad_id)
+        lengths = self.attn.sum(1)
+        logits, self.cache = _last_logits(model, ids, lengths)
+        self.first_logits = logits.repeat_interleave(group, 0)
+        self.cache.batch_repeat_interleave(group)
+        self.attn = self.attn.repeat_interleave(group, 0)
+        self.positions = lengths.repeat_interleave(group)[:, None]
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attn, position_ids=self.positions + t,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
 
 
 class HFRolloutEngine:
@@ -140,23 +199,13 @@ class HFRolloutEngine:
     def generate(self, model, prompts, num_generations, max_new_tokens, temperature, greedy=False) -> RolloutBatch:
         pad_id = self.tokenizer.pad_token_id
         stop = torch.tensor(sorted(eos_ids(model, self.tokenizer)), device=prompts[0].device)
-        ids, attn = right_pad(prompts, pad_id)
-        lengths = attn.sum(1)
-        group = num_generations
         with eval_mode(model):
-            logits, cache = _last_logits(model, ids, lengths)
-            logits = logits.repeat_interleave(group, 0)
-            # Each prompt's G samples decode as G query tokens of one row over the prompt's single
-            # KV cache (tree-shaped mask): the prompt KV is never copied or read G times.
-            tree = supports_tree(model)
-            if tree:
-                reserve_room(cache, group * max_new_tokens)
+            if supports_tree(model):
+                decoder = _TreeDecoder(model, prompts, num_generations, max_new_tokens, pad_id)
             else:
-                cache.batch_repeat_interleave(group)
-                attn = attn.repeat_interleave(group, 0)
-            positions = lengths[:, None] + torch.zeros(1, group, dtype=lengths.dtype, device=ids.device)
-            rows = logits.shape[0]
-            done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+                decoder = _ReplicatedDecoder(model, prompts, num_generations, pad_id)
+            logits = decoder.first_logits
+            done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
             tokens, logprobs, alive = [], [], []
             for t in range(max_new_tokens):
                 log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -168,17 +217,7 @@ class HFRolloutEngine:
                 done = done | torch.isin(token, stop)
                 if bool(done.all()) or t + 1 == max_new_tokens:
                     break
-                if tree:
-                    mask = as_attention_mask(decode_mask(attn, group, t + 1), model)
-                    out = model(input_ids=token.view(-1, group), attention_mask=mask, position_ids=positions + t,
-                                past_key_values=cache, use_cache=True)
-                    logits = out.logits.reshape(rows, -1)
-                else:
-                    attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                    out = model(input_ids=token[:, None], attention_mask=attn,
-                                position_ids=positions.reshape(-1, 1) + t, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1)
-                    logits = out.logits[:, -1]
+                logits = decoder.step(token, t)
         mask = torch.stack(alive, 1)
         width = max(int(mask.sum(1).max()), 1)
         return RolloutBatch(list(prompts), torch.stack(tokens, 1)[:, :width], mask[:, :width],

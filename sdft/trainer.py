@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batch_loss import sdft_batch_loss
-from .batch_prefix import tokens_processed
+from .batch_prefix import scored_tokens, tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
@@ -239,9 +239,8 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         loss_sum += float(loss.detach())
         width = batch.completions.shape[1]
         for side in (batch.prompts, contexts):
-            s, n = tokens_processed([c.numel() for c in side], width, batch.group_size)
-            shared_tokens += s
-            naive_tokens += n
+            shared_tokens += scored_tokens(model, side, batch.completions, batch.mask, pad_id, config.share_prefix)
+            naive_tokens += tokens_processed([c.numel() for c in side], width, batch.group_size)[1]
         completion_lengths += batch.mask.sum(1).tolist()
         tokens += batch.num_tokens
     loss = loss_sum / max(tokens, 1)
@@ -258,7 +257,7 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "mean_completion_length": sum(completion_lengths) / max(len(completion_lengths), 1),
-        "tokens_processed": shared_tokens if config.share_prefix else naive_tokens,
+        "tokens_processed": shared_tokens,
         "tokens_processed_unshared": naive_tokens,
         "peak_memory_mib": peak_memory_mib(run.device),
         "seconds": elapsed,

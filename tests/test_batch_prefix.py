@@ -11,7 +11,8 @@ this machine's SIMD width or thread count.
 import pytest
 import torch
 
-from sdft.batch_prefix import batched_prefix_hidden, batched_unshared_hidden, tokens_processed, tree_hidden
+from sdft.batch_prefix import (batched_prefix_hidden, batched_unshared_hidden, pack_rollouts, tokens_processed,
+                               tree_hidden)
 from sdft_kernels import fused_linear_divergence
 from tiny_model import tiny_llama
 
@@ -148,3 +149,63 @@ def test_tree_pass_under_both_attention_implementations(attn):
 
 def test_tokens_processed():
     assert tokens_processed([100, 50], 20, 4) == (150 + 2 * 4 * 20, 4 * (150 + 2 * 20))
+
+
+def _shared_system_batch(seed, width=6):
+    """Three contexts behind one 9-token system message; rollout 1 repeats rollout 0's first tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    system = torch.randint(1, 97, (9,), generator=gen)
+    contexts = [torch.cat([system, torch.randint(1, 97, (n,), generator=gen)]) for n in (3, 1, 5)]
+    rows = G * len(contexts)
+    completions = torch.randint(1, 97, (rows, width), generator=gen)
+    completions[1, :3] = completions[0, :3]
+    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
+    lengths[:2] = width
+    mask = torch.arange(width)[None] < lengths[:, None]
+    return contexts, torch.where(mask, completions, PAD), mask
+
+
+@pytest.mark.parametrize("pairs", [1e9, 1e-9], ids=["one_row", "one_row_per_group"])
+def test_prefix_tree_across_prompts_gradients_float64(pairs, monkeypatch):
+    """A system message shared by every prompt is one set of nodes; gradients still equal the
+    one-row-at-a-time computation, whether the cost model packs one row or one row per group."""
+    import sdft.batch_prefix
+
+    monkeypatch.setattr(sdft.batch_prefix, "pairs_per_token", lambda config: pairs)
+    model = tiny_llama().double()
+    batch = _shared_system_batch(11)
+    teacher_hidden = torch.randn(*batch[1].shape, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = _grads(model, _one_row_at_a_time, batch, teacher_hidden)
+    got = _grads(model, FNS["tree"], batch, teacher_hidden)
+    for param, g in ref.items():
+        torch.testing.assert_close(got[param], g, rtol=0, atol=ROTARY_TOL * max(g.abs().max().item(), 1e-30),
+                                   msg=param)
+    packed, _ = pack_rollouts(*batch, PAD, pairs)
+    assert len(packed.row_sizes) == (1 if pairs > 1 else 3)
+
+
+def test_prefix_tree_holds_each_distinct_prefix_once():
+    contexts, completions, mask = _shared_system_batch(12)
+    packed, _ = pack_rollouts(contexts, completions, mask, PAD, 1e9)
+    sequences = set()
+    for r in range(completions.shape[0]):
+        n = int(mask[r].sum())
+        seq = contexts[r // G].tolist() + completions[r, :n - 1].tolist()
+        sequences.update(tuple(seq[:k]) for k in range(1, len(seq) + 1))
+    assert packed.num_nodes == len(sequences)
+    # ancestor relation: a node sees exactly the nodes of its own prefix
+    visible = packed.visible()[0, 0]
+    for r in range(completions.shape[0]):
+        nodes = packed.sequence_nodes[r]
+        assert visible[nodes[-1]].nonzero().squeeze(1).tolist() == nodes.tolist()
+        assert packed.positions[0, nodes].tolist() == list(range(nodes.numel()))
+
+
+def test_cost_model_keeps_unrelated_long_prompts_apart_and_shared_ones_together():
+    from sdft.prefix_tree import pack_groups
+
+    unrelated = [([b * 1000 + i for i in range(400)], [[1], [2]]) for b in range(3)]
+    assert len(pack_groups(unrelated, PAD, 3000.0).row_sizes) == 3
+    system = list(range(1000, 1600))
+    shared = [(system + [b], [[1], [2]]) for b in range(3)]
+    assert pack_groups(shared, PAD, 3000.0).row_sizes == [600 + 3 * 3]

@@ -9,23 +9,32 @@ from tiny_tokenizer import tiny_tokenizer
 PROMPTS = ["add 1 2", "a much longer prompt here", "x"]
 
 
-def _setup(eos_bias=0.0):
+SYSTEM = [{"role": "system", "content": "You call tools. Answer in JSON only, one line, no prose."}]
+
+
+def _setup(eos_bias=0.0, system=False):
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok)).eval()
     if eos_bias:
         with torch.no_grad():  # make end-of-turn likely so rows stop at different steps
             model.get_output_embeddings().weight[tok.eos_token_id] *= eos_bias
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+    head = SYSTEM if system else []
+    prompts = [tok.apply_chat_template(head + [{"role": "user", "content": p}], add_generation_prompt=True,
                                        return_tensors="pt", return_dict=True)["input_ids"][0] for p in PROMPTS]
     return tok, model, prompts
 
 
-@pytest.mark.parametrize("tree", [True, False], ids=["shared_prompt_kv", "replicated_kv_fallback"])
-def test_greedy_equals_generate_on_each_prompt_alone(tree, monkeypatch):
+@pytest.mark.parametrize("tree,system,pairs", [(True, False, None), (True, True, 1e9), (True, True, 1e-9),
+                                               (False, True, None)],
+                         ids=["prompt_trees", "shared_system_one_row", "shared_system_row_per_prompt",
+                              "replicated_kv_fallback"])
+def test_greedy_equals_generate_on_each_prompt_alone(tree, system, pairs, monkeypatch):
     import sdft.rollouts
 
     monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
-    tok, model, prompts = _setup()
+    if pairs is not None:
+        monkeypatch.setattr(sdft.rollouts, "pairs_per_token", lambda config: pairs)
+    tok, model, prompts = _setup(system=system)
     batch = HFRolloutEngine(tok).generate(model, prompts, 2, 12, 1.0, greedy=True)
     assert isinstance(batch, RolloutBatch) and batch.completions.shape[0] == 2 * len(prompts)
     for b, prompt in enumerate(prompts):
@@ -37,11 +46,11 @@ def test_greedy_equals_generate_on_each_prompt_alone(tree, monkeypatch):
             assert got.tolist() == ref[0][ref_mask[0]].tolist()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rows_stop_at_their_own_eos_and_logprobs_match_a_rescoring(attn):
+@pytest.mark.parametrize("attn,system", [("sdpa", False), ("eager", False), ("sdpa", True), ("eager", True)])
+def test_rows_stop_at_their_own_eos_and_logprobs_match_a_rescoring(attn, system):
     """The rescoring runs each row alone, causally: it checks the shared-prompt tree decoding."""
     torch.manual_seed(0)
-    tok, model, prompts = _setup(eos_bias=40.0)
+    tok, model, prompts = _setup(eos_bias=40.0, system=system)
     model.config._attn_implementation = attn
     batch = HFRolloutEngine(tok).generate(model, prompts, 4, 10, 0.7)
     lengths = batch.mask.sum(1)
