@@ -3,6 +3,7 @@
 ``sdft train``: fine-tune (defaults: embedded SmolLM2-135M-Instruct, bundled tool-call skill).
 ``sdft config --show``: print the resolved config of ``--set`` overrides, or of a run / checkpoint.
 ``sdft export CHECKPOINT OUT``: write a checkpoint as a Hugging Face folder (LoRA: adapter or merged).
+``sdft generate [MODEL] --prompt TEXT``: try a (trained) model in the terminal.
 Config keys, types, defaults and meanings in ``--help`` come from ``SDFTConfig`` itself. Every
 check that needs no model (config, data, output_dir) runs before the model loads; bad input is one
 line on stderr and exit status 2.
@@ -51,7 +52,10 @@ def _build_parser():
     tr.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
     tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SDFTConfig overrides (below)")
-    tr.add_argument("--no-eval", action="store_true", help="skip skill accuracy before/after (bundled skill)")
+    tr.add_argument("--eval-data", default=None, metavar="FILE",
+                    help="held-out jsonl (same columns): answers scored before/after training (eval_data)")
+    tr.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
+    tr.add_argument("--no-eval", action="store_true", help="skip the evaluation before/after training")
     cf = sub.add_parser("config", help="print a resolved config", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cf.add_argument("--show", action="store_true", help="print the resolved config as JSON")
@@ -63,7 +67,64 @@ def _build_parser():
     ex.add_argument("out", help="the folder to write")
     ex.add_argument("--model", default=None, help="the base model's path (default: the one the checkpoint records)")
     ex.add_argument("--merge", action="store_true", help="LoRA: write the merged full model, not the adapter")
+    ge = sub.add_parser("generate", help="answer prompts with a (trained) model, greedy unless --temperature")
+    ge.add_argument("model", nargs="?", default=None,
+                    help="a model folder (e.g. OUTPUT_DIR/final_model), LoRA adapter folder or .gguf "
+                         "(default: the embedded SmolLM2)")
+    ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ge.add_argument("--prompts", default=None, metavar="FILE",
+                    help="a jsonl with a 'prompt' column (e.g. your eval data), or a text file, one prompt a line")
+    ge.add_argument("--system", default=None, help="a system message put before every prompt")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     return parser
+
+
+def _read_prompts(args) -> list[dict]:
+    """Rows {"prompt": ...} from --prompt and --prompts (jsonl rows, or plain lines)."""
+    rows = [{"prompt": p} for p in args.prompt]
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {path}: no such file")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            for i, line in enumerate(lines):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or "prompt" not in row:
+                    raise ValueError(f"{path}:{i + 1}: a row needs a 'prompt' field")
+                rows.append({"prompt": row["prompt"]})
+        else:
+            rows += [{"prompt": line} for line in lines]
+    if not rows:
+        raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise ValueError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if args.system is not None:
+        for row in rows:
+            prompt = row["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            row["prompt"] = [{"role": "system", "content": args.system}] + prompt
+    return rows
+
+
+def _generate(args, parser) -> int:
+    from .data import load_examples
+    from .evaluate import generate_answers, sample_answers
+    from .models import load_trained
+
+    examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
+    model, tokenizer = load_trained(args.model)
+    if args.temperature > 0:
+        answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature)
+    else:
+        answers = generate_answers(model, tokenizer, examples, args.max_new_tokens)
+    for ex, answer in zip(examples, answers):
+        print(f"> {ex.prompt[-1][1]}\n{answer}\n", flush=True)
+    return 0
 
 
 def _export(args, parser) -> int:
@@ -83,21 +144,31 @@ def _train(args, parser) -> int:
     demo = args.model is None and args.data is None
     if demo and "save_total_limit" not in pairs:
         pairs["save_total_limit"] = str(DEMO_SAVE_TOTAL_LIMIT)
+    for key, value in (("eval_data", args.eval_data), ("eval_scorer", args.scorer)):
+        if value is not None:
+            pairs[key] = value
+    if args.no_eval:
+        pairs["eval_data"] = ""
     config = SDFTConfig.from_strings(pairs)
     if args.data is not None:
         load_examples(args.data)
     plan_run(config, report=lambda message: None)
 
     from . import models, skill_accuracy, train
+    from .evaluate import eval_table
 
     model, tokenizer = models.load_model(args.model)
-    evaluate = not args.no_eval and args.data is None
-    if evaluate:
+    bundled_eval = not args.no_eval and args.data is None and not config.eval_data
+    if bundled_eval:
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
     result = train(model, args.data, config, tokenizer=tokenizer)
-    if evaluate:
+    if bundled_eval:
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)
-    print(f"checkpoints and metrics.jsonl in {result.output_dir}")
+    if result.evaluations:
+        print(f"evaluation on {config.eval_data} ({config.eval_scorer}):")
+        print(eval_table(result.evaluations, load_examples(config.eval_data)), flush=True)
+    print(f"checkpoints and metrics.jsonl in {result.output_dir}"
+          + (f"; the model in {result.output_dir / 'final_model'}" if config.save_final_model else ""))
     return 0
 
 
@@ -116,7 +187,7 @@ def main(argv=None):
     from .trainer import NonFiniteError
 
     try:
-        command = {"train": _train, "config": _config, "export": _export}[args.command]
+        command = {"train": _train, "config": _config, "export": _export, "generate": _generate}[args.command]
         return command(args, parser)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)

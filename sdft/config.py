@@ -14,6 +14,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
 
+from .reporting import BACKENDS as REPORT_BACKENDS
+from .scorers import get_scorer
+
 TEACHER_MODES = ("live", "frozen", "ema")
 NONFINITE_ACTIONS = ("stop", "skip")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -81,6 +84,14 @@ class SDFTConfig:
     save_final_model: bool = _opt(True, "at the end write output_dir/final_model, a Hugging Face folder "
                                   "(LoRA: the peft adapter)")
     merge_lora: bool = _opt(False, "LoRA: final_model (and sdft export) hold the merged full model instead")
+    report_to: list[str] = _opt(["none"], "also log to: none | tensorboard | wandb (offline unless WANDB_MODE "
+                                "says otherwise), comma-separated; TRL's metric names")
+    # Evaluation on the user's held-out data
+    eval_data: str = _opt("", "jsonl of held-out prompt + demonstration rows: greedy answers scored before and "
+                          "after training (output_dir/eval.json)", kind="optional")
+    eval_scorer: str = _opt("exact", "exact | normalized | json | regex:PATTERN (first match, or its group 1, "
+                            "equal in answer and demonstration)")
+    eval_steps: int = _opt(0, "also evaluate every this many steps (0: before and after only)", minimum=0)
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
@@ -95,6 +106,10 @@ class SDFTConfig:
             if not torch.cuda.is_available():
                 raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)
+        unknown = [name for name in self.report_to if name not in REPORT_BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
+        get_scorer(self.eval_scorer)
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 
@@ -127,6 +142,8 @@ class SDFTConfig:
 def _type_name(f) -> str:
     if f.metadata.get("kind") == "resume":
         return "bool|path"
+    if f.metadata.get("kind") == "optional":
+        return "str?"
     return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]"}[str(f.type)]
 
 
@@ -141,7 +158,10 @@ def _checked(f, value):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return value
-    if kind == "str":
+    if kind == "str?":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+    elif kind == "str":
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     elif kind == "list[str]":
@@ -205,7 +225,7 @@ def describe_fields() -> str:
         default = f.default if f.default is not MISSING else f.default_factory()
         if isinstance(default, list):
             default = ",".join(default)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or default == "":
             default = json.dumps(default)
         lines.append(f"  {f.name} ({_type_name(f)}, default {default})\n      {f.metadata['help']}")
     return "\n".join(lines)

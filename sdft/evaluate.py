@@ -1,11 +1,18 @@
-"""Skill accuracy: greedy answers to held-out prompts, scored against their demonstrations."""
+"""Evaluation: greedy answers to held-out prompts scored against their demonstrations, and the
+perplexity of those demonstrations; ``Evaluator`` runs it during training on the user's data."""
 from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
 
 import torch
 
 from .data import load_examples
 from .model_parts import eval_mode
-from .rollouts import chat_ids, trim_completions
+from .chat import chat_ids
+from .rollouts import trim_completions
 
 
 @torch.no_grad()
@@ -30,6 +37,19 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch
     return answers
 
 
+@torch.no_grad()
+def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature: float) -> list[str]:
+    """One sampled answer per prompt, through the batched rollout engine."""
+    from .rollouts import HFRolloutEngine, eos_ids
+
+    device = next(model.parameters()).device
+    prompts = [chat_ids(tokenizer, ex.messages(), device) for ex in examples]
+    batch = HFRolloutEngine(tokenizer).generate(model, prompts, 1, max_new_tokens, temperature)
+    stop = eos_ids(model, tokenizer)
+    return [tokenizer.decode([t for t in row[m].tolist() if t not in stop], skip_special_tokens=True)
+            for row, m in zip(batch.completions, batch.mask)]
+
+
 def skill_accuracy(model, tokenizer, dataset=None, scorer=None, max_new_tokens: int = 48) -> dict:
     """Mean of each score over the examples; defaults to the bundled tool-call skill's eval split."""
     from .skill import load_skill, score
@@ -42,3 +62,83 @@ def skill_accuracy(model, tokenizer, dataset=None, scorer=None, max_new_tokens: 
     result["examples"] = len(scores)
     result["sample_answer"] = answers[0]
     return result
+
+
+@torch.no_grad()
+def demonstration_perplexity(model, tokenizer, examples) -> float:
+    """exp(mean negative log-likelihood of the demonstration tokens given their prompts)."""
+    from .chat import demonstration_ids
+
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with eval_mode(model):
+        for ex in examples:
+            ids, p = demonstration_ids(tokenizer, ex, device)
+            logits = model(input_ids=ids[None], logits_to_keep=ids.numel() - p + 1).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum"))
+            count += ids.numel() - p
+    return math.exp(nll / max(count, 1))
+
+
+def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48) -> dict:
+    """Greedy answers to ``dataset``'s prompts scored against their demonstrations (``sdft.scorers``),
+    and the perplexity of the demonstrations: {"score", "perplexity", "examples", "answers"}."""
+    from .scorers import get_scorer
+
+    examples = load_examples(dataset)
+    score = get_scorer(scorer)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+    scores = [float(score(a, ex.demonstration)) for a, ex in zip(answers, examples)]
+    return {"score": sum(scores) / len(scores), "perplexity": demonstration_perplexity(model, tokenizer, examples),
+            "examples": len(examples), "answers": answers}
+
+
+class Evaluator:
+    """Evaluation on the user's held-out data during a run, kept in ``output_dir/eval.json``.
+
+    Each record: {"step", "score", "perplexity", "examples", "answers"}; step 0 is before training.
+    A resumed run keeps the records up to its checkpoint's step.
+    """
+
+    FILE = "eval.json"
+
+    def __init__(self, examples, scorer, max_new_tokens: int, output_dir):
+        self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
+        self.path = Path(output_dir) / self.FILE
+        self.records = self._read()
+
+    def _read(self) -> list[dict]:
+        try:
+            records = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+        return records if isinstance(records, list) else []
+
+    def truncate(self, step: int):
+        self.records = [r for r in self.records if r.get("step", 0) <= step]
+
+    def __call__(self, model, tokenizer, step: int) -> dict:
+        record = {"step": step, **evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens)}
+        self.records = [r for r in self.records if r["step"] != step] + [record]
+        tmp = self.path.with_name(self.FILE + ".tmp")
+        tmp.write_text(json.dumps(self.records, indent=1))
+        os.replace(tmp, self.path)
+        return record
+
+
+def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60) -> str:
+    """A small text table: score and perplexity per evaluation, then a few answers first vs last."""
+    lines = [f"{'step':>6}  {'score':>7}  {'perplexity':>10}"]
+    lines += [f"{r['step']:>6}  {r['score']:>7.3f}  {r['perplexity']:>10.3f}" for r in records]
+    if len(records) >= 1:
+        first, last = records[0], records[-1]
+        for i, ex in enumerate(examples[:samples]):
+            def cut(text):
+                text = " ".join(str(text).split())
+                return text if len(text) <= width else text[: width - 1] + "…"
+            lines += [f"- prompt:        {cut(ex.prompt[-1][1])}",
+                      f"  demonstration: {cut(ex.demonstration)}",
+                      f"  step {first['step']:<6} {cut(first['answers'][i])}"]
+            if last is not first:
+                lines.append(f"  step {last['step']:<6} {cut(last['answers'][i])}")
+    return "\n".join(lines)

@@ -86,3 +86,16 @@ def load_model(model=None, dtype=torch.float32):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_trained(path=None, dtype=torch.float32):
+    """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
+    a peft LoRA adapter folder (its base: the path in ``adapter_config.json``, or the embedded model
+    when that is not a local folder), or the embedded model when ``path`` is None."""
+    if path is not None and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model, tokenizer = load_model(base if base and Path(base).exists() else None, dtype)
+        return PeftModel.from_pretrained(model, str(path)), tokenizer
+    return load_model(path, dtype)

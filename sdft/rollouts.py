@@ -43,13 +43,6 @@ class RolloutEngine(Protocol):
                  temperature: float, greedy: bool = False) -> RolloutBatch: ...
 
 
-def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
-    """Token ids [P] of chat messages, by default with the assistant turn opened."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    return ids[0].to(device)
-
-
 def trim_completions(sequences: torch.Tensor, eos_ids: set[int], pad_id: int):
     """Mask every token after the first EOS of each row; drop all-padding columns at the end."""
     is_eos = torch.isin(sequences, torch.tensor(sorted(eos_ids), device=sequences.device))

@@ -54,6 +54,7 @@ def start_run(config, resume: Path | None, report=_report):
         for path in list_checkpoints(out):
             shutil.rmtree(path)
         (out / METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / "runs", ignore_errors=True)  # TensorBoard events of the old run
     if resume is not None:
         report(f"sdft: resuming from {resume} (step {checkpoint_step(resume)})")
     (out / CONFIG_FILE).write_text(config.to_json())

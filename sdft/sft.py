@@ -11,30 +11,17 @@ import torch
 
 from .config import SDFTConfig
 from .metrics import peak_memory_mib
-from .rollouts import chat_ids
+from .chat import demonstration_ids
 from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps
 
 
-def demonstration_ids(tokenizer, example, config: SDFTConfig, device):
-    """(ids [P+D], number of prompt tokens P): the chat with the demonstration as the assistant turn."""
-    prompt = chat_ids(tokenizer, example.messages(), device)
-    full = chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.demonstration}],
-                    device, add_generation_prompt=False)
-    if full.numel() <= prompt.numel() or not torch.equal(full[: prompt.numel()], prompt):
-        raise ValueError("the chat template does not extend the prompt with the assistant turn; "
-                         "SFT needs the prompt tokens to be a prefix of the full chat")
-    if full.numel() > config.max_prompt_length + config.max_completion_length:
-        raise ValueError(f"an SFT example has {full.numel()} tokens, over max_prompt_length + "
-                         f"max_completion_length = {config.max_prompt_length + config.max_completion_length}")
-    return full, prompt.numel()
-
-
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-              step_callback=None) -> TrainResult:
+              step_callback=None, eval_scorer=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
-    run = prepare(model, dataset, config, tokenizer)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer)
     config, model, device = run.config, run.model, run.device
-    encoded = [demonstration_ids(run.tokenizer, ex, config, device) for ex in run.examples]
+    limit = config.max_prompt_length + config.max_completion_length
+    encoded = [demonstration_ids(run.tokenizer, ex, device, limit) for ex in run.examples]
 
     def step_fn(optimizer, step):
         t0 = time.perf_counter()
@@ -53,7 +40,8 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
         grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
         elapsed = time.perf_counter() - t0
         return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",
-                "grad_norm": grad_norm, "skipped": skipped, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "grad_norm": grad_norm, "skipped": skipped, "learning_rate": optimizer.param_groups[0]["lr"],
+                "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
 
     return run_steps(run, step_fn, step_callback=step_callback, desc="sft")

@@ -21,11 +21,15 @@ from .batch_prefix import scored_tokens, tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
+from .evaluate import Evaluator
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .models import load_model
-from .rollouts import HFRolloutEngine, RolloutEngine, chat_ids
+from .reporting import Reporters, check_backends
+from .chat import chat_ids
+from .rollouts import HFRolloutEngine, RolloutEngine
 from .run_dir import METRICS_FILE, plan_run, start_run
+from .scorers import get_scorer
 from .teacher import Teacher
 from .templates import teacher_messages
 
@@ -40,6 +44,7 @@ class TrainResult:
     step: int
     metrics: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
+    evaluations: list[dict] = field(default_factory=list)  # eval.json records (config.eval_data)
 
 
 @dataclass
@@ -115,11 +120,16 @@ class Run:
     device: torch.device
     resume: Path | None
     model_source: str | None  # the base model's path; None: the embedded model (see sdft.export)
+    eval_examples: list[Example] | None = None  # config.eval_data, loaded and checked before the model
+    eval_scorer: object = None  # a scorer callable (sdft.scorers)
 
 
-def prepare(model, dataset, config, tokenizer) -> Run:
+def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     """Validate config, data and output_dir (cheap, before any model loads), then load the model."""
     config = as_config(config)
+    check_backends(config.report_to)
+    eval_examples = load_examples(config.eval_data) if config.eval_data else None
+    eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:
@@ -142,7 +152,7 @@ def prepare(model, dataset, config, tokenizer) -> Run:
     if config.use_lora:
         model = apply_lora(model, config)
     model.train()
-    return Run(config, model, tokenizer, examples, device, resume, source)
+    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer)
 
 
 def make_optimizer(model, config):
@@ -166,35 +176,52 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     log = MetricsLog(out / METRICS_FILE)
     start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher)
     log.truncate(start)
+    reporters = Reporters(config.report_to, out, config.to_dict())
+    evaluator = None
+    if run.eval_examples is not None:
+        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out)
+        evaluator.truncate(start)
+        if start == 0:
+            reporters.eval(evaluator(model, run.tokenizer, 0))
     history = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not config.progress_bar)
-    for step in bar:
-        record = step_fn(optimizer, step)
-        history.append(record)
-        if (step + 1) % config.logging_steps == 0:
-            log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-            save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
-                            run.model_source)
-        if step_callback is not None:
-            step_callback(step + 1, record)
+    try:
+        for step in bar:
+            record = step_fn(optimizer, step)
+            history.append(record)
+            if (step + 1) % config.logging_steps == 0:
+                log.write(record)
+                reporters.train(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
+                save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
+                                run.model_source)
+            last = step + 1 == config.max_steps
+            if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
+                reporters.eval(evaluator(model, run.tokenizer, step + 1))
+            if step_callback is not None:
+                step_callback(step + 1, record)
+    finally:
+        reporters.close()
     if config.save_final_model:
         export_model(model, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
-    return TrainResult(model, run.tokenizer, config.max_steps, history, out)
+    return TrainResult(model, run.tokenizer, config.max_steps, history, out,
+                       evaluator.records if evaluator is not None else [])
 
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-          step_callback=None, engine: RolloutEngine | None = None) -> TrainResult:
+          step_callback=None, engine: RolloutEngine | None = None, eval_scorer=None) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
     pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
     bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step.
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
+    ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
+    for the evaluation on ``config.eval_data``.
     """
-    run = prepare(model, dataset, config, tokenizer)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer)
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     engine = engine or HFRolloutEngine(run.tokenizer)
@@ -256,7 +283,12 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         "skipped": skipped,
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
+        "learning_rate": optimizer.param_groups[0]["lr"],
         "mean_completion_length": sum(completion_lengths) / max(len(completion_lengths), 1),
+        "shortest_completion": min(completion_lengths, default=0),
+        "longest_completion": max(completion_lengths, default=0),
+        "clipped_ratio": sum(n >= config.max_completion_length for n in completion_lengths)
+        / max(len(completion_lengths), 1),
         "tokens_processed": shared_tokens,
         "tokens_processed_unshared": naive_tokens,
         "peak_memory_mib": peak_memory_mib(run.device),

@@ -5,8 +5,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import torch_backend
+from .chunked import ChunkedObjective
 from .divergence_spec import DivergenceSpec, make_spec
-from .input_checks import check_inputs
+from .input_checks import check_importance, check_inputs, check_row_inputs
+from .objectives import TokenImportance, Weighted, make_objective, sequence_importance_weights
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -53,7 +55,7 @@ class _RowDivergence(torch.autograd.Function):
             d_h = torch.zeros_like(h_s) if need_h else None
             d_w = torch.zeros_like(w) if need_w else None
             return d_h, None, d_w, None, None, None, None
-        row_grad = grad_rows.float() * ctx.spec.inv_temperature
+        row_grad = grad_rows.to(torch.promote_types(grad_rows.dtype, torch.float32)) * ctx.spec.inv_temperature
         d_h, d_w = ctx.backend.backward(h_s, h_t, w, w_t, stats, row_grad, ctx.spec, ctx.shared,
                                         need_h, need_w)
         return d_h, None, d_w, None, None, None, None
@@ -101,6 +103,16 @@ def fused_linear_divergence(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
+    *,
+    mode: str = "full",
+    topk: int | None = None,
+    topk_support: str = "student",
+    add_tail: bool = False,
+    targets: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    is_clip: float | None = None,
+    is_level: str = "token",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divergence between softmax(student_hidden @ weight.T / T) and the teacher's, per token.
 
@@ -110,12 +122,34 @@ def fused_linear_divergence(
     gradient. Returns an fp32 scalar (``mean`` over selected tokens, ``sum``) or per-token losses
     (``none``, zero where masked). ``backend``: ``auto`` (Triton on CUDA, chunked PyTorch on CPU),
     ``triton`` or ``torch``.
+
+    Objectives (``sdft_kernels.objectives``; TRL's names in brackets):
+
+    * ``topk=k`` [``distillation_topk``]: the divergence on the student's top-k ids
+      (``topk_support="teacher"``: the teacher's), renormalised, or with one tail bucket when
+      ``add_tail`` [``distillation_add_tail``].
+    * ``mode="sampled_token"`` with ``targets`` [...] (the sampled ids): TRL's reverse-KL estimator
+      ``(log p(y) - log q(y)).detach() * log p(y)``.
+    * ``is_clip`` with ``targets`` and ``old_logprobs`` [...] (rollout-time log-probs of the sampled
+      tokens): importance-sampling correction, per token (``is_level="token"``, TRL) or one weight per
+      sequence (``"sequence"``, the paper: inputs [B, L]), capped at ``is_clip``.
+    * ``weights`` [...]: a constant per-token weight (e.g. 1/sequence length for per-sequence means).
+
+    These run through ``sdft_kernels.chunked`` (exact, chunk by chunk) on every device; the plain
+    full-vocabulary divergence keeps its hand-written kernels.
     """
     spec = make_spec(divergence, beta, temperature)
+    objective = make_objective(spec, mode=mode, topk=topk, topk_support=topk_support, add_tail=add_tail)
     t_weight = check_inputs(student_hidden, teacher_hidden, weight, teacher_weight, mask, reduction)
-    impl = _pick_backend(backend, student_hidden.device)
-    shared = teacher_weight is None or teacher_weight is weight
     lead = student_hidden.shape[:-1]
+    per_row = check_row_inputs(lead, weight.shape[0], student_hidden.device, targets=targets,
+                               old_logprobs=old_logprobs, weights=weights)
+    check_importance(is_clip, is_level, targets, old_logprobs, lead)
+    if is_clip is not None and is_level == "token":
+        objective = TokenImportance(objective, is_clip)
+    missing = [name for name in objective.needs if name not in per_row and name != "weights"]
+    if missing:
+        raise ValueError(f"mode={mode!r} needs {' and '.join(missing)} (one per token)")
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
     selected = None
@@ -123,6 +157,23 @@ def fused_linear_divergence(
         selected = mask.reshape(-1).bool().nonzero().squeeze(1)
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
+        per_row = {k: v.index_select(0, selected) for k, v in per_row.items()}
+    generic = objective.kernel != "full" or weights is not None or is_clip is not None
+    if generic and backend == "triton":
+        raise ValueError("backend='triton' computes the plain full-vocabulary divergence only; topk, "
+                         "sampled_token, is_clip and weights run on backend='auto' or 'torch'")
+    if is_clip is not None and is_level == "sequence":
+        logp = ChunkedObjective(objective, per_row).token_logprobs(h_s.contiguous(), weight, spec)
+        if selected is not None:
+            logp = logp.new_zeros(mask.numel()).index_copy(0, selected, logp)
+        keep = torch.ones(lead, dtype=torch.bool, device=h_s.device) if mask is None else mask.bool()
+        seq = sequence_importance_weights(logp.reshape(lead), old_logprobs.to(logp.dtype), keep, is_clip).reshape(-1)
+        seq = seq if selected is None else seq.index_select(0, selected)
+        per_row["weights"] = per_row["weights"] * seq if "weights" in per_row else seq
+    if "weights" in per_row:
+        objective = Weighted(objective)
+    impl = ChunkedObjective(objective, per_row) if generic else _pick_backend(backend, student_hidden.device)
+    shared = teacher_weight is None or teacher_weight is weight
     args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
     wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)
     if reduction != "none" and hasattr(impl, "forward_with_grad") and wants_grad:

@@ -1,29 +1,18 @@
 """Float64 materialized reference: full [N, V] logits and autograd. The oracle for every test."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .divergence_spec import DivergenceSpec, make_spec
-
-
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(a || b) from log-probabilities."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+from .objectives import TokenImportance, divergence_of, make_objective, sequence_importance_weights
+from .objectives.base import token_logprob
 
 
 def divergence_from_logits(student_logits, teacher_logits, spec: DivergenceSpec) -> torch.Tensor:
     """Per-row divergence of softmax(student/T) against softmax(teacher/T), teacher detached."""
     log_p = torch.log_softmax(student_logits / spec.temperature, dim=-1)
     log_q = torch.log_softmax(teacher_logits.detach() / spec.temperature, dim=-1)
-    if spec.kind == "reverse_kl":
-        return _kl(log_p, log_q)
-    if spec.kind == "forward_kl":
-        return _kl(log_q, log_p)
-    beta = spec.beta
-    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
-    return beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
+    return divergence_of(log_p, log_q, spec)
 
 
 def reference_linear_divergence(
@@ -36,15 +25,40 @@ def reference_linear_divergence(
     beta=0.5,
     temperature=1.0,
     reduction="mean",
+    *,
+    mode="full",
+    topk=None,
+    topk_support="student",
+    add_tail=False,
+    targets=None,
+    old_logprobs=None,
+    is_clip=None,
+    is_level="token",
+    weights=None,
 ):
     """Same contract as ``fused_linear_divergence``, computed naively in float64."""
     spec = make_spec(divergence, beta, temperature)
+    objective = make_objective(spec, mode=mode, topk=topk, topk_support=topk_support, add_tail=add_tail)
     t_weight = weight if teacher_weight is None else teacher_weight
-    s_logits = student_hidden.double() @ weight.double().T
-    t_logits = teacher_hidden.double() @ t_weight.double().T
-    rows = divergence_from_logits(s_logits, t_logits, spec)
-    keep = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.bool()
-    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    lead = student_hidden.shape[:-1]
+    s_logits = (student_hidden.double() @ weight.double().T).reshape(-1, weight.shape[0]) / spec.temperature
+    t_logits = (teacher_hidden.double() @ t_weight.double().T).detach().reshape(-1, weight.shape[0])
+    t_logits = t_logits / spec.temperature
+    extra = {}
+    if targets is not None:
+        extra["targets"] = targets.reshape(-1).long()
+    if old_logprobs is not None:
+        extra["old_logprobs"] = old_logprobs.reshape(-1).double()
+    if is_clip is not None and is_level == "token":
+        objective = TokenImportance(objective, is_clip)
+    rows = objective.rows(s_logits, t_logits, extra)
+    keep = torch.ones(lead, dtype=torch.bool, device=rows.device) if mask is None else mask.bool()
+    if is_clip is not None and is_level == "sequence":
+        logp = token_logprob(s_logits.detach(), extra["targets"]).reshape(lead)
+        rows = rows * sequence_importance_weights(logp, old_logprobs.double(), keep.double(), is_clip).reshape(-1)
+    if weights is not None:
+        rows = rows * weights.reshape(-1).double()
+    rows = torch.where(keep.reshape(-1), rows, torch.zeros_like(rows)).reshape(lead)
     if reduction == "none":
         return rows
     total = rows.sum()

@@ -1,0 +1,36 @@
+"""Top-k divergence (TRL's ``compute_topk_self_distillation_loss``; tinker's teacher-support variant).
+
+The support is the k ids with the largest student logits (``support="teacher"``: the teacher's);
+both distributions are read on those ids. Without ``add_tail`` each is renormalised over the support;
+with it, one extra bucket holds the mass outside (1 - captured mass), as TRL does. k >= V is the
+full vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Objective, divergence_of
+
+
+def add_tail_bucket(log_probs: torch.Tensor) -> torch.Tensor:
+    """Append log(1 - captured mass) to top-k log-probs (TRL's clamp keeps the log finite)."""
+    captured = torch.logsumexp(log_probs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([log_probs, torch.log(-torch.expm1(captured))], dim=-1)
+
+
+class TopK(Objective):
+    def __init__(self, spec, k: int, support: str = "student", add_tail: bool = False):
+        super().__init__(spec)
+        self.k, self.support, self.add_tail = k, support, add_tail
+
+    def rows(self, s, t, extra):
+        k = min(self.k, s.shape[-1])
+        ids = (s if self.support == "student" else t).detach().topk(k, dim=-1).indices
+        log_p = s.gather(-1, ids) - torch.logsumexp(s, -1, keepdim=True)
+        log_q = t.gather(-1, ids) - torch.logsumexp(t, -1, keepdim=True)
+        if self.add_tail:
+            log_p, log_q = add_tail_bucket(log_p), add_tail_bucket(log_q)
+        else:
+            log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+            log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
+        return divergence_of(log_p, log_q, self.spec)
