@@ -85,7 +85,8 @@ def _read_json(path: Path) -> list:
 
 
 def load_examples(data) -> list[Example]:
-    """Examples from a .jsonl/.json path, a list of dicts, or anything iterable of dicts (HF Dataset)."""
+    """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), or anything iterable of
+    dicts (HF Dataset)."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.exists():
@@ -96,7 +97,7 @@ def load_examples(data) -> list[Example]:
         name = str(path)
     else:
         rows, name = list(data), "dataset"
-    examples = [to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
+    examples = [row if isinstance(row, Example) else to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
     if not examples:
         raise ValueError(f"{name} holds no examples")
     return examples

@@ -76,8 +76,9 @@ def test_perplexity_is_the_demonstration_cross_entropy():
     examples = load_examples(ROWS)
     nll, count = 0.0, 0
     for ex in examples:
-        prompt = tok.apply_chat_template(ex.messages(), add_generation_prompt=True)
-        full = tok.apply_chat_template(ex.messages() + [{"role": "assistant", "content": ex.demonstration}])
+        prompt = tok.apply_chat_template(ex.messages(), add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(ex.messages() + [{"role": "assistant", "content": ex.demonstration}],
+                                       return_dict=True)["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
         for t in range(len(prompt), len(full)):
