@@ -12,12 +12,55 @@ import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
 
 from .reporting import BACKENDS as REPORT_BACKENDS
 from .scorers import get_scorer
 
 TEACHER_MODES = ("live", "frozen", "ema")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
+LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
+MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
+
+
+def _template_from_trl(template: str) -> str:
+    return template.replace("{privileged_context}", "{demonstration}")
+
+
+def _teacher_mode_from_trl(kind: str) -> str:
+    modes = {"base": "frozen", "live": "live", "ema": "ema"}
+    if kind not in modes:
+        raise ValueError(f"unknown teacher_model_kind {kind!r}; expected one of base, live, ema")
+    return modes[kind]
+
+
+# TRL's SDFTConfig names accepted by from_dict / from_strings (and so by the CLI): name -> (our field,
+# how to parse CLI text, how to convert the value).
+TRL_ALIASES = {
+    "teacher_model_kind": ("teacher_mode", str, _teacher_mode_from_trl),
+    "teacher_update_rate": ("ema_decay", float, lambda rate: 1.0 - rate),
+    "teacher_prompt_template": ("teacher_template", str, _template_from_trl),
+}
+
+
+def _translate_aliases(values: dict, text: bool = False) -> dict:
+    """Replace TRL's names by ours (CLI text parsed first when ``text``); both given is an error."""
+    out = dict(values)
+    for alias, (target, parse, convert) in TRL_ALIASES.items():
+        if alias not in out:
+            continue
+        if target in values:
+            raise ValueError(f"give {target} or its TRL name {alias}, not both")
+        value = out.pop(alias)
+        if text:
+            try:
+                value = parse(value)
+            except ValueError:
+                raise ValueError(f"{alias} must be a {parse.__name__}, got {value!r}") from None
+        out[target] = convert(value)
+    return out
 NONFINITE_ACTIONS = ("stop", "skip")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -42,6 +85,9 @@ class SDFTConfig:
     per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)
     seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
+    lr_scheduler_type: str = _opt("constant", "learning-rate schedule over max_steps: constant | linear | cosine "
+                                  "(decay to 0), after warmup", choices=LR_SCHEDULES)
+    warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0", minimum=0.0, below=1.0)
     gradient_checkpointing: bool = _opt(False, "recompute decoder activations in backward: less memory, "
                                         "about one more student forward of time (TRL's default is on)")
     # Rollouts (student samples on-policy)
@@ -55,6 +101,24 @@ class SDFTConfig:
     distillation_alpha: float = _opt(0.5, "jsd beta (TRL's name): 0 forward KL, 1 reverse KL", minimum=0.0)
     distillation_temperature: float = _opt(1.0, "logits are divided by this before the divergence",
                                            positive=True)
+    distillation_mode: str = _opt("full_logits", "full_logits: the whole vocabulary (the paper); topk_logits: "
+                                  "on distillation_topk ids (TRL's default); sampled_token: reverse-KL estimator "
+                                  "on the sampled ids (TRL)", choices=DISTILLATION_MODES)
+    distillation_topk: int = _opt(100, "topk_logits: size of the support", positive=True)
+    distillation_topk_support: str = _opt("student", "topk_logits: whose top-k ids form the support (TRL: "
+                                          "student; tinker: teacher)", choices=TOPK_SUPPORTS)
+    distillation_add_tail: bool = _opt(False, "topk_logits: add one bucket for the mass outside the support "
+                                       "instead of renormalising")
+    distillation_is_clip: float | None = _opt(None, "importance-sampling correction against the rollout-time "
+                                              "log-probs, capped at this (none: off)", positive=True,
+                                              kind="optional_float")
+    distillation_is_level: str = _opt("token", "token: ratio per token (TRL); sequence: mean ratio of the "
+                                      "sequence (the paper)", choices=IS_LEVELS)
+    num_loss_tokens_to_skip: int = _opt(0, "leave the first N completion tokens out of the loss (paper: 3)",
+                                        minimum=0)
+    loss_normalization: str = _opt("token_mean", "token_mean: every scored token weighs the same; "
+                                   "sequence_mean: mean over each rollout's tokens, then over rollouts (TRL, "
+                                   "the paper)", choices=LOSS_NORMALIZATIONS)
     # Teacher
     teacher_mode: str = _opt("frozen", "frozen: initial weights (LoRA: adapters off); live: current weights; "
                              "ema: moving average of the student", choices=TEACHER_MODES)
@@ -62,6 +126,9 @@ class SDFTConfig:
                             below=1.0)
     teacher_template: str = _opt("fewshot", "fewshot | paper | a format string with {prompt} and "
                                  "{demonstration}")
+    teacher_sync_steps: int = _opt(1, "ema teacher: update it every this many optimizer steps", positive=True)
+    generate_from_teacher: bool = _opt(False, "sample the rollouts from the teacher context (prompt + "
+                                       "demonstration) instead of the prompt (TRL's option)")
     share_prefix: bool = _opt(True, "compute each prompt / teacher context once per G rollouts")
     # LoRA (via peft)
     use_lora: bool = _opt(False, "train LoRA adapters instead of all weights")
@@ -96,6 +163,7 @@ class SDFTConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
+        self.distillation_mode = MODE_ALIASES.get(self.distillation_mode, self.distillation_mode)
         for f in fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if not DEVICE_PATTERN.match(self.device):
@@ -105,7 +173,10 @@ class SDFTConfig:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
-        make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)
+        spec = make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)
+        if self.distillation_mode == "sampled_token" and spec.kind != "reverse_kl":
+            raise ValueError("distillation_mode=sampled_token is a reverse-KL estimator: set divergence=reverse_kl "
+                             "(TRL: distillation_alpha=1.0)")
         unknown = [name for name in self.report_to if name not in REPORT_BACKENDS]
         if unknown:
             raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
@@ -121,6 +192,8 @@ class SDFTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SDFTConfig":
+        """From a mapping of field names (TRL's names in ``TRL_ALIASES`` accepted too)."""
+        values = _translate_aliases(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -132,11 +205,44 @@ class SDFTConfig:
     def from_strings(cls, pairs: dict[str, str], base: dict | None = None) -> "SDFTConfig":
         """From CLI ``KEY=VALUE`` text over ``base`` values, each parsed by its field's type (not JSON)."""
         by_name = {f.name: f for f in fields(cls)}
+        aliases = _translate_aliases({k: v for k, v in pairs.items() if k in TRL_ALIASES}, text=True)
+        pairs = {k: v for k, v in pairs.items() if k not in TRL_ALIASES}
         unknown = sorted(set(pairs) - set(by_name))
         if unknown:
             raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}; "
                              "`sdft train --help` lists them all")
-        return cls(**{**(base or {}), **{k: parse_text(by_name[k], v) for k, v in pairs.items()}})
+        clash = sorted(set(aliases) & set(pairs))
+        if clash:
+            raise ValueError(f"give {clash[0]} or its TRL name, not both")
+        parsed = {k: parse_text(by_name[k], v) for k, v in pairs.items()}
+        return cls(**{**(base or {}), **parsed, **aliases})
+
+    @classmethod
+    def paper(cls, **overrides) -> "SDFTConfig":
+        """What the SDFT paper's results ran with (../shared/paper-facts.md): forward KL over the full
+        vocabulary, EMA teacher (rate 0.01), the paper's teacher template, the first 3 completion
+        tokens left out of the loss, one rollout per prompt, per-sequence means, sequence-level IS
+        capped at 2.0, cosine schedule with warmup (10%: our choice, the paper names no ratio),
+        gradient checkpointing, lr 1e-5."""
+        values = dict(divergence="forward_kl", distillation_mode="full_logits", teacher_mode="ema", ema_decay=0.99,
+                      teacher_template="paper", num_loss_tokens_to_skip=3, num_generations=1,
+                      loss_normalization="sequence_mean", distillation_is_clip=2.0, distillation_is_level="sequence",
+                      lr_scheduler_type="cosine", warmup_ratio=0.1, learning_rate=1e-5, gradient_checkpointing=True,
+                      weight_decay=0.0, max_grad_norm=1.0, temperature=1.0)
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def trl(cls, **overrides) -> "SDFTConfig":
+        """TRL's SDFTConfig defaults: JSD (alpha 0.5) on the student's top-100 ids renormalised, frozen
+        base teacher, 8 rollouts of up to 256 tokens, template "{prompt}\n\n{demonstration}",
+        per-sequence means, gradient checkpointing. TRL's distillation_is_clip=2.0 only acts on
+        reused rollouts, which sdft never reuses, so it is off here."""
+        values = dict(distillation_mode="topk_logits", distillation_topk=100, distillation_topk_support="student",
+                      distillation_add_tail=False, divergence="jsd", distillation_alpha=0.5, teacher_mode="frozen",
+                      ema_decay=0.95, num_generations=8, max_completion_length=256, max_prompt_length=512,
+                      teacher_template="{prompt}\n\n{demonstration}", num_loss_tokens_to_skip=0,
+                      loss_normalization="sequence_mean", gradient_checkpointing=True, temperature=1.0)
+        return cls(**{**values, **overrides})
 
 
 def _type_name(f) -> str:
@@ -144,6 +250,8 @@ def _type_name(f) -> str:
         return "bool|path"
     if f.metadata.get("kind") == "optional":
         return "str?"
+    if f.metadata.get("kind") == "optional_float":
+        return "float|none"
     return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]"}[str(f.type)]
 
 
@@ -158,6 +266,10 @@ def _checked(f, value):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return value
+    if kind == "float|none":
+        if value is None:
+            return None
+        kind = "float"
     if kind == "str?":
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")
@@ -208,7 +320,9 @@ def parse_text(f, text: str):
             return int(text)
         except ValueError:
             raise ValueError(f"{name} must be an integer, got {text!r}") from None
-    if kind == "float":
+    if kind == "float|none" and low in ("none", "null", ""):
+        return None
+    if kind in ("float", "float|none"):
         try:
             return float(text)
         except ValueError:
@@ -225,7 +339,7 @@ def describe_fields() -> str:
         default = f.default if f.default is not MISSING else f.default_factory()
         if isinstance(default, list):
             default = ",".join(default)
-        if isinstance(default, bool) or default == "":
-            default = json.dumps(default)
+        if isinstance(default, bool) or default == "" or default is None:
+            default = json.dumps(default) if default is not None else "none"
         lines.append(f"  {f.name} ({_type_name(f)}, default {default})\n      {f.metadata['help']}")
     return "\n".join(lines)
