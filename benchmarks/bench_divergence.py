@@ -80,14 +80,60 @@ def gemm_floor(hs, ht, w, divergence):
     return _GemmFloor.apply(hs, ht, w)
 
 
-IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger, "gemm_floor": gemm_floor}
+TOPK = 100  # TRL's default distillation_topk
+_TARGETS = {}
+
+
+def _targets(n: int, vocab: int, device) -> torch.Tensor:
+    """Fixed 'sampled' ids for the sampled-token objective (the same for every implementation)."""
+    key = (n, vocab, str(device))
+    if key not in _TARGETS:
+        _TARGETS[key] = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+    return _TARGETS[key]
+
+
+def ours_topk(hs, ht, w, divergence):
+    return fused_linear_divergence(hs, ht, w, divergence=divergence, topk=TOPK)
+
+
+def trl_topk(hs, ht, w, divergence):
+    """TRL's default objective: its top-k helper on materialised logits."""
+    from trl.experimental.sdft.loss_utils import compute_topk_self_distillation_loss
+
+    logits = hs @ w.T
+    with torch.no_grad():
+        teacher = ht @ w.T
+    return compute_topk_self_distillation_loss(logits, teacher, distillation_topk=TOPK,
+                                               distillation_alpha=ALPHA[divergence],
+                                               distillation_add_tail=False).mean()
+
+
+def ours_sampled(hs, ht, w, divergence):
+    return fused_linear_divergence(hs, ht, w, divergence="reverse_kl", mode="sampled_token",
+                                   targets=_targets(hs.shape[0], w.shape[0], hs.device))
+
+
+def trl_sampled(hs, ht, w, divergence):
+    """TRL's sampled-token helper on materialised logits (reverse KL only)."""
+    from trl.experimental.sdft.loss_utils import compute_sampled_token_self_distillation_loss
+
+    logits = hs @ w.T
+    with torch.no_grad():
+        teacher = ht @ w.T
+    targets = _targets(hs.shape[0], w.shape[0], hs.device)
+    return compute_sampled_token_self_distillation_loss(logits[None], teacher[None], targets[None],
+                                                        distillation_alpha=1.0).mean()
+
+
+IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger, "gemm_floor": gemm_floor,
+         "sdft_topk": ours_topk, "trl_topk": trl_topk, "sdft_sampled": ours_sampled, "trl_sampled": trl_sampled}
 
 
 def available(name: str, device: torch.device) -> str | None:
     """None if the implementation can run here, else why not."""
     if name == "liger" and device.type != "cuda":
         return "needs CUDA"
-    module = {"trl": "trl", "liger": "liger_kernel"}.get(name)
+    module = {"trl": "trl", "trl_topk": "trl", "trl_sampled": "trl", "liger": "liger_kernel"}.get(name)
     if module:
         try:
             __import__(module)

@@ -12,6 +12,7 @@ import torch
 from .config import SDFTConfig
 from .metrics import peak_memory_mib
 from .chat import demonstration_ids
+from .distributed import all_reduce_sum, sum_gradients
 from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps
 
 
@@ -26,9 +27,10 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
     def step_fn(optimizer, step):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        batches = [batch_indices(step, micro, len(encoded), config)
+        batches = [batch_indices(step, micro, len(encoded), config, run.world)
                    for micro in range(config.gradient_accumulation_steps)]
-        tokens = sum(encoded[i][0].numel() - encoded[i][1] for batch in batches for i in batch)
+        tokens = int(all_reduce_sum(sum(encoded[i][0].numel() - encoded[i][1] for batch in batches for i in batch),
+                                    run.world))
         loss_sum = 0.0
         for batch in batches:
             for i in batch:
@@ -37,6 +39,8 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
                 loss = torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum")
                 (loss / tokens).backward()
                 loss_sum += float(loss.detach())
+        sum_gradients([p for p in model.parameters() if p.requires_grad], run.world)
+        loss_sum = all_reduce_sum(loss_sum, run.world)
         grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
         elapsed = time.perf_counter() - t0
         return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",

@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
 from .evaluate import Evaluator
+from .distributed import World, all_reduce_sum, barrier, setup, step_seed, sum_gradients
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .models import load_model
@@ -83,10 +84,11 @@ def apply_lora(model, config: SDFTConfig):
     return get_peft_model(model, lora)
 
 
-def batch_indices(step: int, micro: int, n: int, config: SDFTConfig) -> list[int]:
-    """Prompts of one micro-step: a fresh seeded shuffle each epoch, so a resumed run sees the same order."""
+def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: World = World()) -> list[int]:
+    """Prompts of one micro-step of this process: a fresh seeded shuffle each epoch, so a resumed run
+    sees the same order; process r of W takes the r-th slice of the W * batch prompts of the micro-step."""
     per_step = config.per_device_train_batch_size
-    start = (step * config.gradient_accumulation_steps + micro) * per_step
+    start = ((step * config.gradient_accumulation_steps + micro) * world.size + world.rank) * per_step
     out = []
     for k in range(start, start + per_step):
         epoch, pos = divmod(k, n)
@@ -123,6 +125,7 @@ class Run:
     model_source: str | None  # the base model's path; None: the embedded model (see sdft.export)
     eval_examples: list[Example] | None = None  # config.eval_data, loaded and checked before the model
     eval_scorer: object = None  # a scorer callable (sdft.scorers)
+    world: World = World()  # this process's place under torchrun / accelerate (sdft.distributed)
 
 
 def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
@@ -141,7 +144,10 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     resume = plan_run(config)
     source = OBJECT_SOURCE if model is not None and not isinstance(model, (str, Path)) else model
     source = str(source) if source is not None else None
+    world = setup(config.device)
     device = _device(config.device)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
     if model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(model)
@@ -153,7 +159,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     if config.use_lora:
         model = apply_lora(model, config)
     model.train()
-    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer)
+    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world)
 
 
 def learning_rate_at(config, step: int) -> float:
@@ -190,35 +196,41 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
     (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
-    config, model = run.config, run.model
+    config, model, world = run.config, run.model, run.world
     out = Path(config.output_dir)
-    start_run(config, run.resume)
+    main = world.is_main
+    if main:
+        start_run(config, run.resume)
+    barrier(world)
     optimizer = make_optimizer(model, config)
     log = MetricsLog(out / METRICS_FILE)
     start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher)
-    log.truncate(start)
-    reporters = Reporters(config.report_to, out, config.to_dict())
+    if main:
+        log.truncate(start)
+    reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())
     evaluator = None
-    if run.eval_examples is not None:
+    if run.eval_examples is not None and main:
         evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out)
         evaluator.truncate(start)
         if start == 0:
             reporters.eval(evaluator(model, run.tokenizer, 0))
     history = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
-               disable=not config.progress_bar)
+               disable=not (config.progress_bar and main))
     try:
         for step in bar:
             set_learning_rate(optimizer, config, step)
             record = step_fn(optimizer, step)
             history.append(record)
-            if (step + 1) % config.logging_steps == 0:
+            if main and (step + 1) % config.logging_steps == 0:
                 log.write(record)
                 reporters.train(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-                save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
-                                run.model_source)
+                if main:
+                    save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
+                                    run.model_source)
+                barrier(world)
             last = step + 1 == config.max_steps
             if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
                 reporters.eval(evaluator(model, run.tokenizer, step + 1))
@@ -226,8 +238,9 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
                 step_callback(step + 1, record)
     finally:
         reporters.close()
-    if config.save_final_model:
+    if config.save_final_model and main:
         export_model(model, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
+    barrier(world)
     return TrainResult(model, run.tokenizer, config.max_steps, history, out,
                        evaluator.records if evaluator is not None else [])
 
@@ -278,16 +291,19 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
     loss_sum = 0.0
     tokens = shared_tokens = naive_tokens = 0
     completion_lengths = []
+    world = run.world
+    if world.active:  # different rollouts per process; the same again after a resume
+        torch.manual_seed(step_seed(config.seed, step, world.rank))
     micro_batches = []
     for micro in range(config.gradient_accumulation_steps):
-        chosen = [encoded[i] for i in batch_indices(step, micro, len(encoded), config)]
+        chosen = [encoded[i] for i in batch_indices(step, micro, len(encoded), config, world)]
         sources = [ex.teacher_ids if config.generate_from_teacher else ex.prompt_ids for ex in chosen]
         batch = engine.generate(model, sources, config.num_generations, config.max_completion_length,
                                 config.temperature)
         if config.generate_from_teacher:  # sampled from the teacher context, scored from the prompt
             batch = dataclasses.replace(batch, prompts=[ex.prompt_ids for ex in chosen])
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))
-    divisor = max(sum(normaliser(batch, config) for batch, _ in micro_batches), 1)
+    divisor = max(all_reduce_sum(sum(normaliser(batch, config) for batch, _ in micro_batches), world), 1)
     for batch, contexts in micro_batches:
         loss = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id)
         (loss / divisor).backward()
@@ -298,7 +314,9 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
             naive_tokens += tokens_processed([c.numel() for c in side], width, batch.group_size)[1]
         completion_lengths += batch.mask.sum(1).tolist()
         tokens += batch.num_tokens
-    loss = loss_sum / divisor
+    sum_gradients([p for p in model.parameters() if p.requires_grad], world)
+    loss = all_reduce_sum(loss_sum, world) / divisor
+    tokens = int(all_reduce_sum(tokens, world))
     grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss)
     if not skipped and (step + 1) % config.teacher_sync_steps == 0:
         teacher.update()
