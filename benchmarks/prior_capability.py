@@ -11,7 +11,7 @@ import math
 import torch
 
 from sdft.data import load_examples
-from sdft.evaluate import generate_answers
+from sdft.evaluation import generate_answers
 from sdft.model_parts import eval_mode
 
 QUESTIONS = [

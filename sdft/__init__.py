@@ -1,8 +1,8 @@
 """sdft: Self-Distillation Fine-Tuning with fused LM-head divergence kernels."""
 from .config import SDFTConfig
-from .evaluate import skill_accuracy
+from .evaluation import evaluate, skill_accuracy
 from .models import load_model
 from .sft import train_sft
 from .trainer import TrainResult, train
 
-__all__ = ["SDFTConfig", "TrainResult", "load_model", "skill_accuracy", "train", "train_sft"]
+__all__ = ["SDFTConfig", "TrainResult", "evaluate", "load_model", "skill_accuracy", "train", "train_sft"]

@@ -113,7 +113,7 @@ def _read_prompts(args) -> list[dict]:
 
 def _generate(args, parser) -> int:
     from .data import load_examples
-    from .evaluate import generate_answers, sample_answers
+    from .evaluation import generate_answers, sample_answers
     from .models import load_trained
 
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
@@ -155,7 +155,7 @@ def _train(args, parser) -> int:
     plan_run(config, report=lambda message: None)
 
     from . import models, skill_accuracy, train
-    from .evaluate import eval_table
+    from .evaluation import eval_table
 
     model, tokenizer = models.load_model(args.model)
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data

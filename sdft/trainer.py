@@ -22,7 +22,7 @@ from .batch_prefix import scored_tokens, tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
-from .evaluate import Evaluator
+from .evaluation import Evaluator
 from .distributed import World, all_reduce_sum, barrier, setup, step_seed, sum_gradients
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib

@@ -10,7 +10,7 @@ import torch
 from sdft import SDFTConfig, train
 from sdft.cli import main as cli
 from sdft.data import load_examples
-from sdft.evaluate import demonstration_perplexity, eval_table, evaluate
+from sdft.evaluation import demonstration_perplexity, eval_table, evaluate
 from sdft.scorers import get_scorer
 from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
@@ -185,3 +185,27 @@ def test_cli_generate_errors_are_one_line(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_cli_train_with_eval_data_prints_the_table(tmp_path, capsys):
+    from sdft.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
+    data = _jsonl(tmp_path / "train.jsonl", ROWS)
+    heldout = _jsonl(tmp_path / "heldout.jsonl", ROWS[:2])
+    code = cli(["train", "--model", str(folder), "--data", str(data), "--eval-data", str(heldout), "--scorer", "json",
+                "--set", f"output_dir={tmp_path / 'run'}", "max_steps=1", "num_generations=2",
+                "max_completion_length=3", "per_device_train_batch_size=1", "progress_bar=false", "device=cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "evaluation on" in out and "perplexity" in out and "final_model" in out
+    assert [r["step"] for r in json.loads((tmp_path / "run" / "eval.json").read_text())] == [0, 1]
+
+
+def test_help_lists_the_new_keys(capsys):
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in ("distillation_mode", "distillation_is_clip (float|none, default none)", "eval_scorer", "report_to",
+                "loss_normalization", "lr_scheduler_type"):
+        assert key in out, key
