@@ -234,12 +234,14 @@ class SDFTConfig:
     @classmethod
     def trl(cls, **overrides) -> "SDFTConfig":
         """TRL's SDFTConfig defaults: JSD (alpha 0.5) on the student's top-100 ids renormalised, frozen
-        base teacher, 8 rollouts of up to 256 tokens, template "{prompt}\n\n{demonstration}",
-        per-sequence means, gradient checkpointing. TRL's distillation_is_clip=2.0 only acts on
+        base teacher, 8 rollouts of up to 256 tokens (one prompt a step: TRL's batch of 8 counts
+        completions), template "{prompt}\n\n{demonstration}", per-sequence means, gradient
+        checkpointing, lr 5e-5 with linear decay. TRL's distillation_is_clip=2.0 only acts on
         reused rollouts, which sdft never reuses, so it is off here."""
         values = dict(distillation_mode="topk_logits", distillation_topk=100, distillation_topk_support="student",
                       distillation_add_tail=False, divergence="jsd", distillation_alpha=0.5, teacher_mode="frozen",
                       ema_decay=0.95, num_generations=8, max_completion_length=256, max_prompt_length=512,
+                      per_device_train_batch_size=1, learning_rate=5e-5, lr_scheduler_type="linear",
                       teacher_template="{prompt}\n\n{demonstration}", num_loss_tokens_to_skip=0,
                       loss_normalization="sequence_mean", gradient_checkpointing=True, temperature=1.0)
         return cls(**{**values, **overrides})

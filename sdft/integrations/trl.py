@@ -1,0 +1,164 @@
+"""A drop-in for TRL users: the same constructor as ``trl.experimental.sdft.SDFTTrainer``, run by sdft.
+
+    from sdft.integrations.trl import SDFTTrainer      # instead of trl.experimental.sdft
+    trainer = SDFTTrainer(model="path/or/model", args=trl_sdft_config, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+
+``args`` is TRL's ``SDFTConfig`` (or anything with its attribute names, or a dict); its fields are
+translated by ``config_from_trl``: the same objective (``distillation_alpha`` 0 / 1 / between ->
+forward KL / reverse KL / JSD, ``distillation_mode``, ``distillation_topk``, ...), teacher
+(``teacher_model_kind``, ``teacher_update_rate``, ``teacher_prompt_template``), batch (TRL's
+``per_device_train_batch_size`` counts completions: prompts = it / ``num_generations``), optimiser,
+schedule and bookkeeping. Options sdft does not implement (vLLM generation, a teacher server,
+reusing rollouts over several iterations, top-k / top-p / min-p sampling, repetition penalty) are
+refused with a one-line error rather than silently ignored; pass a rollout engine (``engine=``) for
+vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never reuses, so it
+is not carried over. Training runs in float32 (``bf16`` is reported and not applied).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from ..config import SDFTConfig
+from ..data import load_examples
+from ..trainer import TrainResult, train
+
+# TRL options sdft does not implement, with the value that means "off".
+UNSUPPORTED = {
+    "use_vllm": (False, "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
+    "use_teacher_server": (False, "a teacher server"),
+    "num_iterations": (1, "reusing rollouts over several optimizer iterations"),
+    "top_k": (0, "top-k sampling"),
+    "top_p": (1.0, "top-p sampling"),
+    "min_p": (None, "min-p sampling"),
+    "repetition_penalty": (1.0, "a repetition penalty"),
+}
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+
+
+def _get(args, name, default=None):
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def _value(x):
+    """Enum members (TRL's SchedulerType) as their plain value."""
+    return getattr(x, "value", x)
+
+
+def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) -> SDFTConfig:
+    """An ``SDFTConfig`` meaning what TRL's ``SDFTConfig`` ``args`` means (see the module docstring)."""
+    for name, (off, what) in UNSUPPORTED.items():
+        value = _get(args, name, off)
+        if value != off:
+            raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off!r}")
+    group = int(_get(args, "num_generations", 8))
+    per_device = int(_get(args, "per_device_train_batch_size", 8))
+    if per_device % group:
+        raise ValueError(f"per_device_train_batch_size={per_device} (completions, as in TRL) must be a multiple of "
+                         f"num_generations={group}")
+    prompts = per_device // group
+    accumulation = int(_get(args, "gradient_accumulation_steps", 1))
+    max_steps = int(_get(args, "max_steps", -1))
+    if max_steps <= 0:
+        if num_examples is None:
+            raise ValueError("max_steps is not set: give max_steps, or a train_dataset to count epochs over")
+        per_step = prompts * accumulation * world_size
+        max_steps = max(1, math.ceil(float(_get(args, "num_train_epochs", 3.0)) * num_examples / per_step))
+    alpha = float(_get(args, "distillation_alpha", 0.5))
+    divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(alpha, "jsd")
+    schedule = str(_value(_get(args, "lr_scheduler_type", "linear")))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
+    warmup = _get(args, "warmup_ratio", None) or 0.0
+    if not warmup and _get(args, "warmup_steps", 0):
+        warmup = min(float(_get(args, "warmup_steps")) / max_steps, 0.99)
+    report_to = _get(args, "report_to", None) or ["none"]
+    report_to = [report_to] if isinstance(report_to, str) else list(report_to)
+    report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
+    if _get(args, "bf16", False) or _get(args, "fp16", False):
+        warnings.warn("sdft trains in float32: bf16/fp16 from the TRL config is not applied", stacklevel=2)
+    values = dict(
+        output_dir=str(_get(args, "output_dir", "sdft-output")),
+        learning_rate=float(_get(args, "learning_rate", 5e-5)),
+        weight_decay=float(_get(args, "weight_decay", 0.0)),
+        max_grad_norm=float(_get(args, "max_grad_norm", 1.0)),
+        max_steps=max_steps,
+        per_device_train_batch_size=prompts,
+        gradient_accumulation_steps=accumulation,
+        seed=int(_get(args, "seed", 42)),
+        lr_scheduler_type=SCHEDULES[schedule],
+        warmup_ratio=float(warmup),
+        gradient_checkpointing=bool(_get(args, "gradient_checkpointing", True)),
+        num_generations=group,
+        temperature=float(_get(args, "temperature", 1.0)),
+        max_prompt_length=int(_get(args, "max_prompt_length", None) or 1_000_000),
+        max_completion_length=int(_get(args, "max_completion_length", None) or 256),
+        divergence=divergence,
+        distillation_alpha=alpha if divergence == "jsd" else 0.5,
+        distillation_mode=str(_get(args, "distillation_mode", "topk_logits")),
+        distillation_topk=int(_get(args, "distillation_topk", None) or 100),
+        distillation_add_tail=bool(_get(args, "distillation_add_tail", False)),
+        num_loss_tokens_to_skip=int(_get(args, "num_loss_tokens_to_skip", 0)),
+        loss_normalization="sequence_mean",
+        teacher_model_kind=str(_get(args, "teacher_model_kind", "base")),
+        teacher_update_rate=float(_get(args, "teacher_update_rate", 0.05)),
+        teacher_sync_steps=int(_get(args, "teacher_sync_steps", 1)),
+        teacher_prompt_template=str(_get(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")),
+        generate_from_teacher=bool(_get(args, "generate_from_teacher", False)),
+        logging_steps=max(1, int(_get(args, "logging_steps", 10))),
+        save_steps=max(1, int(_get(args, "save_steps", 500))),
+        save_total_limit=int(_get(args, "save_total_limit", None) or 0),
+        report_to=report_to,
+        device="cpu" if _get(args, "use_cpu", False) else "auto",
+        progress_bar=not _get(args, "disable_tqdm", False),
+    )
+    return SDFTConfig.from_dict(values)
+
+
+def _lora_values(peft_config) -> dict:
+    if peft_config is None:
+        return {}
+    modules = peft_config.target_modules
+    return dict(use_lora=True, lora_r=int(peft_config.r), lora_alpha=int(peft_config.lora_alpha),
+                lora_dropout=float(peft_config.lora_dropout),
+                lora_target_modules=sorted(modules) if not isinstance(modules, str) else [modules])
+
+
+class SDFTTrainer:
+    """``trl.experimental.sdft.SDFTTrainer``'s constructor and ``train()``, run by ``sdft.train``."""
+
+    def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 callbacks=None, peft_config=None, engine=None):
+        if train_dataset is None:
+            raise ValueError("SDFTTrainer needs a train_dataset (columns prompt and privileged_context)")
+        self.examples = load_examples(train_dataset)
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        config = config_from_trl(args if args is not None else {}, len(self.examples), world)
+        if peft_config is not None:
+            config = SDFTConfig.from_dict({**config.to_dict(), **_lora_values(peft_config)})
+        self.args, self.model, self.processing_class = config, model, processing_class
+        self.eval_dataset, self.engine = eval_dataset, engine
+        if callbacks:
+            warnings.warn("SDFTTrainer (sdft): transformers callbacks are not called; metrics go to "
+                          "output_dir/metrics.jsonl and report_to", stacklevel=2)
+        self.result: TrainResult | None = None
+
+    def train(self) -> TrainResult:
+        self.result = train(self.model, self.examples, self.args, tokenizer=self.processing_class,
+                            engine=self.engine)
+        self.model = self.result.model
+        return self.result
+
+    def save_model(self, output_dir: str | None = None):
+        """Write the trained model as a Hugging Face folder (LoRA: the adapter)."""
+        from ..export import export_model
+
+        if self.result is None:
+            raise ValueError("call train() before save_model()")
+        return export_model(self.result.model, self.result.tokenizer, output_dir or self.args.output_dir)
