@@ -1,8 +1,9 @@
 """Any objective (``sdft_kernels.objectives``), fused with the LM head chunk by chunk, on any device.
 
 For each block of rows the [chunk, V] logits are formed, the objective's per-row formula is
-evaluated and, when gradients are wanted, differentiated with autograd on that block only; dH and
-dW follow from two GEMMs, as in ``torch_backend``. Nothing of size [N, V] is ever held. The
+evaluated and, when gradients are wanted, differentiated on that block only (by the objective's
+hand-written ``terms_and_grad`` where it has one, else by autograd); dH and dW follow from two GEMMs,
+as in ``torch_backend``. Nothing of size [N, V] is ever held. The
 elementwise work autograd adds is small next to the three [chunk, H] x [H, V] GEMMs of each block.
 
 ``ChunkedObjective(objective, extra)`` has the backend interface ``fused_divergence`` drives
@@ -35,10 +36,14 @@ class ChunkedObjective:
                 with torch.no_grad():
                     losses[rows] = self.objective.rows(s, t, extra)
                 continue
-            with torch.enable_grad():
-                s.requires_grad_(True)
-                loss = self.objective.rows(s, t, extra)
-                (gz,) = torch.autograd.grad(loss, s, grad_outputs=row_grad[rows].to(dtype))
+            if self.objective.terms_and_grad is not None:  # hand-written chunk math
+                loss, gz = self.objective.terms_and_grad(s, t, extra)
+                gz.mul_(row_grad[rows].to(dtype)[:, None])
+            else:
+                with torch.enable_grad():
+                    s.requires_grad_(True)
+                    loss = self.objective.rows(s, t, extra)
+                    (gz,) = torch.autograd.grad(loss, s, grad_outputs=row_grad[rows].to(dtype))
             losses[rows] = loss.detach()
             if need_h:
                 torch.mm(gz, w32, out=d_h[rows])

@@ -176,13 +176,22 @@ def test_sequence_importance_sampling_averages_then_caps():
     torch.testing.assert_close(loss, ref, **TOL)
 
 
+OBJECTIVES = {  # autograd (top-k) and hand-written (full vocabulary, sampled token) chunk math
+    "topk": dict(divergence="jsd", beta=0.4, topk=6, add_tail=True),
+    "full": dict(divergence="jsd", beta=0.4),
+    "full_fkl": dict(divergence="forward_kl"),
+    "sampled": dict(divergence="reverse_kl", mode="sampled_token"),
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_reductions_and_weights_against_the_reference(reduction):
+def test_reductions_weights_and_is_against_the_reference(reduction, objective):
     h_s, h_t, w, w_t, y, old = _inputs(seed=9)
     weights = torch.rand(13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     mask = torch.arange(13) % 4 != 1
-    kw = dict(mask=mask, divergence="jsd", beta=0.4, temperature=0.8, reduction=reduction, topk=6, add_tail=True,
-              weights=weights, targets=y, old_logprobs=old, is_clip=3.0)
+    kw = dict(mask=mask, temperature=0.8, reduction=reduction, weights=weights, targets=y, old_logprobs=old,
+              is_clip=3.0, **OBJECTIVES[objective])
     a = fused_linear_divergence(h_s, h_t, w, **kw)
     b = reference_linear_divergence(h_s, h_t, w, **kw)
     torch.testing.assert_close(a, b, **TOL)

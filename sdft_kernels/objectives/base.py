@@ -47,6 +47,10 @@ class Objective:
     def rows(self, s: torch.Tensor, t: torch.Tensor, extra: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    # Optional fast path: ``terms_and_grad(s, t, extra) -> (rows, d rows / d s)`` written by hand,
+    # allowed to overwrite ``s`` and ``t``; ``sdft_kernels.chunked`` uses it instead of autograd.
+    terms_and_grad = None
+
 
 class Weighted(Objective):
     """``inner``'s per-token loss times a given constant per-row weight (``extra["weights"]``)."""
@@ -58,3 +62,14 @@ class Weighted(Objective):
 
     def rows(self, s, t, extra):
         return self.inner.rows(s, t, extra) * extra["weights"]
+
+    @property
+    def terms_and_grad(self):
+        if self.inner.terms_and_grad is None:
+            return None
+
+        def fast(s, t, extra):
+            loss, grad = self.inner.terms_and_grad(s, t, extra)
+            w = extra["weights"].to(grad.dtype)
+            return loss * w, grad.mul_(w[:, None])
+        return fast

@@ -30,6 +30,17 @@ class TokenImportance(Objective):
         ratio = clipped_ratio(token_logprob(s.detach(), extra["targets"]), extra["old_logprobs"], self.clip)
         return self.inner.rows(s, t, extra) * ratio
 
+    @property
+    def terms_and_grad(self):
+        if self.inner.terms_and_grad is None:
+            return None
+
+        def fast(s, t, extra):
+            ratio = clipped_ratio(token_logprob(s, extra["targets"]), extra["old_logprobs"], self.clip)
+            loss, grad = self.inner.terms_and_grad(s, t, extra)  # after the ratio: it consumes s
+            return loss * ratio, grad.mul_(ratio.to(grad.dtype)[:, None])
+        return fast
+
 
 def sequence_importance_weights(log_p: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
                                 clip: float) -> torch.Tensor:

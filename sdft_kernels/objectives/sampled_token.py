@@ -6,6 +6,9 @@ a cut cross-entropy.
 """
 from __future__ import annotations
 
+import torch
+
+from ..logit_math import _softmax_
 from .base import Objective, token_logprob
 
 
@@ -22,3 +25,15 @@ class SampledToken(Objective):
         log_p = token_logprob(s, extra["targets"])
         log_q = token_logprob(t, extra["targets"])
         return (log_p - log_q).detach() * log_p
+
+    def terms_and_grad(self, s, t, extra):
+        """d rows / d s = c (onehot(y) - p) with c = log p(y) - log q(y); consumes s and t."""
+        y = extra["targets"][:, None]
+        s_y, t_y = s.gather(1, y).squeeze(1), t.gather(1, y).squeeze(1)
+        peak = t.amax(-1)
+        log_q = t_y - peak - t.sub_(peak[:, None]).exp_().sum(-1).log()
+        log_p = s_y - _softmax_(s)  # s is now p
+        c = log_p - log_q
+        grad = s.mul_(-c[:, None])
+        grad.scatter_add_(1, y, c[:, None])
+        return c * log_p, grad

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..logit_math import _softmax_
+from ..logit_math import terms_and_grad as _hand_written
 from .base import Objective, divergence_of
 
 
@@ -34,3 +36,23 @@ class TopK(Objective):
             log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
             log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
         return divergence_of(log_p, log_q, self.spec)
+
+    def terms_and_grad(self, s, t, extra):
+        """Consumes s and t. Renormalised: the full-vocabulary math on the [n, k] support logits (the
+        log-sum-exp over V cancels), scattered back. With the tail the loss also reads log-sum-exp(s),
+        whose gradient is softmax(s): autograd on the [n, k] support and that one scalar per row."""
+        k = min(self.k, s.shape[-1])
+        ids = (s if self.support == "student" else t).topk(k, dim=-1).indices
+        s_k, t_k = s.gather(-1, ids), t.gather(-1, ids)
+        if not self.add_tail:
+            loss, g_k = _hand_written(s_k, t_k, self.spec)
+            return loss, s.zero_().scatter_(-1, ids, g_k)
+        lse_t = torch.logsumexp(t, -1, keepdim=True)
+        with torch.enable_grad():
+            a = s_k.requires_grad_()
+            lse_s = _softmax_(s)[:, None].requires_grad_()  # s is now softmax(s)
+            log_p = add_tail_bucket(a - lse_s)
+            log_q = add_tail_bucket(t_k - lse_t)
+            loss = divergence_of(log_p, log_q, self.spec)
+            g_a, g_lse = torch.autograd.grad(loss.sum(), (a, lse_s))
+        return loss.detach(), s.mul_(g_lse).scatter_add_(-1, ids, g_a)
