@@ -116,8 +116,9 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
 
     torch.manual_seed(0)
     data = rows(setting)
+    scratch = tempfile.TemporaryDirectory()  # the run's final checkpoint (1.6 GB) goes with it
     config = sdft.SDFTConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=prompts,
+        output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=prompts,
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
         divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
@@ -126,6 +127,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
     fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
     records = result.metrics
+    scratch.cleanup()
     return _summary([r["seconds"] for r in records],
                     {"tokens_per_step": statistics.mean(r["tokens"] for r in records),
                      "tokens_processed": records[-1].get("tokens_processed"),
@@ -144,8 +146,9 @@ def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
     torch.manual_seed(0)
     data = Dataset.from_list([{"prompt": r["prompt"], "privileged_context": r["demonstration"]}
                               for r in rows(setting)])
+    scratch = tempfile.TemporaryDirectory()
     args = SDFTConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=prompts * group,
+        output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=prompts * group,
         gradient_accumulation_steps=1, num_generations=group, max_completion_length=COMPLETION,
         max_prompt_length=None, learning_rate=LR, distillation_mode="full_logits", distillation_alpha=0.0,
         teacher_model_kind="base", teacher_prompt_template="{prompt}\n\n{privileged_context}",
@@ -165,6 +168,7 @@ def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
     trainer = SDFTTrainer(model=path, args=args, train_dataset=data,
                           processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()])
     trainer.train()
+    scratch.cleanup()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return _summary(seconds, {"loss": losses[-1] if losses else None})
 
