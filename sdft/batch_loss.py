@@ -6,7 +6,8 @@ import torch
 from sdft_kernels import fused_linear_divergence
 
 from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
-from .model_parts import decoder_of, lm_head_weight
+from .lm_head import head_of
+from .model_parts import decoder_of
 
 KERNEL_MODES = {"full_logits": "full", "topk_logits": "full", "sampled_token": "sampled_token"}
 
@@ -39,8 +40,11 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix)
     fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
     s_hidden = fn(decoder_of(student), batch.prompts, batch.completions, batch.mask, pad_id)
-    weight = lm_head_weight(student)
-    kwargs = {}
+    head, t_head = head_of(student), teacher.head()
+    weight = head.weight
+    kwargs = dict(bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap)
+    if t_head is not None and (head.bias is not None or t_head.bias is not None):
+        kwargs["teacher_bias"] = t_head.bias
     if config.distillation_mode == "topk_logits":
         kwargs.update(topk=config.distillation_topk, topk_support=config.distillation_topk_support,
                       add_tail=config.distillation_add_tail)
@@ -53,7 +57,7 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
         lengths = mask.sum(1, keepdim=True)
         kwargs["weights"] = (1.0 / lengths.clamp(min=1)).float().expand_as(mask)
     return fused_linear_divergence(
-        s_hidden, t_hidden.to(weight.dtype), weight, teacher.head_weight(), mask=mask,
+        s_hidden, t_hidden.to(weight.dtype), weight, None if t_head is None else t_head.weight, mask=mask,
         divergence=config.divergence, beta=config.distillation_alpha,
         temperature=config.distillation_temperature, reduction="sum",
         mode=KERNEL_MODES[config.distillation_mode], **kwargs)

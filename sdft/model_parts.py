@@ -14,10 +14,6 @@ def decoder_of(model):
     return base_model(model).get_decoder()
 
 
-def lm_head_weight(model):
-    return base_model(model).get_output_embeddings().weight
-
-
 @contextlib.contextmanager
 def eval_mode(model):
     """Run a block with the model in eval mode (no dropout), then restore its train/eval state."""

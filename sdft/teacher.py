@@ -12,7 +12,8 @@ import torch
 
 
 from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
-from .model_parts import decoder_of, eval_mode, lm_head_weight
+from .lm_head import head_of
+from .model_parts import decoder_of, eval_mode
 
 
 class Teacher:
@@ -43,11 +44,12 @@ class Teacher:
         with eval_mode(model), self._context():
             return fn(decoder_of(model), contexts, completions, mask, pad_id)
 
-    def head_weight(self):
-        """The teacher's LM head, or None when it is the student's own (the fused op then reads it once)."""
+    def head(self):
+        """The teacher's LM head (``sdft.lm_head.Head``), or None when it is the student's own (the
+        fused op then reads it once)."""
         if self.copy is None:
             return None
-        return lm_head_weight(self.copy)
+        return head_of(self.copy)
 
     @torch.no_grad()
     def update(self):

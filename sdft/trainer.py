@@ -26,6 +26,7 @@ from .evaluation import Evaluator
 from .distributed import World, all_reduce_sum, barrier, setup, step_seed, sum_gradients
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
+from .lm_head import verify_head
 from .models import load_model
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
@@ -158,6 +159,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.use_lora:
         model = apply_lora(model, config)
+    verify_head(model)  # a head sdft cannot express is refused here, before any step
     model.train()
     return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world)
 

@@ -18,8 +18,19 @@ from .torch_backend import _chunk_logits, _row_chunks, _upcast_heads
 
 
 class ChunkedObjective:
-    def __init__(self, objective, extra: dict[str, torch.Tensor]):
-        self.objective, self.extra = objective, extra
+    """``softcap``: Gemma-2 style ``cap * tanh(z / cap)`` on the raw logits z before the objective."""
+
+    def __init__(self, objective, extra: dict[str, torch.Tensor], softcap: float | None = None):
+        self.objective, self.extra, self.softcap = objective, extra, softcap
+
+    def _logits(self, h_s, h_t, w32, wt32, rows, spec, dtype):
+        if self.softcap is None:
+            return _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype) + (None,)
+        cap = self.softcap
+        tanh = torch.tanh((h_s[rows].to(dtype) @ w32.T) / cap)
+        s = tanh * (cap * spec.inv_temperature)
+        t = torch.tanh((h_t[rows].to(dtype) @ wt32.T) / cap) * (cap * spec.inv_temperature)
+        return s, t, tanh
 
     def _pass(self, h_s, h_t, w, w_t, spec, row_grad, need_h, need_w):
         """(per-row losses, dH, dW); ``row_grad`` (None: no gradients) weights each row's gradient."""
@@ -30,7 +41,7 @@ class ChunkedObjective:
         d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
         grads = row_grad is not None and (need_h or need_w)
         for rows in _row_chunks(n, w.shape[0]):
-            s, t = _chunk_logits(h_s.detach(), h_t, w32.detach(), wt32, rows, spec, dtype)
+            s, t, tanh = self._logits(h_s.detach(), h_t, w32.detach(), wt32, rows, spec, dtype)
             extra = {k: v[rows] for k, v in self.extra.items()}
             if not grads:
                 with torch.no_grad():
@@ -45,6 +56,8 @@ class ChunkedObjective:
                     loss = self.objective.rows(s, t, extra)
                     (gz,) = torch.autograd.grad(loss, s, grad_outputs=row_grad[rows].to(dtype))
             losses[rows] = loss.detach()
+            if tanh is not None:  # through the cap: d cap*tanh(z/cap) / dz = 1 - tanh^2
+                gz.mul_(tanh.square_().neg_().add_(1.0))
             if need_h:
                 torch.mm(gz, w32, out=d_h[rows])
             if need_w:
@@ -75,6 +88,8 @@ class ChunkedObjective:
         w32 = w.detach().to(dtype)
         with torch.no_grad():
             for rows in _row_chunks(h_s.shape[0], w.shape[0]):
-                s = (h_s[rows].detach().to(dtype) @ w32.T) * spec.inv_temperature
-                out[rows] = token_logprob(s, self.extra["targets"][rows])
+                s = h_s[rows].detach().to(dtype) @ w32.T
+                if self.softcap is not None:
+                    s = torch.tanh(s / self.softcap) * self.softcap
+                out[rows] = token_logprob(s * spec.inv_temperature, self.extra["targets"][rows])
         return out

@@ -7,6 +7,7 @@ from torch.autograd.function import once_differentiable
 from . import torch_backend
 from .chunked import ChunkedObjective
 from .divergence_spec import DivergenceSpec, make_spec
+from .heads import check_softcap, effective_temperature, with_bias
 from .input_checks import check_importance, check_inputs, check_row_inputs
 from .objectives import TokenImportance, Weighted, make_objective, sequence_importance_weights
 
@@ -113,6 +114,10 @@ def fused_linear_divergence(
     is_clip: float | None = None,
     is_level: str = "token",
     weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Divergence between softmax(student_hidden @ weight.T / T) and the teacher's, per token.
 
@@ -137,10 +142,23 @@ def fused_linear_divergence(
 
     These run through ``sdft_kernels.chunked`` (exact, chunk by chunk) on every device; the plain
     full-vocabulary divergence keeps its hand-written kernels.
+
+    LM heads of other model families (``sdft_kernels.heads``): ``bias`` [V] (``teacher_bias`` for a
+    separate teacher head; None there: the student's), ``logit_scale`` multiplying the logits
+    (Cohere; Granite's ``logits_scaling`` is 1 / it) and ``softcap`` (Gemma-2: ``cap * tanh(z / cap)``),
+    all before the temperature.
     """
+    check_softcap(softcap)
+    if softcap is not None:  # cap*tanh(scale*z/cap) = scale * (cap/scale)*tanh(z/(cap/scale))
+        softcap = softcap / logit_scale if logit_scale > 0 else softcap
+    temperature = effective_temperature(temperature, logit_scale)
     spec = make_spec(divergence, beta, temperature)
     objective = make_objective(spec, mode=mode, topk=topk, topk_support=topk_support, add_tail=add_tail)
     t_weight = check_inputs(student_hidden, teacher_hidden, weight, teacher_weight, mask, reduction)
+    if bias is not None or teacher_bias is not None:
+        student_hidden, teacher_hidden, weight, teacher_weight = with_bias(
+            student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias)
+        t_weight = weight if teacher_weight is None else teacher_weight
     lead = student_hidden.shape[:-1]
     per_row = check_row_inputs(lead, weight.shape[0], student_hidden.device, targets=targets,
                                old_logprobs=old_logprobs, weights=weights)
@@ -158,12 +176,12 @@ def fused_linear_divergence(
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
         per_row = {k: v.index_select(0, selected) for k, v in per_row.items()}
-    generic = objective.kernel != "full" or weights is not None or is_clip is not None
+    generic = objective.kernel != "full" or weights is not None or is_clip is not None or softcap is not None
     if generic and backend == "triton":
         raise ValueError("backend='triton' computes the plain full-vocabulary divergence only; topk, "
-                         "sampled_token, is_clip and weights run on backend='auto' or 'torch'")
+                         "sampled_token, is_clip, weights and softcap run on backend='auto' or 'torch'")
     if is_clip is not None and is_level == "sequence":
-        logp = ChunkedObjective(objective, per_row).token_logprobs(h_s.contiguous(), weight, spec)
+        logp = ChunkedObjective(objective, per_row, softcap).token_logprobs(h_s.contiguous(), weight, spec)
         if selected is not None:
             logp = logp.new_zeros(mask.numel()).index_copy(0, selected, logp)
         keep = torch.ones(lead, dtype=torch.bool, device=h_s.device) if mask is None else mask.bool()
@@ -172,7 +190,7 @@ def fused_linear_divergence(
         per_row["weights"] = per_row["weights"] * seq if "weights" in per_row else seq
     if "weights" in per_row:
         objective = Weighted(objective)
-    impl = ChunkedObjective(objective, per_row) if generic else _pick_backend(backend, student_hidden.device)
+    impl = ChunkedObjective(objective, per_row, softcap) if generic else _pick_backend(backend, student_hidden.device)
     shared = teacher_weight is None or teacher_weight is weight
     args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
     wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)

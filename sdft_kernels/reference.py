@@ -35,15 +35,29 @@ def reference_linear_divergence(
     is_clip=None,
     is_level="token",
     weights=None,
+    bias=None,
+    teacher_bias=None,
+    logit_scale=1.0,
+    softcap=None,
 ):
     """Same contract as ``fused_linear_divergence``, computed naively in float64."""
     spec = make_spec(divergence, beta, temperature)
     objective = make_objective(spec, mode=mode, topk=topk, topk_support=topk_support, add_tail=add_tail)
     t_weight = weight if teacher_weight is None else teacher_weight
+    t_bias = bias if teacher_weight is None else teacher_bias
     lead = student_hidden.shape[:-1]
-    s_logits = (student_hidden.double() @ weight.double().T).reshape(-1, weight.shape[0]) / spec.temperature
-    t_logits = (teacher_hidden.double() @ t_weight.double().T).detach().reshape(-1, weight.shape[0])
-    t_logits = t_logits / spec.temperature
+
+    def head(h, w, b):
+        z = h.double() @ w.double().T
+        if b is not None:
+            z = z + b.double()
+        z = z * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return z.reshape(-1, weight.shape[0]) / spec.temperature
+
+    s_logits = head(student_hidden, weight, bias)
+    t_logits = head(teacher_hidden, t_weight, t_bias).detach()
     extra = {}
     if targets is not None:
         extra["targets"] = targets.reshape(-1).long()
