@@ -26,8 +26,16 @@ from benchmarks.prior_capability import general_accuracy, heldout_perplexity  # 
 from sdft import SDFTConfig, load_model, skill_accuracy, train, train_sft  # noqa: E402
 
 # name -> (trainer, config overrides)
+# The paper's recipe (../shared/paper-facts.md): EMA teacher at rate 0.01, its template, 3 skipped loss
+# tokens, one rollout, per-sequence means, sequence-level IS capped at 2, cosine schedule with warmup.
+PAPER = {k: v for k, v in SDFTConfig.paper().to_dict().items()
+         if k in ("teacher_mode", "ema_decay", "teacher_template", "num_loss_tokens_to_skip", "num_generations",
+                  "loss_normalization", "distillation_is_clip", "distillation_is_level", "lr_scheduler_type",
+                  "warmup_ratio")}
 METHODS = {"sft": (train_sft, {}), "sdft": (train, {"teacher_mode": "frozen"}),
-           "sdft_live_teacher": (train, {"teacher_mode": "live"})}
+           "sdft_live_teacher": (train, {"teacher_mode": "live"}),
+           "sdft_ema": (train, {"teacher_mode": "ema", "ema_decay": 0.99}),
+           "sdft_paper": (train, PAPER)}
 
 
 def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
@@ -49,11 +57,11 @@ def run_method(method: str, skills, args, work: Path) -> dict:
     curve = []
     offset = 0
     for k, skill in enumerate(skills, start=1):
-        config = SDFTConfig(output_dir=str(work / method / skill.name), max_steps=args.steps,
-                            learning_rate=args.lr, per_device_train_batch_size=args.batch,
-                            num_generations=args.generations, max_completion_length=args.completion_length,
-                            divergence=args.divergence, **METHODS[method][1], save_steps=10**9, save_total_limit=1,
-                            progress_bar=False, seed=args.seed + k)
+        common = dict(output_dir=str(work / method / skill.name), max_steps=args.steps, learning_rate=args.lr,
+                      per_device_train_batch_size=args.batch, num_generations=args.generations,
+                      max_completion_length=args.completion_length, divergence=args.divergence, save_steps=10**9,
+                      save_total_limit=1, progress_bar=False, seed=args.seed + k, save_final_model=False)
+        config = SDFTConfig(**{**common, **METHODS[method][1]})  # the method's own settings win
 
         def track(step, record, skill=skill, offset=offset):
             if step % args.curve_every == 0:

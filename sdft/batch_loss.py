@@ -5,7 +5,8 @@ import torch
 
 from sdft_kernels import fused_linear_divergence
 
-from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
+from .batch_prefix import (batched_unshared_hidden, joint_pass_pays, joint_tree_hidden, shared_prefix_hidden,
+                           supports_tree)
 from .lm_head import head_of
 from .model_parts import decoder_of
 
@@ -34,12 +35,19 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     The step's loss is the sum over micro-batches divided by the summed ``normaliser``s. With
     ``sequence_mean`` each rollout's tokens carry 1 / its length, so every rollout weighs the same,
     as in TRL and the paper. The teacher (contexts with the demonstration) gets no gradient; both
-    sides run the micro-batch's prefix tree.
+    sides run the micro-batch's prefix tree, one tree for both when the teacher is the live student
+    and sharing their common prefixes pays (``joint_pass_pays``).
     """
     mask = loss_mask(batch, config)
-    t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix)
-    fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
-    s_hidden = fn(decoder_of(student), batch.prompts, batch.completions, batch.mask, pad_id)
+    decoder = decoder_of(student)
+    args = (batch.prompts, teacher_contexts, batch.completions, batch.mask, pad_id)
+    if (config.share_prefix and supports_tree(decoder) and teacher.is_student(decoder.config)
+            and joint_pass_pays(decoder, *args)):
+        s_hidden, t_hidden = joint_tree_hidden(decoder, *args)
+    else:
+        t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix)
+        fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
+        s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id)
     head, t_head = head_of(student), teacher.head()
     weight = head.weight
     kwargs = dict(bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap)

@@ -100,20 +100,33 @@ def pack_rollouts(contexts: list[torch.Tensor], completions: torch.Tensor, compl
     Sequence r is its context followed by completion r minus its last real token; slot t of row r is
     read at sequence position ``len(context) - 1 + t`` (masked slots: the row's last real node).
     """
-    group = group_size(contexts, completions)
+    packed, (index,) = pack_sides([contexts], completions, completion_mask, pad_id, pairs)
+    return packed, index
+
+
+def pack_sides(sides: list[list[torch.Tensor]], completions: torch.Tensor, completion_mask: torch.Tensor,
+               pad_id: int, pairs: float) -> tuple[PackedTrees, list[torch.Tensor]]:
+    """One prefix tree over several sides' contexts (e.g. student prompts and teacher contexts) followed
+    by the same completions; a node index ``[B*G, L]`` per side (see ``pack_rollouts``)."""
+    group = group_size(sides[0], completions)
     lengths = completion_mask.sum(1).tolist()
     rows = completions.tolist()
-    groups = [(ctx.tolist(), [rows[r][:max(lengths[r] - 1, 0)] for r in range(b * group, (b + 1) * group)])
-              for b, ctx in enumerate(contexts)]
+    conts = [[rows[r][:max(lengths[r] - 1, 0)] for r in range(b * group, (b + 1) * group)]
+             for b in range(len(sides[0]))]
+    groups = [(ctx.tolist(), conts[b]) for contexts in sides for b, ctx in enumerate(contexts)]
     packed = pack_groups(groups, pad_id, pairs, completions.device)
     width = completions.shape[1]
     steps = torch.arange(width, device=completions.device)
-    index = []
-    for r in range(completions.shape[0]):
-        nodes = packed.sequence_nodes[r]
-        start = contexts[r // group].numel() - 1
-        index.append(packed.flat_index(r, nodes[(start + steps).clamp(max=nodes.numel() - 1)]))
-    return packed, torch.stack(index)
+    indices = []
+    for k, contexts in enumerate(sides):
+        index = []
+        for r in range(completions.shape[0]):
+            seq = k * completions.shape[0] + r
+            nodes = packed.sequence_nodes[seq]
+            start = contexts[r // group].numel() - 1
+            index.append(packed.flat_index(seq, nodes[(start + steps).clamp(max=nodes.numel() - 1)]))
+        indices.append(torch.stack(index))
+    return packed, indices
 
 
 def tree_forward(decoder, packed: PackedTrees, **kwargs):
@@ -132,6 +145,31 @@ def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor
     packed, index = pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))
     hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[index]
+
+
+def joint_tree_hidden(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id):
+    """(student hidden, detached teacher hidden) from ONE pass over a tree holding both sides: for a live
+    teacher (the student's own weights) the prefix a teacher context shares with its prompt (system
+    message, question) is computed once. The teacher's rows are detached, so no gradient flows through
+    its branches; gradients through shared nodes come from the student branches only, as unshared."""
+    packed, (s_index, t_index) = pack_sides([prompts, teacher_contexts], completions, completion_mask, pad_id,
+                                            pairs_per_token(decoder.config))
+    hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat[s_index], flat[t_index].detach()
+
+
+def joint_pass_pays(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id) -> bool:
+    """Whether one joint pass is cheaper than a student pass plus a teacher pass.
+
+    A node costs about 3 token passes with backward and 1 without. Separately: 3 S + T; jointly 3 J
+    (teacher-only nodes sit in the same tensors as the student's, so they run backward too, on a zero
+    gradient), with S, T, J the node counts of the student tree, the teacher tree and the joint tree.
+    Long shared system messages pay; short prompts with long demonstrations do not."""
+    pairs = pairs_per_token(decoder.config)
+    count = [pack_sides(sides, completions, completion_mask, pad_id, pairs)[0].num_nodes
+             for sides in ([prompts], [teacher_contexts], [prompts, teacher_contexts])]
+    return 3 * count[2] < 3 * count[0] + count[1]
 
 
 def scored_tokens(decoder, contexts, completions, completion_mask, pad_id, share_prefix: bool = True) -> int:

@@ -28,6 +28,14 @@ class Teacher:
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 
+    def is_student(self, config) -> bool:
+        """Whether the teacher computes with exactly the student's weights and modules (``live``, no
+        frozen-adapter switch, no active dropout): then it can share the student's forward pass."""
+        if self.mode != "live" or self.copy is not None:
+            return False
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.student.modules())
+        return not dropout and not getattr(config, "attention_dropout", 0.0)
+
     def _model(self):
         return self.copy if self.copy is not None else self.student
 
