@@ -135,8 +135,9 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
                      "loss": records[-1]["loss"]})
 
 
-def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
-    """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration."""
+def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = False) -> dict:
+    """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration (``fused``:
+    the same trainer with sdft's fused loss, ``sdft.integrations.trl_loss.FusedSDFTTrainer``)."""
     import tempfile
 
     from datasets import Dataset
@@ -165,6 +166,8 @@ def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
             seconds.append(time.perf_counter() - self.t0)
 
     path = model_dir()
+    if fused:
+        from sdft.integrations.trl_loss import FusedSDFTTrainer as SDFTTrainer  # noqa: N814
     trainer = SDFTTrainer(model=path, args=args, train_dataset=data,
                           processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()])
     trainer.train()
@@ -176,7 +179,8 @@ def run_trl(setting: str, group: int, prompts: int, steps: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
-    p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"], choices=["trl", "sdft", "sdft_gc", "sft"])
+    p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"],
+                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sft"])
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None)
@@ -189,7 +193,7 @@ def main(argv=None):
         setting, group, prompts = SETTINGS[name]
         row = {"setting": name, "G": group, "prompts_per_step": prompts}
         for side in args.sides:
-            fn, extra = ("run_trl", ()) if side == "trl" else ("run_sdft", (side,))
+            fn, extra = {"trl": ("run_trl", ()), "trl_fused": ("run_trl", (True,))}.get(side, ("run_sdft", (side,)))
             out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)
             print(name, side, json.dumps(out), flush=True)
             row[side] = out
@@ -200,7 +204,7 @@ def main(argv=None):
         for side in args.sides:
             line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
             line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
-        for ours in ("sdft", "sdft_gc"):
+        for ours in ("sdft", "sdft_gc", "trl_fused"):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]

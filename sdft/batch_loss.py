@@ -63,7 +63,8 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
                       is_level=config.distillation_is_level)
     if config.loss_normalization == "sequence_mean":
         lengths = mask.sum(1, keepdim=True)
-        kwargs["weights"] = (1.0 / lengths.clamp(min=1)).float().expand_as(mask)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        kwargs["weights"] = (1.0 / lengths.clamp(min=1).to(dtype)).expand_as(mask)
     return fused_linear_divergence(
         s_hidden, t_hidden.to(weight.dtype), weight, None if t_head is None else t_head.weight, mask=mask,
         divergence=config.divergence, beta=config.distillation_alpha,

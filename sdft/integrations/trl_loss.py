@@ -1,0 +1,108 @@
+"""TRL's own ``SDFTTrainer`` with its logits-materialising loss replaced by sdft's fused op.
+
+    from sdft.integrations.trl_loss import FusedSDFTTrainer   # a subclass of trl's SDFTTrainer
+    trainer = FusedSDFTTrainer(model=..., args=trl_sdft_config, train_dataset=..., processing_class=...)
+
+Everything else stays TRL's: rollouts (vLLM included), teacher construction and sync, accelerate /
+DeepSpeed / FSDP handling, logging. Only ``compute_loss`` changes: the student and the teacher run
+their usual forward through the (possibly wrapped) model, so DDP/FSDP hooks fire, but keep one logit
+column instead of ``[B, T, V]`` (``logits_to_keep=1``); their final hidden states go to
+``fused_linear_divergence`` with TRL's objective (``distillation_mode`` full_logits / topk_logits /
+sampled_token, ``distillation_alpha``, ``distillation_add_tail``, ``distillation_is_clip`` on reused
+rollouts, ``num_loss_tokens_to_skip``, temperature, the per-sequence mean then batch mean) and the
+model's LM head as ``sdft.lm_head`` describes it. The teacher-server path is TRL's, unchanged.
+Requires ``trl`` (``pip install "sdft[trl]"``).
+"""
+from __future__ import annotations
+
+import torch
+from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
+
+from sdft_kernels import fused_linear_divergence
+
+from ..lm_head import head_of
+
+MODES = {"full_logits": "full", "topk_logits": "full", "sampled_token": "sampled_token"}
+
+
+def _divergence(alpha: float) -> tuple[str, float]:
+    return {0.0: ("forward_kl", 0.5), 1.0: ("reverse_kl", 0.5)}.get(alpha, ("jsd", alpha))
+
+
+def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Tensor:
+    """Final (normed) hidden states [B, width, H] predicting the last ``width`` tokens, from the
+    model's own forward (hooks of DDP/FSDP wrappers run), keeping one logit column only."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                logits_to_keep=1)
+    return out.hidden_states[-1][:, -(width + 1):-1]
+
+
+@torch.no_grad()
+def check_hidden_route(model) -> None:
+    """``hidden_states[-1]`` through the head must give the model's logits (post-norm states)."""
+    unwrapped = getattr(model, "module", model)
+    head = head_of(unwrapped)
+    ids = (torch.arange(6, device=head.weight.device) * 7919 % head.weight.shape[0])[None]
+    out = unwrapped(input_ids=ids, output_hidden_states=True)
+    ours = head.logits(out.hidden_states[-1][0], head.weight.dtype).double()
+    error = (ours - out.logits[0].double()).abs().max().item()
+    bound = 16 * torch.finfo(head.weight.dtype).eps * max(out.logits.abs().max().item(), 1e-30)
+    if not error <= bound:
+        raise ValueError(f"{type(unwrapped).__name__}: hidden_states[-1] through the LM head does not give the "
+                         f"model's logits (max difference {error:.3g}); FusedSDFTTrainer cannot fuse its loss")
+
+
+class FusedSDFTTrainer(_TRLSDFTTrainer):
+    """``trl.experimental.sdft.SDFTTrainer`` whose loss never materialises [tokens x vocab] logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.distillation_mode not in MODES:
+            raise ValueError(f"distillation_mode={self.args.distillation_mode!r} is not fused by sdft")
+        check_hidden_route(self.accelerator.unwrap_model(self.model))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The SDFTTrainer does not support returning outputs")
+        if self.use_teacher_server:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        width = completion_ids.size(1)
+        loss_mask = completion_mask.bool()
+        if self.num_loss_tokens_to_skip > 0:
+            loss_mask = loss_mask & (torch.arange(width, device=loss_mask.device) >= self.num_loss_tokens_to_skip)
+        s_hidden = completion_hidden(model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
+                                     torch.cat([inputs["prompt_mask"], completion_mask], 1), width)
+        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+            t_hidden = completion_hidden(self.teacher_model, inputs["teacher_input_ids"],
+                                         inputs["teacher_attention_mask"], width)
+        student = self.accelerator.unwrap_model(model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        head = head_of(student)
+        t_head = None if teacher is student else head_of(teacher)
+        if t_head is not None and t_head.weight is head.weight:
+            t_head = None
+        args = self.args
+        divergence, beta = _divergence(float(args.distillation_alpha))
+        kwargs = dict(bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap)
+        if t_head is not None and t_head.bias is not None:
+            kwargs["teacher_bias"] = t_head.bias
+        if args.distillation_mode == "topk_logits":
+            kwargs.update(topk=args.distillation_topk, add_tail=args.distillation_add_tail)
+        if args.distillation_mode == "sampled_token":
+            kwargs["targets"] = completion_ids
+        old = inputs.get("old_per_token_logps")
+        if args.distillation_is_clip is not None and old is not None:
+            kwargs.update(targets=completion_ids, old_logprobs=old, is_clip=args.distillation_is_clip)
+        lengths = loss_mask.sum(1, keepdim=True)
+        dtype = torch.promote_types(head.weight.dtype, torch.float32)
+        kwargs["weights"] = (1.0 / lengths.clamp(min=1).to(dtype)).expand_as(loss_mask)
+        total = fused_linear_divergence(
+            s_hidden, t_hidden.to(head.weight.dtype), head.weight, None if t_head is None else t_head.weight,
+            mask=loss_mask, divergence=divergence, beta=beta, temperature=self.temperature, reduction="sum",
+            mode=MODES[args.distillation_mode], **kwargs)
+        loss = total / completion_ids.size(0)  # TRL: mean over each sequence's tokens, then over sequences
+        mode = "train" if model.training else "eval"
+        self._log_self_distillation_metric(mode, self.accelerator.gather(loss.detach()).mean().item())
+        accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return loss / accumulation_scale
