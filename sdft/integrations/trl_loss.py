@@ -21,6 +21,7 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from sdft_kernels import fused_linear_divergence
 
 from ..lm_head import head_of
+from ..model_parts import base_model
 
 MODES = {"full_logits": "full", "topk_logits": "full", "sampled_token": "sampled_token"}
 
@@ -31,24 +32,35 @@ def _divergence(alpha: float) -> tuple[str, float]:
 
 def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Tensor:
     """Final (normed) hidden states [B, width, H] predicting the last ``width`` tokens, from the
-    model's own forward (hooks of DDP/FSDP wrappers run), keeping one logit column only."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                logits_to_keep=1)
-    return out.hidden_states[-1][:, -(width + 1):-1]
+    model's own forward (hooks of DDP/FSDP wrappers run), keeping one logit column only. The decoder's
+    output is caught by a forward hook (``output_hidden_states`` would keep every layer's states
+    alive, which under gradient checkpointing costs more than the logits saved on long prompts)."""
+    caught = {}
+    decoder = base_model(getattr(model, "module", model)).get_decoder()
+
+    def catch(module, args, output):
+        caught["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(catch)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return caught["hidden"][:, -(width + 1):-1]
 
 
 @torch.no_grad()
 def check_hidden_route(model) -> None:
-    """``hidden_states[-1]`` through the head must give the model's logits (post-norm states)."""
+    """The decoder's output through the head must give the model's logits (post-norm states)."""
     unwrapped = getattr(model, "module", model)
     head = head_of(unwrapped)
     ids = (torch.arange(6, device=head.weight.device) * 7919 % head.weight.shape[0])[None]
-    out = unwrapped(input_ids=ids, output_hidden_states=True)
-    ours = head.logits(out.hidden_states[-1][0], head.weight.dtype).double()
-    error = (ours - out.logits[0].double()).abs().max().item()
-    bound = 16 * torch.finfo(head.weight.dtype).eps * max(out.logits.abs().max().item(), 1e-30)
+    hidden = completion_hidden(unwrapped, ids, torch.ones_like(ids), 5)[0]
+    logits = unwrapped(input_ids=ids).logits[0, :-1].double()
+    error = (head.logits(hidden, head.weight.dtype).double() - logits).abs().max().item()
+    bound = 16 * torch.finfo(head.weight.dtype).eps * max(logits.abs().max().item(), 1e-30)
     if not error <= bound:
-        raise ValueError(f"{type(unwrapped).__name__}: hidden_states[-1] through the LM head does not give the "
+        raise ValueError(f"{type(unwrapped).__name__}: its decoder's output through the LM head does not give the "
                          f"model's logits (max difference {error:.3g}); FusedSDFTTrainer cannot fuse its loss")
 
 
