@@ -49,24 +49,44 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
         fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
         s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id)
     head, t_head = head_of(student), teacher.head()
-    weight = head.weight
+    kwargs = objective_kwargs(
+        config.distillation_mode, mask, batch.completions, topk=config.distillation_topk,
+        topk_support=config.distillation_topk_support, add_tail=config.distillation_add_tail,
+        is_clip=config.distillation_is_clip, is_level=config.distillation_is_level, old_logprobs=batch.logprobs,
+        sequence_mean=config.loss_normalization == "sequence_mean", dtype=head.weight.dtype)
+    return fused_linear_divergence(
+        s_hidden, t_hidden.to(head.weight.dtype), head.weight, None if t_head is None else t_head.weight,
+        mask=mask, divergence=config.divergence, beta=config.distillation_alpha,
+        temperature=config.distillation_temperature, reduction="sum", **head_kwargs(head, t_head), **kwargs)
+
+
+def head_kwargs(head, t_head) -> dict:
+    """The fused op's head keywords for a student head and a separate teacher head (or None: shared)."""
     kwargs = dict(bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap)
     if t_head is not None and (head.bias is not None or t_head.bias is not None):
         kwargs["teacher_bias"] = t_head.bias
-    if config.distillation_mode == "topk_logits":
-        kwargs.update(topk=config.distillation_topk, topk_support=config.distillation_topk_support,
-                      add_tail=config.distillation_add_tail)
-    if config.distillation_mode == "sampled_token" or config.distillation_is_clip is not None:
-        kwargs["targets"] = batch.completions
-    if config.distillation_is_clip is not None:
-        kwargs.update(old_logprobs=batch.logprobs, is_clip=config.distillation_is_clip,
-                      is_level=config.distillation_is_level)
-    if config.loss_normalization == "sequence_mean":
-        lengths = mask.sum(1, keepdim=True)
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        kwargs["weights"] = (1.0 / lengths.clamp(min=1).to(dtype)).expand_as(mask)
-    return fused_linear_divergence(
-        s_hidden, t_hidden.to(weight.dtype), weight, None if t_head is None else t_head.weight, mask=mask,
-        divergence=config.divergence, beta=config.distillation_alpha,
-        temperature=config.distillation_temperature, reduction="sum",
-        mode=KERNEL_MODES[config.distillation_mode], **kwargs)
+    return kwargs
+
+
+def objective_kwargs(distillation_mode: str, mask, completions, *, topk: int, topk_support: str = "student",
+                     add_tail: bool = False, is_clip: float | None = None, is_level: str = "token",
+                     old_logprobs=None, sequence_mean: bool = False, dtype=torch.float32) -> dict:
+    """The fused op's objective keywords for a distillation mode (TRL's names and meanings), the
+    importance-sampling correction when ``is_clip`` and ``old_logprobs`` are given, and the per-token
+    weights 1 / (scored tokens of the rollout) of per-sequence means."""
+    kwargs = dict(mode=KERNEL_MODES[distillation_mode])
+    if distillation_mode == "topk_logits":
+        kwargs.update(topk=topk, topk_support=topk_support, add_tail=add_tail)
+    if distillation_mode == "sampled_token":
+        kwargs["targets"] = completions
+    if is_clip is not None and old_logprobs is not None:
+        kwargs.update(targets=completions, old_logprobs=old_logprobs, is_clip=is_clip, is_level=is_level)
+    if sequence_mean:
+        lengths = mask.sum(1, keepdim=True).clamp(min=1).to(torch.promote_types(dtype, torch.float32))
+        kwargs["weights"] = (1.0 / lengths).expand_as(mask)
+    return kwargs
+
+
+def divergence_from_alpha(alpha: float) -> tuple[str, float]:
+    """TRL's ``distillation_alpha`` as (divergence, jsd beta): 0 forward KL, 1 reverse KL, else JSD."""
+    return {0.0: ("forward_kl", 0.5), 1.0: ("reverse_kl", 0.5)}.get(alpha, ("jsd", alpha))

@@ -29,6 +29,7 @@ import torch
 
 from .prefix_tree import PackedTrees, pack_groups, pairs_per_token
 
+
 def right_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D id tensors into ``[B, max_len]`` right padded with ``pad_id``, plus the 0/1 mask."""
     width = max(r.numel() for r in rows)

@@ -23,6 +23,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
+NONFINITE_ACTIONS = ("stop", "skip")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _template_from_trl(template: str) -> str:
@@ -61,8 +63,6 @@ def _translate_aliases(values: dict, text: bool = False) -> dict:
                 raise ValueError(f"{alias} must be a {parse.__name__}, got {value!r}") from None
         out[target] = convert(value)
     return out
-NONFINITE_ACTIONS = ("stop", "skip")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _opt(default, help: str, *, choices=None, minimum=None, positive=False, below=None, kind=None):

@@ -65,13 +65,18 @@ def verify_head(model, head: Head | None = None, tokens: int = 8) -> Head:
     with eval_mode(model):
         logits = model(input_ids=ids).logits[0].double()
         hidden = base.get_decoder()(input_ids=ids).last_hidden_state[0]
-    # The same operations in the model's own dtype: only kernel-level rounding may differ.
+    check_logits(head, hidden, logits, f"{type(base).__name__}: its logits are not what sdft computes from the "
+                 f"final hidden states (h @ W.T + bias, times logit_scale={head.logit_scale}, soft cap "
+                 f"{head.softcap})", "Training it would optimise a different loss, so it is refused.")
+    return head
+
+
+def check_logits(head: Head, hidden: torch.Tensor, logits: torch.Tensor, problem: str, consequence: str) -> None:
+    """Raise ``problem (max difference ...). consequence`` unless ``head`` applied to ``hidden`` gives
+    ``logits``. Ours repeats the model's operations in its own dtype, so only kernel-level rounding
+    may differ: 16 ulps of that dtype at the largest logit."""
     ours = head.logits(hidden, head.weight.dtype).double()
-    error = (ours - logits).abs().max().item()
+    error = (ours - logits.double()).abs().max().item()
     bound = 16 * torch.finfo(head.weight.dtype).eps * max(logits.abs().max().item(), 1e-30)
     if not error <= bound:
-        raise ValueError(f"{type(base).__name__}: its logits are not what sdft computes from the final hidden "
-                         f"states (h @ W.T + bias, times logit_scale={head.logit_scale}, soft cap "
-                         f"{head.softcap}); max difference {error:.3g}. Training it would optimise a "
-                         "different loss, so it is refused.")
-    return head
+        raise ValueError(f"{problem}; max difference {error:.3g}. {consequence}")

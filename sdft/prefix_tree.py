@@ -31,17 +31,16 @@ class _Node:
         self.index = -1
 
 
-def _insert(root: _Node, tokens: list[int]) -> tuple[list[_Node], int]:
-    """Walk/extend the trie along ``tokens``: (node of each token, number of nodes created)."""
-    path, created, node = [], 0, root
+def _insert(root: _Node, tokens: list[int]) -> list[_Node]:
+    """Walk/extend the trie along ``tokens``; the node of each token."""
+    path, node = [], root
     for tok in tokens:
         child = node.children.get(tok)
         if child is None:
             child = node.children[tok] = _Node(tok)
-            created += 1
         path.append(child)
         node = child
-    return path, created
+    return path
 
 
 def _common(a: _Node, b: _Node) -> int:
@@ -137,8 +136,7 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
     tries = []
     for context, conts in groups:
         root = _Node(-1)
-        _insert(root, context + (conts[0] if conts else []))
-        for cont in conts[1:]:
+        for cont in conts or [[]]:
             _insert(root, context + cont)
         tries.append(root)
     sizes = [_count(t) for t in tries]
@@ -194,7 +192,7 @@ def _layout(groups, bins, pad_id, device) -> PackedTrees:
         for g in members:
             context, conts = groups[g]
             for j, cont in enumerate(conts or [[]]):
-                paths[starts[g] + j], _ = _insert(root, context + cont)
+                paths[starts[g] + j] = _insert(root, context + cont)
                 sequence_row[starts[g] + j] = r
         order, depths, ends = _preorder(root)
         rows.append(([n.token for n in order], depths, ends))

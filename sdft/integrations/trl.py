@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 
+from ..batch_loss import divergence_from_alpha
 from ..config import SDFTConfig
 from ..data import load_examples
 from ..trainer import TrainResult, train
@@ -68,8 +69,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
             raise ValueError("max_steps is not set: give max_steps, or a train_dataset to count epochs over")
         per_step = prompts * accumulation * world_size
         max_steps = max(1, math.ceil(float(_get(args, "num_train_epochs", 3.0)) * num_examples / per_step))
-    alpha = float(_get(args, "distillation_alpha", 0.5))
-    divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(alpha, "jsd")
+    divergence, beta = divergence_from_alpha(float(_get(args, "distillation_alpha", 0.5)))
     schedule = str(_value(_get(args, "lr_scheduler_type", "linear")))
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
@@ -98,7 +98,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         max_prompt_length=int(_get(args, "max_prompt_length", None) or 1_000_000),
         max_completion_length=int(_get(args, "max_completion_length", None) or 256),
         divergence=divergence,
-        distillation_alpha=alpha if divergence == "jsd" else 0.5,
+        distillation_alpha=beta,
         distillation_mode=str(_get(args, "distillation_mode", "topk_logits")),
         distillation_topk=int(_get(args, "distillation_topk", None) or 100),
         distillation_add_tail=bool(_get(args, "distillation_add_tail", False)),

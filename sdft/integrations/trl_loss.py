@@ -20,15 +20,9 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 
 from sdft_kernels import fused_linear_divergence
 
-from ..lm_head import head_of
+from ..batch_loss import KERNEL_MODES, divergence_from_alpha, head_kwargs, objective_kwargs
+from ..lm_head import check_logits, head_of
 from ..model_parts import base_model
-
-MODES = {"full_logits": "full", "topk_logits": "full", "sampled_token": "sampled_token"}
-
-
-def _divergence(alpha: float) -> tuple[str, float]:
-    return {0.0: ("forward_kl", 0.5), 1.0: ("reverse_kl", 0.5)}.get(alpha, ("jsd", alpha))
-
 
 def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Tensor:
     """Final (normed) hidden states [B, width, H] predicting the last ``width`` tokens, from the
@@ -56,12 +50,9 @@ def check_hidden_route(model) -> None:
     head = head_of(unwrapped)
     ids = (torch.arange(6, device=head.weight.device) * 7919 % head.weight.shape[0])[None]
     hidden = completion_hidden(unwrapped, ids, torch.ones_like(ids), 5)[0]
-    logits = unwrapped(input_ids=ids).logits[0, :-1].double()
-    error = (head.logits(hidden, head.weight.dtype).double() - logits).abs().max().item()
-    bound = 16 * torch.finfo(head.weight.dtype).eps * max(logits.abs().max().item(), 1e-30)
-    if not error <= bound:
-        raise ValueError(f"{type(unwrapped).__name__}: its decoder's output through the LM head does not give the "
-                         f"model's logits (max difference {error:.3g}); FusedSDFTTrainer cannot fuse its loss")
+    logits = unwrapped(input_ids=ids).logits[0, :-1]
+    check_logits(head, hidden, logits, f"{type(unwrapped).__name__}: its decoder's output through the LM head does "
+                 "not give the model's logits", "FusedSDFTTrainer cannot fuse its loss.")
 
 
 class FusedSDFTTrainer(_TRLSDFTTrainer):
@@ -69,7 +60,7 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.distillation_mode not in MODES:
+        if self.args.distillation_mode not in KERNEL_MODES:
             raise ValueError(f"distillation_mode={self.args.distillation_mode!r} is not fused by sdft")
         check_hidden_route(self.accelerator.unwrap_model(self.model))
 
@@ -95,24 +86,15 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
         if t_head is not None and t_head.weight is head.weight:
             t_head = None
         args = self.args
-        divergence, beta = _divergence(float(args.distillation_alpha))
-        kwargs = dict(bias=head.bias, logit_scale=head.logit_scale, softcap=head.softcap)
-        if t_head is not None and t_head.bias is not None:
-            kwargs["teacher_bias"] = t_head.bias
-        if args.distillation_mode == "topk_logits":
-            kwargs.update(topk=args.distillation_topk, add_tail=args.distillation_add_tail)
-        if args.distillation_mode == "sampled_token":
-            kwargs["targets"] = completion_ids
-        old = inputs.get("old_per_token_logps")
-        if args.distillation_is_clip is not None and old is not None:
-            kwargs.update(targets=completion_ids, old_logprobs=old, is_clip=args.distillation_is_clip)
-        lengths = loss_mask.sum(1, keepdim=True)
-        dtype = torch.promote_types(head.weight.dtype, torch.float32)
-        kwargs["weights"] = (1.0 / lengths.clamp(min=1).to(dtype)).expand_as(loss_mask)
+        divergence, beta = divergence_from_alpha(float(args.distillation_alpha))
+        kwargs = objective_kwargs(args.distillation_mode, loss_mask, completion_ids, topk=args.distillation_topk,
+                                  add_tail=args.distillation_add_tail, is_clip=args.distillation_is_clip,
+                                  old_logprobs=inputs.get("old_per_token_logps"), sequence_mean=True,
+                                  dtype=head.weight.dtype)
         total = fused_linear_divergence(
             s_hidden, t_hidden.to(head.weight.dtype), head.weight, None if t_head is None else t_head.weight,
             mask=loss_mask, divergence=divergence, beta=beta, temperature=self.temperature, reduction="sum",
-            mode=MODES[args.distillation_mode], **kwargs)
+            **head_kwargs(head, t_head), **kwargs)
         loss = total / completion_ids.size(0)  # TRL: mean over each sequence's tokens, then over sequences
         mode = "train" if model.training else "eval"
         self._log_self_distillation_metric(mode, self.accelerator.gather(loss.detach()).mean().item())
