@@ -107,12 +107,18 @@ def _summary(seconds: list[float], extra: dict) -> dict:
             "peak_memory_mib": _peak_mib(), **extra}
 
 
-def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft") -> dict:
+def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",
+             teacher: str = "frozen") -> dict:
     """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
-    ``sdft.train_sft``) for ``steps`` optimizer steps."""
+    ``sdft.train_sft``; ``sdft_nojoint``: a live teacher scored in its own pass, never in one tree
+    with the student, to show what the teacher-student share saves) for ``steps`` optimizer steps."""
     import tempfile
 
     import sdft
+    import sdft.batch_loss
+
+    if method == "sdft_nojoint":
+        sdft.batch_loss.joint_pass_pays = lambda *a, **k: False
 
     torch.manual_seed(0)
     data = rows(setting)
@@ -120,7 +126,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
     config = sdft.SDFTConfig(
         output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=prompts,
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
-        divergence="forward_kl", teacher_mode="frozen", teacher_template=TEMPLATE, save_steps=10**6,
+        divergence="forward_kl", teacher_mode=teacher, teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
         gradient_checkpointing=method == "sdft_gc")
     model, tokenizer = sdft.load_model(model_dir())
@@ -135,7 +141,8 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
                      "loss": records[-1]["loss"]})
 
 
-def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = False) -> dict:
+def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = False,
+            teacher: str = "frozen") -> dict:
     """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration (``fused``:
     the same trainer with sdft's fused loss, ``sdft.integrations.trl_loss.FusedSDFTTrainer``)."""
     import tempfile
@@ -152,7 +159,7 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = Fa
         output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=prompts * group,
         gradient_accumulation_steps=1, num_generations=group, max_completion_length=COMPLETION,
         max_prompt_length=None, learning_rate=LR, distillation_mode="full_logits", distillation_alpha=0.0,
-        teacher_model_kind="base", teacher_prompt_template="{prompt}\n\n{privileged_context}",
+        teacher_model_kind={"frozen": "base", "live": "live"}[teacher], teacher_prompt_template="{prompt}\n\n{privileged_context}",
         distillation_is_clip=None, num_loss_tokens_to_skip=0, temperature=1.0, top_k=0, top_p=1.0,
         report_to="none", save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
         bf16=False, seed=0, disable_tqdm=True)
@@ -180,7 +187,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"],
-                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sft"])
+                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sdft_nojoint", "sft"])
+    p.add_argument("--teacher", choices=["frozen", "live"], default="frozen",
+                   help="frozen: TRL's base <-> our frozen; live: the current weights on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None)
@@ -193,7 +202,8 @@ def main(argv=None):
         setting, group, prompts = SETTINGS[name]
         row = {"setting": name, "G": group, "prompts_per_step": prompts}
         for side in args.sides:
-            fn, extra = {"trl": ("run_trl", ()), "trl_fused": ("run_trl", (True,))}.get(side, ("run_sdft", (side,)))
+            fn, extra = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,))}.get(side, ("run_sdft", (side,)))
+            extra = (*extra, args.teacher)
             out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)
             print(name, side, json.dumps(out), flush=True)
             row[side] = out
@@ -204,20 +214,23 @@ def main(argv=None):
         for side in args.sides:
             line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
             line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
-        for ours in ("sdft", "sdft_gc", "trl_fused"):
+        for ours in ("sdft", "sdft_gc", "sdft_nojoint", "trl_fused"):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
         if "sdft" in r and r["sdft"].get("tokens_processed"):
             line["sdft_token_passes_vs_unshared"] = (r["sdft"]["tokens_processed"]
                                                      / r["sdft"]["tokens_processed_unshared"])
+        if "sdft_nojoint" in r and "sdft" in r:
+            line["teacher_student_share_speedup"] = (r["sdft_nojoint"]["seconds_per_step"]
+                                                     / r["sdft"]["seconds_per_step"])
         if "sft" in r and "sdft" in r:
             line["sdft_over_sft"] = r["sdft"]["seconds_per_step"] / r["sft"]["seconds_per_step"]
         table.append(line)
     tag = "gpu" if device.type == "cuda" else "cpu"
     header = (f"# Whole SDFT step: sdft.train vs TRL SDFTTrainer\n\nEnvironment: {env}. "
               f"Prompts per step as in the table, at most {COMPLETION} completion tokens, forward KL over "
-              f"the full vocabulary, frozen teacher, AdamW lr {LR}; median seconds per optimizer step over "
+              f"the full vocabulary, {args.teacher} teacher, AdamW lr {LR}; median seconds per optimizer step over "
               f"steps 2..{args.steps}; peak memory of each side's process.\n\n"
               f"Command: `python benchmarks/bench_trl.py {' '.join(argv or sys.argv[1:])}`\n\n")
     write_results(args.out, args.stem or f"trl_step_{tag}", {"environment": env, "rows": results},

@@ -29,25 +29,27 @@ def normaliser(batch, config) -> int:
     return int(mask.sum())
 
 
-def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: int):
+def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: int, passes: list | None = None):
     """Summed loss of the student against the teacher on ``batch`` (a ``RolloutBatch``).
 
     The step's loss is the sum over micro-batches divided by the summed ``normaliser``s. With
     ``sequence_mean`` each rollout's tokens carry 1 / its length, so every rollout weighs the same,
     as in TRL and the paper. The teacher (contexts with the demonstration) gets no gradient; both
     sides run the micro-batch's prefix tree, one tree for both when the teacher is the live student
-    and sharing their common prefixes pays (``joint_pass_pays``).
+    and sharing their common prefixes pays (``joint_pass_pays``). ``passes`` (a list) receives the
+    token passes of each scoring pass (tree nodes, or padded-out tokens of the fallback passes).
     """
     mask = loss_mask(batch, config)
     decoder = decoder_of(student)
     args = (batch.prompts, teacher_contexts, batch.completions, batch.mask, pad_id)
     if (config.share_prefix and supports_tree(decoder) and teacher.is_student(decoder.config)
             and joint_pass_pays(decoder, *args)):
-        s_hidden, t_hidden = joint_tree_hidden(decoder, *args)
+        s_hidden, t_hidden = joint_tree_hidden(decoder, *args, passes)
     else:
-        t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix)
+        t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix,
+                                  passes)
         fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
-        s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id)
+        s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
     head, t_head = head_of(student), teacher.head()
     kwargs = objective_kwargs(
         config.distillation_mode, mask, batch.completions, topk=config.distillation_topk,

@@ -60,7 +60,7 @@ def continuations(contexts: list[torch.Tensor], completions: torch.Tensor, compl
 
 
 def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
-                          completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+                          completion_mask: torch.Tensor, pad_id: int, passes: list | None = None) -> torch.Tensor:
     """Final hidden states ``[B*G, L, H]`` predicting each completion token, each context run once.
 
     ``decoder`` is a Hugging Face base model (``model.get_decoder()``); ``completions`` holds G rows
@@ -77,7 +77,14 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     mask = torch.cat([prefix_mask.repeat_interleave(group, 0), cont_mask], dim=1)
     out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True)
+    _count(passes, int(prefix_mask.sum()) + cont_ids.numel())
     return out.last_hidden_state
+
+
+def _count(passes: list | None, tokens: int) -> None:
+    """Record the token passes a scoring pass cost (for the ``tokens_processed`` metric)."""
+    if passes is not None:
+        passes.append(tokens)
 
 
 def supports_tree(model) -> bool:
@@ -137,7 +144,7 @@ def tree_forward(decoder, packed: PackedTrees, **kwargs):
 
 
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
-                completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+                completion_mask: torch.Tensor, pad_id: int, passes: list | None = None) -> torch.Tensor:
     """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass over
     the micro-batch's prefix tree (``sdft.prefix_tree``): every distinct prefix once.
 
@@ -145,10 +152,12 @@ def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor
     """
     packed, index = pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))
     hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    _count(passes, packed.num_nodes)
     return hidden.reshape(-1, hidden.shape[-1])[index]
 
 
-def joint_tree_hidden(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id):
+def joint_tree_hidden(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id,
+                      passes: list | None = None):
     """(student hidden, detached teacher hidden) from ONE pass over a tree holding both sides: for a live
     teacher (the student's own weights) the prefix a teacher context shares with its prompt (system
     message, question) is computed once. The teacher's rows are detached, so no gradient flows through
@@ -156,6 +165,7 @@ def joint_tree_hidden(decoder, prompts, teacher_contexts, completions, completio
     packed, (s_index, t_index) = pack_sides([prompts, teacher_contexts], completions, completion_mask, pad_id,
                                             pairs_per_token(decoder.config))
     hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    _count(passes, packed.num_nodes)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return flat[s_index], flat[t_index].detach()
 
@@ -173,22 +183,15 @@ def joint_pass_pays(decoder, prompts, teacher_contexts, completions, completion_
     return 3 * count[2] < 3 * count[0] + count[1]
 
 
-def scored_tokens(decoder, contexts, completions, completion_mask, pad_id, share_prefix: bool = True) -> int:
-    """Token passes the scoring of one side costs: tree nodes (shared) or every row's whole sequence."""
-    if share_prefix and supports_tree(decoder):
-        return pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))[0].num_nodes
-    group = group_size(contexts, completions)
-    shared, unshared = tokens_processed([c.numel() for c in contexts], completions.shape[1], group)
-    return shared if share_prefix else unshared
-
-
-def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id) -> torch.Tensor:
+def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id,
+                         passes: list | None = None) -> torch.Tensor:
     """The packed tree pass where the attention implementation allows it, else the KV-cache pass."""
     fn = tree_hidden if supports_tree(decoder) else batched_prefix_hidden
-    return fn(decoder, contexts, completions, completion_mask, pad_id)
+    return fn(decoder, contexts, completions, completion_mask, pad_id, passes)
 
 
-def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id) -> torch.Tensor:
+def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id,
+                            passes: list | None = None) -> torch.Tensor:
     """The same hidden states the naive way (TRL's): every row runs its whole context again."""
     group = completions.shape[0] // len(contexts)
     cont_ids, cont_mask = continuations(contexts, completions, completion_mask)
@@ -201,6 +204,7 @@ def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad
     ids, _ = right_pad(rows, pad_id)
     mask, _ = right_pad(masks, 0)
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    _count(passes, int(mask.sum()))
     width = cont_ids.shape[1]
     return torch.stack([hidden[r, p: p + width] for r, p in enumerate(lengths)])
 

@@ -45,12 +45,13 @@ class Teacher:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def hidden(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True) -> torch.Tensor:
+    def hidden(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,
+               passes: list | None = None) -> torch.Tensor:
         """Teacher hidden states [B*G, L, H] predicting each completion token (``batch_prefix``)."""
         fn = shared_prefix_hidden if share_prefix else batched_unshared_hidden
         model = self._model()
         with eval_mode(model), self._context():
-            return fn(decoder_of(model), contexts, completions, mask, pad_id)
+            return fn(decoder_of(model), contexts, completions, mask, pad_id, passes)
 
     def head(self):
         """The teacher's LM head (``sdft.lm_head.Head``), or None when it is the student's own (the

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batch_loss import normaliser, sdft_batch_loss
-from .batch_prefix import scored_tokens, tokens_processed
+from .batch_prefix import tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
@@ -291,7 +291,8 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    tokens = shared_tokens = naive_tokens = 0
+    tokens = naive_tokens = 0
+    passes = []  # token passes of every scoring pass (tree nodes), from the passes themselves
     completion_lengths = []
     world = run.world
     if world.active:  # different rollouts per process; the same again after a resume
@@ -307,12 +308,11 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))
     divisor = max(all_reduce_sum(sum(normaliser(batch, config) for batch, _ in micro_batches), world), 1)
     for batch, contexts in micro_batches:
-        loss = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id)
+        loss = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id, passes)
         (loss / divisor).backward()
         loss_sum += float(loss.detach())
         width = batch.completions.shape[1]
         for side in (batch.prompts, contexts):
-            shared_tokens += scored_tokens(model, side, batch.completions, batch.mask, pad_id, config.share_prefix)
             naive_tokens += tokens_processed([c.numel() for c in side], width, batch.group_size)[1]
         completion_lengths += batch.mask.sum(1).tolist()
         tokens += batch.num_tokens
@@ -337,7 +337,7 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         "longest_completion": max(completion_lengths, default=0),
         "clipped_ratio": sum(n >= config.max_completion_length for n in completion_lengths)
         / max(len(completion_lengths), 1),
-        "tokens_processed": shared_tokens,
+        "tokens_processed": sum(passes),
         "tokens_processed_unshared": naive_tokens,
         "peak_memory_mib": peak_memory_mib(run.device),
         "seconds": elapsed,

@@ -69,3 +69,22 @@ def test_cost_rule_shares_long_common_prefixes_only():
     assert joint_pass_pays(model.get_decoder(), batch.prompts, contexts, batch.completions, batch.mask, 0)
     batch, contexts = _batch(system_len=1)
     assert not joint_pass_pays(model.get_decoder(), batch.prompts, contexts, batch.completions, batch.mask, 0)
+
+
+def test_token_passes_count_the_joint_tree_once(monkeypatch):
+    """tokens_processed reports what ran: one joint tree (fewer nodes) or a student and a teacher tree."""
+    from sdft.batch_prefix import pack_sides
+
+    model = tiny_llama()
+    batch, contexts = _batch(system_len=60)
+    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu")
+    counts = {}
+    for joint in (True, False):
+        monkeypatch.setattr(batch_loss, "joint_pass_pays", lambda *a, j=joint: j)
+        passes = []
+        batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, 0, passes)
+        counts[joint] = passes
+    sides = [[batch.prompts], [contexts], [batch.prompts, contexts]]
+    nodes = [pack_sides(s, batch.completions, batch.mask, 0, 1e9)[0].num_nodes for s in sides]
+    assert counts[True] == [nodes[2]] and sorted(counts[False]) == sorted(nodes[:2])
+    assert nodes[2] < nodes[0] + nodes[1]
