@@ -12,7 +12,7 @@ import torch
 
 from sdft.data import load_examples
 from sdft.evaluation import generate_answers
-from sdft.model_parts import eval_mode
+from sdft.models import eval_mode
 
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),

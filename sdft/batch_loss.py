@@ -8,7 +8,7 @@ from sdft_kernels import fused_linear_divergence
 from .batch_prefix import (batched_unshared_hidden, joint_pass_pays, joint_tree_hidden, shared_prefix_hidden,
                            supports_tree)
 from .lm_head import head_of
-from .model_parts import decoder_of
+from .models import decoder_of
 
 KERNEL_MODES = {"full_logits": "full", "topk_logits": "full", "sampled_token": "sampled_token"}
 
@@ -45,12 +45,13 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     if (config.share_prefix and supports_tree(decoder) and teacher.is_student(decoder.config)
             and joint_pass_pays(decoder, *args)):
         s_hidden, t_hidden = joint_tree_hidden(decoder, *args, passes)
+        t_head = None
     else:
-        t_hidden = teacher.hidden(teacher_contexts, batch.completions, batch.mask, pad_id, config.share_prefix,
-                                  passes)
+        t_hidden, t_head = teacher.score(teacher_contexts, batch.completions, batch.mask, pad_id,
+                                         config.share_prefix, passes)
         fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
         s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
-    head, t_head = head_of(student), teacher.head()
+    head = head_of(student)
     kwargs = objective_kwargs(
         config.distillation_mode, mask, batch.completions, topk=config.distillation_topk,
         topk_support=config.distillation_topk_support, add_tail=config.distillation_add_tail,

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
+
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
 
@@ -28,8 +30,9 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(model) -> dict:
-    """The trainable tensors as they are (no copy on the CPU: saving only reads them)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, full (gathered from every process under FSDP2: all call this)."""
+    state = full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    return {n: t.contiguous() for n, t in state.items()}
 
 
 def rng_state() -> dict:
@@ -80,19 +83,24 @@ def damage(path) -> str | None:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
-                    model_source: str | None = None) -> Path:
+                    model_source: str | None = None, write: bool = True) -> Path | None:
     """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
-    embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone."""
+    embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone. Tensors are
+    stored full, so any number of processes can resume from it; under FSDP2 every process calls this
+    (the gathers are collective) and only the one with ``write`` writes."""
+    trainable, optimizer_full = trainable_state(model), optimizer_state(optimizer)
+    teacher_state = teacher.state_dict() if teacher is not None else None
+    if not write:
+        return None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_full, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    teacher_state = teacher.state_dict() if teacher is not None else None
     if teacher_state is not None:
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
     state = {"step": step, "config": config.to_dict(), "model": model_source}
@@ -145,16 +153,15 @@ def load_trainable(path, model):
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    for name, value in state.items():
+        load_full(params[name], value)
 
 
 def load_checkpoint(path, model, optimizer, teacher) -> int:
     """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
     path = Path(path)
     load_trainable(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if teacher is not None and (path / "teacher.safetensors").exists():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))

@@ -160,6 +160,9 @@ class SDFTConfig:
                             "equal in answer and demonstration)")
     eval_steps: int = _opt(0, "also evaluate every this many steps (0: before and after only)", minimum=0)
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
+    parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
+                         "and all-reduces gradients; fsdp shards every block and the rest with FSDP2 (full "
+                         "fine-tuning; teacher copies are sharded the same way)", choices=("ddp", "fsdp"))
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
@@ -181,6 +184,8 @@ class SDFTConfig:
         if unknown:
             raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
         get_scorer(self.eval_scorer)
+        if self.parallel == "fsdp" and self.use_lora:
+            raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 

@@ -1,13 +1,11 @@
-"""Data parallelism for ``torchrun`` / ``accelerate launch``: every process takes its slice of each
-step's prompts, and the gradients are summed across processes before the update.
+"""Process groups for ``torchrun`` / ``accelerate launch``: every process takes its slice of each
+step's prompts; ``sdft.parallel`` runs the model under DDP or FSDP2, which reduce the gradients.
 
-No wrapper around the model is needed (the loss reads the decoder and the LM head directly, so
-DDP's forward hooks would not see it): each process divides its summed loss by the divisor of the
-whole step (tokens or rollouts over all processes), so one all-reduce (SUM) of the flattened
-gradients gives exactly the gradient of the global loss. Every process then takes the same AdamW
-step and keeps identical weights (and an identical EMA teacher). Process 0 alone writes
-checkpoints, metrics, evaluations and the final model. Sampling is seeded per (step, process),
-so the processes draw different rollouts and a resumed run draws the same ones again.
+Each process divides its summed loss by the divisor of the whole step (tokens or rollouts over all
+processes), so the reduced gradient is exactly the gradient of the global loss. Process 0 alone
+writes metrics, evaluations and checkpoints (under FSDP2 every process helps gather them). Sampling
+is seeded per (step, process), so the processes draw different rollouts and a resumed run draws the
+same ones again.
 
 Backends: gloo on CPU (tested with ``torchrun --nproc_per_node 2``), nccl on CUDA (one GPU per
 process, ``cuda:LOCAL_RANK``; not run here).
@@ -58,23 +56,6 @@ def all_reduce_sum(value: float, world: World) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item())
-
-
-def sum_gradients(params, world: World):
-    """Sum every parameter's gradient across processes, in one flat buffer per dtype."""
-    if not world.active:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for group in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in group:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def barrier(world: World):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .data import load_examples
-from .model_parts import eval_mode
+from .models import eval_mode
 from .chat import chat_ids
 from .rollouts import trim_completions
 
@@ -102,8 +102,9 @@ class Evaluator:
 
     FILE = "eval.json"
 
-    def __init__(self, examples, scorer, max_new_tokens: int, output_dir):
+    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True):
         self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
+        self.write = write  # False on the other processes of a sharded run: they only help generate
         self.path = Path(output_dir) / self.FILE
         self.records = self._read()
 
@@ -120,6 +121,8 @@ class Evaluator:
     def __call__(self, model, tokenizer, step: int) -> dict:
         record = {"step": step, **evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens)}
         self.records = [r for r in self.records if r["step"] != step] + [record]
+        if not self.write:
+            return record
         tmp = self.path.with_name(self.FILE + ".tmp")
         tmp.write_text(json.dumps(self.records, indent=1))
         os.replace(tmp, self.path)

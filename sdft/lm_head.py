@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_parts import base_model, eval_mode
+from .models import base_model, decoder_of, eval_mode, output_layer
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _text_config(config):
 def head_of(model) -> Head:
     """The student's (or a teacher copy's) head: weight, bias, scale and cap from the model and its config."""
     base = base_model(model)
-    linear = base.get_output_embeddings()
+    linear = output_layer(model)
     if not isinstance(linear, torch.nn.Linear):
         raise ValueError(f"{type(base).__name__}: its output layer is a {type(linear).__name__}, not a linear "
                          "LM head; sdft cannot fuse it")
@@ -64,7 +64,7 @@ def verify_head(model, head: Head | None = None, tokens: int = 8) -> Head:
     ids = (torch.arange(tokens, device=device) * 7919 % vocab)[None]
     with eval_mode(model):
         logits = model(input_ids=ids).logits[0].double()
-        hidden = base.get_decoder()(input_ids=ids).last_hidden_state[0]
+        hidden = decoder_of(model)(input_ids=ids).last_hidden_state[0]
     check_logits(head, hidden, logits, f"{type(base).__name__}: its logits are not what sdft computes from the "
                  f"final hidden states (h @ W.T + bias, times logit_scale={head.logit_scale}, soft cap "
                  f"{head.softcap})", "Training it would optimise a different loss, so it is refused.")

@@ -17,7 +17,7 @@ import torch
 
 from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
 from .prefix_tree import pack_groups, pairs_per_token
-from .model_parts import eval_mode
+from .models import eval_mode
 
 
 @dataclass

@@ -12,8 +12,14 @@ import torch
 from .config import SDFTConfig
 from .metrics import peak_memory_mib
 from .chat import demonstration_ids
-from .distributed import all_reduce_sum, sum_gradients
-from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps
+from .distributed import all_reduce_sum
+from .trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps, start_runner
+
+
+def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Summed cross-entropy of the tokens after the prompt (the demonstration and its end of turn)."""
+    logits = model(input_ids=ids[None]).logits[0, prompt_length - 1: -1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[prompt_length:], reduction="sum")
 
 
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
@@ -23,6 +29,7 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
     config, model, device = run.config, run.model, run.device
     limit = config.max_prompt_length + config.max_completion_length
     encoded = [demonstration_ids(run.tokenizer, ex, device, limit) for ex in run.examples]
+    runner = start_runner(run)
 
     def step_fn(optimizer, step):
         t0 = time.perf_counter()
@@ -32,14 +39,10 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
         tokens = int(all_reduce_sum(sum(encoded[i][0].numel() - encoded[i][1] for batch in batches for i in batch),
                                     run.world))
         loss_sum = 0.0
-        for batch in batches:
-            for i in batch:
-                ids, p = encoded[i]
-                logits = model(input_ids=ids[None]).logits[0, p - 1: -1].float()
-                loss = torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum")
-                (loss / tokens).backward()
-                loss_sum += float(loss.detach())
-        sum_gradients([p for p in model.parameters() if p.requires_grad], run.world)
+        order = [i for batch in batches for i in batch]
+        for k, i in enumerate(order):  # gradients summed across processes with the last one
+            loss_sum += float(runner.backward(demonstration_loss, *encoded[i], divisor=tokens,
+                                              sync=k == len(order) - 1))
         loss_sum = all_reduce_sum(loss_sum, run.world)
         grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
         elapsed = time.perf_counter() - t0

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 
 
 from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
 from .lm_head import head_of
-from .model_parts import decoder_of, eval_mode
+from .parallel import full_tensors, load_full
+from .models import decoder_of, eval_mode
 
 
 class Teacher:
@@ -23,6 +25,7 @@ class Teacher:
         self.student = student
         self.lora = hasattr(student, "disable_adapter")
         self.copy = None
+        self._runner = None  # the copy's runner when it is sharded (distribute)
         if mode == "ema" or (mode == "frozen" and not self.lora):
             self.copy = copy.deepcopy(student).eval()
             for p in self.copy.parameters():
@@ -44,21 +47,36 @@ class Teacher:
             return self.student.disable_adapter()
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def hidden(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,
-               passes: list | None = None) -> torch.Tensor:
-        """Teacher hidden states [B*G, L, H] predicting each completion token (``batch_prefix``)."""
-        fn = shared_prefix_hidden if share_prefix else batched_unshared_hidden
-        model = self._model()
-        with eval_mode(model), self._context():
-            return fn(decoder_of(model), contexts, completions, mask, pad_id, passes)
+    def distribute(self, runner) -> None:
+        """Run a teacher copy like the student (``runner``: the student's ``sdft.parallel.Runner``):
+        under FSDP2 the copy is sharded the same way, so each process holds 1/N of it and the EMA update
+        works shard by shard; under DDP every process keeps a full replica (no gradients to reduce)."""
+        from .parallel import Runner
 
-    def head(self):
-        """The teacher's LM head (``sdft.lm_head.Head``), or None when it is the student's own (the
-        fused op then reads it once)."""
-        if self.copy is None:
-            return None
-        return head_of(self.copy)
+        if self.copy is not None and runner.sharded:
+            self._runner = Runner(self.copy, runner.world, "fsdp")
+
+    @torch.no_grad()
+    def score(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,
+              passes: list | None = None):
+        """(teacher hidden states [B*G, L, H] predicting each completion token, teacher head or None
+        when it is the student's own). Under FSDP2 the copy's head is gathered for the fused op."""
+        fn = shared_prefix_hidden if share_prefix else batched_unshared_hidden
+
+        def run(model):
+            with eval_mode(model), self._context():
+                hidden = fn(decoder_of(model), contexts, completions, mask, pad_id, passes)
+            if self.copy is None:
+                return hidden, None
+            head = head_of(model)
+            if self._runner is not None:  # the gathered head lives only inside this forward: keep a copy
+                head = dataclasses.replace(head, weight=head.weight.detach().clone(),
+                                           bias=None if head.bias is None else head.bias.detach().clone())
+            return hidden, head
+
+        if self._runner is not None:
+            return self._runner(run)
+        return run(self._model())
 
     @torch.no_grad()
     def update(self):
@@ -70,15 +88,15 @@ class Teacher:
                 t.lerp_(s.detach(), 1.0 - self.ema_decay)
 
     def state_dict(self):
+        """The EMA weights as full tensors (gathered from every process under FSDP2: all call it)."""
         if self.mode != "ema":
             return None
         names = {n for n, p in self.student.named_parameters() if p.requires_grad}
-        return {n: p.detach().clone() for n, p in self.copy.named_parameters() if n in names}
+        return full_tensors({n: p for n, p in self.copy.named_parameters() if n in names})
 
     def load_state_dict(self, state):
         if self.mode != "ema" or state is None:
             return
         params = dict(self.copy.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        for name, value in state.items():
+            load_full(params[name], value)

@@ -23,7 +23,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDFTConfig
 from .data import Example, load_examples
 from .evaluation import Evaluator
-from .distributed import World, all_reduce_sum, barrier, setup, step_seed, sum_gradients
+from .distributed import World, all_reduce_sum, barrier, setup, step_seed
+from .parallel import Runner, grad_norm_value
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
@@ -127,6 +128,16 @@ class Run:
     eval_examples: list[Example] | None = None  # config.eval_data, loaded and checked before the model
     eval_scorer: object = None  # a scorer callable (sdft.scorers)
     world: World = World()  # this process's place under torchrun / accelerate (sdft.distributed)
+    runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
+
+
+def start_runner(run: Run, teacher=None) -> Runner:
+    """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
+    the full weights; a sharded student gets a teacher copy sharded the same way."""
+    run.runner = Runner(run.model, run.world, run.config.parallel)
+    if teacher is not None:
+        teacher.distribute(run.runner)
+    return run.runner
 
 
 def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
@@ -199,6 +210,7 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
     config, model, world = run.config, run.model, run.world
+    runner = run.runner or start_runner(run, teacher)
     out = Path(config.output_dir)
     main = world.is_main
     if main:
@@ -210,12 +222,12 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     if main:
         log.truncate(start)
     reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())
-    evaluator = None
-    if run.eval_examples is not None and main:
-        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out)
+    evaluator = None  # under FSDP2 every process generates (the weights are sharded), process 0 writes
+    if run.eval_examples is not None and (main or runner.sharded):
+        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out, write=main)
         evaluator.truncate(start)
         if start == 0:
-            reporters.eval(evaluator(model, run.tokenizer, 0))
+            reporters.eval(runner(evaluator, run.tokenizer, 0))
     history = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not (config.progress_bar and main))
@@ -229,19 +241,21 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
                 reporters.train(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-                if main:
+                if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
-                                    run.model_source)
+                                    run.model_source, write=main)
                 barrier(world)
             last = step + 1 == config.max_steps
             if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
-                reporters.eval(evaluator(model, run.tokenizer, step + 1))
+                reporters.eval(runner(evaluator, run.tokenizer, step + 1))
             if step_callback is not None:
                 step_callback(step + 1, record)
     finally:
         reporters.close()
-    if config.save_final_model and main:
-        export_model(model, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
+    if config.save_final_model and (main or runner.sharded):
+        plain = runner.full_model()  # sharded: gathered by every process, None except on process 0
+        if main:
+            export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
     barrier(world)
     return TrainResult(model, run.tokenizer, config.max_steps, history, out,
                        evaluator.records if evaluator is not None else [])
@@ -261,6 +275,7 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     run = prepare(model, dataset, config, tokenizer, eval_scorer)
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
+    start_runner(run, teacher)
     engine = engine or HFRolloutEngine(run.tokenizer)
 
     def step_fn(optimizer, step):
@@ -271,8 +286,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
 
 def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[float, bool]:
     """Clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the weights."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                     config.max_grad_norm))
+    grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                               config.max_grad_norm))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
@@ -301,22 +316,21 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
     for micro in range(config.gradient_accumulation_steps):
         chosen = [encoded[i] for i in batch_indices(step, micro, len(encoded), config, world)]
         sources = [ex.teacher_ids if config.generate_from_teacher else ex.prompt_ids for ex in chosen]
-        batch = engine.generate(model, sources, config.num_generations, config.max_completion_length,
-                                config.temperature)
+        batch = run.runner(engine.generate, sources, config.num_generations, config.max_completion_length,
+                           config.temperature)
         if config.generate_from_teacher:  # sampled from the teacher context, scored from the prompt
             batch = dataclasses.replace(batch, prompts=[ex.prompt_ids for ex in chosen])
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))
     divisor = max(all_reduce_sum(sum(normaliser(batch, config) for batch, _ in micro_batches), world), 1)
-    for batch, contexts in micro_batches:
-        loss = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id, passes)
-        (loss / divisor).backward()
-        loss_sum += float(loss.detach())
+    for i, (batch, contexts) in enumerate(micro_batches):
+        loss = run.runner.backward(sdft_batch_loss, teacher, batch, contexts, config, pad_id, passes, divisor=divisor,
+                                   sync=i == len(micro_batches) - 1)
+        loss_sum += float(loss)
         width = batch.completions.shape[1]
         for side in (batch.prompts, contexts):
             naive_tokens += tokens_processed([c.numel() for c in side], width, batch.group_size)[1]
         completion_lengths += batch.mask.sum(1).tolist()
         tokens += batch.num_tokens
-    sum_gradients([p for p in model.parameters() if p.requires_grad], world)
     loss = all_reduce_sum(loss_sum, world) / divisor
     tokens = int(all_reduce_sum(tokens, world))
     grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss)

@@ -34,33 +34,56 @@ class FixedEngine:
         return RolloutBatch(list(prompts), completions.masked_fill(~mask, 0), mask, torch.zeros(mask.shape))
 
 
-def main(out_path, method, per_device, output_dir):
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("out_path")
+    p.add_argument("method", choices=["sdft", "sdft_seq", "sft"])
+    p.add_argument("per_device", type=int)
+    p.add_argument("output_dir")
+    p.add_argument("--parallel", default="ddp")
+    p.add_argument("--teacher", default="frozen")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--kill-rank1-after", type=int, default=0, help="rank 1 dies after this step (0: never)")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     captured = {}
     real = trainer.clip_and_step
 
+    def full(t):
+        return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
     def capture(model, optimizer, config, step, loss):
+        captured.clear()
         captured["loss"] = loss
-        captured.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        captured["step"] = step + 1
+        captured.update({n: full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         return real(model, optimizer, config, step, loss)
 
+    def maybe_die(step, record):
+        if rank == 1 and step == args.kill_rank1_after:
+            os._exit(3)  # a crash: no cleanup, no barrier
+
     trainer.clip_and_step = capture
-    if method == "sft":
+    if args.method == "sft":
         import sdft.sft as sft
 
         sft.clip_and_step = capture
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok)).double()
-    config = SDFTConfig(output_dir=output_dir, max_steps=1, per_device_train_batch_size=per_device, num_generations=2,
-                        max_completion_length=5, learning_rate=1e-3, progress_bar=False, device="cpu",
-                        divergence="forward_kl", save_final_model=False, teacher_mode="frozen",
-                        loss_normalization="sequence_mean" if method == "sdft_seq" else "token_mean")
-    if method == "sft":
-        train_sft(model, ROWS, config, tokenizer=tok)
+    config = SDFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.per_device,
+                        num_generations=2, max_completion_length=5, learning_rate=1e-3, progress_bar=False,
+                        device="cpu", divergence="forward_kl", save_final_model=True, teacher_mode=args.teacher,
+                        ema_decay=0.5, save_steps=1, parallel=args.parallel, resume_from_checkpoint=args.resume,
+                        loss_normalization="sequence_mean" if args.method == "sdft_seq" else "token_mean")
+    if args.method == "sft":
+        train_sft(model, ROWS, config, tokenizer=tok, step_callback=maybe_die)
     else:
-        train(model, ROWS, config, tokenizer=tok, engine=FixedEngine())
-    rank = int(os.environ.get("RANK", "0"))
-    torch.save(captured, f"{out_path}.rank{rank}")
+        train(model, ROWS, config, tokenizer=tok, engine=FixedEngine(), step_callback=maybe_die)
+    torch.save(captured, f"{args.out_path}.rank{rank}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main()

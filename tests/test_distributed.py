@@ -1,5 +1,7 @@
-"""Issue 11: data parallelism under torchrun on CPU (gloo): 2 processes x 1 prompt take the same
-step as 1 process x 2 prompts. Compared on the gradients (float64 model), not on weights after AdamW."""
+"""Issue 11: DDP and FSDP2 under torchrun on CPU (gloo): 2 processes x 1 prompt take the same step as
+1 process x 2 prompts (compared on the gradients of a float64 model, not on weights after AdamW); a
+run whose rank 1 dies resumes from its last checkpoint on another number of processes."""
+import json
 import os
 import shutil
 import subprocess
@@ -12,30 +14,65 @@ import torch
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
 ROTARY_TOL = 16 * 2.0 ** -24
+PORT = [29500 + os.getpid() % 500]
 
 
-def _run(cmd, tmp_path):
+def _run(args, tmp_path, procs: int = 1, ok: bool = True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = [sys.executable, str(WORKER)]
+    if procs > 1:
+        PORT[0] += 1
+        torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+        cmd = [torchrun, "--nproc_per_node", str(procs), "--master_port", str(PORT[0]), str(WORKER)]
+    out = subprocess.run(cmd + [str(a) for a in args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert (out.returncode == 0) == ok, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["sdft", "sdft_seq", "sft"])
-def test_two_processes_take_the_single_process_step(tmp_path, method):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    _run([sys.executable, str(WORKER), str(tmp_path / "single"), method, "2", str(tmp_path / "run1")], tmp_path)
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(WORKER),
-          str(tmp_path / "dist"), method, "1", str(tmp_path / "run2")], tmp_path)
+def _same_gradients(single: dict, got: dict):
+    names = [n for n in single if n not in ("loss", "step")]
+    assert set(got) == set(single) and len(names) > 5
+    for name in names:
+        ref = torch.as_tensor(single[name])
+        # float64 model, but transformers' rotary tables are float32 and may differ by an ulp between
+        # batch shapes (one packed row of two prompts vs one prompt): test_batch_prefix's ROTARY_TOL
+        torch.testing.assert_close(torch.as_tensor(got[name]), ref, rtol=0,
+                                   atol=ROTARY_TOL * max(ref.abs().max().item(), 1e-30), msg=name)
+
+
+@pytest.mark.parametrize("method,parallel,teacher", [
+    ("sdft", "ddp", "frozen"), ("sdft_seq", "ddp", "frozen"), ("sft", "ddp", "frozen"),
+    ("sdft", "fsdp", "frozen"), ("sdft", "fsdp", "live"), ("sft", "fsdp", "frozen")])
+def test_two_processes_take_the_single_process_step(tmp_path, method, parallel, teacher):
+    flags = ["--parallel", parallel, "--teacher", teacher]
+    _run([tmp_path / "single", method, 2, tmp_path / "run1", *flags], tmp_path)
+    _run([tmp_path / "dist", method, 1, tmp_path / "run2", *flags], tmp_path, procs=2)
     single = torch.load(tmp_path / "single.rank0")
-    ranks = [torch.load(tmp_path / f"dist.rank{r}") for r in (0, 1)]
-    assert set(single) == set(ranks[0]) and len(single) > 5
-    for name, ref in single.items():
-        ref = torch.as_tensor(ref)
-        for got in ranks:
-            # float64 model, but transformers' rotary tables are float32 and may differ by an ulp between
-            # batch shapes (one packed row of two prompts vs one prompt): test_batch_prefix's ROTARY_TOL
-            torch.testing.assert_close(torch.as_tensor(got[name]), ref, rtol=0,
-                                       atol=ROTARY_TOL * max(ref.abs().max().item(), 1e-30), msg=name)
-    assert (tmp_path / "run2" / "checkpoint-1").is_dir() and (tmp_path / "run2" / "metrics.jsonl").is_file()
+    for r in (0, 1):
+        _same_gradients(single, torch.load(tmp_path / f"dist.rank{r}"))
+    run2 = tmp_path / "run2"
+    assert (run2 / "checkpoint-1").is_dir() and (run2 / "metrics.jsonl").is_file()
+    # the checkpoint and the exported model hold full tensors, whatever the sharding
+    from safetensors.torch import load_file
+
+    for name, value in load_file(str(run2 / "checkpoint-1" / "trainable.safetensors")).items():
+        assert value.shape == load_file(str(tmp_path / "run1" / "checkpoint-1" / "trainable.safetensors"))[name].shape
+    assert (run2 / "final_model" / "config.json").is_file()
+
+
+def test_a_dead_rank_leaves_a_checkpoint_that_resumes_on_one_process(tmp_path):
+    """FSDP2 on 2 processes with an EMA teacher; rank 1 dies after step 2. One process resumes from
+    checkpoint-2 (full tensors) and its step 3 has the gradients of an uninterrupted 2-process run."""
+    flags = ["--parallel", "fsdp", "--teacher", "ema", "--steps", 3]
+    _run([tmp_path / "whole", "sdft", 1, tmp_path / "whole_run", *flags], tmp_path, procs=2)
+    _run([tmp_path / "killed", "sdft", 1, tmp_path / "run", *flags, "--kill-rank1-after", 2], tmp_path, procs=2,
+         ok=False)
+    assert (tmp_path / "run" / "checkpoint-2").is_dir() and not (tmp_path / "run" / "checkpoint-3").exists()
+    _run([tmp_path / "resumed", "sdft", 2, tmp_path / "run", *flags, "--resume"], tmp_path)
+    resumed = torch.load(tmp_path / "resumed.rank0")
+    assert resumed["step"] == 3
+    _same_gradients(torch.load(tmp_path / "whole.rank0"), resumed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -22,7 +22,7 @@ from sdft_kernels import fused_linear_divergence
 
 from ..batch_loss import KERNEL_MODES, divergence_from_alpha, head_kwargs, objective_kwargs
 from ..lm_head import check_logits, head_of
-from ..model_parts import base_model
+from ..models import decoder_of
 
 def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Tensor:
     """Final (normed) hidden states [B, width, H] predicting the last ``width`` tokens, from the
@@ -30,7 +30,7 @@ def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Ten
     output is caught by a forward hook (``output_hidden_states`` would keep every layer's states
     alive, which under gradient checkpointing costs more than the logits saved on long prompts)."""
     caught = {}
-    decoder = base_model(getattr(model, "module", model)).get_decoder()
+    decoder = decoder_of(getattr(model, "module", model))
 
     def catch(module, args, output):
         caught["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state

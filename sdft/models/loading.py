@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .families import check_model_type
+
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
@@ -78,9 +80,10 @@ def load_model(model=None, dtype=torch.float32):
             if not (path / "config.json").exists():
                 raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
             try:
-                json.loads((path / "config.json").read_text(encoding="utf-8"))
+                config = json.loads((path / "config.json").read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as err:
                 raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+            check_model_type(config.get("model_type", ""), str(path))  # before the slow load
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:

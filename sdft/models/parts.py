@@ -1,4 +1,4 @@
-"""Reaching the decoder stack and the LM head of a (possibly peft-wrapped) causal LM."""
+"""Looking through a peft wrapper, and running a block in eval mode."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +7,6 @@ import contextlib
 def base_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_of(model):
-    """The decoder stack returning final (normed) hidden states; LoRA layers live inside it."""
-    return base_model(model).get_decoder()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,159 @@
+"""How the model runs on this process: alone, replicated under DDP, or sharded by FSDP2.
+
+Every computation sdft does with the weights (rollouts, teacher scoring, and the loss, which reads the
+decoder and the LM-head weight directly for the fused op) runs as the forward of one module,
+``Whole(model)``: ``Whole(model)(fn, *args)`` is ``fn(model, *args)``. That module is what DDP or
+FSDP2 wraps, so the engine's hooks run around everything: DDP reduces the gradients in buckets
+during the backward; FSDP2 all-gathers the root's parameters (embeddings, final norm, LM head) for
+the whole computation and each block's around each block call, and reduce-scatters the gradients.
+
+Both engines average gradients over processes; sdft divides each process's summed loss by the
+divisor of the whole step (tokens or rollouts over all processes), so ``Runner.backward`` scales the
+loss by the world size to get the gradient of the global loss.
+
+Checkpoints hold full (unsharded) tensors, gathered from every process and written by process 0, so
+a run resumes on any number of processes (``full_tensors`` / ``load_full``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .distributed import World
+from .models import blocks_of
+
+MODES = ("ddp", "fsdp")
+
+
+class Whole(torch.nn.Module):
+    """A model whose forward runs any function of it, so a wrapper's hooks surround that function."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def shard(model) -> Whole:
+    """FSDP2: each transformer block one unit, the rest (embeddings, norm, head) in the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks_of(model):
+        fully_shard(block)
+    return fully_shard(Whole(model))
+
+
+class Runner:
+    """Runs functions of the model on this process (``mode``: single, ddp or fsdp)."""
+
+    def __init__(self, model, world: World = World(), mode: str = "ddp"):
+        self.model, self.world = model, world
+        self.mode = mode if world.active else "single"
+        if self.mode == "fsdp":
+            self.root = shard(model)
+        elif self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.root = DistributedDataParallel(Whole(model), broadcast_buffers=False)
+        else:
+            self.root = Whole(model)
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    def __call__(self, fn, *args, **kwargs):
+        """``fn(model, *args)`` with no gradient to reduce (rollouts, teacher scoring, evaluation):
+        through the root under FSDP2 (parameters gathered), directly otherwise."""
+        with torch.no_grad():
+            if not self.sharded:
+                return fn(self.model, *args, **kwargs)
+            try:
+                return self.root(fn, *args, **kwargs)
+            finally:  # FSDP2 keeps a root's parameters gathered after forward, expecting a backward
+                self.root.reshard()
+
+    def backward(self, fn, *args, divisor: float, sync: bool = True, **kwargs) -> torch.Tensor:
+        """Run ``loss = fn(model, *args)`` and backpropagate ``loss / divisor``; across processes the
+        gradients are summed when ``sync`` (the last micro-batch of a step), else accumulated locally.
+        Returns the detached loss."""
+        scale = self.world.size / divisor if self.mode != "single" else 1.0 / divisor
+        context = contextlib.nullcontext()
+        if self.mode == "ddp" and not sync:
+            context = self.root.no_sync()
+        if self.sharded:
+            self.root.set_requires_gradient_sync(sync)
+        with context:
+            loss = self.root(fn, *args, **kwargs)
+            (loss * scale).backward()
+        return loss.detach()
+
+    def full_model(self):
+        """The model with full weights for export: the model itself, or under FSDP2 a plain copy
+        gathered from every process (all call this; process 0 gets the copy, the others None)."""
+        if not self.sharded:
+            return self.model
+        state = full_tensors(self.model.state_dict())
+        if not self.world.is_main:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+        plain = AutoModelForCausalLM.from_config(self.model.config).to(dtype)
+        plain.load_state_dict(state)
+        return plain
+
+
+def full_tensors(state: dict) -> dict:
+    """``state`` (nested dicts/lists of tensors) with every DTensor gathered into a full tensor on the
+    CPU; a collective under FSDP2: every process calls it, in the same order."""
+    if isinstance(state, dict):
+        return {k: full_tensors(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_tensors(v) for v in state)
+    if _is_dtensor(state):
+        return state.full_tensor().cpu()
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    return state
+
+
+def load_full(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into ``target``: this process's shard of it when ``target`` is a DTensor."""
+    with torch.no_grad():
+        if _is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+        target.copy_(value)
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with full tensors (gathered under FSDP2)."""
+    return full_tensors(optimizer.state_dict())
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a full-tensor optimizer state: each parameter's moments are sharded like the parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(_is_dtensor(p) for p in params):
+        from torch.distributed.tensor import distribute_tensor
+
+        for index, moments in state["state"].items():
+            p = params[int(index)]
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    moments[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(state)
+
+
+def grad_norm_value(norm) -> float:
+    """A gradient norm as a float (clip_grad_norm_ returns a DTensor under FSDP2)."""
+    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
