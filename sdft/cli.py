@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -158,12 +159,16 @@ def _train(args, parser) -> int:
     from .evaluation import eval_table
 
     model, tokenizer = models.load_model(args.model)
-    bundled_eval = not args.no_eval and args.data is None and not config.eval_data
+    processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
+    bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
     result = train(model, args.data, config, tokenizer=tokenizer)
     if bundled_eval:
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)
+    if rank != 0:
+        return 0
     if result.evaluations:
         print(f"evaluation on {config.eval_data} ({config.eval_scorer}):")
         print(eval_table(result.evaluations, load_examples(config.eval_data)), flush=True)
