@@ -88,3 +88,30 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     # Binomial standard error at n=20000 is <= 0.0035; 5 sigma.
     torch.testing.assert_close(counts, probs[0].double(), rtol=0, atol=0.018)
     assert counts[1] == 0
+
+
+def test_the_decoding_cache_is_freed_without_the_cycle_collector():
+    """The reserved KV buffers are released when generate returns, not at some later gc pass."""
+    import gc
+    import weakref
+
+    import sdft.rollouts as ro
+    from tiny_model import tiny_llama
+
+    model = tiny_llama()
+    seen = []
+    real = ro.reserve_room
+
+    def spy(cache, room):
+        real(cache, room)
+        seen.extend(weakref.ref(layer.key_room) for layer in cache.layers)
+
+    gc.disable()
+    try:
+        ro.reserve_room = spy
+        prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([5, 6, 9])]
+        ro.HFRolloutEngine(type("T", (), {"pad_token_id": 0, "eos_token_id": 2})()).generate(model, prompts, 2, 4, 1.0)
+        assert seen and all(ref() is None for ref in seen)
+    finally:
+        ro.reserve_room = real
+        gc.enable()
