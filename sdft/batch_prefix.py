@@ -25,6 +25,8 @@ flow back through the expanded cache into the single prefix pass, equal the unsh
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .prefix_tree import PackedTrees, pack_groups, pairs_per_token
@@ -67,10 +69,16 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     per context (``B*G`` rows in all), right padded; ``completion_mask`` marks the real tokens.
     """
     group = group_size(contexts, completions)
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training:  # no KV cache there
+        _warn_no_cache(decoder)
+        return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
     prefix_ids, prefix_mask = right_pad([c[:-1] for c in contexts], pad_id)
     cont_ids, cont_mask = continuations(contexts, completions, completion_mask)
     pre = decoder(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
     cache = pre.past_key_values
+    if cache is None:  # transformers turns the cache off under gradient checkpointing in training
+        _warn_no_cache(decoder)
+        return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
     cache.batch_repeat_interleave(group)
     starts = prefix_mask.sum(1).repeat_interleave(group)
     positions = starts[:, None] + torch.arange(cont_ids.shape[1], device=cont_ids.device)
@@ -79,6 +87,14 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
                   use_cache=True)
     _count(passes, int(prefix_mask.sum()) + cont_ids.numel())
     return out.last_hidden_state
+
+
+def _warn_no_cache(decoder) -> None:
+    if not getattr(decoder, "_sdft_warned_no_cache", False):
+        decoder._sdft_warned_no_cache = True
+        warnings.warn(f"{decoder.config._attn_implementation} attention takes no tree mask and gradient "
+                      "checkpointing turns the KV cache off, so prompts are not shared in this pass (each "
+                      "rollout runs its prompt again); use sdpa/eager attention to share them", stacklevel=3)
 
 
 def _count(passes: list | None, tokens: int) -> None:

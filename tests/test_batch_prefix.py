@@ -209,3 +209,18 @@ def test_cost_model_keeps_unrelated_long_prompts_apart_and_shared_ones_together(
     system = list(range(1000, 1600))
     shared = [(system + [b], [[1], [2]]) for b in range(3)]
     assert pack_groups(shared, PAD, 3000.0).row_sizes == [600 + 3 * 3]
+
+
+def test_kv_pass_under_gradient_checkpointing_falls_back_to_unshared():
+    """transformers turns the KV cache off under gradient checkpointing in training: the KV-cache pass
+    (for attention without tree masks) then runs every row in full, with a warning, instead of failing."""
+    model = tiny_llama().double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 8)]
+    completions = torch.randint(3, 97, (4, 3), generator=g)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="not shared"):
+        got = batched_prefix_hidden(model.get_decoder(), contexts, completions, mask, PAD)
+    torch.testing.assert_close(got, batched_unshared_hidden(model.get_decoder(), contexts, completions, mask, PAD))

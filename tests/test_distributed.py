@@ -43,10 +43,12 @@ def _same_gradients(single: dict, got: dict):
 
 
 @pytest.mark.parametrize("method,parallel,teacher", [
-    ("sdft", "ddp", "frozen"), ("sdft_seq", "ddp", "frozen"), ("sft", "ddp", "frozen"),
+    ("sdft", "ddp", "frozen"), ("sdft_seq", "ddp", "frozen"), ("sft", "ddp", "frozen"), ("sdft", "ddp", "lora"),
     ("sdft", "fsdp", "frozen"), ("sdft", "fsdp", "live"), ("sft", "fsdp", "frozen")])
 def test_two_processes_take_the_single_process_step(tmp_path, method, parallel, teacher):
-    flags = ["--parallel", parallel, "--teacher", teacher]
+    """teacher "lora": LoRA adapters under DDP with the frozen teacher (the base, adapters off)."""
+    lora = teacher == "lora"
+    flags = ["--parallel", parallel, "--teacher", "frozen" if lora else teacher] + (["--lora"] if lora else [])
     _run([tmp_path / "single", method, 2, tmp_path / "run1", *flags], tmp_path)
     _run([tmp_path / "dist", method, 1, tmp_path / "run2", *flags], tmp_path, procs=2)
     single = torch.load(tmp_path / "single.rank0")
@@ -59,7 +61,7 @@ def test_two_processes_take_the_single_process_step(tmp_path, method, parallel, 
 
     for name, value in load_file(str(run2 / "checkpoint-1" / "trainable.safetensors")).items():
         assert value.shape == load_file(str(tmp_path / "run1" / "checkpoint-1" / "trainable.safetensors"))[name].shape
-    assert (run2 / "final_model" / "config.json").is_file()
+    assert (run2 / "final_model" / ("adapter_config.json" if lora else "config.json")).is_file()
 
 
 def test_a_dead_rank_leaves_a_checkpoint_that_resumes_on_one_process(tmp_path):

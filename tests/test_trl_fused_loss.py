@@ -58,3 +58,36 @@ def test_fused_loss_equals_trls_loss_and_gradients(tmp_path, case):
     torch.testing.assert_close(fused, stock, rtol=1e-9, atol=1e-12)
     for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(stock, params)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10 * max(b.abs().max().item(), 1.0))
+
+
+def test_fused_trainer_runs_two_processes_like_the_stock_one(tmp_path):
+    """Under torchrun (gloo, 2 processes, TRL's own accelerate/DDP handling) the fused trainer takes the
+    stock trainer's SGD step: the same parameter changes (-lr x gradient) on every rank."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sdft.export import save_hf_folder
+
+    here = Path(__file__).parent
+    tok = tiny_tokenizer()
+    path = save_hf_folder(tiny_llama(vocab=len(tok)).double(), tok, tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    for i, kind in enumerate(("stock", "fused")):
+        out = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200 + i),
+                              str(here / "trl_dist_worker.py"), str(path), str(tmp_path / kind), kind],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    stock = [torch.load(tmp_path / f"stock.rank{r}") for r in (0, 1)]
+    fused = [torch.load(tmp_path / f"fused.rank{r}") for r in (0, 1)]
+    moved = 0
+    for name, ref in stock[0].items():
+        scale = max(ref.abs().max().item(), 1e-30)
+        moved += scale > 0
+        for got in (stock[1][name], fused[0][name], fused[1][name]):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * scale, msg=name)
+    assert moved > 5
