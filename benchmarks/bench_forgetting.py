@@ -49,7 +49,7 @@ def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
     return out
 
 
-def run_method(method: str, skills, args, work: Path) -> dict:
+def run_method(method: str, skills, args, work: Path, lr: float) -> dict:
     """Train one method through all skills in order; every stage's scores and the accuracy curve."""
     model, tokenizer = load_model()  # each stage's train() seeds itself from args.seed
     stages = [{"stage": 0, "after": "base model", **evaluate_all(model, tokenizer, skills, args.eval_limit)}]
@@ -57,7 +57,7 @@ def run_method(method: str, skills, args, work: Path) -> dict:
     curve = []
     offset = 0
     for k, skill in enumerate(skills, start=1):
-        common = dict(output_dir=str(work / method / skill.name), max_steps=args.steps, learning_rate=args.lr,
+        common = dict(output_dir=str(work / method / skill.name), max_steps=args.steps, learning_rate=lr,
                       per_device_train_batch_size=args.batch, num_generations=args.generations,
                       max_completion_length=args.completion_length, divergence=args.divergence, save_steps=10**9,
                       save_total_limit=1, progress_bar=False, seed=args.seed + k, save_final_model=False)
@@ -77,7 +77,7 @@ def run_method(method: str, skills, args, work: Path) -> dict:
                        **evaluate_all(model, tokenizer, skills, args.eval_limit)})
         print(method, stages[-1], flush=True)
         offset += args.steps
-    return {"stages": stages, "curve": curve}
+    return {"stages": stages, "curve": curve, "method": method, "learning_rate": lr}
 
 
 def summary_rows(results: dict, skills) -> list[dict]:
@@ -92,6 +92,7 @@ def summary_rows(results: dict, skills) -> list[dict]:
             row["general_drop"] = base["general_questions"] - st["general_questions"]
             row["heldout_perplexity"] = st["heldout_perplexity"]
             row["perplexity_rise"] = st["heldout_perplexity"] - base["heldout_perplexity"]
+            row["train_seconds"] = st.get("train_seconds")
             rows.append(row)
     return rows
 
@@ -107,12 +108,42 @@ def plot(results: dict, path: Path):
         for name in dict.fromkeys(c["skill"] for c in res["curve"]):  # skills in the order learned
             pts = [c for c in res["curve"] if c["skill"] == name]
             ax.plot([p["step"] for p in pts], [p["accuracy"] for p in pts], marker="o",
-                    linestyle="--" if method == "sft" else "-", label=f"{method}: {name}")
+                    linestyle="--" if method.startswith("sft") else "-", label=f"{method}: {name}")
     ax.set_xlabel("optimizer step (skills learned one after another)")
     ax.set_ylabel("held-out accuracy of the skill being learned")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=8)
     ax.set_title("SDFT vs SFT on SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_pareto(results: dict, skills, path: Path):
+    """New-skill accuracy vs kept general answers after the last stage, one point per learning rate,
+    one line per method (the paper's Pareto picture): up and to the right is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    by_method: dict[str, list] = {}
+    for res in results.values():
+        last = res["stages"][-1]
+        new = sum(last[s.name] for s in skills) / len(skills)
+        by_method.setdefault(res.get("method", "?"), []).append((last["general_questions"], new,
+                                                                 res.get("learning_rate")))
+    for method, points in by_method.items():
+        points.sort(key=lambda p: p[2] or 0)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for x, y, lr in points:
+            ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("general questions still answered right (prior capability)")
+    ax.set_ylabel(f"held-out accuracy on the learned skill{'s' if len(skills) > 1 else ''}")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning vs forgetting, one point per learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -123,6 +154,8 @@ def main(argv=None):
     p.add_argument("--skills", type=int, default=3, help="how many of the three skills to learn in turn")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per skill")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="a learning-rate sweep: every method at each (runs named method@lr; adds a Pareto plot)")
     p.add_argument("--batch", type=int, default=2, help="prompts per step")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--completion-length", type=int, default=24)
@@ -145,19 +178,23 @@ def main(argv=None):
         for path in args.merge:
             results.update(json.loads(path.read_text())["results"])
         for method in args.methods:
-            results[method] = run_method(method, skills, args, Path(work))
+            for lr in args.lrs or [args.lr]:
+                name = f"{method}@{lr:g}" if args.lrs else method
+                results[name] = run_method(method, skills, args, Path(work) / name, lr)
     rows = summary_rows(results, skills)
     env = environment(device)
     header = (f"# Forgetting: SDFT vs SFT, SmolLM2-135M-Instruct\n\nEnvironment: {env}. Settings: {vars(args)}. "
               "Skill columns: exact-match accuracy on held-out prompts; general_questions: share of general "
               "questions answered right; heldout_perplexity: plain text no run trains on.\n\n")
     columns = ["method", "after"] + [s.name for s in skills] + ["general_questions", "general_drop",
-                                                                 "heldout_perplexity", "perplexity_rise"]
+                                                                 "heldout_perplexity", "perplexity_rise", "train_seconds"]
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
                "summary": rows}
     write_results(args.out, args.tag, payload, header + markdown_table(rows, columns))
     plot(results, args.out / f"{args.tag}.png")
+    if args.lrs or any("@" in name for name in results):
+        plot_pareto(results, skills, args.out / f"{args.tag}_pareto.png")
 
 
 if __name__ == "__main__":
