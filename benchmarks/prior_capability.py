@@ -6,7 +6,9 @@ the expected words (the questions are ones SmolLM2-135M-Instruct answers right b
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,7 @@ from sdft.data import load_examples
 from sdft.evaluation import generate_answers
 from sdft.models import eval_mode
 
+PROBE_FILE = Path(__file__).parent / "data" / "prior_probe.jsonl"
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),
     ("What is the capital of Japan?", ["tokyo"]),
@@ -59,12 +62,24 @@ HELDOUT_TEXT = [
 ]
 
 
+def probe() -> list[tuple[str, list[str]]]:
+    """The probe's (question, expected answers): ``data/prior_probe.jsonl`` (made by
+    ``make_prior_probe.py``: items of several kinds the base model answers right), else QUESTIONS."""
+    if PROBE_FILE.is_file():
+        rows = [json.loads(line) for line in PROBE_FILE.read_text().splitlines() if line.strip()]
+        return [(r["question"], r["answers"]) for r in rows]
+    return QUESTIONS
+
+
 def general_accuracy(model, tokenizer, max_new_tokens: int = 40) -> dict:
-    """Share of general questions whose greedy answer names an expected word, plus the answers."""
-    examples = load_examples([{"prompt": q, "demonstration": "-"} for q, _ in QUESTIONS])
+    """Share of probe questions whose greedy answer names an expected answer (a whole word), plus the answers."""
+    from benchmarks.make_prior_probe import is_right
+
+    items = probe()
+    examples = load_examples([{"prompt": q, "demonstration": "-"} for q, _ in items])
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)
-    right = [any(w in a.lower() for w in words) for a, (_, words) in zip(answers, QUESTIONS)]
-    return {"accuracy": sum(right) / len(right), "answers": answers}
+    right = [is_right(a, words) for a, (_, words) in zip(answers, items)]
+    return {"accuracy": sum(right) / len(right), "answers": answers, "items": len(items)}
 
 
 @torch.no_grad()

@@ -42,7 +42,8 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     mask = loss_mask(batch, config)
     decoder = decoder_of(student)
     args = (batch.prompts, teacher_contexts, batch.completions, batch.mask, pad_id)
-    if (config.share_prefix and supports_tree(decoder) and teacher.is_student(decoder.config)
+    if (config.share_prefix and config.share_teacher_prefix and supports_tree(decoder)
+            and teacher.is_student(decoder.config)
             and joint_pass_pays(decoder, *args)):
         s_hidden, t_hidden = joint_tree_hidden(decoder, *args, passes)
         t_head = None

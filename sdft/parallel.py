@@ -41,23 +41,28 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def shard(model) -> Whole:
-    """FSDP2: each transformer block one unit, the rest (embeddings, norm, head) in the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model, mixed_precision: str = "no") -> Whole:
+    """FSDP2: each transformer block one unit, the rest (embeddings, norm, head) in the root.
+    ``mixed_precision="bf16"``: parameters gathered in bfloat16 for compute (the fused op then reads a
+    bf16 head and accumulates in fp32), gradients reduced and kept in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks_of(model):
-        fully_shard(block)
-    return fully_shard(Whole(model))
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(Whole(model), mp_policy=policy)
 
 
 class Runner:
     """Runs functions of the model on this process (``mode``: single, ddp or fsdp)."""
 
-    def __init__(self, model, world: World = World(), mode: str = "ddp"):
-        self.model, self.world = model, world
+    def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no"):
+        self.model, self.world, self.mixed_precision = model, world, mixed_precision
         self.mode = mode if world.active else "single"
         if self.mode == "fsdp":
-            self.root = shard(model)
+            self.root = shard(model, mixed_precision)
         elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

@@ -54,7 +54,7 @@ class Teacher:
         from .parallel import Runner
 
         if self.copy is not None and runner.sharded:
-            self._runner = Runner(self.copy, runner.world, "fsdp")
+            self._runner = Runner(self.copy, runner.world, "fsdp", runner.mixed_precision)
 
     @torch.no_grad()
     def score(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,

@@ -134,7 +134,7 @@ class Run:
 def start_runner(run: Run, teacher=None) -> Runner:
     """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
     the full weights; a sharded student gets a teacher copy sharded the same way."""
-    run.runner = Runner(run.model, run.world, run.config.parallel)
+    run.runner = Runner(run.model, run.world, run.config.parallel, run.config.mixed_precision)
     if teacher is not None:
         teacher.distribute(run.runner)
     return run.runner
@@ -157,6 +157,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     source = OBJECT_SOURCE if model is not None and not isinstance(model, (str, Path)) else model
     source = str(source) if source is not None else None
     world = setup(config.device)
+    if config.mixed_precision != "no" and not world.active:
+        raise ValueError("mixed_precision=bf16 runs through FSDP2, which needs several processes (torchrun); on "
+                         "one process load the model in bfloat16 instead")
     device = _device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)

@@ -176,10 +176,13 @@ def fused_linear_divergence(
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
         per_row = {k: v.index_select(0, selected) for k, v in per_row.items()}
-    generic = objective.kernel != "full" or weights is not None or is_clip is not None or softcap is not None
+    plain = weights is None and is_clip is None and softcap is None
+    sampled_kernels = (plain and objective.kernel == "sampled_token"
+                       and (backend == "triton" or (backend == "auto" and student_hidden.device.type == "cuda")))
+    generic = (objective.kernel != "full" or not plain) and not sampled_kernels
     if generic and backend == "triton":
-        raise ValueError("backend='triton' computes the plain full-vocabulary divergence only; topk, "
-                         "sampled_token, is_clip, weights and softcap run on backend='auto' or 'torch'")
+        raise ValueError("backend='triton' computes the plain full-vocabulary divergence and the sampled-token "
+                         "estimator; topk, is_clip, weights and softcap run on backend='auto' or 'torch'")
     if is_clip is not None and is_level == "sequence":
         logp = ChunkedObjective(objective, per_row, softcap).token_logprobs(h_s.contiguous(), weight, spec)
         if selected is not None:
@@ -190,7 +193,12 @@ def fused_linear_divergence(
         per_row["weights"] = per_row["weights"] * seq if "weights" in per_row else seq
     if "weights" in per_row:
         objective = Weighted(objective)
-    impl = ChunkedObjective(objective, per_row, softcap) if generic else _pick_backend(backend, student_hidden.device)
+    if sampled_kernels:
+        impl = _pick_backend("triton", student_hidden.device).SampledTokenKernels(per_row["targets"])
+    elif generic:
+        impl = ChunkedObjective(objective, per_row, softcap)
+    else:
+        impl = _pick_backend(backend, student_hidden.device)
     shared = teacher_weight is None or teacher_weight is weight
     args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
     wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)

@@ -16,7 +16,7 @@ import torch
 from . import triton_kernels as K
 from .divergence_spec import DivergenceSpec
 
-KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled_token": 3}
 # Bytes of the [N, chunk] gradient block of the backward.
 GRAD_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -135,8 +135,9 @@ def _mm_fp32(a, b):
 
 
 def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool,
-             need_h: bool, need_w: bool):
-    """Gradients for student hidden and LM-head weight; ``row_grad`` (fp32 [N]) holds 1/T."""
+             need_h: bool, need_w: bool, targets: torch.Tensor | None = None):
+    """Gradients for student hidden and LM-head weight; ``row_grad`` (fp32 [N]) holds 1/T.
+    ``targets`` (the sampled ids): the sampled-token estimator's gradient instead of the divergence's."""
     n, vocab = h_s.shape[0], w.shape[0]
     bn, bv, bk, opts = _tiles(h_s.device, "grad")
     common = _common(h_s, h_t, w, w_t)
@@ -149,18 +150,43 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     gz_buffer = alloc((n * chunk,), w.dtype, h_s.device)
     beta = spec.beta if spec.kind == "jsd" else 0.5
     row_grad = row_grad.contiguous()
+    kind = KIND_ID["sampled_token" if targets is not None else spec.kind]
+    ids = targets.contiguous() if targets is not None else row_grad  # a pointer KIND < 3 never reads
     for v_lo in range(0, vocab, chunk):
         v_hi = min(v_lo + chunk, vocab)
         width = v_hi - v_lo
         # A contiguous [n, width] block: CPU GEMMs may read a strided view's unwritten padding.
         block = gz_buffer[: n * width].view(n, width)
         grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
-        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, block, n, *common, width,
+        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, ids, block, n, *common, width,
                             spec.inv_temperature, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
-                            KIND=KIND_ID[spec.kind], SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                            KIND=kind, SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
                             PRECISION=precision, **opts)
         if need_h:
             d_h += _mm_fp32(block, w[v_lo:v_hi])
         if need_w:
             torch.mm(block.T, h_s, out=d_w[v_lo:v_hi])
     return (d_h.to(h_s.dtype) if need_h else None), d_w
+
+
+class SampledTokenKernels:
+    """TRL's sampled-token estimator ``(log p(y) - log q(y)).detach() * log p(y)`` on the kernels above:
+    the log-sum-exps from ``stats_kernel``, the sampled ids' logits from one dot per row, and the
+    gradient ``c (onehot(y) - p)`` from ``grad_kernel``; the same interface as this module."""
+
+    def __init__(self, targets: torch.Tensor):
+        self.targets = targets
+
+    def _target_logits(self, h, w, spec):
+        rows = w.index_select(0, self.targets)
+        return (h.float() * rows.float()).sum(-1) * spec.inv_temperature
+
+    def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
+        _, stats = forward(h_s, h_t, w, w_t, spec, shared)
+        log_p = self._target_logits(h_s, w, spec) - stats[0]
+        log_q = self._target_logits(h_t, w_t, spec) - stats[1]
+        stats[2] = log_p - log_q
+        return stats[2] * log_p, stats
+
+    def backward(self, h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w):
+        return backward(h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w, self.targets)

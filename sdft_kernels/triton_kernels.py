@@ -7,7 +7,8 @@ Each kernel computes [BLOCK_N, BLOCK_V] tiles of student and teacher logits on t
   the running sums that give KL(p||q) and KL(q||p) in one pass (partials per vocabulary split).
 * ``jsd_kernel``: the second pass that jsd needs (its mixture needs normalized p and q).
 * ``grad_kernel``: d loss / d student logits for a vocabulary chunk, scaled per row; the caller
-  turns it into dH and dW with two GEMMs.
+  turns it into dH and dW with two GEMMs. Also TRL's sampled-token estimator (``KIND`` 3), whose
+  forward is ``stats_kernel``'s two log-sum-exps plus one indexed dot per side.
 
 When teacher and student share the LM head each weight tile is loaded once for both dots.
 """
@@ -154,11 +155,12 @@ def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv
 
 
 @triton.jit
-def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, GZ, N, H, H_T, s_hs, s_ht, s_w, s_wt, s_gz,
+def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, Y, GZ, N, H, H_T, s_hs, s_ht, s_w, s_wt, s_gz,
                 inv_temp, v_lo, v_hi, log_beta, log_1m_beta, one_m_beta,
                 KIND: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """GZ[:, v - v_lo] = ROW_GRAD * d loss / d s for v in [v_lo, v_hi); STATS[3, N] = lse_s, lse_t, c."""
+    """GZ[:, v - v_lo] = ROW_GRAD * d loss / d s for v in [v_lo, v_hi); STATS[3, N] = lse_s, lse_t, c.
+    KIND 3 (sampled token): c (onehot(Y) - p), with Y [N] the sampled ids and c = log p(y) - log q(y)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -178,9 +180,12 @@ def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, GZ, N, H, H_T, s_hs, s_ht, s_w, 
         gz = p * (log_p - log_q - c[:, None])
     elif KIND == 1:  # forward KL
         gz = p - tl.exp(log_q)
-    else:  # jsd
+    elif KIND == 2:  # jsd
         log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
         gz = one_m_beta * p * (log_p - log_m - c[:, None])
+    else:  # sampled token
+        y = tl.load(Y + rows, mask=row_mask, other=-1)
+        gz = c[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
     gz = gz * g[:, None]
     out = GZ + rows[:, None] * s_gz + (cols - v_lo)[None, :]
     tl.store(out, gz.to(GZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

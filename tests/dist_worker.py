@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--kill-rank1-after", type=int, default=0, help="rank 1 dies after this step (0: never)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--lora", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="mixed_precision=bf16 (FSDP2)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     captured = {}
@@ -77,7 +78,8 @@ def main(argv=None):
     config = SDFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.per_device,
                         num_generations=2, max_completion_length=5, learning_rate=1e-3, progress_bar=False,
                         device="cpu", divergence="forward_kl", save_final_model=True, teacher_mode=args.teacher,
-                        ema_decay=0.5, save_steps=1, use_lora=args.lora, lora_r=4, parallel=args.parallel, resume_from_checkpoint=args.resume,
+                        ema_decay=0.5, save_steps=1, use_lora=args.lora, lora_r=4,
+                        mixed_precision="bf16" if args.bf16 else "no", parallel=args.parallel, resume_from_checkpoint=args.resume,
                         loss_normalization="sequence_mean" if args.method == "sdft_seq" else "token_mean")
     if args.method == "sft":
         train_sft(model, ROWS, config, tokenizer=tok, step_callback=maybe_die)

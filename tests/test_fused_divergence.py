@@ -134,3 +134,29 @@ def test_gradcheck_float64():
                                            temperature=1.7, reduction="none", backend="torch")
 
         assert torch.autograd.gradcheck(fn, (s.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,h,v,h_teacher", [(37, 40, 300, None), (5, 17, 33, 24), (70, 8, 31, None), (1, 16, 1, None)])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_sampled_token_matches_reference(backend, n, h, v, h_teacher, reduction):
+    """TRL's sampled-token estimator: the Triton kernels (interpreter on CPU) and the chunked path
+    against the float64 reference, with ids at both ends of the vocabulary."""
+    s, t, w, tw, mask = make_inputs(n, h, v, h_teacher=h_teacher, seed=n + v)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(v)).to(s.device)
+    targets[0], targets[-1] = 0, v - 1
+    kw = dict(mask=mask, divergence="reverse_kl", temperature=0.8, reduction=reduction, backend=backend,
+              mode="sampled_token", targets=targets)
+    assert_close(*run_both(s, t, w, tw, **kw), tol=1e-4)
+
+
+def test_sampled_token_takes_the_triton_kernels(monkeypatch):
+    """backend='triton' runs the sampled-token estimator on the kernels, not the chunked path."""
+    from sdft_kernels import chunked
+
+    for name in ("forward", "forward_with_grad"):
+        monkeypatch.setattr(chunked.ChunkedObjective, name, lambda *a, **k: pytest.fail("chunked path used"))
+    s, t, w, tw, mask = make_inputs(9, 16, 50, seed=2)
+    targets = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(0)).to(s.device)
+    fused_linear_divergence(s, t, w, mask=mask, divergence="reverse_kl", backend="triton", mode="sampled_token",
+                            targets=targets).backward()

@@ -27,7 +27,7 @@ def _batch(system_len=40, group=3, seed=0):
 
 def _loss_and_grads(model, batch, contexts, joint, monkeypatch):
     monkeypatch.setattr(batch_loss, "joint_pass_pays", lambda *a: joint)
-    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu")
+    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu", share_teacher_prefix=True)
     loss = batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, pad_id=0)
     params = [p for p in model.parameters() if p.requires_grad]
     return loss.detach(), torch.autograd.grad(loss, params)
@@ -77,7 +77,7 @@ def test_token_passes_count_the_joint_tree_once(monkeypatch):
 
     model = tiny_llama()
     batch, contexts = _batch(system_len=60)
-    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu")
+    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu", share_teacher_prefix=True)
     counts = {}
     for joint in (True, False):
         monkeypatch.setattr(batch_loss, "joint_pass_pays", lambda *a, j=joint: j)
@@ -88,3 +88,12 @@ def test_token_passes_count_the_joint_tree_once(monkeypatch):
     nodes = [pack_sides(s, batch.completions, batch.mask, 0, 1e9)[0].num_nodes for s in sides]
     assert counts[True] == [nodes[2]] and sorted(counts[False]) == sorted(nodes[:2])
     assert nodes[2] < nodes[0] + nodes[1]
+
+
+def test_joint_pass_is_opt_in(monkeypatch):
+    """share_teacher_prefix defaults to off (measured no faster, more memory): separate passes."""
+    model = tiny_llama()
+    batch, contexts = _batch(system_len=120)
+    monkeypatch.setattr(batch_loss, "joint_tree_hidden", lambda *a: pytest.fail("joint pass taken"))
+    config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu")
+    batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, 0)

@@ -14,6 +14,7 @@ from .base import Objective, token_logprob
 
 class SampledToken(Objective):
     needs = ("targets",)
+    kernel = "sampled_token"  # triton_backend.SampledTokenKernels
 
     def __init__(self, spec):
         if spec.kind != "reverse_kl":

@@ -1,0 +1,108 @@
+"""Build the prior-capability probe: items of several kinds that the base model answers right.
+
+Candidates are generated deterministically (no randomness, no network): capitals, small
+arithmetic, opposites, colours of things, one-word answers, simple facts. Each is asked to the
+embedded SmolLM2-135M-Instruct with greedy decoding; those it answers right are written to
+``benchmarks/data/prior_probe.jsonl`` ({"kind", "question", "answers"}), which the forgetting
+benchmark then asks after each stage (``prior_capability.general_accuracy``). Re-running this
+script on the same model rewrites the same file.
+
+    python benchmarks/make_prior_probe.py
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+OUT = Path(__file__).parent / "data" / "prior_probe.jsonl"
+
+CAPITALS = {"France": "paris", "Japan": "tokyo", "Germany": "berlin", "Italy": "rome", "Spain": "madrid",
+            "England": "london", "Russia": "moscow", "China": "beijing", "Egypt": "cairo", "Greece": "athens",
+            "Canada": "ottawa", "Australia": "canberra", "Ireland": "dublin", "Portugal": "lisbon",
+            "Austria": "vienna", "Norway": "oslo", "Sweden": "stockholm", "Poland": "warsaw",
+            "Kenya": "nairobi", "Mexico": "mexico city", "Argentina": "buenos aires", "Peru": "lima",
+            "Thailand": "bangkok", "South Korea": "seoul", "India": "new delhi", "Turkey": "ankara",
+            "Finland": "helsinki", "Denmark": "copenhagen", "Belgium": "brussels", "Cuba": "havana"}
+OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "day": "night", "happy": "sad",
+             "light": "dark", "open": "close", "old": "new", "wet": "dry", "early": "late", "full": "empty",
+             "hard": "soft", "high": "low", "left": "right", "win": "lose", "black": "white", "tall": "short",
+             "rich": "poor", "strong": "weak"}
+COLOURS = {"a banana": "yellow", "grass": "green", "snow": "white", "the sky on a clear day": "blue",
+           "coal": "black", "a ripe tomato": "red", "an orange": "orange", "milk": "white",
+           "a lemon": "yellow", "a strawberry": "red", "a leaf in summer": "green", "chocolate": "brown"}
+FACTS = [
+    ("How many days are there in a week?", ["seven", "7"]),
+    ("How many hours are in a day?", ["24", "twenty-four"]),
+    ("How many legs does a spider have?", ["eight", "8"]),
+    ("How many months are in a year?", ["twelve", "12"]),
+    ("How many minutes are in an hour?", ["sixty", "60"]),
+    ("How many sides does a triangle have?", ["three", "3"]),
+    ("What is the chemical symbol for water?", ["h2o"]),
+    ("What gas do plants absorb from the air?", ["carbon dioxide", "co2"]),
+    ("What is the boiling point of water in Celsius?", ["100"]),
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
+    ("Which ocean is the largest?", ["pacific"]),
+    ("Which organ pumps blood through the body?", ["heart"]),
+    ("What star is at the center of our solar system?", ["sun"]),
+    ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
+    ("What is the currency of the United States?", ["dollar"]),
+    ("What animal is known as man's best friend?", ["dog"]),
+    ("What is the largest mammal on Earth?", ["whale"]),
+    ("What language is spoken in Spain?", ["spanish"]),
+    ("What language is spoken in Brazil?", ["portuguese"]),
+    ("What language is spoken in France?", ["french"]),
+    ("Which planet is known as the Red Planet?", ["mars"]),
+    ("What do bees make?", ["honey"]),
+    ("What is frozen water called?", ["ice"]),
+    ("Which animal is the largest land animal?", ["elephant"]),
+    ("What is the freezing point of water in Celsius?", ["0", "zero"]),
+    ("Which is the closest planet to the sun?", ["mercury"]),
+    ("What do cows drink?", ["water"]),
+    ("What is the tallest animal in the world?", ["giraffe"]),
+]
+
+
+def candidates() -> list[dict]:
+    items = [{"kind": "capital", "question": f"What is the capital of {c}?", "answers": [a]}
+             for c, a in CAPITALS.items()]
+    items += [{"kind": "arithmetic", "question": f"What is {a} plus {b}?", "answers": [str(a + b)]}
+              for a in range(1, 10) for b in (1, 2, 5)]
+    items += [{"kind": "arithmetic", "question": f"What is {a} times {b}?", "answers": [str(a * b)]}
+              for a in (2, 3, 5, 10) for b in (2, 3, 4)]
+    items += [{"kind": "opposite", "question": f"What is the opposite of {w}? Answer in one word.",
+               "answers": [o]} for w, o in OPPOSITES.items()]
+    items += [{"kind": "colour", "question": f"What color is {thing}? Answer in one word.", "answers": [c]}
+              for thing, c in COLOURS.items()]
+    items += [{"kind": "fact", "question": q, "answers": a} for q, a in FACTS]
+    return items
+
+
+def is_right(answer: str, answers: list[str]) -> bool:
+    """An expected answer appears as a whole word (so "12" does not count for "2")."""
+    text = answer.lower()
+    return any(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", text) for a in answers)
+
+
+def main():
+    from sdft import load_model
+    from sdft.data import load_examples
+    from sdft.evaluation import generate_answers
+
+    model, tokenizer = load_model()
+    items = candidates()
+    examples = load_examples([{"prompt": it["question"], "demonstration": "-"} for it in items])
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens=40)
+    kept = [it for it, a in zip(items, answers) if is_right(a, it["answers"])]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("".join(json.dumps(it) + "\n" for it in kept))
+    kinds = {}
+    for it in kept:
+        kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
+    print(f"kept {len(kept)} of {len(items)} candidates: {kinds}")
+
+
+if __name__ == "__main__":
+    main()
