@@ -25,7 +25,19 @@ CAPITALS = {"France": "paris", "Japan": "tokyo", "Germany": "berlin", "Italy": "
             "Austria": "vienna", "Norway": "oslo", "Sweden": "stockholm", "Poland": "warsaw",
             "Kenya": "nairobi", "Mexico": "mexico city", "Argentina": "buenos aires", "Peru": "lima",
             "Thailand": "bangkok", "South Korea": "seoul", "India": "new delhi", "Turkey": "ankara",
-            "Finland": "helsinki", "Denmark": "copenhagen", "Belgium": "brussels", "Cuba": "havana"}
+            "Finland": "helsinki", "Denmark": "copenhagen", "Belgium": "brussels", "Cuba": "havana",
+            "the Netherlands": "amsterdam", "Switzerland": "bern", "Hungary": "budapest", "Iran": "tehran",
+            "Iraq": "baghdad", "Chile": "santiago", "Colombia": "bogota", "Vietnam": "hanoi",
+            "Indonesia": "jakarta", "the Philippines": "manila", "Scotland": "edinburgh", "Wales": "cardiff",
+            "the Czech Republic": "prague", "Romania": "bucharest", "Ukraine": "kyiv", "Nigeria": "abuja",
+            "Morocco": "rabat", "Saudi Arabia": "riyadh", "Israel": "jerusalem", "Venezuela": "caracas"}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+SOUNDS = {"a dog": "bark", "a cat": "meow", "a cow": "moo", "a duck": "quack", "a lion": "roar",
+          "a sheep": "baa", "a snake": "hiss", "a horse": "neigh"}
+PLURALS = {"child": "children", "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men",
+           "woman": "women", "goose": "geese", "person": "people"}
 OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "day": "night", "happy": "sad",
              "light": "dark", "open": "close", "old": "new", "wet": "dry", "early": "late", "full": "empty",
              "hard": "soft", "high": "low", "left": "right", "win": "lose", "black": "white", "tall": "short",
@@ -77,6 +89,16 @@ def candidates() -> list[dict]:
     items += [{"kind": "colour", "question": f"What color is {thing}? Answer in one word.", "answers": [c]}
               for thing, c in COLOURS.items()]
     items += [{"kind": "fact", "question": q, "answers": a} for q, a in FACTS]
+    items += [{"kind": "sequence", "question": f"What day comes after {d}? Answer in one word.",
+               "answers": [DAYS[(i + 1) % 7].lower()]} for i, d in enumerate(DAYS)]
+    items += [{"kind": "sequence", "question": f"Which month comes after {m}? Answer in one word.",
+               "answers": [MONTHS[(i + 1) % 12].lower()]} for i, m in enumerate(MONTHS)]
+    items += [{"kind": "arithmetic", "question": f"What is {a} minus {b}?", "answers": [str(a - b)]}
+              for a in (10, 15, 20) for b in (1, 3, 5)]
+    items += [{"kind": "one_word", "question": f"What sound does {animal} make? Answer in one word.",
+               "answers": [sound]} for animal, sound in SOUNDS.items()]
+    items += [{"kind": "one_word", "question": f"What is the plural of {w}? Answer in one word.", "answers": [p]}
+              for w, p in PLURALS.items()]
     return items
 
 
