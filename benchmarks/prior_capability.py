@@ -1,7 +1,7 @@
 """Prior capability: what the model could do before learning a new skill, measured before and after.
 
-``general_accuracy``: greedy answers to fixed general questions, right when the answer holds one of
-the expected words (the questions are ones SmolLM2-135M-Instruct answers right before training).
+``general_accuracy``: greedy answers to the probe's questions (103 items of several kinds that
+SmolLM2-135M-Instruct answers right before training), right when the answer holds an expected word.
 ``heldout_perplexity``: perplexity of fixed plain-text paragraphs no run trains on.
 """
 from __future__ import annotations
@@ -17,30 +17,6 @@ from sdft.evaluation import generate_answers
 from sdft.models import eval_mode
 
 PROBE_FILE = Path(__file__).parent / "data" / "prior_probe.jsonl"
-QUESTIONS = [
-    ("What is the capital of France?", ["paris"]),
-    ("What is the capital of Japan?", ["tokyo"]),
-    ("What gas do plants absorb from the air?", ["carbon dioxide", "co2"]),
-    ("What is the chemical symbol for water?", ["h2o"]),
-    ("How many days are there in a week?", ["seven", "7"]),
-    ("What is the boiling point of water in Celsius?", ["100"]),
-    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
-    ("What is the opposite of hot?", ["cold"]),
-    ("What color is the sky on a clear day?", ["blue"]),
-    ("Which ocean is the largest?", ["pacific"]),
-    ("Which organ pumps blood through the body?", ["heart"]),
-    ("What language is spoken in Spain?", ["spanish"]),
-    ("What is 2 plus 2?", ["4", "four"]),
-    ("What star is at the center of our solar system?", ["sun"]),
-    ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
-    ("What is the currency of the United States?", ["dollar"]),
-    ("What is the capital of Germany?", ["berlin"]),
-    ("What is the capital of England?", ["london"]),
-    ("What animal is known as man's best friend?", ["dog"]),
-    ("How many hours are in a day?", ["24", "twenty-four"]),
-    ("What language is spoken in Brazil?", ["portuguese"]),
-    ("What is the largest mammal on Earth?", ["whale"]),
-]
 
 HELDOUT_TEXT = [
     "The river flows slowly through the valley, past old stone bridges and fields of wheat. In spring the "
@@ -63,12 +39,12 @@ HELDOUT_TEXT = [
 
 
 def probe() -> list[tuple[str, list[str]]]:
-    """The probe's (question, expected answers): ``data/prior_probe.jsonl`` (made by
-    ``make_prior_probe.py``: items of several kinds the base model answers right), else QUESTIONS."""
-    if PROBE_FILE.is_file():
-        rows = [json.loads(line) for line in PROBE_FILE.read_text().splitlines() if line.strip()]
-        return [(r["question"], r["answers"]) for r in rows]
-    return QUESTIONS
+    """The probe's (question, expected answers): ``data/prior_probe.jsonl``, made by
+    ``make_prior_probe.py`` (items of several kinds the base model answers right)."""
+    if not PROBE_FILE.is_file():
+        raise FileNotFoundError(f"{PROBE_FILE} is missing: run python benchmarks/make_prior_probe.py")
+    rows = [json.loads(line) for line in PROBE_FILE.read_text().splitlines() if line.strip()]
+    return [(r["question"], r["answers"]) for r in rows]
 
 
 def general_accuracy(model, tokenizer, max_new_tokens: int = 40) -> dict:
