@@ -33,7 +33,7 @@ COMPLETION = 24
 
 
 def _batch(prompts: int, group: int):
-    from benchmarks.bench_trl import TEMPLATE, model_dir, rows  # noqa: F401
+    from benchmarks.bench_trl import model_dir, rows
     from sdft import load_model
     from sdft.chat import chat_ids
     from sdft.data import load_examples

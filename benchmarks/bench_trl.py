@@ -117,10 +117,6 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
     import tempfile
 
     import sdft
-    import sdft.batch_loss
-
-    if method == "sdft_nojoint":  # also what share_teacher_prefix=False (the default since) does
-        sdft.batch_loss.joint_pass_pays = lambda *a, **k: False
 
     torch.manual_seed(0)
     data = rows(setting)

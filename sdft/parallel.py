@@ -23,9 +23,6 @@ import torch
 from .distributed import World
 from .models import blocks_of
 
-MODES = ("ddp", "fsdp")
-
-
 class Whole(torch.nn.Module):
     """A model whose forward runs any function of it, so a wrapper's hooks surround that function."""
 
@@ -130,14 +127,17 @@ def full_tensors(state: dict) -> dict:
     return state
 
 
+def _shard_like(value: torch.Tensor, target) -> torch.Tensor:
+    """A full tensor as this process's shard of it, placed like the DTensor ``target``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+
+
 def load_full(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a full tensor into ``target``: this process's shard of it when ``target`` is a DTensor."""
     with torch.no_grad():
-        if _is_dtensor(target):
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
-        target.copy_(value)
+        target.copy_(_shard_like(value, target) if _is_dtensor(target) else value)
 
 
 def optimizer_state(optimizer) -> dict:
@@ -149,13 +149,11 @@ def load_optimizer_state(optimizer, state: dict) -> None:
     """Load a full-tensor optimizer state: each parameter's moments are sharded like the parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(_is_dtensor(p) for p in params):
-        from torch.distributed.tensor import distribute_tensor
-
         for index, moments in state["state"].items():
             p = params[int(index)]
             for key, value in moments.items():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
-                    moments[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+                    moments[key] = _shard_like(value, p)
     optimizer.load_state_dict(state)
 
 

@@ -123,6 +123,7 @@ def release_room(cache):
         for name in ("update", "key_room", "value_room", "keys", "values"):
             layer.__dict__.pop(name, None)
 
+
 class _TreeDecoder:
     """Prefill the prompts' prefix tree once (a system message shared by several prompts is one
     set of nodes), then decode every sample as one query token of its prompt's row.

@@ -14,7 +14,7 @@ import torch
 
 from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
 from .lm_head import head_of
-from .parallel import full_tensors, load_full
+from .parallel import Runner, full_tensors, load_full
 from .models import decoder_of, eval_mode
 
 
@@ -51,8 +51,6 @@ class Teacher:
         """Run a teacher copy like the student (``runner``: the student's ``sdft.parallel.Runner``):
         under FSDP2 the copy is sharded the same way, so each process holds 1/N of it and the EMA update
         works shard by shard; under DDP every process keeps a full replica (no gradients to reduce)."""
-        from .parallel import Runner
-
         if self.copy is not None and runner.sharded:
             self._runner = Runner(self.copy, runner.world, "fsdp", runner.mixed_precision)
 
