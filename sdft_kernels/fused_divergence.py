@@ -93,6 +93,26 @@ class _ScalarDivergence(torch.autograd.Function):
         return d_h, None, d_w, None, None, None, None
 
 
+def _implementation(objective, backend: str, device: torch.device, softcap, unweighted: bool) -> str:
+    """Where an objective runs: ``"backend"`` (the plain divergence's hand-written backend: Triton on
+    CUDA, chunked PyTorch on CPU), ``"kernels"`` (Triton kernels with soft cap, sampled-token or top-k)
+    or ``"chunked"`` (``sdft_kernels.chunked``: any objective, any device).
+
+    ``backend="auto"`` takes the kernels on CUDA except for top-k, whose Triton kernel has not been
+    measured on a GPU yet (``backend="triton"`` selects it); importance weights and per-token weights
+    always run chunked."""
+    kernel = objective.kernel if unweighted else None
+    if backend == "triton" and kernel is None:
+        raise ValueError("backend='triton' computes the full-vocabulary divergence, top-k and the sampled-token "
+                         "estimator; is_clip and weights run on backend='auto' or 'torch'")
+    if kernel == "full" and softcap is None:
+        return "backend"
+    on_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    if on_triton and kernel is not None and (backend == "triton" or kernel != "topk"):
+        return "kernels"
+    return "chunked"
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -140,13 +160,15 @@ def fused_linear_divergence(
       sequence (``"sequence"``, the paper: inputs [B, L]), capped at ``is_clip``.
     * ``weights`` [...]: a constant per-token weight (e.g. 1/sequence length for per-sequence means).
 
-    These run through ``sdft_kernels.chunked`` (exact, chunk by chunk) on every device; the plain
-    full-vocabulary divergence keeps its hand-written kernels.
+    On CPU these run through ``sdft_kernels.chunked`` (exact, chunk by chunk). On CUDA the sampled-token
+    estimator and the soft cap run on the Triton kernels; top-k has a Triton kernel too (a streamed
+    running top-k, ``backend="triton"``, k <= 256), not yet the default there as it has not been
+    measured on a GPU; ``is_clip`` and ``weights`` always run chunked.
 
     LM heads of other model families (``sdft_kernels.heads``): ``bias`` [V] (``teacher_bias`` for a
     separate teacher head; None there: the student's), ``logit_scale`` multiplying the logits
     (Cohere; Granite's ``logits_scaling`` is 1 / it) and ``softcap`` (Gemma-2: ``cap * tanh(z / cap)``),
-    all before the temperature.
+    all before the temperature (soft cap: in the Triton kernels and the chunked path).
     """
     check_softcap(softcap)
     if softcap is not None:  # cap*tanh(scale*z/cap) = scale * (cap/scale)*tanh(z/(cap/scale))
@@ -176,13 +198,7 @@ def fused_linear_divergence(
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
         per_row = {k: v.index_select(0, selected) for k, v in per_row.items()}
-    plain = weights is None and is_clip is None and softcap is None
-    sampled_kernels = (plain and objective.kernel == "sampled_token"
-                       and (backend == "triton" or (backend == "auto" and student_hidden.device.type == "cuda")))
-    generic = (objective.kernel != "full" or not plain) and not sampled_kernels
-    if generic and backend == "triton":
-        raise ValueError("backend='triton' computes the plain full-vocabulary divergence and the sampled-token "
-                         "estimator; topk, is_clip, weights and softcap run on backend='auto' or 'torch'")
+    impl_kind = _implementation(objective, backend, student_hidden.device, softcap, weights is None and is_clip is None)
     if is_clip is not None and is_level == "sequence":
         logp = ChunkedObjective(objective, per_row, softcap).token_logprobs(h_s.contiguous(), weight, spec)
         if selected is not None:
@@ -193,9 +209,9 @@ def fused_linear_divergence(
         per_row["weights"] = per_row["weights"] * seq if "weights" in per_row else seq
     if "weights" in per_row:
         objective = Weighted(objective)
-    if sampled_kernels:
-        impl = _pick_backend("triton", student_hidden.device).SampledTokenKernels(per_row["targets"])
-    elif generic:
+    if impl_kind == "kernels":
+        impl = _pick_backend("triton", student_hidden.device).kernels_for(objective, per_row, softcap)
+    elif impl_kind == "chunked":
         impl = ChunkedObjective(objective, per_row, softcap)
     else:
         impl = _pick_backend(backend, student_hidden.device)

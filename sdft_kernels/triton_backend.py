@@ -16,7 +16,7 @@ import torch
 from . import triton_kernels as K
 from .divergence_spec import DivergenceSpec
 
-KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled_token": 3}
+KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled_token": 3, "softmax": 4}
 # Bytes of the [N, chunk] gradient block of the backward.
 GRAD_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -35,6 +35,8 @@ def alloc(shape, dtype, device) -> torch.Tensor:
 GPU_TILES = {
     "stats": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
     "grad": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    # Not yet measured on a GPU: small row blocks keep the [BLOCK_N, 2K] int64 merge in registers.
+    "topk": dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=64, num_warps=4, num_stages=2),
 }
 # Small tiles keep the CPU interpreter quick and exercise the edge masks.
 INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16)
@@ -82,8 +84,13 @@ def _combine(m, z, a):
     return top + torch.log(total), (a * scale).sum(0) / total
 
 
-def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
-    """Per-row losses [N] (fp32) and statistics [3, N] = lse_s, lse_t, c."""
+def _cap_args(cap: float | None) -> tuple[float, bool]:
+    """(cap, CAP) kernel arguments for an optional soft cap."""
+    return (1.0, False) if cap is None else (float(cap), True)
+
+
+def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
+    """Per-row losses [N] (fp32) and statistics [3, N] = lse_s, lse_t, c; ``cap``: soft-capped logits."""
     n, vocab = h_s.shape[0], w.shape[0]
     bn, bv, bk, opts = _tiles(h_s.device, "stats")
     splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
@@ -91,8 +98,9 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
     common = _common(h_s, h_t, w, w_t)
     precision = _precision(h_s.dtype)
     part = alloc((6, splits, n), torch.float32, h_s.device)
-    K.stats_kernel[grid](h_s, h_t, w, w_t, part, n, vocab, *common, spec.inv_temperature, per_split,
-                         SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
+    cap, capped = _cap_args(cap)
+    K.stats_kernel[grid](h_s, h_t, w, w_t, part, n, vocab, *common, spec.inv_temperature, cap, per_split,
+                         SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
     lse_s, mean_s_minus_t = _combine(part[0], part[1], part[2])
     lse_t, mean_t_minus_s = _combine(part[3], part[4], part[5])
     stats = torch.empty(3, n, dtype=torch.float32, device=h_s.device)
@@ -105,9 +113,9 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
         stats[2] = 0.0
     else:
         jsd_part = alloc((2, splits, n), torch.float32, h_s.device)
-        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, n, vocab, *common, spec.inv_temperature,
+        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, n, vocab, *common, spec.inv_temperature, cap,
                            per_split, math.log(spec.beta), math.log1p(-spec.beta),
-                           SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
+                           SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
         kl_qm, kl_pm = jsd_part.sum(1)
         loss = spec.beta * kl_qm + (1 - spec.beta) * kl_pm
         stats[2] = kl_pm
@@ -135,9 +143,11 @@ def _mm_fp32(a, b):
 
 
 def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bool,
-             need_h: bool, need_w: bool, targets: torch.Tensor | None = None):
+             need_h: bool, need_w: bool, targets: torch.Tensor | None = None, cap: float | None = None,
+             kind: str | None = None):
     """Gradients for student hidden and LM-head weight; ``row_grad`` (fp32 [N]) holds 1/T.
-    ``targets`` (the sampled ids): the sampled-token estimator's gradient instead of the divergence's."""
+    ``targets`` (the sampled ids): the sampled-token estimator's gradient instead of the divergence's;
+    ``kind="softmax"``: the gradient of the student's log-sum-exp; ``cap``: soft-capped logits."""
     n, vocab = h_s.shape[0], w.shape[0]
     bn, bv, bk, opts = _tiles(h_s.device, "grad")
     common = _common(h_s, h_t, w, w_t)
@@ -150,8 +160,9 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     gz_buffer = alloc((n * chunk,), w.dtype, h_s.device)
     beta = spec.beta if spec.kind == "jsd" else 0.5
     row_grad = row_grad.contiguous()
-    kind = KIND_ID["sampled_token" if targets is not None else spec.kind]
-    ids = targets.contiguous() if targets is not None else row_grad  # a pointer KIND < 3 never reads
+    kind = KIND_ID[kind or ("sampled_token" if targets is not None else spec.kind)]
+    ids = targets.contiguous() if targets is not None else row_grad  # a pointer KIND != 3 never reads
+    cap, capped = _cap_args(cap)
     for v_lo in range(0, vocab, chunk):
         v_hi = min(v_lo + chunk, vocab)
         width = v_hi - v_lo
@@ -159,8 +170,8 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
         block = gz_buffer[: n * width].view(n, width)
         grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
         K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, ids, block, n, *common, width,
-                            spec.inv_temperature, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
-                            KIND=kind, SHARED=shared, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                            spec.inv_temperature, cap, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
+                            KIND=kind, SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
                             PRECISION=precision, **opts)
         if need_h:
             d_h += _mm_fp32(block, w[v_lo:v_hi])
@@ -169,24 +180,146 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     return (d_h.to(h_s.dtype) if need_h else None), d_w
 
 
+class FullKernels:
+    """The full-vocabulary divergence on the kernels above with a soft cap (``cap``; None: none)."""
+
+    def __init__(self, cap: float | None = None):
+        self.cap = cap
+
+    def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
+        return forward(h_s, h_t, w, w_t, spec, shared, self.cap)
+
+    def backward(self, h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w):
+        return backward(h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w, cap=self.cap)
+
+
+def _capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def _cap_slope(logits: torch.Tensor, cap: float | None, inv_temp: float) -> torch.Tensor | float:
+    """d(capped logit) / d(raw logit) = 1 - tanh^2, read back from temperature-scaled capped logits."""
+    if cap is None:
+        return 1.0
+    return 1.0 - (logits / (cap * inv_temp)).square()
+
+
 class SampledTokenKernels:
     """TRL's sampled-token estimator ``(log p(y) - log q(y)).detach() * log p(y)`` on the kernels above:
     the log-sum-exps from ``stats_kernel``, the sampled ids' logits from one dot per row, and the
     gradient ``c (onehot(y) - p)`` from ``grad_kernel``; the same interface as this module."""
 
-    def __init__(self, targets: torch.Tensor):
-        self.targets = targets
+    def __init__(self, targets: torch.Tensor, cap: float | None = None):
+        self.targets, self.cap = targets, cap
 
     def _target_logits(self, h, w, spec):
         rows = w.index_select(0, self.targets)
-        return (h.float() * rows.float()).sum(-1) * spec.inv_temperature
+        return _capped((h.float() * rows.float()).sum(-1), self.cap) * spec.inv_temperature
 
     def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
-        _, stats = forward(h_s, h_t, w, w_t, spec, shared)
+        _, stats = forward(h_s, h_t, w, w_t, spec, shared, self.cap)
         log_p = self._target_logits(h_s, w, spec) - stats[0]
         log_q = self._target_logits(h_t, w_t, spec) - stats[1]
         stats[2] = log_p - log_q
         return stats[2] * log_p, stats
 
     def backward(self, h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w):
-        return backward(h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w, self.targets)
+        return backward(h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w, self.targets, self.cap)
+
+
+# Bytes of the gathered [rows, k, H] head rows when reading logits at the top-k ids.
+GATHER_BYTES = 64 * 1024 * 1024
+MAX_TOPK = 256
+
+
+def _row_slices(n: int, per_row_bytes: int):
+    step = max(1, GATHER_BYTES // max(per_row_bytes, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def topk_ids(x, w, k: int, spec: DivergenceSpec, cap: float | None):
+    """(ids [N, k], logits [N, k]) of the k largest (capped, / T) logits of ``x @ w.T`` per row, ties to
+    the lower id: ``topk_kernel`` keeps a running top-K per vocabulary split, torch merges the splits."""
+    n, vocab = x.shape[0], w.shape[0]
+    width = max(16, 1 << (k - 1).bit_length())  # K: a power of two, at least a tl.dot tile
+    bn, _, bk, opts = _tiles(x.device, "topk")
+    splits, per_split = _splits(n, vocab, bn, width, x.device)
+    keys = alloc((splits, n, width), torch.int64, x.device)
+    cap, capped = _cap_args(cap)
+    K.topk_kernel[(triton_cdiv(n, bn), splits)](
+        x, w, keys, n, vocab, x.shape[1], x.stride(0), w.stride(0), spec.inv_temperature, cap, per_split,
+        CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype), **opts)
+    keys = keys.permute(1, 0, 2).reshape(n, splits * width).topk(k, dim=1).values
+    ordered = (keys >> 32).to(torch.int32)
+    values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return 0x7FFFFFFF - (keys & 0xFFFFFFFF), values
+
+
+def logits_at(x, w, ids, spec: DivergenceSpec, cap: float | None) -> torch.Tensor:
+    """fp32 (capped, / T) logits of ``x @ w.T`` at ``ids`` [N, k], gathering head rows a row block at a time."""
+    out = torch.empty(ids.shape, dtype=torch.float32, device=x.device)
+    for rows in _row_slices(x.shape[0], ids.shape[1] * x.shape[1] * 4):
+        picked = w.index_select(0, ids[rows].reshape(-1)).view(-1, ids.shape[1], w.shape[1]).float()
+        out[rows] = torch.bmm(picked, x[rows].float()[:, :, None]).squeeze(-1)
+    return _capped(out, cap) * spec.inv_temperature
+
+
+class TopKKernels:
+    """The top-k objective (``objectives.TopK``) without [N, V]: the stats kernel gives both full
+    log-sum-exps, ``topk_kernel`` the support (ids and, exactly, the support side's logits), a gather
+    the other side's logits there; the objective's formula on those [N, k] values gives the loss and,
+    by autograd on them, d loss / d support logits (scattered onto k ids: sparse dH and dW) and
+    d loss / d lse_s (the tail bucket only: times the softmax, ``grad_kernel`` KIND 4)."""
+
+    def __init__(self, objective, cap: float | None = None):
+        if objective.k > MAX_TOPK:
+            raise ValueError(f"backend='triton' computes top-k for k <= {MAX_TOPK}, got topk={objective.k}; "
+                             "use backend='auto' or 'torch'")
+        self.objective, self.cap = objective, cap
+
+    def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
+        _, stats = forward(h_s, h_t, w, w_t, spec, shared, self.cap)
+        k = min(self.objective.k, w.shape[0])
+        if self.objective.support == "student":
+            ids, s_k = topk_ids(h_s, w, k, spec, self.cap)
+            t_k = logits_at(h_t, w_t, ids, spec, self.cap)
+        else:
+            ids, t_k = topk_ids(h_t, w_t, k, spec, self.cap)
+            s_k = logits_at(h_s, w, ids, spec, self.cap)
+        with torch.enable_grad():
+            a = s_k.detach().requires_grad_()
+            lse_s = stats[0].detach().requires_grad_()
+            loss = self.objective.support_rows(a, t_k, lse_s, stats[1])
+            g_k, g_lse = torch.autograd.grad(loss.sum(), (a, lse_s), allow_unused=True)
+        self.ids, self.g_k, self.g_lse = ids, g_k * _cap_slope(s_k, self.cap, spec.inv_temperature), g_lse
+        return loss.detach(), stats
+
+    def backward(self, h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w):
+        d_h, d_w = None, None
+        if self.g_lse is not None:  # the tail bucket's log-sum-exp: a dense softmax term
+            d_h, d_w = backward(h_s, h_t, w, w_t, stats, row_grad * self.g_lse, spec, shared, need_h, need_w,
+                                cap=self.cap, kind="softmax")
+        if need_h:
+            d_h = d_h.float() if d_h is not None else torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device)
+        if need_w:
+            d_w = d_w.float() if d_w is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad = self.g_k * row_grad[:, None]
+        hidden = h_s.shape[1]
+        for rows in _row_slices(h_s.shape[0], self.ids.shape[1] * hidden * 4):
+            ids = self.ids[rows].reshape(-1)
+            if need_h:
+                picked = w.index_select(0, ids).view(-1, self.ids.shape[1], hidden).float()
+                d_h[rows] += torch.bmm(grad[rows][:, None, :], picked).squeeze(1)
+            if need_w:
+                outer = grad[rows][:, :, None] * h_s[rows].float()[:, None, :]
+                d_w.index_add_(0, ids, outer.reshape(-1, hidden))
+        return (d_h.to(h_s.dtype) if need_h else None), (d_w.to(w.dtype) if need_w else None)
+
+
+def kernels_for(objective, extra: dict, cap: float | None):
+    """The kernels computing ``objective`` (its ``kernel`` id), with per-row inputs ``extra``."""
+    if objective.kernel == "sampled_token":
+        return SampledTokenKernels(extra["targets"], cap)
+    if objective.kernel == "topk":
+        return TopKKernels(objective, cap)
+    return FullKernels(cap)

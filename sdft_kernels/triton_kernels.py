@@ -8,7 +8,13 @@ Each kernel computes [BLOCK_N, BLOCK_V] tiles of student and teacher logits on t
 * ``jsd_kernel``: the second pass that jsd needs (its mixture needs normalized p and q).
 * ``grad_kernel``: d loss / d student logits for a vocabulary chunk, scaled per row; the caller
   turns it into dH and dW with two GEMMs. Also TRL's sampled-token estimator (``KIND`` 3), whose
-  forward is ``stats_kernel``'s two log-sum-exps plus one indexed dot per side.
+  forward is ``stats_kernel``'s two log-sum-exps plus one indexed dot per side, and the softmax
+  itself (``KIND`` 4, the gradient of a log-sum-exp: the top-k tail bucket reads one).
+* ``topk_kernel``: each row's k largest logits of one side over a vocabulary slice, kept as a running
+  top-k merged tile by tile (values and ids packed in one sortable int64 key), never [N, V].
+
+``CAP`` applies Gemma-2's soft cap ``cap * tanh(z / cap)`` to the logits before the temperature;
+the grad kernel chains its derivative ``1 - tanh^2`` (read back from the capped logit).
 
 When teacher and student share the LM head each weight tile is loaded once for both dots.
 """
@@ -41,11 +47,25 @@ def _dot_rows(acc, X, W, rows, cols, row_mask, col_mask, K, stride_x, stride_w,
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from the sigmoid (Triton has no portable tanh); absolute error ~1e-7 in fp32."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _finish(acc, inv_temp, cap, CAP: tl.constexpr):
+    """Raw logits -> (soft-capped) logits divided by the temperature."""
+    if CAP:
+        acc = cap * _tanh(acc / cap)
+    return acc * inv_temp
+
+
+@triton.jit
 def _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
-                 s_hs, s_ht, s_w, s_wt, inv_temp, SHARED: tl.constexpr,
+                 s_hs, s_ht, s_w, s_wt, inv_temp, cap, SHARED: tl.constexpr, CAP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Student and teacher logit tiles divided by the temperature, fp32."""
+    """Student and teacher logit tiles, soft-capped when ``CAP``, divided by the temperature, fp32."""
     acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if SHARED:
@@ -62,7 +82,7 @@ def _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
     else:
         acc_s = _dot_rows(acc_s, HS, W, rows, cols, row_mask, col_mask, H, s_hs, s_w, BLOCK_K, PRECISION)
         acc_t = _dot_rows(acc_t, HT, WT, rows, cols, row_mask, col_mask, H_T, s_ht, s_wt, BLOCK_K, PRECISION)
-    return acc_s * inv_temp, acc_t * inv_temp
+    return _finish(acc_s, inv_temp, cap, CAP), _finish(acc_t, inv_temp, cap, CAP)
 
 
 @triton.jit
@@ -74,8 +94,8 @@ def _row_block(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, v_per_split,
-                 SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, cap, v_per_split,
+                 SHARED: tl.constexpr, CAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[6, splits, N]: max_s, sum_s, sum p(s-t), max_t, sum_t, sum q(t-s) (unnormalized)."""
     rows, row_mask, split_base, plane = _row_block(N, BLOCK_N)
@@ -91,7 +111,7 @@ def stats_kernel(HS, HT, W, WT, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_te
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_hi
         s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
-                            s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+                            s_hs, s_ht, s_w, s_wt, inv_temp, cap, SHARED, CAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         valid = col_mask[None, :]
         diff = tl.where(valid, s - t, 0.0)
         s = tl.where(valid, s, float("-inf"))
@@ -126,9 +146,9 @@ def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
 
 
 @triton.jit
-def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, v_per_split,
+def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv_temp, cap, v_per_split,
                log_beta, log_1m_beta,
-               SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               SHARED: tl.constexpr, CAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[2, splits, N]: partial KL(q||m) and KL(p||m) given LSE[2, N] = (lse_s, lse_t)."""
     rows, row_mask, split_base, plane = _row_block(N, BLOCK_N)
@@ -142,7 +162,7 @@ def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_hi
         s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
-                            s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+                            s_hs, s_ht, s_w, s_wt, inv_temp, cap, SHARED, CAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         log_p = s - lse_s[:, None]
         log_q = t - lse_t[:, None]
         log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
@@ -156,11 +176,12 @@ def jsd_kernel(HS, HT, W, WT, LSE, OUT, N, V, H, H_T, s_hs, s_ht, s_w, s_wt, inv
 
 @triton.jit
 def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, Y, GZ, N, H, H_T, s_hs, s_ht, s_w, s_wt, s_gz,
-                inv_temp, v_lo, v_hi, log_beta, log_1m_beta, one_m_beta,
-                KIND: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
+                inv_temp, cap, v_lo, v_hi, log_beta, log_1m_beta, one_m_beta,
+                KIND: tl.constexpr, SHARED: tl.constexpr, CAP: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """GZ[:, v - v_lo] = ROW_GRAD * d loss / d s for v in [v_lo, v_hi); STATS[3, N] = lse_s, lse_t, c.
-    KIND 3 (sampled token): c (onehot(Y) - p), with Y [N] the sampled ids and c = log p(y) - log q(y)."""
+    KIND 3 (sampled token): c (onehot(Y) - p), with Y [N] the sampled ids and c = log p(y) - log q(y).
+    KIND 4 (softmax): p, the gradient of lse_s. ``CAP``: times d capped / d raw = 1 - tanh^2."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -168,7 +189,7 @@ def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, Y, GZ, N, H, H_T, s_hs, s_ht, s_
     cols = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     col_mask = cols < v_hi
     s, t = _logit_tiles(HS, HT, W, WT, rows, cols, row_mask, col_mask, H, H_T,
-                        s_hs, s_ht, s_w, s_wt, inv_temp, SHARED, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
+                        s_hs, s_ht, s_w, s_wt, inv_temp, cap, SHARED, CAP, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
     lse_s = tl.load(STATS + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(STATS + N + rows, mask=row_mask, other=0.0)
     c = tl.load(STATS + 2 * N + rows, mask=row_mask, other=0.0)
@@ -183,9 +204,47 @@ def grad_kernel(HS, HT, W, WT, STATS, ROW_GRAD, Y, GZ, N, H, H_T, s_hs, s_ht, s_
     elif KIND == 2:  # jsd
         log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
         gz = one_m_beta * p * (log_p - log_m - c[:, None])
-    else:  # sampled token
+    elif KIND == 3:  # sampled token
         y = tl.load(Y + rows, mask=row_mask, other=-1)
         gz = c[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+    else:  # softmax
+        gz = p
+    if CAP:  # s = cap * tanh(z / cap) / T
+        th = s / (cap * inv_temp)
+        gz = gz * (1.0 - th * th)
     gz = gz * g[:, None]
     out = GZ + rows[:, None] * s_gz + (cols - v_lo)[None, :]
     tl.store(out, gz.to(GZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _sort_key(x, cols):
+    """int64 keys ordered like the fp32 values ``x``, ties broken towards the lower id: the value's
+    bits made order-preserving as a signed int32 in the high word, ``2^31 - 1 - id`` in the low one."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols)
+
+
+@triton.jit
+def topk_kernel(X, W, OUT, N, V, H, s_x, s_w, inv_temp, cap, v_per_split,
+                CAP: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """OUT[splits, N, K]: sort keys (``_sort_key``) of the K largest logits of X @ W.T (capped, / T)
+    per row within this program's vocabulary split, unordered; empty slots hold the smallest key.
+    Tiles are K wide: each is merged into the running top-K by one top-K of the 2K candidates."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    v_lo = tl.program_id(1) * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    lowest = tl.full((BLOCK_N, K), -9223372036854775807 - 1, tl.int64)
+    best = lowest
+    for v0 in range(v_lo, v_hi, K):
+        cols = (v0 + tl.arange(0, K)).to(tl.int64)
+        col_mask = cols < v_hi
+        acc = tl.zeros((BLOCK_N, K), dtype=tl.float32)
+        acc = _dot_rows(acc, X, W, rows, cols, row_mask, col_mask, H, s_x, s_w, BLOCK_K, PRECISION)
+        keys = tl.where(col_mask[None, :], _sort_key(_finish(acc, inv_temp, cap, CAP), cols[None, :]), lowest)
+        best = tl.topk(tl.reshape(tl.join(best, keys), (BLOCK_N, 2 * K)), K, dim=1)
+    out = OUT + (tl.program_id(1) * N + rows)[:, None] * K + tl.arange(0, K)[None, :]
+    tl.store(out, best, mask=row_mask[:, None])

@@ -4,6 +4,7 @@ import torch
 
 from divergence_cases import DEVICE, assert_close, make_inputs, rel_err, run_both
 from sdft_kernels import fused_linear_divergence
+from sdft_kernels.divergence_spec import make_spec
 
 BACKENDS = ["torch", "triton"]
 DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
@@ -160,3 +161,75 @@ def test_sampled_token_takes_the_triton_kernels(monkeypatch):
     targets = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(0)).to(s.device)
     fused_linear_divergence(s, t, w, mask=mask, divergence="reverse_kl", backend="triton", mode="sampled_token",
                             targets=targets).backward()
+
+
+TRITON_OBJECTIVES = {
+    "topk_student": dict(topk=5),
+    "topk_student_tail": dict(topk=5, add_tail=True),
+    "topk_teacher": dict(topk=7, topk_support="teacher"),
+    "topk_one_tail": dict(topk=1, add_tail=True),
+    "topk_beyond_tile": dict(topk=20),  # K = 32: two top-k widths in the interpreter's 16-row tiles
+    "softcap": dict(softcap=2.0),
+    "softcap_topk_tail": dict(softcap=2.0, topk=5, add_tail=True),
+    "softcap_sampled": dict(softcap=2.0, mode="sampled_token"),
+}
+
+
+@pytest.mark.parametrize("objective", list(TRITON_OBJECTIVES))
+@pytest.mark.parametrize("n,h,v,h_teacher", [(23, 24, 130, None), (5, 17, 33, 24), (1, 16, 1, None)])
+def test_triton_topk_and_softcap_match_reference(objective, n, h, v, h_teacher):
+    """The streamed top-k kernel (running top-K per vocabulary split, merged) and the soft-capped
+    kernels against the float64 reference: odd sizes, V=1 (k >= V), a separate teacher head."""
+    kw = dict(TRITON_OBJECTIVES[objective])
+    divergence = "reverse_kl" if kw.get("mode") == "sampled_token" else ("jsd" if n == 23 else "forward_kl")
+    s, t, w, tw, mask = make_inputs(n, h, v, h_teacher=h_teacher, seed=n + v, scale=3.0)
+    if kw.get("mode") == "sampled_token":
+        kw["targets"] = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(v)).to(s.device)
+    for reduction in ("sum", "none"):
+        assert_close(*run_both(s, t, w, tw, mask=mask, divergence=divergence, beta=0.3, temperature=0.8,
+                               reduction=reduction, backend="triton", **kw), tol=1e-4)
+
+
+def test_triton_topk_ties_and_poisoned_keys(monkeypatch):
+    """Tied logits (duplicated head rows) go to the lower id, as the sort keys say; every key slot is
+    written (a poisoned buffer of the largest key would otherwise win the merge)."""
+    from sdft_kernels import triton_backend
+
+    def poisoned(shape, dtype, device):
+        fill = torch.iinfo(dtype).max if not dtype.is_floating_point else float("nan")
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backend, "alloc", poisoned)
+    s, t, w, tw, mask = make_inputs(21, 16, 90, seed=8)
+    with torch.no_grad():
+        w[40:52] = w[3]  # thirteen identical logits per row
+    spec = make_spec("reverse_kl")
+    ids, values = triton_backend.topk_ids(s.detach(), w.detach(), 6, spec, None)
+    logits = s.detach() @ w.detach().T
+    torch.testing.assert_close(values, logits.gather(1, ids), rtol=1e-5, atol=1e-5)
+    ref = logits.double().topk(6).values
+    torch.testing.assert_close(values.double(), ref, rtol=1e-5, atol=1e-5)
+    for row in range(21):
+        tied = set(ids[row].tolist()) & ({3} | set(range(40, 52)))
+        assert tied == set(sorted({3} | set(range(40, 52)))[:len(tied)])  # the lowest tied ids
+    tied_rows = [3] + list(range(40, 52))
+    for k in (3, 13, 14):  # the loss and dH do not depend on which tied ids are kept; dW per row does
+        (loss, (d_h, d_w)), (ref, (ref_h, ref_w)) = run_both(s, t, w, tw, mask=mask, divergence="forward_kl",
+                                                             backend="triton", topk=k)
+        assert_close((loss, (d_h,)), (ref, (ref_h,)), tol=1e-4)
+        others = [i for i in range(90) if i not in tied_rows]
+        assert rel_err(d_w[others], ref_w[others]) < 1e-4
+        assert rel_err(d_w[tied_rows].sum(0), ref_w[tied_rows].sum(0)) < 1e-4
+
+
+def test_topk_takes_the_kernel_on_triton_and_stays_chunked_on_auto(monkeypatch):
+    from sdft_kernels import triton_backend
+
+    calls = []
+    real = triton_backend.topk_ids
+    monkeypatch.setattr(triton_backend, "topk_ids", lambda *a: calls.append(1) or real(*a))
+    s, t, w, tw, mask = make_inputs(9, 16, 50, seed=2)
+    fused_linear_divergence(s, t, w, mask=mask, topk=4).backward()
+    assert not calls  # auto: chunked (the Triton top-k is opt-in until measured on a GPU)
+    fused_linear_divergence(s, t, w, mask=mask, backend="triton", topk=4).backward()
+    assert calls

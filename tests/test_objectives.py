@@ -248,7 +248,8 @@ def test_no_grad_calls_and_teacher_only_gradients():
     (dict(is_clip=-1.0, targets="y", old_logprobs="old"), "is_clip must be a positive"),
     (dict(is_clip=2.0, targets="y", old_logprobs="old", is_level="batch"), "unknown is_level"),
     (dict(is_clip=2.0, targets="y", old_logprobs="old", is_level="sequence"), r"needs \[batch, length\]"),
-    (dict(topk=3, backend="triton"), "backend='triton' computes the plain"),
+    (dict(topk=300, backend="triton"), r"backend='triton' computes top-k for k <= 256"),
+    (dict(is_clip=2.0, targets="y", old_logprobs="old", backend="triton"), "is_clip and weights run on"),
     (dict(weights="short"), "weights has shape"),
 ])
 def test_clear_errors(kwargs, message):

@@ -21,6 +21,8 @@ def add_tail_bucket(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 class TopK(Objective):
+    kernel = "topk"  # triton_backend.TopKKernels (on backend="triton")
+
     def __init__(self, spec, k: int, support: str = "student", add_tail: bool = False):
         super().__init__(spec)
         self.k, self.support, self.add_tail = k, support, add_tail
@@ -28,13 +30,18 @@ class TopK(Objective):
     def rows(self, s, t, extra):
         k = min(self.k, s.shape[-1])
         ids = (s if self.support == "student" else t).detach().topk(k, dim=-1).indices
-        log_p = s.gather(-1, ids) - torch.logsumexp(s, -1, keepdim=True)
-        log_q = t.gather(-1, ids) - torch.logsumexp(t, -1, keepdim=True)
+        return self.support_rows(s.gather(-1, ids), t.gather(-1, ids), torch.logsumexp(s, -1),
+                                 torch.logsumexp(t, -1))
+
+    def support_rows(self, s_k, t_k, lse_s, lse_t):
+        """Per-row loss from the logits on the support [n, k] and each side's full log-sum-exp [n]
+        (read only with the tail bucket: renormalising over the support cancels them)."""
         if self.add_tail:
-            log_p, log_q = add_tail_bucket(log_p), add_tail_bucket(log_q)
+            log_p = add_tail_bucket(s_k - lse_s[:, None])
+            log_q = add_tail_bucket(t_k - lse_t[:, None])
         else:
-            log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
-            log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
+            log_p = s_k - torch.logsumexp(s_k, -1, keepdim=True)
+            log_q = t_k - torch.logsumexp(t_k, -1, keepdim=True)
         return divergence_of(log_p, log_q, self.spec)
 
     def terms_and_grad(self, s, t, extra):
