@@ -96,6 +96,11 @@ def ours_topk(hs, ht, w, divergence):
     return fused_linear_divergence(hs, ht, w, divergence=divergence, topk=TOPK)
 
 
+def ours_topk_triton(hs, ht, w, divergence):
+    """The streamed Triton top-k kernel (opt-in until this side has been measured on a GPU)."""
+    return fused_linear_divergence(hs, ht, w, divergence=divergence, topk=TOPK, backend="triton")
+
+
 def trl_topk(hs, ht, w, divergence):
     """TRL's default objective: its top-k helper on materialised logits."""
     from trl.experimental.sdft.loss_utils import compute_topk_self_distillation_loss
@@ -126,12 +131,12 @@ def trl_sampled(hs, ht, w, divergence):
 
 
 IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger, "gemm_floor": gemm_floor,
-         "sdft_topk": ours_topk, "trl_topk": trl_topk, "sdft_sampled": ours_sampled, "trl_sampled": trl_sampled}
+         "sdft_topk": ours_topk, "sdft_topk_triton": ours_topk_triton, "trl_topk": trl_topk, "sdft_sampled": ours_sampled, "trl_sampled": trl_sampled}
 
 
 def available(name: str, device: torch.device) -> str | None:
     """None if the implementation can run here, else why not."""
-    if name == "liger" and device.type != "cuda":
+    if name in ("liger", "sdft_topk_triton") and device.type != "cuda":
         return "needs CUDA"
     module = {"trl": "trl", "trl_topk": "trl", "trl_sampled": "trl", "liger": "liger_kernel"}.get(name)
     if module:
