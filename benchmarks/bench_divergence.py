@@ -131,7 +131,8 @@ def trl_sampled(hs, ht, w, divergence):
 
 
 IMPLS = {"sdft": ours, "naive": naive, "trl": trl, "liger": liger, "gemm_floor": gemm_floor,
-         "sdft_topk": ours_topk, "sdft_topk_triton": ours_topk_triton, "trl_topk": trl_topk, "sdft_sampled": ours_sampled, "trl_sampled": trl_sampled}
+         "sdft_topk": ours_topk, "sdft_topk_triton": ours_topk_triton, "trl_topk": trl_topk,
+         "sdft_sampled": ours_sampled, "trl_sampled": trl_sampled}
 
 
 def available(name: str, device: torch.device) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .heads import soft_cap
 from .torch_backend import _chunk_logits, _row_chunks, _upcast_heads
 
 
@@ -88,8 +89,6 @@ class ChunkedObjective:
         w32 = w.detach().to(dtype)
         with torch.no_grad():
             for rows in _row_chunks(h_s.shape[0], w.shape[0]):
-                s = h_s[rows].detach().to(dtype) @ w32.T
-                if self.softcap is not None:
-                    s = torch.tanh(s / self.softcap) * self.softcap
+                s = soft_cap(h_s[rows].detach().to(dtype) @ w32.T, self.softcap)
                 out[rows] = token_logprob(s * spec.inv_temperature, self.extra["targets"][rows])
         return out

@@ -30,6 +30,11 @@ def check_softcap(softcap) -> None:
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
 
 
+def soft_cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(z / cap)`` on raw logits (None: ``z`` unchanged)."""
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
 def _ones_column(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, h.new_ones(h.shape[:-1] + (1,))], dim=-1)
 

@@ -15,6 +15,7 @@ import torch
 
 from . import triton_kernels as K
 from .divergence_spec import DivergenceSpec
+from .heads import soft_cap
 
 KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled_token": 3, "softmax": 4}
 # Bytes of the [N, chunk] gradient block of the backward.
@@ -89,20 +90,29 @@ def _cap_args(cap: float | None) -> tuple[float, bool]:
     return (1.0, False) if cap is None else (float(cap), True)
 
 
+def _launch(h_s, h_t, w, w_t, kernel: str):
+    """(grid, columns per split, shared launch arguments, tile and precision keywords) of a forward kernel."""
+    n, vocab = h_s.shape[0], w.shape[0]
+    bn, bv, bk, opts = _tiles(h_s.device, kernel)
+    splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
+    keywords = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=_precision(h_s.dtype), **opts)
+    return (triton_cdiv(n, bn), splits), per_split, (n, vocab, *_common(h_s, h_t, w, w_t)), keywords
+
+
+def row_statistics(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
+    """``stats_kernel``: per row (lse_s, mean_p(s - t), lse_t, mean_q(t - s)), fp32 [N] each."""
+    grid, per_split, sizes, keywords = _launch(h_s, h_t, w, w_t, "stats")
+    part = alloc((6, grid[1], h_s.shape[0]), torch.float32, h_s.device)
+    cap, capped = _cap_args(cap)
+    K.stats_kernel[grid](h_s, h_t, w, w_t, part, *sizes, spec.inv_temperature, cap, per_split,
+                         SHARED=shared, CAP=capped, **keywords)
+    return (*_combine(part[0], part[1], part[2]), *_combine(part[3], part[4], part[5]))
+
+
 def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
     """Per-row losses [N] (fp32) and statistics [3, N] = lse_s, lse_t, c; ``cap``: soft-capped logits."""
-    n, vocab = h_s.shape[0], w.shape[0]
-    bn, bv, bk, opts = _tiles(h_s.device, "stats")
-    splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
-    grid = (triton_cdiv(n, bn), splits)
-    common = _common(h_s, h_t, w, w_t)
-    precision = _precision(h_s.dtype)
-    part = alloc((6, splits, n), torch.float32, h_s.device)
-    cap, capped = _cap_args(cap)
-    K.stats_kernel[grid](h_s, h_t, w, w_t, part, n, vocab, *common, spec.inv_temperature, cap, per_split,
-                         SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
-    lse_s, mean_s_minus_t = _combine(part[0], part[1], part[2])
-    lse_t, mean_t_minus_s = _combine(part[3], part[4], part[5])
+    n = h_s.shape[0]
+    lse_s, mean_s_minus_t, lse_t, mean_t_minus_s = row_statistics(h_s, h_t, w, w_t, spec, shared, cap)
     stats = torch.empty(3, n, dtype=torch.float32, device=h_s.device)
     stats[0], stats[1] = lse_s, lse_t
     if spec.kind == "reverse_kl":
@@ -112,10 +122,12 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | N
         loss = mean_t_minus_s - lse_t + lse_s
         stats[2] = 0.0
     else:
-        jsd_part = alloc((2, splits, n), torch.float32, h_s.device)
-        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, n, vocab, *common, spec.inv_temperature, cap,
-                           per_split, math.log(spec.beta), math.log1p(-spec.beta),
-                           SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=precision, **opts)
+        grid, per_split, sizes, keywords = _launch(h_s, h_t, w, w_t, "stats")
+        jsd_part = alloc((2, grid[1], n), torch.float32, h_s.device)
+        cap, capped = _cap_args(cap)
+        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, *sizes, spec.inv_temperature, cap,
+                           per_split, math.log(spec.beta), math.log1p(-spec.beta), SHARED=shared, CAP=capped,
+                           **keywords)
         kl_qm, kl_pm = jsd_part.sum(1)
         loss = spec.beta * kl_qm + (1 - spec.beta) * kl_pm
         stats[2] = kl_pm
@@ -193,10 +205,6 @@ class FullKernels:
         return backward(h_s, h_t, w, w_t, stats, row_grad, spec, shared, need_h, need_w, cap=self.cap)
 
 
-def _capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return z if cap is None else torch.tanh(z / cap) * cap
-
-
 def _cap_slope(logits: torch.Tensor, cap: float | None, inv_temp: float) -> torch.Tensor | float:
     """d(capped logit) / d(raw logit) = 1 - tanh^2, read back from temperature-scaled capped logits."""
     if cap is None:
@@ -214,7 +222,7 @@ class SampledTokenKernels:
 
     def _target_logits(self, h, w, spec):
         rows = w.index_select(0, self.targets)
-        return _capped((h.float() * rows.float()).sum(-1), self.cap) * spec.inv_temperature
+        return soft_cap((h.float() * rows.float()).sum(-1), self.cap) * spec.inv_temperature
 
     def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
         _, stats = forward(h_s, h_t, w, w_t, spec, shared, self.cap)
@@ -261,7 +269,7 @@ def logits_at(x, w, ids, spec: DivergenceSpec, cap: float | None) -> torch.Tenso
     for rows in _row_slices(x.shape[0], ids.shape[1] * x.shape[1] * 4):
         picked = w.index_select(0, ids[rows].reshape(-1)).view(-1, ids.shape[1], w.shape[1]).float()
         out[rows] = torch.bmm(picked, x[rows].float()[:, :, None]).squeeze(-1)
-    return _capped(out, cap) * spec.inv_temperature
+    return soft_cap(out, cap) * spec.inv_temperature
 
 
 class TopKKernels:
@@ -278,7 +286,10 @@ class TopKKernels:
         self.objective, self.cap = objective, cap
 
     def forward(self, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool):
-        _, stats = forward(h_s, h_t, w, w_t, spec, shared, self.cap)
+        stats = None  # renormalised over the support, the loss reads no log-sum-exp: no full-vocabulary pass
+        if self.objective.add_tail:
+            lse_s, _, lse_t, _ = row_statistics(h_s, h_t, w, w_t, spec, shared, self.cap)
+            stats = torch.stack([lse_s, lse_t, torch.zeros_like(lse_s)])  # grad_kernel's [3, N] (c unused)
         k = min(self.objective.k, w.shape[0])
         if self.objective.support == "student":
             ids, s_k = topk_ids(h_s, w, k, spec, self.cap)
@@ -288,9 +299,13 @@ class TopKKernels:
             s_k = logits_at(h_s, w, ids, spec, self.cap)
         with torch.enable_grad():
             a = s_k.detach().requires_grad_()
-            lse_s = stats[0].detach().requires_grad_()
-            loss = self.objective.support_rows(a, t_k, lse_s, stats[1])
-            g_k, g_lse = torch.autograd.grad(loss.sum(), (a, lse_s), allow_unused=True)
+            if stats is None:
+                loss = self.objective.support_rows(a, t_k, None, None)
+                (g_k,), g_lse = torch.autograd.grad(loss.sum(), (a,)), None
+            else:
+                lse_s = stats[0].detach().requires_grad_()
+                loss = self.objective.support_rows(a, t_k, lse_s, stats[1])
+                g_k, g_lse = torch.autograd.grad(loss.sum(), (a, lse_s))
         self.ids, self.g_k, self.g_lse = ids, g_k * _cap_slope(s_k, self.cap, spec.inv_temperature), g_lse
         return loss.detach(), stats
 
