@@ -12,6 +12,7 @@ process, ``cuda:LOCAL_RANK``; not run here).
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -43,7 +44,16 @@ def setup(device_name: str) -> World:
     if not dist.is_initialized():
         cuda = device_name != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_destroy_group)
     return World(rank, size, local_rank)
+
+
+def _destroy_group():
+    """Destroy the group this module created while the interpreter is still whole: left to the
+    interpreter's finalisation, gloo's worker threads can abort the process (SIGABRT, "terminate called
+    without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -33,6 +33,8 @@ def main(model_path, out_path, fused):
     after = dict(trainer.model.named_parameters())
     delta = {n: (after[n].detach() - before[n]) for n in before}
     torch.save(delta, f"{out_path}.rank{os.environ.get('RANK', '0')}")
+    # accelerate leaves its gloo group to the interpreter's finalisation, which can abort the process
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
