@@ -28,6 +28,8 @@ TRL_NAMES = {
     "tokens_processed": "tokens_processed",
     "peak_memory_mib": "peak_memory_mib",
     "seconds": "step_time",
+    "rollout_seconds": "timing/rollouts",
+    "loss_seconds": "timing/loss_and_backward",
 }
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
 from .prefix_tree import pack_groups, pairs_per_token
+from .decode_gemm import small_batch_linears
 from .models import eval_mode
 
 
@@ -213,7 +214,8 @@ class HFRolloutEngine:
             else:
                 decoder = _ReplicatedDecoder(model, prompts, num_generations, pad_id)
             try:
-                tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy)
+                with small_batch_linears(model):
+                    tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy)
             finally:
                 decoder.close()
         mask = torch.stack(alive, 1)

@@ -324,6 +324,7 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         if config.generate_from_teacher:  # sampled from the teacher context, scored from the prompt
             batch = dataclasses.replace(batch, prompts=[ex.prompt_ids for ex in chosen])
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))
+    t_rollouts = time.perf_counter()
     divisor = max(all_reduce_sum(sum(normaliser(batch, config) for batch, _ in micro_batches), world), 1)
     for i, (batch, contexts) in enumerate(micro_batches):
         loss = run.runner.backward(sdft_batch_loss, teacher, batch, contexts, config, pad_id, passes, divisor=divisor,
@@ -336,6 +337,7 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         tokens += batch.num_tokens
     loss = all_reduce_sum(loss_sum, world) / divisor
     tokens = int(all_reduce_sum(tokens, world))
+    t_loss = time.perf_counter()
     grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss)
     if not skipped and (step + 1) % config.teacher_sync_steps == 0:
         teacher.update()
@@ -358,4 +360,6 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         "tokens_processed_unshared": naive_tokens,
         "peak_memory_mib": peak_memory_mib(run.device),
         "seconds": elapsed,
+        "rollout_seconds": t_rollouts - t0,  # generation
+        "loss_seconds": t_loss - t_rollouts,  # student and teacher passes, the fused loss, the backward
     }
