@@ -77,7 +77,7 @@ def run_method(method: str, skills, args, work: Path, lr: float) -> dict:
                        **evaluate_all(model, tokenizer, skills, args.eval_limit)})
         print(method, stages[-1], flush=True)
         offset += args.steps
-    return {"stages": stages, "curve": curve, "method": method, "learning_rate": lr}
+    return {"stages": stages, "curve": curve, "method": method, "learning_rate": lr, "seed": args.seed}
 
 
 def summary_rows(results: dict, skills) -> list[dict]:
@@ -95,6 +95,52 @@ def summary_rows(results: dict, skills) -> list[dict]:
             row["train_seconds"] = st.get("train_seconds")
             rows.append(row)
     return rows
+
+
+def seed_rows(results: dict, skills) -> list[dict]:
+    """Mean and spread over seeds of each (method, learning rate)'s last stage: the learned skills'
+    mean accuracy and the general questions kept (runs without a seed field count as seed 0)."""
+    groups: dict[tuple, list[dict]] = {}
+    for res in results.values():
+        groups.setdefault((res.get("method", "?"), res.get("learning_rate")), []).append(res)
+    rows = []
+    for (method, lr), runs in groups.items():
+        learned = [sum(r["stages"][-1][s.name] for s in skills) / len(skills) for r in runs]
+        kept = [r["stages"][-1]["general_questions"] for r in runs]
+        row = {"method": method, "learning_rate": lr, "seeds": len(runs)}
+        for key, values in (("new_skill", learned), ("general_questions", kept)):
+            mean = sum(values) / len(values)
+            row[f"{key}_mean"] = mean
+            row[f"{key}_spread"] = (max(values) - min(values)) / 2  # half the range: n is 1-3
+        rows.append(row)
+    return rows
+
+
+def plot_heatmap(results: dict, skills, path: Path):
+    """One panel per run: rows the stages (base model, then each skill learned in turn), columns every
+    skill's held-out accuracy and the general questions kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [s.name for s in skills] + ["general_questions"]
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 0.8, 0.6 * len(skills) + 2.2),
+                             squeeze=False, constrained_layout=True)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        grid = [[st[c] for c in columns] for st in res["stages"]]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if value > 0.5 else "white")
+        ax.set_xticks(range(len(columns)), [c.replace("_", "\n") for c in columns], fontsize=7)
+        labels = [st["after"] if st["stage"] == 0 else f"after {st['after']}" for st in res["stages"]]
+        ax.set_yticks(range(len(grid)), labels if ax is axes[0][0] else [], fontsize=7)
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="held-out accuracy")
+    fig.suptitle("Every skill and the general questions after each stage (skills learned in turn)", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def plot(results: dict, path: Path):
@@ -165,6 +211,8 @@ def main(argv=None):
     p.add_argument("--curve-every", type=int, default=10)
     p.add_argument("--curve-limit", type=int, default=12, help="held-out prompts per curve point")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds: runs named method@lr#seed; adds mean and spread per method and rate")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--tag", default="forgetting")
     p.add_argument("--merge", type=Path, nargs="*", default=[],
@@ -177,10 +225,12 @@ def main(argv=None):
         results = {}
         for path in args.merge:
             results.update(json.loads(path.read_text())["results"])
-        for method in args.methods:
-            for lr in args.lrs or [args.lr]:
-                name = f"{method}@{lr:g}" if args.lrs else method
-                results[name] = run_method(method, skills, args, Path(work) / name, lr)
+        for seed in args.seeds or [args.seed]:
+            for method in args.methods:
+                for lr in args.lrs or [args.lr]:
+                    name = (f"{method}@{lr:g}" if args.lrs else method) + (f"#{seed}" if args.seeds else "")
+                    run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                    results[name] = run_method(method, skills, run_args, Path(work) / name, lr)
     rows = summary_rows(results, skills)
     env = environment(device)
     header = (f"# Forgetting: SDFT vs SFT, SmolLM2-135M-Instruct\n\nEnvironment: {env}. Settings: {vars(args)}. "
@@ -191,8 +241,16 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
                "summary": rows}
-    write_results(args.out, args.tag, payload, header + markdown_table(rows, columns))
+    text = header + markdown_table(rows, columns)
+    if args.seeds or any("#" in name for name in results):
+        payload["seed_summary"] = seed_rows(results, skills)
+        text += ("\n\nLast stage over seeds (mean, and half the range as spread): new_skill is the mean held-out "
+                 "accuracy over the learned skills.\n\n" + markdown_table(
+                     payload["seed_summary"], list(payload["seed_summary"][0])))
+    write_results(args.out, args.tag, payload, text)
     plot(results, args.out / f"{args.tag}.png")
+    if len(skills) > 1:
+        plot_heatmap(results, skills, args.out / f"{args.tag}_heatmap.png")
     if args.lrs or any("@" in name for name in results):
         plot_pareto(results, skills, args.out / f"{args.tag}_pareto.png")
 
