@@ -98,8 +98,8 @@ def summary_rows(results: dict, skills) -> list[dict]:
 
 
 def seed_rows(results: dict, skills) -> list[dict]:
-    """Mean and spread over seeds of each (method, learning rate)'s last stage: the learned skills'
-    mean accuracy and the general questions kept (runs without a seed field count as seed 0)."""
+    """Mean and spread over the runs of each (method, learning rate), i.e. over its seeds, of the last
+    stage: the learned skills' mean accuracy and the general questions kept."""
     groups: dict[tuple, list[dict]] = {}
     for res in results.values():
         groups.setdefault((res.get("method", "?"), res.get("learning_rate")), []).append(res)

@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 
 from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
-from .prefix_tree import pack_groups, pairs_per_token
 from .decode_gemm import small_batch_linears
+from .prefix_tree import pack_groups, pairs_per_token
 from .models import eval_mode
 
 
