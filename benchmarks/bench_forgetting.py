@@ -2,6 +2,7 @@
 
     python benchmarks/bench_forgetting.py                   # both methods, three skills
     python benchmarks/bench_forgetting.py --skills 1 --steps 20   # a quick single-skill run
+    python benchmarks/bench_forgetting.py --only hashtags --validation 12   # one skill, model selection
 
 Both methods get the same demonstrations, optimizer, learning rate, batch and number of steps per
 skill. After every stage it measures every skill's held-out accuracy, general-question accuracy and
@@ -49,14 +50,65 @@ def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
     return out
 
 
+def split_validation(rows: list[dict], size: int) -> tuple[list[dict], list[dict]]:
+    """The last ``size`` training rows become the validation split (never trained on); the rest train."""
+    if size <= 0:
+        return rows, []
+    if size >= len(rows):
+        raise SystemExit(f"--validation {size} leaves no training rows (the skill has {len(rows)})")
+    return rows[:-size], rows[-size:]
+
+
+class BestOnValidation:
+    """The weights at the checkpoint with the best validation accuracy of the skill being learned (the
+    earliest on ties: less drift for the same skill), kept in memory; the paper selects its models so."""
+
+    def __init__(self):
+        self.step, self.accuracy, self.state = None, -1.0, None
+
+    def offer(self, step: int, accuracy: float, model) -> None:
+        if accuracy > self.accuracy:
+            self.step, self.accuracy = step, accuracy
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model, last_step: int) -> int:
+        """Load the selected weights into ``model`` unless they are the last ones; the selected step."""
+        if self.state is not None and self.step != last_step:
+            model.load_state_dict(self.state)
+        self.state = None
+        return self.step
+
+
+_BASE_SCORES: dict = {}
+
+
+def base_scores(model, tokenizer, skills, eval_limit: int) -> dict:
+    """``evaluate_all`` of the base model, measured once per process: every run starts from the same
+    weights and every measurement decodes greedily, so the runs of a sweep share it (~1 min each)."""
+    key = (tuple(s.name for s in skills), eval_limit)
+    if key not in _BASE_SCORES:
+        _BASE_SCORES[key] = evaluate_all(model, tokenizer, skills, eval_limit)
+    return dict(_BASE_SCORES[key])
+
+
 def run_method(method: str, skills, args, work: Path, lr: float) -> dict:
-    """Train one method through all skills in order; every stage's scores and the accuracy curve."""
+    """Train one method through all skills in order; every stage's scores and the accuracy curve.
+
+    With ``args.validation`` each stage trains on the skill's rows minus a validation split, tracks the
+    validation accuracy (not the held-out test prompts) at every curve point and ends at the best of
+    them (``BestOnValidation``); the stage's scores are measured there and the next skill starts there.
+    """
     model, tokenizer = load_model()  # each stage's train() seeds itself from args.seed
-    stages = [{"stage": 0, "after": "base model", **evaluate_all(model, tokenizer, skills, args.eval_limit)}]
+    stages = [{"stage": 0, "after": "base model", **base_scores(model, tokenizer, skills, args.eval_limit)}]
     print(method, stages[-1], flush=True)
     curve = []
     offset = 0
     for k, skill in enumerate(skills, start=1):
+        train_rows, val_rows = split_validation(skill.train, args.validation)
+        probe_rows = val_rows or skill.eval[:args.curve_limit]
+        best = BestOnValidation() if val_rows else None
+        if best is not None:
+            best.offer(0, skill_accuracy(model, tokenizer, val_rows, skill.score)["exact"], model)
         common = dict(output_dir=str(work / method / skill.name), max_steps=args.steps, learning_rate=lr,
                       per_device_train_batch_size=args.batch, num_generations=args.generations,
                       max_completion_length=args.completion_length, divergence=args.divergence, save_steps=10**9,
@@ -65,19 +117,35 @@ def run_method(method: str, skills, args, work: Path, lr: float) -> dict:
 
         def track(step, record, skill=skill, offset=offset):
             if step % args.curve_every == 0:
-                acc = skill_accuracy(model, tokenizer, skill.eval[:args.curve_limit], skill.score)["exact"]
+                acc = skill_accuracy(model, tokenizer, probe_rows, skill.score)["exact"]
                 curve.append({"step": offset + step, "skill": skill.name, "accuracy": acc,
-                              "loss": record["loss"]})
+                              "split": "validation" if val_rows else "test", "loss": record["loss"]})
+                if best is not None:
+                    best.offer(step, acc, model)
                 print(method, skill.name, step, f"loss {record['loss']:.4f} acc {acc:.2f}", flush=True)
 
         t0 = time.perf_counter()
-        result = METHODS[method][0](model, skill.train, config, tokenizer=tokenizer, step_callback=track)
+        result = METHODS[method][0](model, train_rows, config, tokenizer=tokenizer, step_callback=track)
         model = result.model
-        stages.append({"stage": k, "after": skill.name, "train_seconds": time.perf_counter() - t0,
+        seconds = time.perf_counter() - t0
+        selected = {} if best is None else {"selected_step": best.restore(model, args.steps),
+                                            "validation_accuracy": best.accuracy}
+        stages.append({"stage": k, "after": skill.name, "train_seconds": seconds, **selected,
                        **evaluate_all(model, tokenizer, skills, args.eval_limit)})
         print(method, stages[-1], flush=True)
         offset += args.steps
     return {"stages": stages, "curve": curve, "method": method, "learning_rate": lr, "seed": args.seed}
+
+
+def choose_skills(skills, count: int, only: list[str] | None):
+    """The first ``count`` skills, or the ones named in ``only`` in that order."""
+    if not only:
+        return skills[:count]
+    by_name = {s.name: s for s in skills}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise SystemExit(f"--only: unknown skill(s) {unknown}; choose from {sorted(by_name)}")
+    return [by_name[name] for name in only]
 
 
 def summary_rows(results: dict, skills) -> list[dict]:
@@ -93,6 +161,8 @@ def summary_rows(results: dict, skills) -> list[dict]:
             row["heldout_perplexity"] = st["heldout_perplexity"]
             row["perplexity_rise"] = st["heldout_perplexity"] - base["heldout_perplexity"]
             row["train_seconds"] = st.get("train_seconds")
+            if "selected_step" in st:
+                row["selected_step"] = st["selected_step"]
             rows.append(row)
     return rows
 
@@ -198,6 +268,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "sdft"], choices=list(METHODS))
     p.add_argument("--skills", type=int, default=3, help="how many of the three skills to learn in turn")
+    p.add_argument("--only", nargs="+", default=None, metavar="SKILL",
+                   help="learn these skills, in this order, instead of the first --skills")
+    p.add_argument("--validation", type=int, default=0,
+                   help="hold out this many training rows per skill and end each stage at the curve point "
+                        "with the best validation accuracy (model selection); 0: end at the last step")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per skill")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lrs", type=float, nargs="+", default=None,
@@ -219,7 +294,10 @@ def main(argv=None):
                    help="earlier result JSON files whose methods join this table and plot")
     args = p.parse_args(argv)
 
-    skills = all_skills()[: args.skills]
+    skills = choose_skills(all_skills(), args.skills, args.only)
+    if args.validation and args.steps % args.curve_every:
+        raise SystemExit(f"--validation selects among curve points: --steps {args.steps} must be a multiple "
+                         f"of --curve-every {args.curve_every}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work:
         results = {}
@@ -238,6 +316,8 @@ def main(argv=None):
               "questions answered right; heldout_perplexity: plain text no run trains on.\n\n")
     columns = ["method", "after"] + [s.name for s in skills] + ["general_questions", "general_drop",
                                                                  "heldout_perplexity", "perplexity_rise", "train_seconds"]
+    if args.validation:
+        columns.append("selected_step")
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
                "summary": rows}

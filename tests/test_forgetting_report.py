@@ -1,9 +1,11 @@
-"""The forgetting benchmark's report: seed means and spreads, the skills-by-stage heatmap."""
+"""The forgetting benchmark's report (seed means and spreads, the skills-by-stage heatmap) and its
+model selection (validation split, best checkpoint, chosen skills)."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from benchmarks.bench_forgetting import plot_heatmap, seed_rows
+from benchmarks.bench_forgetting import BestOnValidation, choose_skills, plot_heatmap, seed_rows, split_validation
 
 SKILLS = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
 
@@ -31,3 +33,47 @@ def test_heatmap_is_written(tmp_path):
     results = {"sft": _run("sft", 1e-4, 0, 1.0, 0.5, 0.2), "sdft": _run("sdft", 1e-4, 0, 0.25, 0.25, 0.9)}
     plot_heatmap(results, SKILLS, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_validation_split_is_the_last_rows_and_never_trained_on():
+    rows = [{"i": i} for i in range(10)]
+    train, val = split_validation(rows, 3)
+    assert train == rows[:7] and val == rows[7:]
+    assert split_validation(rows, 0) == (rows, [])
+    with pytest.raises(SystemExit, match="leaves no training rows"):
+        split_validation(rows, 10)
+
+
+def test_best_on_validation_keeps_the_earliest_best_weights_and_restores_them():
+    model = torch.nn.Linear(2, 2)
+    best = BestOnValidation()
+    snapshots = {}
+    for step, acc in ((0, 0.0), (10, 0.5), (20, 0.5), (30, 0.25)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        snapshots[step] = model.weight.detach().clone()
+        best.offer(step, acc, model)
+    assert best.step == 10 and best.accuracy == 0.5  # ties keep the earlier point
+    assert best.restore(model, last_step=30) == 10
+    assert torch.equal(model.weight, snapshots[10])
+
+
+def test_best_on_validation_leaves_the_last_weights_when_they_are_the_best():
+    model = torch.nn.Linear(2, 2)
+    best = BestOnValidation()
+    best.offer(0, 0.0, model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    best.offer(40, 1.0, model)
+    with torch.no_grad():
+        model.weight.fill_(9.0)  # not a curve point: restore must not touch the model
+    assert best.restore(model, last_step=40) == 40
+    assert torch.all(model.weight == 9.0)
+
+
+def test_only_chooses_skills_by_name_in_order_and_refuses_unknown_ones():
+    skills = [SimpleNamespace(name=n) for n in ("a", "b", "c")]
+    assert [s.name for s in choose_skills(skills, 2, None)] == ["a", "b"]
+    assert [s.name for s in choose_skills(skills, 3, ["c", "a"])] == ["c", "a"]
+    with pytest.raises(SystemExit, match="unknown skill"):
+        choose_skills(skills, 3, ["d"])
