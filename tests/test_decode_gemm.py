@@ -66,3 +66,11 @@ def test_the_choice_is_timed_once_per_shape(monkeypatch):
         model(torch.randn(3, 6))
         model(torch.randn(1, 6))  # a single row keeps F.linear, untimed
     assert list(decode_gemm._choice) == [(5, 6, torch.float32, 3)]
+
+
+def test_decode_gemm_benchmark_rows_time_both_layouts():
+    from benchmarks.bench_decode_gemm import gemm_rows
+
+    rows = gemm_rows({"tiny": (8, 4)}, [2, 3], reps=1, stream_bytes=0)
+    assert [(r["weight"], r["shape"], r["rows"]) for r in rows] == [("tiny", "8x4", 2), ("tiny", "8x4", 3)]
+    assert all(r["f_linear_ms"] > 0 and r["w_x_ms"] > 0 and r["w_x_speedup"] > 0 for r in rows)
