@@ -1,5 +1,6 @@
 """The forgetting benchmark's report (seed means and spreads, the skills-by-stage heatmap) and its
 model selection (validation split, best checkpoint, chosen skills)."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -77,3 +78,40 @@ def test_only_chooses_skills_by_name_in_order_and_refuses_unknown_ones():
     assert [s.name for s in choose_skills(skills, 3, ["c", "a"])] == ["c", "a"]
     with pytest.raises(SystemExit, match="unknown skill"):
         choose_skills(skills, 3, ["d"])
+
+
+def _sweep(skill, points):
+    """A single-skill sweep payload: points are (method, lr, new_skill, general_kept)."""
+    results = {}
+    for method, lr, new, kept in points:
+        base = {"stage": 0, "after": "base model", skill: 0.0, "general_questions": 1.0}
+        results[f"{method}@{lr:g}"] = {"method": method, "learning_rate": lr, "stages": [
+            base, {"stage": 1, "after": skill, skill: new, "general_questions": kept, "selected_step": 10}]}
+    return {"results": results}
+
+
+def test_pareto_best_points_and_dominance_per_skill(tmp_path):
+    from benchmarks.forgetting_pareto import dominance_rows, main, sweep_points
+
+    a = _sweep("a", [("sft", 1e-4, 1.0, 0.2), ("sft", 3e-5, 1.0, 0.3), ("sdft_ema", 3e-5, 1.0, 0.5)])
+    b = _sweep("b", [("sft", 1e-4, 0.9, 0.2), ("sdft_ema", 1e-4, 0.5, 0.9), ("sdft_ema", 3e-4, 0.8, 0.95)])
+    rows = {r["skill"]: r for r in dominance_rows([sweep_points(a), sweep_points(b)])}
+    assert rows["a"]["sft_lr"] == 3e-5 and rows["a"]["sdft_dominates"]  # ties on skill: more kept wins
+    assert rows["b"]["sdft_new_skill"] == 0.8 and not rows["b"]["sdft_dominates"]  # learns less
+    paths = []
+    for name, payload in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(payload))
+    pytest.importorskip("matplotlib")
+    main([str(p) for p in paths] + ["--out", str(tmp_path), "--stem", "p"])
+    assert "SDFT dominates on 1 of 2 skills" in (tmp_path / "p.md").read_text()
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_pareto_refuses_a_multi_skill_run():
+    from benchmarks.forgetting_pareto import sweep_points
+
+    payload = _sweep("a", [("sft", 1e-4, 1.0, 0.2)])
+    payload["results"]["sft@0.0001"]["stages"].append({"stage": 2, "after": "b", "general_questions": 0.1})
+    with pytest.raises(SystemExit, match="single-skill"):
+        sweep_points(payload)
