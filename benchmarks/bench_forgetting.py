@@ -234,6 +234,19 @@ def plot(results: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def draw_pareto(ax, by_method: dict[str, list[tuple]]):
+    """One line per method through its (general kept, new-skill accuracy, learning rate) points in
+    order of rate, each point labelled with its rate; both axes 0-1."""
+    for method, points in by_method.items():
+        points = sorted(points, key=lambda p: p[2] or 0)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for x, y, lr in points:
+            ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+
+
 def plot_pareto(results: dict, skills, path: Path):
     """New-skill accuracy vs kept general answers after the last stage, one point per learning rate,
     one line per method (the paper's Pareto picture): up and to the right is better."""
@@ -249,16 +262,9 @@ def plot_pareto(results: dict, skills, path: Path):
         new = sum(last[s.name] for s in skills) / len(skills)
         by_method.setdefault(res.get("method", "?"), []).append((last["general_questions"], new,
                                                                  res.get("learning_rate")))
-    for method, points in by_method.items():
-        points.sort(key=lambda p: p[2] or 0)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        for x, y, lr in points:
-            ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    draw_pareto(ax, by_method)
     ax.set_xlabel("general questions still answered right (prior capability)")
     ax.set_ylabel(f"held-out accuracy on the learned skill{'s' if len(skills) > 1 else ''}")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=8)
     ax.set_title("Learning vs forgetting, one point per learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -298,6 +304,8 @@ def main(argv=None):
     if args.validation and args.steps % args.curve_every:
         raise SystemExit(f"--validation selects among curve points: --steps {args.steps} must be a multiple "
                          f"of --curve-every {args.curve_every}")
+    for skill in skills:  # a validation split too large for a skill is refused before any run starts
+        split_validation(skill.train, args.validation)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work:
         results = {}

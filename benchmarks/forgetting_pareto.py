@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_forgetting import draw_pareto  # noqa: E402
 from benchmarks.measure import markdown_table, write_results  # noqa: E402
 
 
@@ -61,17 +62,10 @@ def plot_panels(sweeps: list[tuple[str, dict]], path: Path):
 
     fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 4), squeeze=False, constrained_layout=True)
     for ax, (skill, methods) in zip(axes[0], sweeps):
-        for method, points in methods.items():
-            points = sorted(points, key=lambda p: p["learning_rate"] or 0)
-            ax.plot([p["general_kept"] for p in points], [p["new_skill"] for p in points], marker="o", label=method)
-            for p in points:
-                ax.annotate(f"{p['learning_rate']:g}", (p["general_kept"], p["new_skill"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlim(-0.05, 1.05)
-        ax.set_ylim(-0.05, 1.05)
+        draw_pareto(ax, {method: [(p["general_kept"], p["new_skill"], p["learning_rate"]) for p in points]
+                         for method, points in methods.items()})
         ax.set_title(skill, fontsize=10)
         ax.set_xlabel("general questions kept")
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out accuracy on the skill")
     fig.suptitle("Learning vs forgetting per skill, one point per learning rate (up and right is better)",
                  fontsize=10)
