@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from .heads import soft_cap
-from .torch_backend import _chunk_logits, _row_chunks, _upcast_heads
+from .logit_blocks import LogitBlocks, row_chunks
+from .torch_backend import _upcast_heads
 
 
 class ChunkedObjective:
@@ -24,9 +25,9 @@ class ChunkedObjective:
     def __init__(self, objective, extra: dict[str, torch.Tensor], softcap: float | None = None):
         self.objective, self.extra, self.softcap = objective, extra, softcap
 
-    def _logits(self, h_s, h_t, w32, wt32, rows, spec, dtype):
+    def _logits(self, blocks, h_s, h_t, w32, wt32, rows, spec, dtype):
         if self.softcap is None:
-            return _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype) + (None,)
+            return blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature) + (None,)
         cap = self.softcap
         tanh = torch.tanh((h_s[rows].to(dtype) @ w32.T) / cap)
         s = tanh * (cap * spec.inv_temperature)
@@ -41,8 +42,9 @@ class ChunkedObjective:
         d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
         d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
         grads = row_grad is not None and (need_h or need_w)
-        for rows in _row_chunks(n, w.shape[0]):
-            s, t, tanh = self._logits(h_s.detach(), h_t, w32.detach(), wt32, rows, spec, dtype)
+        blocks = LogitBlocks(n, w.shape[0], dtype, h_s.device)
+        for rows in blocks.chunks:
+            s, t, tanh = self._logits(blocks, h_s.detach(), h_t, w32.detach(), wt32, rows, spec, dtype)
             extra = {k: v[rows] for k, v in self.extra.items()}
             if not grads:
                 with torch.no_grad():
@@ -88,7 +90,7 @@ class ChunkedObjective:
         out = torch.empty(h_s.shape[0], dtype=dtype, device=h_s.device)
         w32 = w.detach().to(dtype)
         with torch.no_grad():
-            for rows in _row_chunks(h_s.shape[0], w.shape[0]):
+            for rows in row_chunks(h_s.shape[0], w.shape[0]):
                 s = soft_cap(h_s[rows].detach().to(dtype) @ w32.T, self.softcap)
                 out[rows] = token_logprob(s * spec.inv_temperature, self.extra["targets"][rows])
         return out

@@ -68,16 +68,17 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None]).reshape(-1)
 
 
-def terms_and_grad(s: torch.Tensor, t: torch.Tensor, spec: DivergenceSpec):
+def terms_and_grad(s: torch.Tensor, t: torch.Tensor, spec: DivergenceSpec, scratch: torch.Tensor | None = None):
     """(per-row loss, d(row loss)/d(s)) from one block of logits, in as few passes as possible.
 
-    Consumes ``s`` and ``t`` (chunk temporaries): they are overwritten. With d = s - t,
+    Consumes ``s`` and ``t`` (chunk temporaries): they are overwritten, and so is ``scratch`` (a
+    block of their shape, or None: a fresh one). With d = s - t,
     KL(p||q) = <p, d> - lse_s + lse_t and KL(q||p) = -<q, d> + lse_s - lse_t.
     """
     if spec.kind == "jsd":
         loss, lse_s, lse_t, c = row_terms(s, t, spec)
         return loss, grad_from_logits(s, t, lse_s, lse_t, c, spec)
-    d = s - t
+    d = torch.sub(s, t, out=scratch) if scratch is not None else s - t
     lse_s = _softmax_(s)  # s is now p
     if spec.kind == "forward_kl":
         lse_t = _softmax_(t)  # t is now q

@@ -13,11 +13,8 @@ from __future__ import annotations
 import torch
 
 from .divergence_spec import DivergenceSpec
+from .logit_blocks import LogitBlocks
 from .logit_math import grad_from_logits, row_terms, terms_and_grad
-
-# Bytes of one [chunk, V] float32 logit block (unless MIN_CHUNK_ROWS asks for more); a handful live at once.
-CHUNK_BYTES = 32 * 1024 * 1024
-
 
 def _compute_dtype(*tensors):
     dtype = torch.float32
@@ -26,32 +23,10 @@ def _compute_dtype(*tensors):
     return dtype
 
 
-# Fewest rows in a chunk: dW += gz.T @ h reads and writes all of dW ([V, H] fp32) once per chunk, so
-# with few rows the update is memory-bound (Qwen's 0.9 GB dW at 55 rows a chunk made the CPU op 1.4x
-# slower than TRL's). From about 256 rows on, the GEMM's arithmetic outweighs that traffic.
-MIN_CHUNK_ROWS = 256
-
-
-def _rows_per_chunk(vocab: int) -> int:
-    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(vocab, 1)))
-
-
-def _row_chunks(n: int, vocab: int):
-    """Row slices of ``_rows_per_chunk(vocab)`` rows each."""
-    step = _rows_per_chunk(vocab)
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-
 def _upcast_heads(h_s, h_t, w, w_t):
     """(compute dtype, student head, teacher head) in at least float32."""
     dtype = _compute_dtype(h_s, h_t, w, w_t)
     return dtype, w.to(dtype), w_t.to(dtype)
-
-
-def _chunk_logits(h_s, h_t, w, w_t, rows, spec, dtype):
-    s = (h_s[rows].to(dtype) @ w.T) * spec.inv_temperature
-    t = (h_t[rows].to(dtype) @ w_t.T) * spec.inv_temperature
-    return s, t
 
 
 def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool = False):
@@ -61,8 +36,9 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool = False):
     n = h_s.shape[0]
     loss = torch.empty(n, dtype=dtype, device=h_s.device)
     stats = torch.empty(3, n, dtype=dtype, device=h_s.device)
-    for rows in _row_chunks(n, w.shape[0]):
-        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
+    blocks = LogitBlocks(n, w.shape[0], dtype, h_s.device)
+    for rows in blocks.chunks:
+        s, t = blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature)
         loss[rows], stats[0, rows], stats[1, rows], stats[2, rows] = row_terms(s, t, spec)
     return loss, stats
 
@@ -72,8 +48,9 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     d_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
     d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
-    for rows in _row_chunks(h_s.shape[0], w.shape[0]):
-        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
+    blocks = LogitBlocks(h_s.shape[0], w.shape[0], dtype, h_s.device)
+    for rows in blocks.chunks:
+        s, t = blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature)
         gz = grad_from_logits(s, t, stats[0, rows], stats[1, rows], stats[2, rows], spec)
         gz *= row_grad[rows].to(dtype)[:, None]
         if need_h:
@@ -92,9 +69,10 @@ def forward_with_grad(h_s, h_t, w, w_t, spec: DivergenceSpec, need_h: bool, need
     total = torch.zeros((), dtype=dtype, device=h_s.device)
     d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
     d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
-    for rows in _row_chunks(h_s.shape[0], w.shape[0]):
-        s, t = _chunk_logits(h_s, h_t, w32, wt32, rows, spec, dtype)
-        loss, gz = terms_and_grad(s, t, spec)
+    blocks = LogitBlocks(h_s.shape[0], w.shape[0], dtype, h_s.device)
+    for rows in blocks.chunks:
+        s, t = blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature)
+        loss, gz = terms_and_grad(s, t, spec, scratch=blocks.scratch(rows))
         total += loss.sum()
         gz.mul_(spec.inv_temperature)
         if need_h:

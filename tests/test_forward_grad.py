@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from divergence_cases import assert_close, make_inputs, run_both
-from sdft_kernels import fused_linear_divergence, torch_backend
+from sdft_kernels import fused_linear_divergence, logit_blocks, torch_backend
 
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]
 
@@ -16,8 +16,8 @@ KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]
 @pytest.mark.parametrize("divergence,beta", KINDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_one_pass_gradients_match_reference_and_recompute(divergence, beta, reduction, monkeypatch):
-    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 211 * 7)  # 7 rows per chunk: several chunks
-    monkeypatch.setattr(torch_backend, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 211 * 7)  # 7 rows per chunk: several chunks
+    monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 1)
     s, t, w, tw, mask = make_inputs(40, 24, 211, h_teacher=16, seed=7, device="cpu")
     kw = dict(mask=mask, divergence=divergence, beta=beta, temperature=1.3, reduction=reduction,
               backend="torch")
@@ -61,3 +61,21 @@ def test_double_backward_is_refused():
     (g_s,) = torch.autograd.grad(loss, s, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
         torch.autograd.grad(g_s.sum(), w)
+
+
+@pytest.mark.parametrize("divergence,beta", KINDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("extra", [{}, {"topk": 5}, {"weights": True}])
+def test_reused_logit_blocks_poisoned_and_a_short_last_chunk(divergence, beta, reduction, extra, monkeypatch):
+    """The [chunk, V] blocks are reused from chunk to chunk: NaN-filled storage and a last chunk
+    shorter than the others (29 selected rows, 7 a chunk) must not leak into any result."""
+    monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 211 * 7)
+    monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(logit_blocks, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype))
+    s, t, w, tw, mask = make_inputs(40, 24, 211, h_teacher=16, seed=13, device="cpu")
+    kw = dict(mask=mask, divergence=divergence, beta=beta, temperature=0.7, reduction=reduction, backend="torch")
+    if extra.get("weights"):
+        kw["weights"] = torch.rand(40, generator=torch.Generator().manual_seed(2)) + 0.5
+    elif extra:
+        kw.update(extra)
+    assert_close(*run_both(s, t, w, tw, **kw), tol=1e-5)

@@ -104,10 +104,10 @@ def test_leading_dims_and_mask_shape(backend):
 
 
 def test_backends_agree_on_multi_chunk_paths(monkeypatch):
-    from sdft_kernels import torch_backend, triton_backend
+    from sdft_kernels import logit_blocks, torch_backend, triton_backend
 
-    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 4 * 300 * 5)  # 5 rows per chunk
-    monkeypatch.setattr(torch_backend, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 300 * 5)  # 5 rows per chunk
+    monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(triton_backend, "GRAD_BLOCK_BYTES", 4 * 37 * 64)  # 64 vocabulary columns
     s, t, w, tw, mask = make_inputs(37, 40, 300, seed=21)
     for backend in BACKENDS:

@@ -3,7 +3,7 @@ against the float64 reference on values and on the gradients of hidden states, h
 import pytest
 import torch
 
-import sdft_kernels.torch_backend as tb
+import sdft_kernels.logit_blocks as logit_blocks
 from sdft_kernels import fused_linear_divergence, reference_linear_divergence
 
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -11,8 +11,8 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(tb, "MIN_CHUNK_ROWS", 4)
-    monkeypatch.setattr(tb, "CHUNK_BYTES", 4 * 4 * 29)
+    monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 4 * 29)
 
 
 def _inputs(seed=0, n=11, h=6, v=29, separate=False):

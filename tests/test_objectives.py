@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import sdft_kernels.torch_backend as tb
+import sdft_kernels.logit_blocks as logit_blocks
 from sdft_kernels import fused_linear_divergence, reference_linear_divergence
 
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -18,8 +18,8 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(tb, "MIN_CHUNK_ROWS", 4)
-    monkeypatch.setattr(tb, "CHUNK_BYTES", 4 * 4 * 37)  # 4 rows a chunk at V=37
+    monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 4 * 37)  # 4 rows a chunk at V=37
 
 
 def _inputs(n=13, h=8, v=37, seed=0, dtype=torch.float64, separate_head=False):
