@@ -40,9 +40,9 @@ class ChunkedObjective:
         n = h_s.shape[0]
         losses = torch.empty(n, dtype=dtype, device=h_s.device)
         d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
-        d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
         grads = row_grad is not None and (need_h or need_w)
         blocks = LogitBlocks(n, w.shape[0], dtype, h_s.device)
+        d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
         for rows in blocks.chunks:
             s, t, tanh = self._logits(blocks, h_s.detach(), h_t, w32.detach(), wt32, rows, spec, dtype)
             extra = {k: v[rows] for k, v in self.extra.items()}

@@ -47,8 +47,8 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     """Gradients for student hidden and weight; ``row_grad`` already holds 1/T."""
     dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     d_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
-    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
     blocks = LogitBlocks(h_s.shape[0], w.shape[0], dtype, h_s.device)
+    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
     for rows in blocks.chunks:
         s, t = blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature)
         gz = grad_from_logits(s, t, stats[0, rows], stats[1, rows], stats[2, rows], spec)
@@ -68,13 +68,14 @@ def forward_with_grad(h_s, h_t, w, w_t, spec: DivergenceSpec, need_h: bool, need
     dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
     total = torch.zeros((), dtype=dtype, device=h_s.device)
     d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
-    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
     blocks = LogitBlocks(h_s.shape[0], w.shape[0], dtype, h_s.device)
+    d_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_w else None
     for rows in blocks.chunks:
         s, t = blocks.logits(h_s, h_t, w32, wt32, rows, spec.inv_temperature)
         loss, gz = terms_and_grad(s, t, spec, scratch=blocks.scratch(rows))
         total += loss.sum()
-        gz.mul_(spec.inv_temperature)
+        if spec.inv_temperature != 1.0:
+            gz.mul_(spec.inv_temperature)
         if need_h:
             torch.mm(gz, w32, out=d_h[rows])
         if need_w:
