@@ -171,10 +171,6 @@ class SDFTConfig:
                                 "reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); no: the weights' dtype",
                                 choices=("no", "bf16"))
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    cpu_keep_freed_memory: bool = _opt(True, "on a CPU with glibc (Linux): keep freed memory in the process "
-                                       "(no mmap for large blocks, no trimming), so each step's tensors reuse "
-                                       "the last step's pages instead of page-faulting them in again; "
-                                       "process-wide (sdft.heap)")
 
     def __post_init__(self):
         self.distillation_mode = MODE_ALIASES.get(self.distillation_mode, self.distillation_mode)

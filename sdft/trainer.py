@@ -27,7 +27,6 @@ from .distributed import World, all_reduce_sum, barrier, setup, step_seed
 from .parallel import Runner, grad_norm_value
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
-from .heap import keep_freed_memory
 from .lm_head import verify_head
 from .models import load_model
 from .reporting import Reporters, check_backends
@@ -164,8 +163,6 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     device = _device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    if device.type == "cpu" and config.cpu_keep_freed_memory:
-        keep_freed_memory()
     torch.manual_seed(config.seed)
     if model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(model)
