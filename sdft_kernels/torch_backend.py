@@ -1,6 +1,7 @@
 """Chunked PyTorch backend: exact, bounded memory, used automatically on the CPU.
 
-Rows are processed ``chunk`` at a time so only [chunk, V] logits exist at once. Two ways to train:
+Rows are processed ``chunk`` at a time so only [chunk, V] logits exist at once, in blocks reused
+from chunk to chunk (``logit_blocks``). Two ways to train:
 
 * ``forward_with_grad`` (a scalar loss, what training uses): each chunk's logits give its loss and,
   right away, its logit gradient, hence dH and dW; nothing is recomputed: 8*N*H*V FLOPs in all.
@@ -15,6 +16,7 @@ import torch
 from .divergence_spec import DivergenceSpec
 from .logit_blocks import LogitBlocks
 from .logit_math import grad_from_logits, row_terms, terms_and_grad
+
 
 def _compute_dtype(*tensors):
     dtype = torch.float32
