@@ -104,7 +104,7 @@ def test_leading_dims_and_mask_shape(backend):
 
 
 def test_backends_agree_on_multi_chunk_paths(monkeypatch):
-    from sdft_kernels import logit_blocks, torch_backend, triton_backend
+    from sdft_kernels import logit_blocks, triton_backend
 
     monkeypatch.setattr(logit_blocks, "CHUNK_BYTES", 4 * 300 * 5)  # 5 rows per chunk
     monkeypatch.setattr(logit_blocks, "MIN_CHUNK_ROWS", 1)
