@@ -111,7 +111,9 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
              teacher: str = "frozen") -> dict:
     """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
     ``sdft.train_sft``; ``sdft_joint``: ``share_teacher_prefix=True``, a live teacher in one tree with
-    the student where the node count says it pays; ``sdft_nojoint``: never) for ``steps`` optimizer steps.
+    the student where the node count says it pays; ``sdft_nojoint``: never; ``sdft_notrim`` /
+    ``sdft_gc_notrim``: ``cpu_trim_memory=False``, freed heap memory kept resident) for ``steps``
+    optimizer steps.
     ``trl_step_live_cpu`` was measured while the joint pass was the default: its ``sdft`` side is
     today's ``sdft_joint``."""
     import tempfile
@@ -126,7 +128,8 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
         num_generations=group, max_completion_length=COMPLETION, max_prompt_length=2048, learning_rate=LR,
         divergence="forward_kl", teacher_mode=teacher, teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
-        gradient_checkpointing=method == "sdft_gc", share_teacher_prefix=method == "sdft_joint")
+        gradient_checkpointing=method.startswith("sdft_gc"), share_teacher_prefix=method == "sdft_joint",
+        cpu_trim_memory=not method.endswith("_notrim"))
     model, tokenizer = sdft.load_model(model_dir())
     fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
@@ -185,7 +188,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"],
-                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sdft_joint", "sdft_nojoint", "sft"])
+                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sdft_joint", "sdft_nojoint", "sdft_notrim",
+                            "sdft_gc_notrim", "sft"])
     p.add_argument("--teacher", choices=["frozen", "live"], default="frozen",
                    help="frozen: TRL's base <-> our frozen; live: the current weights on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
@@ -212,7 +216,7 @@ def main(argv=None):
         for side in args.sides:
             line[f"{side}_s_per_step"] = r[side]["seconds_per_step"]
             line[f"{side}_peak_mib"] = r[side]["peak_memory_mib"]
-        for ours in ("sdft", "sdft_gc", "sdft_joint", "sdft_nojoint", "trl_fused"):
+        for ours in ("sdft", "sdft_gc", "sdft_joint", "sdft_nojoint", "sdft_notrim", "sdft_gc_notrim", "trl_fused"):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
@@ -225,6 +229,12 @@ def main(argv=None):
         elif "sdft_nojoint" in r and "sdft" in r:
             line["teacher_student_share_speedup"] = (r["sdft_nojoint"]["seconds_per_step"]
                                                      / r["sdft"]["seconds_per_step"])
+        for ours in ("sdft", "sdft_gc"):
+            if f"{ours}_notrim" in r and ours in r:
+                line[f"{ours}_trim_memory_ratio"] = (r[ours]["peak_memory_mib"]
+                                                     / r[f"{ours}_notrim"]["peak_memory_mib"])
+                line[f"{ours}_trim_speedup"] = (r[f"{ours}_notrim"]["seconds_per_step"]
+                                                / r[ours]["seconds_per_step"])
         if "sft" in r and "sdft" in r:
             line["sdft_over_sft"] = r["sdft"]["seconds_per_step"] / r["sft"]["seconds_per_step"]
         table.append(line)

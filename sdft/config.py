@@ -171,6 +171,9 @@ class SDFTConfig:
                                 "reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); no: the weights' dtype",
                                 choices=("no", "bf16"))
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    cpu_trim_memory: bool = _opt(True, "on a CPU with glibc: before each backward give the heap memory freed by "
+                                 "the rollouts and the forward back to the OS (malloc_trim), so the gradients "
+                                 "do not stack on freed but resident pages (sdft.heap_trim)")
 
     def __post_init__(self):
         self.distillation_mode = MODE_ALIASES.get(self.distillation_mode, self.distillation_mode)

@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from .distributed import World
+from .heap_trim import trim_freed_memory
 from .models import blocks_of
 
 class Whole(torch.nn.Module):
@@ -53,10 +54,12 @@ def shard(model, mixed_precision: str = "no") -> Whole:
 
 
 class Runner:
-    """Runs functions of the model on this process (``mode``: single, ddp or fsdp)."""
+    """Runs functions of the model on this process (``mode``: single, ddp or fsdp). ``trim``: give
+    freed heap memory back to the OS before each backward (a CPU run's ``cpu_trim_memory``)."""
 
-    def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no"):
-        self.model, self.world, self.mixed_precision = model, world, mixed_precision
+    def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no",
+                 trim: bool = False):
+        self.model, self.world, self.mixed_precision, self.trim = model, world, mixed_precision, trim
         self.mode = mode if world.active else "single"
         if self.mode == "fsdp":
             self.root = shard(model, mixed_precision)
@@ -94,6 +97,8 @@ class Runner:
             self.root.set_requires_gradient_sync(sync)
         with context:
             loss = self.root(fn, *args, **kwargs)
+            if self.trim:  # what the rollouts and the forward freed, before the gradients arrive
+                trim_freed_memory("cpu")
             (loss * scale).backward()
         return loss.detach()
 
