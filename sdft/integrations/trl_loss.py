@@ -21,6 +21,7 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from sdft_kernels import fused_linear_divergence
 
 from ..batch_loss import KERNEL_MODES, divergence_from_alpha, head_kwargs, objective_kwargs
+from ..heap_trim import trim_freed_memory
 from ..lm_head import check_logits, head_of
 from ..models import decoder_of
 
@@ -99,4 +100,5 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
         mode = "train" if model.training else "eval"
         self._log_self_distillation_metric(mode, self.accelerator.gather(loss.detach()).mean().item())
         accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        trim_freed_memory(loss.device)  # CPU: the freed forward activations, before TRL runs the backward
         return loss / accumulation_scale
