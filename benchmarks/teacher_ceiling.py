@@ -50,6 +50,7 @@ def main(argv=None):
     p.add_argument("--stem", default="teacher_ceiling")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    env = environment(torch.device("cpu"))
     model, tokenizer = load_model()
     results, table = [], []
     for skill in all_skills():
@@ -67,12 +68,12 @@ def main(argv=None):
         table.append(line)
         results.append({**line, "demonstrations": [r["demonstration"] for r in rows[:3]], "teacher_samples": samples})
     header = ("# Teacher ceiling: the base model's greedy answers with the demonstration in context\n\n"
-              f"Environment: {environment(torch.device('cpu'))}. SmolLM2-135M-Instruct, greedy, at most "
+              f"Environment: {env}. SmolLM2-135M-Instruct, greedy, at most "
               f"{args.max_new_tokens} new tokens, exact match with the demonstration on each skill's first "
               f"{args.eval_limit} held-out prompts (the forgetting benchmark's scorers). `student_prompt`: the "
               "prompt alone; `teacher_<template>`: the teacher context SDFT builds with that template.\n\n"
               f"Command: `python benchmarks/teacher_ceiling.py {' '.join(argv or sys.argv[1:])}`\n\n")
-    write_results(args.out, args.stem, {"environment": environment(torch.device("cpu")), "rows": results},
+    write_results(args.out, args.stem, {"environment": env, "rows": results},
                   header + markdown_table(table, list(table[0])))
 
 

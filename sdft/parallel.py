@@ -55,7 +55,7 @@ def shard(model, mixed_precision: str = "no") -> Whole:
 
 class Runner:
     """Runs functions of the model on this process (``mode``: single, ddp or fsdp). ``trim``: give
-    freed heap memory back to the OS before each backward (a CPU run's ``cpu_trim_memory``)."""
+    freed CPU heap memory back to the OS before each backward (``cpu_trim_memory``)."""
 
     def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no",
                  trim: bool = False):
@@ -98,7 +98,7 @@ class Runner:
         with context:
             loss = self.root(fn, *args, **kwargs)
             if self.trim:  # what the rollouts and the forward freed, before the gradients arrive
-                trim_freed_memory("cpu")
+                trim_freed_memory(loss.device)
             (loss * scale).backward()
         return loss.detach()
 

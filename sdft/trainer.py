@@ -134,8 +134,8 @@ class Run:
 def start_runner(run: Run, teacher=None) -> Runner:
     """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
     the full weights; a sharded student gets a teacher copy sharded the same way."""
-    trim = run.config.cpu_trim_memory and run.device.type == "cpu"
-    run.runner = Runner(run.model, run.world, run.config.parallel, run.config.mixed_precision, trim)
+    run.runner = Runner(run.model, run.world, run.config.parallel, run.config.mixed_precision,
+                        run.config.cpu_trim_memory)
     if teacher is not None:
         teacher.distribute(run.runner)
     return run.runner

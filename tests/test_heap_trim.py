@@ -1,4 +1,4 @@
-"""Freed heap memory goes back to the OS between a step's phases, without touching the numbers."""
+"""Freed CPU heap memory goes back to the OS before each backward, and nowhere else."""
 import torch
 
 import sdft.parallel as parallel
