@@ -235,13 +235,16 @@ def plot(results: dict, path: Path):
 
 
 def draw_pareto(ax, by_method: dict[str, list[tuple]]):
-    """One line per method through its (general kept, new-skill accuracy, learning rate) points in
-    order of rate, each point labelled with its rate; both axes 0-1."""
+    """One line per method through its (general kept, new-skill accuracy, learning rate[, x spread, y
+    spread]) points in order of rate, each point labelled with its rate, spreads (over seeds) as error
+    bars; both axes 0-1."""
     for method, points in by_method.items():
         points = sorted(points, key=lambda p: p[2] or 0)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        for x, y, lr in points:
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for x, y, lr, *spread in points:
             ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if any(spread):
+                ax.errorbar(x, y, xerr=spread[0], yerr=spread[1], color=line.get_color(), capsize=2, lw=0.8)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=8)

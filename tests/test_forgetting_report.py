@@ -81,21 +81,32 @@ def test_only_chooses_skills_by_name_in_order_and_refuses_unknown_ones():
 
 
 def _sweep(skill, points):
-    """A single-skill sweep payload: points are (method, lr, new_skill, general_kept)."""
+    """A single-skill payload: points are (method, lr, new_skill, general_kept[, seed, validation])."""
     results = {}
-    for method, lr, new, kept in points:
+    for method, lr, new, kept, *more in points:
+        seed, validation = [*more, *(0, None)[len(more):]]
         base = {"stage": 0, "after": "base model", skill: 0.0, "general_questions": 1.0}
-        results[f"{method}@{lr:g}"] = {"method": method, "learning_rate": lr, "stages": [
-            base, {"stage": 1, "after": skill, skill: new, "general_questions": kept, "selected_step": 10}]}
+        last = {"stage": 1, "after": skill, skill: new, "general_questions": kept, "selected_step": 10}
+        if validation is not None:
+            last["validation_accuracy"] = validation
+        results[f"{method}@{lr:g}#{seed}"] = {"method": method, "learning_rate": lr, "seed": seed,
+                                              "stages": [base, last]}
     return {"results": results}
 
 
+def _by_skill(*payloads):
+    from benchmarks.forgetting_pareto import merge_by_skill, settings, sweep_points
+
+    merged = merge_by_skill([sweep_points(p) for p in payloads])
+    return {skill: settings(points) for skill, points in merged.items()}
+
+
 def test_pareto_best_points_and_dominance_per_skill(tmp_path):
-    from benchmarks.forgetting_pareto import dominance_rows, main, sweep_points
+    from benchmarks.forgetting_pareto import dominance_rows, main
 
     a = _sweep("a", [("sft", 1e-4, 1.0, 0.2), ("sft", 3e-5, 1.0, 0.3), ("sdft_ema", 3e-5, 1.0, 0.5)])
     b = _sweep("b", [("sft", 1e-4, 0.9, 0.2), ("sdft_ema", 1e-4, 0.5, 0.9), ("sdft_ema", 3e-4, 0.8, 0.95)])
-    rows = {r["skill"]: r for r in dominance_rows([sweep_points(a), sweep_points(b)])}
+    rows = {r["skill"]: r for r in dominance_rows(_by_skill(a, b))}
     assert rows["a"]["sft_lr"] == 3e-5 and rows["a"]["sdft_dominates"]  # ties on skill: more kept wins
     assert rows["b"]["sdft_new_skill"] == 0.8 and not rows["b"]["sdft_dominates"]  # learns less
     paths = []
@@ -104,15 +115,35 @@ def test_pareto_best_points_and_dominance_per_skill(tmp_path):
         paths[-1].write_text(json.dumps(payload))
     pytest.importorskip("matplotlib")
     main([str(p) for p in paths] + ["--out", str(tmp_path), "--stem", "p"])
-    assert "SDFT dominates on 1 of 2 skills" in (tmp_path / "p.md").read_text()
+    assert "sdft_ema dominates SFT on 1 of 2 skills" in (tmp_path / "p.md").read_text()
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_pareto_averages_seeds_and_counts_a_rerun_seed_once():
+    sweep = _sweep("a", [("sft", 1e-4, 1.0, 0.2, 0), ("sdft", 1e-4, 0.5, 0.6, 0)])
+    seeds = _sweep("a", [("sft", 1e-4, 0.0, 0.0, 0), ("sft", 1e-4, 0.5, 0.4, 1), ("sft", 1e-4, 0.75, 0.3, 2)])
+    rows = {r["method"]: r for r in _by_skill(sweep, seeds)["a"]["sft"] + _by_skill(sweep, seeds)["a"]["sdft"]}
+    assert rows["sft"]["seeds"] == 3  # seed 0 from the first file only
+    assert rows["sft"]["new_skill"] == pytest.approx(0.75) and rows["sft"]["new_skill_spread"] == 0.25
+    assert rows["sft"]["general_kept"] == pytest.approx(0.3) and rows["sft"]["general_kept_spread"] == 0.1
+    assert rows["sdft"]["seeds"] == 1 and rows["sdft"]["new_skill_spread"] is None
+
+
+def test_pareto_selects_on_validation_not_on_the_test_prompts():
+    from benchmarks.forgetting_pareto import dominance_rows
+
+    payload = _sweep("a", [("sft", 1e-4, 1.0, 0.1, 0, 0.5), ("sft", 3e-5, 0.5, 0.4, 0, 1.0),
+                           ("sdft_ema", 3e-5, 0.5, 0.6, 0, 0.75)])
+    (row,) = dominance_rows(_by_skill(payload))
+    assert row["sft_lr"] == 3e-5 and row["sft_new_skill"] == 0.5  # best validation, not best test accuracy
+    assert row["sdft_dominates"]
 
 
 def test_pareto_refuses_a_multi_skill_run():
     from benchmarks.forgetting_pareto import sweep_points
 
     payload = _sweep("a", [("sft", 1e-4, 1.0, 0.2)])
-    payload["results"]["sft@0.0001"]["stages"].append({"stage": 2, "after": "b", "general_questions": 0.1})
+    payload["results"]["sft@0.0001#0"]["stages"].append({"stage": 2, "after": "b", "general_questions": 0.1})
     with pytest.raises(SystemExit, match="single-skill"):
         sweep_points(payload)
 
