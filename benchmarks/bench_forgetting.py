@@ -37,6 +37,9 @@ METHODS = {"sft": (train_sft, {}), "sdft": (train, {"teacher_mode": "frozen"}),
            "sdft_live_teacher": (train, {"teacher_mode": "live"}),
            "sdft_ema": (train, {"teacher_mode": "ema", "ema_decay": 0.99}),
            "sdft_paper": (train, PAPER)}
+# how plots name the methods (all use the fewshot teacher template except the paper recipe)
+LABELS = {"sft": "SFT", "sdft": "SDFT, frozen teacher", "sdft_live_teacher": "SDFT, live teacher",
+          "sdft_ema": "SDFT, EMA teacher", "sdft_paper": "SDFT, paper recipe"}
 
 
 def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
@@ -240,7 +243,8 @@ def draw_pareto(ax, by_method: dict[str, list[tuple]]):
     bars; both axes 0-1."""
     for method, points in by_method.items():
         points = sorted(points, key=lambda p: p[2] or 0)
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        label=LABELS.get(method, method))
         for x, y, lr, *spread in points:
             ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if any(spread):
