@@ -170,6 +170,11 @@ def summary_rows(results: dict, skills) -> list[dict]:
     return rows
 
 
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (n is 1-3, too few for a standard deviation)."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
 def seed_rows(results: dict, skills) -> list[dict]:
     """Mean and spread over the runs of each (method, learning rate), i.e. over its seeds, of the last
     stage: the learned skills' mean accuracy and the general questions kept."""
@@ -182,9 +187,7 @@ def seed_rows(results: dict, skills) -> list[dict]:
         kept = [r["stages"][-1]["general_questions"] for r in runs]
         row = {"method": method, "learning_rate": lr, "seeds": len(runs)}
         for key, values in (("new_skill", learned), ("general_questions", kept)):
-            mean = sum(values) / len(values)
-            row[f"{key}_mean"] = mean
-            row[f"{key}_spread"] = (max(values) - min(values)) / 2  # half the range: n is 1-3
+            row[f"{key}_mean"], row[f"{key}_spread"] = mean_and_spread(values)
         rows.append(row)
     return rows
 

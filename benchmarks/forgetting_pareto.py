@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_forgetting import draw_pareto  # noqa: E402
+from benchmarks.bench_forgetting import draw_pareto, mean_and_spread  # noqa: E402
 from benchmarks.measure import markdown_table, write_results  # noqa: E402
 
 SFT = "sft"
@@ -55,8 +55,9 @@ def merge_by_skill(sweeps: list[tuple[str, list[dict]]]) -> dict[str, list[dict]
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float | None]:
-    """Mean and half the range (n is 1-3); no spread from one seed."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else None
+    """``mean_and_spread``, with no spread from one seed."""
+    mean, spread = mean_and_spread(values)
+    return mean, spread if len(values) > 1 else None
 
 
 def settings(points: list[dict]) -> dict[str, list[dict]]:
