@@ -4,8 +4,9 @@ A checkpoint folder ``checkpoint-N`` holds the trainable weights (``trainable.sa
 teacher if any (``teacher.safetensors``), the optimizer and RNG states (``optimizer.pt``, ``rng.pt``,
 read back with ``weights_only=True`` so opening a checkpoint cannot run code), ``state.json`` (step,
 config) and, written last, ``manifest.json`` with the size and SHA-256 of every other file. It is
-written to a temporary folder and renamed into place, so a crash while saving leaves no partial
-``checkpoint-N``; the manifest catches files damaged afterwards (truncated copy, full disk).
+written to a temporary folder, flushed to disk (fsync) and renamed into place, and older checkpoints are
+deleted only after that, so a crash or power loss while saving leaves no partial ``checkpoint-N`` and
+the previous one intact; the manifest catches files damaged afterwards (truncated copy, full disk).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
 MANIFEST = "manifest.json"
 
 
@@ -60,6 +62,27 @@ def _write_manifest(folder: Path):
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def _fsync(path: Path):
+    """Flush a file or a folder entry to disk, so a rename after it never points at unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path):
+    for p in folder.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(folder)
+
+
+def _aside(out: Path, step: int) -> Path:
+    """Where ``checkpoint-N`` waits while the same step is saved again (a resumed run)."""
+    return out / f".checkpoint-{step}.old"
 
 
 def damage(path) -> str | None:
@@ -106,21 +129,32 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     state = {"step": step, "config": config.to_dict(), "model": model_source}
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _write_manifest(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    _fsync_folder(tmp)
+    aside = _aside(out, step)
+    if final.exists():  # the same step saved again (a resumed run): keep the old copy until the new is in
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync(out)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(output_dir) -> list[Path]:
-    """Checkpoint folders (intact or not), oldest first."""
+    """Checkpoint folders (intact or not), oldest first. A ``checkpoint-N`` that a crash left moved aside
+    (between the two renames of saving step N again) stands in for the missing ``checkpoint-N``."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := PATTERN.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    found, aside = {}, {}
+    for p in out.iterdir():
+        if p.is_dir() and (m := PATTERN.match(p.name)):
+            found[int(m.group(1))] = p
+        elif p.is_dir() and (m := ASIDE.match(p.name)):
+            aside[int(m.group(1))] = p
+    return [p for _, p in sorted({**aside, **found}.items())]
 
 
 def newest_intact(output_dir, report=print) -> Path | None:

@@ -47,9 +47,12 @@ def plan_run(config, report=_report) -> Path | None:
 
 
 def start_run(config, resume: Path | None, report=_report):
-    """Make the output_dir ready: clear it for ``overwrite_output_dir``, say where a resume starts."""
+    """Make the output_dir ready: drop checkpoints a crash left half written, clear it for
+    ``overwrite_output_dir``, say where a resume starts."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for partial in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
     if resume is None and config.overwrite_output_dir:
         for path in list_checkpoints(out):
             shutil.rmtree(path)

@@ -159,6 +159,33 @@ def test_a_damaged_named_checkpoint_is_a_one_line_error(tmp_path, capsys, monkey
     assert err.count("\n") == 0 and "trainable.safetensors does not match its checksum" in err
 
 
+def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """A run resumed from an older checkpoint saves a step that exists already; a crash between moving
+    the old copy aside and renaming the new one in must leave that step usable."""
+    from sdft import checkpoint
+    from sdft.checkpoint import damage
+
+    _run(tmp_path, max_steps=2)
+    real = checkpoint.os.replace
+
+    def crash_renaming_the_new_copy_in(src, dst):  # the old copy has been moved aside by then
+        if str(src).endswith(".checkpoint-2.tmp"):
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_renaming_the_new_copy_in)
+    with pytest.raises(OSError, match="simulated crash"):
+        _run(tmp_path, max_steps=2, resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-1", ".checkpoint-2.old"] and damage(found[-1]) is None
+    result = _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert [r["step"] for r in result.metrics] == [3] and _steps(tmp_path) == [1, 2, 3]
+    _run(tmp_path, max_steps=3, resume_from_checkpoint=str(found[-1]))  # step 3 saved again, no crash
+    names = sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name)
+    assert names == [".checkpoint-2.old", "checkpoint-3"]  # the crash's half-written copy is gone too
+
+
 def test_checkpoint_pickles_load_with_weights_only(tmp_path):
     _run(tmp_path, max_steps=1)
     for name in ("optimizer.pt", "rng.pt"):
