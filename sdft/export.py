@@ -11,6 +11,18 @@ import shutil
 from pathlib import Path
 
 
+def _write_folder(out: Path, model, tokenizer, **save_options) -> Path:
+    """Save into a temporary sibling and rename it over ``out``: a crash never leaves a half-written
+    export under the final name."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, **save_options)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def save_hf_folder(model, tokenizer, out) -> Path:
     """Save ``model`` (safetensors + config + generation config) and ``tokenizer`` to ``out`` atomically."""
     from transformers import AutoModelForCausalLM
@@ -26,13 +38,7 @@ def save_hf_folder(model, tokenizer, out) -> Path:
         model = fresh
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return _write_folder(out, model, tokenizer, safe_serialization=True)
 
 
 def export_model(model, tokenizer, out, merge_lora: bool = False) -> Path:
@@ -45,13 +51,7 @@ def export_model(model, tokenizer, out, merge_lora: bool = False) -> Path:
         import copy
 
         return save_hf_folder(copy.deepcopy(model).merge_and_unload(), tokenizer, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return _write_folder(out, model, tokenizer)
 
 
 def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False) -> Path:
