@@ -24,16 +24,8 @@ from benchmarks.measure import environment, markdown_table, write_results  # noq
 from sdft import load_model  # noqa: E402
 from sdft.data import load_examples  # noqa: E402
 from sdft.evaluation import generate_answers  # noqa: E402
-from sdft.templates import TEMPLATES, teacher_messages  # noqa: E402
-
-
-def teacher_rows(rows: list[dict], template: str) -> list[dict]:
-    """The rows with each prompt replaced by its teacher context (the demonstration stays the target)."""
-    out = []
-    for ex in load_examples(rows):
-        out.append({"prompt": teacher_messages(ex.messages(), ex.demonstration, template),
-                    "demonstration": ex.demonstration})
-    return out
+from sdft.teacher_check import teacher_contexts  # noqa: E402
+from sdft.templates import TEMPLATES  # noqa: E402
 
 
 def exact_share(model, tokenizer, rows: list[dict], score, max_new_tokens: int) -> tuple[float, list[str]]:
@@ -60,8 +52,8 @@ def main(argv=None):
         line["student_prompt"] = student
         samples = {}
         for template in TEMPLATES:
-            share, answers = exact_share(model, tokenizer, teacher_rows(rows, template), skill.score,
-                                         args.max_new_tokens)
+            contexts = teacher_contexts(load_examples(rows), template)
+            share, answers = exact_share(model, tokenizer, contexts, skill.score, args.max_new_tokens)
             line[f"teacher_{template}"] = share
             samples[template] = answers[:3]
         print(line, flush=True)

@@ -4,6 +4,8 @@
 ``sdft config --show``: print the resolved config of ``--set`` overrides, or of a run / checkpoint.
 ``sdft export CHECKPOINT OUT``: write a checkpoint as a Hugging Face folder (LoRA: adapter or merged).
 ``sdft generate [MODEL] --prompt TEXT``: try a (trained) model in the terminal.
+``sdft teacher-check``: before a run, how often the teacher (the model with the demonstration in its
+context) writes the demonstrated answer, per template: whether SDFT has anything to distil.
 Config keys, types, defaults and meanings in ``--help`` come from ``SDFTConfig`` itself. Every
 check that needs no model (config, data, output_dir) runs before the model loads; bad input is one
 line on stderr and exit status 2.
@@ -78,7 +80,44 @@ def _build_parser():
     ge.add_argument("--system", default=None, help="a system message put before every prompt")
     ge.add_argument("--max-new-tokens", type=int, default=128)
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
+                        "per template: is there anything for SDFT to distil?")
+    tc.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
+    tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
+    tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
+                    help="fewshot | paper | a format string with {prompt} and {demonstration}")
+    tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
+    tc.add_argument("--limit", type=int, default=16, help="rows of --data to score (its first ones)")
+    tc.add_argument("--max-new-tokens", type=int, default=64)
     return parser
+
+
+def _teacher_check(args, parser) -> int:
+    from .data import load_examples
+    from .scorers import get_scorer
+    from .templates import check_template
+    from .teacher_check import format_rows, teacher_check, verdict
+
+    if args.limit < 1 or args.max_new_tokens < 1:
+        raise ValueError("--limit and --max-new-tokens must be >= 1")
+    get_scorer(args.scorer)
+    for template in args.templates:
+        check_template(template)
+    if args.data is None:
+        from .skill import load_skill
+
+        data = load_skill("train")
+    else:
+        data = load_examples(args.data)
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
+    print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
+          "demonstrations:")
+    print(format_rows(rows))
+    print(verdict(rows))
+    return 0
 
 
 def _read_prompts(args) -> list[dict]:
@@ -192,7 +231,8 @@ def main(argv=None):
     from .trainer import NonFiniteError
 
     try:
-        command = {"train": _train, "config": _config, "export": _export, "generate": _generate}[args.command]
+        command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
+                   "teacher-check": _teacher_check}[args.command]
         return command(args, parser)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)

@@ -129,6 +129,12 @@ class Evaluator:
         return record
 
 
+def shorten(text, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60) -> str:
     """A small text table: score and perplexity per evaluation, then a few answers first vs last."""
     lines = [f"{'step':>6}  {'score':>7}  {'perplexity':>10}"]
@@ -137,8 +143,7 @@ def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60)
         first, last = records[0], records[-1]
         for i, ex in enumerate(examples[:samples]):
             def cut(text):
-                text = " ".join(str(text).split())
-                return text if len(text) <= width else text[: width - 1] + "…"
+                return shorten(text, width)
             lines += [f"- prompt:        {cut(ex.prompt[-1][1])}",
                       f"  demonstration: {cut(ex.demonstration)}",
                       f"  step {first['step']:<6} {cut(first['answers'][i])}"]

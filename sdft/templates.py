@@ -19,6 +19,14 @@ def _last_user_text(messages: list[dict]) -> str:
     raise ValueError("prompt messages hold no user turn")
 
 
+def check_template(template: str) -> str:
+    """``template`` if it is a known name or a format string with {prompt} and {demonstration}."""
+    if template not in TEMPLATES and ("{prompt}" not in template or "{demonstration}" not in template):
+        raise ValueError(f"teacher_template {template!r} is neither one of {TEMPLATES} nor a format string "
+                         "with {prompt} and {demonstration}")
+    return template
+
+
 def teacher_messages(prompt: list[dict], demonstration: str, template: str = "paper") -> list[dict]:
     """Chat messages the teacher sees for ``prompt`` (chat messages) with ``demonstration``."""
     question = _last_user_text(prompt)
@@ -27,8 +35,5 @@ def teacher_messages(prompt: list[dict], demonstration: str, template: str = "pa
         return head + [{"role": "user", "content": question},
                        {"role": "assistant", "content": demonstration},
                        {"role": "user", "content": question}]
-    fmt = PAPER if template == "paper" else template
-    if template not in TEMPLATES and ("{prompt}" not in fmt or "{demonstration}" not in fmt):
-        raise ValueError(f"teacher_template {template!r} is neither one of {TEMPLATES} nor a format string "
-                         "with {prompt} and {demonstration}")
+    fmt = PAPER if template == "paper" else check_template(template)
     return head + [{"role": "user", "content": fmt.format(prompt=question, demonstration=demonstration)}]

@@ -146,15 +146,3 @@ def test_pareto_refuses_a_multi_skill_run():
     payload["results"]["sft@0.0001#0"]["stages"].append({"stage": 2, "after": "b", "general_questions": 0.1})
     with pytest.raises(SystemExit, match="single-skill"):
         sweep_points(payload)
-
-
-def test_teacher_ceiling_rows_are_the_teacher_contexts_sdft_builds():
-    from benchmarks.teacher_ceiling import teacher_rows
-    from sdft.templates import teacher_messages
-
-    row = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "demonstration": "A"}
-    for template in ("fewshot", "paper"):
-        (out,) = teacher_rows([row], template)
-        assert out == {"prompt": teacher_messages(row["prompt"], "A", template), "demonstration": "A"}
-    assert teacher_rows([row], "fewshot")[0]["prompt"][-2:] == [{"role": "assistant", "content": "A"},
-                                                                {"role": "user", "content": "Q"}]
