@@ -141,9 +141,11 @@ def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60)
     lines += [f"{r['step']:>6}  {r['score']:>7.3f}  {r['perplexity']:>10.3f}" for r in records]
     if len(records) >= 1:
         first, last = records[0], records[-1]
+
+        def cut(text):
+            return shorten(text, width)
+
         for i, ex in enumerate(examples[:samples]):
-            def cut(text):
-                return shorten(text, width)
             lines += [f"- prompt:        {cut(ex.prompt[-1][1])}",
                       f"  demonstration: {cut(ex.demonstration)}",
                       f"  step {first['step']:<6} {cut(first['answers'][i])}"]
