@@ -94,15 +94,9 @@ def _build_parser():
 
 def _teacher_check(args, parser) -> int:
     from .data import load_examples
-    from .scorers import get_scorer
-    from .templates import check_template
-    from .teacher_check import format_rows, teacher_check, verdict
+    from .teacher_check import check_inputs, format_rows, teacher_check, verdict
 
-    if args.limit < 1 or args.max_new_tokens < 1:
-        raise ValueError("--limit and --max-new-tokens must be >= 1")
-    get_scorer(args.scorer)
-    for template in args.templates:
-        check_template(template)
+    check_inputs(args.templates, args.scorer, args.limit, args.max_new_tokens)
     if args.data is None:
         from .skill import load_skill
 

@@ -23,14 +23,19 @@ def teacher_contexts(examples, template: str) -> list:
                            "demonstration": ex.demonstration} for ex in examples])
 
 
+def check_inputs(templates, scorer, limit: int, max_new_tokens: int):
+    """(scorer function, templates) if every setting is usable; otherwise a one-line ``ValueError``.
+    Needs no model, so the CLI calls it before loading one."""
+    if limit < 1 or max_new_tokens < 1:
+        raise ValueError("limit and max_new_tokens must be >= 1")
+    return get_scorer(scorer), [check_template(t) for t in templates]
+
+
 def teacher_check(model, tokenizer, dataset, templates=TEMPLATES, scorer="normalized", limit: int = 16,
                   max_new_tokens: int = 64) -> list[dict]:
     """One row per context (the student's prompt, then each template's teacher context): its mean
     score against the demonstrations over the first ``limit`` rows, and its first answer."""
-    if limit < 1 or max_new_tokens < 1:
-        raise ValueError("limit and max_new_tokens must be >= 1")
-    score = get_scorer(scorer)
-    templates = [check_template(t) for t in templates]
+    score, templates = check_inputs(templates, scorer, limit, max_new_tokens)
     examples = load_examples(dataset)[:limit]
     rows = []
     for name, contexts in [(STUDENT, examples)] + [(t, teacher_contexts(examples, t)) for t in templates]:
