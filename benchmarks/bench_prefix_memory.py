@@ -51,14 +51,14 @@ def _batch(prompts: int, group: int):
 def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool = True) -> dict:
     """One way in this process: peak extra memory of the first fwd+bwd, then the median time."""
     from sdft import batch_prefix as bp
-    from sdft.models import decoder_of
+    from sdft.models import decoder_of, enable_checkpointing
     from sdft_kernels import fused_linear_divergence
 
     torch.manual_seed(0)
     model, contexts, completions, mask, pad = _batch(prompts, group)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     fn = {"tree": bp.tree_hidden, "expand_copy": bp.batched_prefix_hidden,
           "unshared": bp.batched_unshared_hidden}[way]
     decoder = decoder_of(model)

@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from .models.parts import kv_cache, passing_cache
 from .prefix_tree import PackedTrees, pack_groups, pairs_per_token
 
 
@@ -75,7 +76,7 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     prefix_ids, prefix_mask = right_pad([c[:-1] for c in contexts], pad_id)
     cont_ids, cont_mask = continuations(contexts, completions, completion_mask)
     pre = decoder(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
-    cache = pre.past_key_values
+    cache = kv_cache(pre)
     if cache is None:  # transformers turns the cache off under gradient checkpointing in training
         _warn_no_cache(decoder)
         return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
@@ -83,8 +84,8 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     starts = prefix_mask.sum(1).repeat_interleave(group)
     positions = starts[:, None] + torch.arange(cont_ids.shape[1], device=cont_ids.device)
     mask = torch.cat([prefix_mask.repeat_interleave(group, 0), cont_mask], dim=1)
-    out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                  use_cache=True)
+    out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **passing_cache(cache))
     _count(passes, int(prefix_mask.sum()) + cont_ids.numel())
     return out.last_hidden_state
 

@@ -18,7 +18,7 @@ import torch
 from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
 from .decode_gemm import small_batch_linears
 from .prefix_tree import pack_groups, pairs_per_token
-from .models import eval_mode
+from .models import eval_mode, kv_cache, passing_cache
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _last_logits(model, ids, lengths):
     keep = torch.unique(lengths - 1)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=keep)
     column = torch.searchsorted(keep, lengths - 1)
-    return out.logits[torch.arange(ids.shape[0], device=ids.device), column], out.past_key_values
+    return out.logits[torch.arange(ids.shape[0], device=ids.device), column], kv_cache(out)
 
 
 def sample(log_p: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class _TreeDecoder:
         keep = torch.unique(last)
         out = tree_forward(model, packed, use_cache=True, logits_to_keep=keep)
         self.first_logits = out.logits[row, torch.searchsorted(keep, last)].repeat_interleave(group, 0)
-        self.cache = out.past_key_values
+        self.cache = kv_cache(out)
         rows, width = packed.ids.shape
         self.slot_row = row.repeat_interleave(group)
         per_row = torch.bincount(self.slot_row, minlength=rows)
@@ -171,7 +171,7 @@ class _TreeDecoder:
         own = torch.eye(queries, dtype=torch.bool, device=tokens.device).repeat(1, t + 1)
         mask = torch.cat([self.prefix_mask, own[None].expand(rows, -1, -1)], dim=2)[:, None]
         out = self.model(input_ids=ids, attention_mask=as_attention_mask(mask, self.model),
-                         position_ids=self.positions + t, past_key_values=self.cache, use_cache=True)
+                         position_ids=self.positions + t, use_cache=True, **passing_cache(self.cache))
         return out.logits[self.slot_row, self.slot_q]
 
 
@@ -194,7 +194,7 @@ class _ReplicatedDecoder:
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.attn, position_ids=self.positions + t,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **passing_cache(self.cache))
         return out.logits[:, -1]
 
 

@@ -28,7 +28,7 @@ from .parallel import Runner, grad_norm_value
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
-from .models import load_model
+from .models import enable_checkpointing, load_model
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
 from .rollouts import HFRolloutEngine, RolloutEngine
@@ -171,7 +171,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if config.use_lora:
         model = apply_lora(model, config)
     verify_head(model)  # a head sdft cannot express is refused here, before any step

@@ -13,6 +13,7 @@ import torch
 
 from sdft.batch_prefix import (batched_prefix_hidden, batched_unshared_hidden, pack_rollouts, tokens_processed,
                                tree_hidden)
+from sdft.models import enable_checkpointing
 from sdft_kernels import fused_linear_divergence
 from tiny_model import tiny_llama
 
@@ -74,6 +75,13 @@ def test_hidden_states_match_one_row_at_a_time(lengths):
         for name in ("tree", "shared_batched", "unshared_batched"):
             got = FNS[name](model.get_decoder(), contexts, completions, mask)
             torch.testing.assert_close(got[mask], ref[mask], rtol=ROTARY_TOL, atol=ROTARY_TOL, msg=name)
+
+
+def test_shared_pass_hands_the_cache_under_the_library_s_own_name(recwarn):
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        batched_prefix_hidden(model.get_decoder(), *_batch(2), PAD)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
 
 
 def test_hidden_state_predicts_next_completion_token():
@@ -215,7 +223,7 @@ def test_kv_pass_under_gradient_checkpointing_falls_back_to_unshared():
     """transformers turns the KV cache off under gradient checkpointing in training: the KV-cache pass
     (for attention without tree masks) then runs every row in full, with a warning, instead of failing."""
     model = tiny_llama().double()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     g = torch.Generator().manual_seed(0)
     contexts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 8)]

@@ -115,3 +115,14 @@ def test_the_decoding_cache_is_freed_without_the_cycle_collector():
     finally:
         ro.reserve_room = real
         gc.enable()
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["prompt_trees", "replicated_kv_fallback"])
+def test_the_cache_goes_by_the_library_s_own_name(tree, monkeypatch, recwarn):
+    """transformers 5.2x renamed ``past_key_values`` to ``cache`` and warns on the old name."""
+    import sdft.rollouts
+
+    monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
+    tok, model, prompts = _setup(system=True)
+    HFRolloutEngine(tok).generate(model, prompts, 2, 4, 1.0, greedy=True)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
