@@ -54,7 +54,8 @@ def _build_parser():
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
     tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
-    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SDFTConfig overrides (below)")
+    tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="SDFTConfig overrides (below); --set may repeat")
     tr.add_argument("--eval-data", default=None, metavar="FILE",
                     help="held-out jsonl (same columns): answers scored before/after training (eval_data)")
     tr.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
@@ -62,7 +63,8 @@ def _build_parser():
     cf = sub.add_parser("config", help="print a resolved config", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cf.add_argument("--show", action="store_true", help="print the resolved config as JSON")
-    cf.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SDFTConfig overrides")
+    cf.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="SDFTConfig overrides; --set may repeat")
     cf.add_argument("--from", dest="source", default=None, metavar="DIR",
                     help="a run's output_dir or a checkpoint folder: show the config it ran with")
     ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")

@@ -89,6 +89,13 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 4
 
 
+def test_repeated_set_flags_add_up(capsys):
+    """``--set a=1 --set b=2`` keeps both (argparse's default would keep only the last flag's values)."""
+    assert cli(["config", "--show", "--set", "max_steps=9", "--set", "seed=4", "learning_rate=2e-5"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["max_steps"], shown["seed"], shown["learning_rate"]) == (9, 4, 2e-5)
+
+
 # -- 6. bad paths: one line, before the model loads ----------------------------------------------------
 
 def _no_model_load(*args, **kwargs):
