@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -137,8 +138,8 @@ def _read_prompts(args) -> list[dict]:
             rows += [{"prompt": line} for line in lines]
     if not rows:
         raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        raise ValueError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:  # nan fails both comparisons
+        raise ValueError("--max-new-tokens must be >= 1 and --temperature a finite number >= 0")
     if args.system is not None:
         for row in rows:
             prompt = row["prompt"]

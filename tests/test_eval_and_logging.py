@@ -180,7 +180,10 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [(["generate"], "give --prompt TEXT or --prompts FILE"),
                                           (["generate", "--prompts", "nope.txt"], "no such file"),
-                                          (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1")])
+                                          (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1"),
+                                          (["generate", "--prompt", "x", "--temperature", "-1"], "finite number >= 0"),
+                                          (["generate", "--prompt", "x", "--temperature", "nan"], "finite number >= 0"),
+                                          (["generate", "--prompt", "x", "--temperature", "inf"], "finite number >= 0")])
 def test_cli_generate_errors_are_one_line(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
