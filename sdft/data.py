@@ -84,9 +84,19 @@ def _read_json(path: Path) -> list:
     return rows
 
 
+def _columns_to_rows(columns: dict) -> list[dict]:
+    """Rows of a column mapping (``{"prompt": [...], "demonstration": [...]}``, as ``Dataset.from_dict``
+    takes); a mapping of single values (one row) is refused, since iterating it would yield its keys."""
+    lengths = {len(v) if isinstance(v, (list, tuple)) else None for v in columns.values()}
+    if None in lengths or len(lengths) != 1:
+        raise ValueError("dataset: a mapping must hold columns, lists of equal length, e.g. "
+                         "{'prompt': [...], 'demonstration': [...]}; pass one row as [row]")
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def load_examples(data) -> list[Example]:
-    """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), or anything iterable of
-    dicts (HF Dataset)."""
+    """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), a mapping of columns, or
+    anything iterable of dicts (HF Dataset)."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.exists():
@@ -95,6 +105,8 @@ def load_examples(data) -> list[Example]:
             raise ValueError(f"dataset {path} is not a file (give a .jsonl or .json file)")
         rows = _read_jsonl(path) if path.suffix != ".json" else _read_json(path)
         name = str(path)
+    elif isinstance(data, dict):
+        rows, name = _columns_to_rows(data), "dataset"
     else:
         rows, name = list(data), "dataset"
     examples = [row if isinstance(row, Example) else to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]

@@ -28,10 +28,10 @@ from .parallel import Runner, grad_norm_value
 from .export import OBJECT_SOURCE, export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
-from .models import enable_checkpointing, load_model
+from .models import enable_checkpointing, load_model, output_layer
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
-from .rollouts import HFRolloutEngine, RolloutEngine
+from .rollouts import HFRolloutEngine, RolloutEngine, check_engine, check_rollouts
 from .run_dir import METRICS_FILE, plan_run, start_run
 from .scorers import get_scorer
 from .teacher import Teacher
@@ -276,6 +276,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
     for the evaluation on ``config.eval_data``.
     """
+    if engine is not None:
+        check_engine(engine)
     run = prepare(model, dataset, config, tokenizer, eval_scorer)
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
@@ -317,11 +319,13 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
     if world.active:  # different rollouts per process; the same again after a resume
         torch.manual_seed(step_seed(config.seed, step, world.rank))
     micro_batches = []
+    vocab = output_layer(model).weight.shape[0]
     for micro in range(config.gradient_accumulation_steps):
         chosen = [encoded[i] for i in batch_indices(step, micro, len(encoded), config, world)]
         sources = [ex.teacher_ids if config.generate_from_teacher else ex.prompt_ids for ex in chosen]
         batch = run.runner(engine.generate, sources, config.num_generations, config.max_completion_length,
                            config.temperature)
+        check_rollouts(batch, len(sources), config.num_generations, config.max_completion_length, vocab)
         if config.generate_from_teacher:  # sampled from the teacher context, scored from the prompt
             batch = dataclasses.replace(batch, prompts=[ex.prompt_ids for ex in chosen])
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))

@@ -1,4 +1,6 @@
 """The batched rollout engine: same greedy tokens as model.generate per prompt, EOS per row, log-probs."""
+import re
+
 import pytest
 import torch
 
@@ -126,3 +128,35 @@ def test_the_cache_goes_by_the_library_s_own_name(tree, monkeypatch, recwarn):
     tok, model, prompts = _setup(system=True)
     HFRolloutEngine(tok).generate(model, prompts, 2, 4, 1.0, greedy=True)
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_a_plugged_engine_s_answer_is_checked_against_the_seam():
+    """A wrong RolloutBatch from another engine is one line before scoring, not a shape error inside it."""
+    import dataclasses
+
+    from sdft.rollouts import check_rollouts
+
+    tok, model, prompts = _setup()
+    good = HFRolloutEngine(tok).generate(model, prompts, 2, 5, 1.0, greedy=True)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert check_rollouts(good, len(prompts), 2, 5, vocab) is good
+    bad = {"prompts": (dict(prompts=prompts[:1]), "1 prompts for 3 asked"),
+           "rows": (dict(completions=good.completions[:-1]), "expected [6, <= 5]"),
+           "too_long": (dict(completions=torch.zeros(6, 9, dtype=torch.long)), "above max 5"),
+           "mask": (dict(mask=good.mask.float()), "mask must be a bool tensor"),
+           "logprobs": (dict(logprobs=good.logprobs[:, :1]), "logprobs must be shaped"),
+           "ids": (dict(completions=good.completions + vocab), "outside the vocabulary"),
+           "lists": (dict(mask=good.mask.tolist()), "mask are not tensors")}
+    for name, (change, message) in bad.items():
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            check_rollouts(dataclasses.replace(good, **change), len(prompts), 2, 5, vocab)
+    with pytest.raises(TypeError, match="not a RolloutBatch"):
+        check_rollouts((good.completions, good.mask), len(prompts), 2, 5, vocab)
+
+
+def test_an_engine_without_generate_is_refused_before_the_model_loads(monkeypatch):
+    import sdft.trainer
+
+    monkeypatch.setattr(sdft.trainer, "prepare", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(TypeError, match="has no generate"):
+        sdft.trainer.train(engine=object())

@@ -22,10 +22,19 @@ def test_accepts_trl_columns_and_chat_prompts():
     ([{"prompt": "q"}], "missing field 'demonstration'"),
     ([{"prompt": "", "demonstration": "a"}], "'prompt' is empty"),
     ([{"prompt": "q", "demonstration": "  "}], "demonstration is empty"),
+    ({"prompt": "q", "demonstration": "a"}, "a mapping must hold columns"),
+    ({"prompt": ["q", "r"], "demonstration": ["a"]}, "a mapping must hold columns"),
+    ({"prompt": [], "demonstration": []}, "holds no examples"),
 ])
 def test_bad_rows_name_the_problem(rows, message):
     with pytest.raises(ValueError, match=message):
         load_examples(rows)
+
+
+def test_accepts_a_mapping_of_columns():
+    """The shape ``Dataset.from_dict`` takes, without needing the datasets package."""
+    ex = load_examples({"prompt": ["q1", "q2"], "demonstration": ["a1", "a2"]})
+    assert [(e.messages()[-1]["content"], e.demonstration) for e in ex] == [("q1", "a1"), ("q2", "a2")]
 
 
 def test_missing_file_and_bad_json(tmp_path):
