@@ -44,42 +44,6 @@ class RolloutEngine(Protocol):
                  temperature: float, greedy: bool = False) -> RolloutBatch: ...
 
 
-def check_engine(engine) -> None:
-    """Refuse, before any work, an engine without the ``RolloutEngine.generate`` method."""
-    if not callable(getattr(engine, "generate", None)):
-        raise TypeError(f"engine: {type(engine).__name__} has no generate(model, prompts, num_generations, "
-                        "max_new_tokens, temperature) method (see sdft.rollouts.RolloutEngine)")
-
-
-def check_rollouts(batch, prompts: int, group: int, max_new_tokens: int, vocab: int) -> RolloutBatch:
-    """A plugged-in engine's answer, checked against the seam's contract before it is scored.
-
-    One line naming what is off, instead of a shape error (or a silently wrong loss) deep in scoring.
-    """
-    if not isinstance(batch, RolloutBatch):
-        raise TypeError(f"rollout engine returned {type(batch).__name__}, not a RolloutBatch")
-    fields = {"completions": batch.completions, "mask": batch.mask, "logprobs": batch.logprobs}
-    not_tensors = [name for name, value in fields.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise TypeError(f"rollout engine returned a RolloutBatch whose {', '.join(not_tensors)} are not tensors")
-    rows, width = batch.completions.shape if batch.completions.dim() == 2 else (None, None)
-    problems = [
-        (len(batch.prompts) != prompts, f"{len(batch.prompts)} prompts for {prompts} asked"),
-        (rows != prompts * group, f"completions of shape {tuple(batch.completions.shape)}, expected "
-                                  f"[{prompts * group}, <= {max_new_tokens}] ({prompts} prompts x {group})"),
-        (width is not None and width > max_new_tokens, f"{width} tokens a row, above max {max_new_tokens}"),
-        (batch.mask.dtype != torch.bool or batch.mask.shape != batch.completions.shape,
-         "mask must be a bool tensor shaped like completions"),
-        (batch.logprobs.shape != batch.completions.shape, "logprobs must be shaped like completions"),
-        (batch.completions.numel() > 0 and not 0 <= int(batch.completions.min()) <= int(batch.completions.max()) < vocab,
-         f"token ids outside the vocabulary [0, {vocab})"),
-    ]
-    bad = [text for failed, text in problems if failed]
-    if bad:
-        raise ValueError("rollout engine returned " + "; ".join(bad))
-    return batch
-
-
 def trim_completions(sequences: torch.Tensor, eos_ids: set[int], pad_id: int):
     """Mask every token after the first EOS of each row; drop all-padding columns at the end."""
     is_eos = torch.isin(sequences, torch.tensor(sorted(eos_ids), device=sequences.device))

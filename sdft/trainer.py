@@ -31,7 +31,8 @@ from .lm_head import verify_head
 from .models import enable_checkpointing, load_model, output_layer
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
-from .rollouts import HFRolloutEngine, RolloutEngine, check_engine, check_rollouts
+from .rollout_checks import check_engine, check_rollouts
+from .rollouts import HFRolloutEngine, RolloutEngine
 from .run_dir import METRICS_FILE, plan_run, start_run
 from .scorers import get_scorer
 from .teacher import Teacher

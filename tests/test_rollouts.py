@@ -134,7 +134,7 @@ def test_a_plugged_engine_s_answer_is_checked_against_the_seam():
     """A wrong RolloutBatch from another engine is one line before scoring, not a shape error inside it."""
     import dataclasses
 
-    from sdft.rollouts import check_rollouts
+    from sdft.rollout_checks import check_rollouts
 
     tok, model, prompts = _setup()
     good = HFRolloutEngine(tok).generate(model, prompts, 2, 5, 1.0, greedy=True)
@@ -146,6 +146,8 @@ def test_a_plugged_engine_s_answer_is_checked_against_the_seam():
            "mask": (dict(mask=good.mask.float()), "mask must be a bool tensor"),
            "logprobs": (dict(logprobs=good.logprobs[:, :1]), "logprobs must be shaped"),
            "ids": (dict(completions=good.completions + vocab), "outside the vocabulary"),
+           "negative_ids": (dict(completions=good.completions - vocab), "outside the vocabulary"),
+           "float_ids": (dict(completions=good.completions.float()), "integer token ids"),
            "lists": (dict(mask=good.mask.tolist()), "mask are not tensors")}
     for name, (change, message) in bad.items():
         with pytest.raises((ValueError, TypeError), match=re.escape(message)):

@@ -4,5 +4,5 @@ from .loading import EMBEDDED_GGUF, EMBEDDED_NAME, embedded_model_dir, load_mode
 from .parts import base_model, enable_checkpointing, eval_mode, kv_cache, passing_cache
 
 __all__ = ["FAMILIES", "Family", "blocks_of", "decoder_of", "family_of", "output_layer", "EMBEDDED_GGUF",
-           "EMBEDDED_NAME", "embedded_model_dir", "load_model", "load_trained", "base_model", "enable_checkpointing", "eval_mode",
-           "kv_cache", "passing_cache"]
+           "EMBEDDED_NAME", "embedded_model_dir", "load_model", "load_trained", "base_model", "enable_checkpointing",
+           "eval_mode", "kv_cache", "passing_cache"]
