@@ -85,7 +85,7 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     positions = starts[:, None] + torch.arange(cont_ids.shape[1], device=cont_ids.device)
     mask = torch.cat([prefix_mask.repeat_interleave(group, 0), cont_mask], dim=1)
     out = decoder(input_ids=cont_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **passing_cache(cache))
+                  **passing_cache(decoder, cache))
     _count(passes, int(prefix_mask.sum()) + cont_ids.numel())
     return out.last_hidden_state
 

@@ -171,7 +171,8 @@ class _TreeDecoder:
         own = torch.eye(queries, dtype=torch.bool, device=tokens.device).repeat(1, t + 1)
         mask = torch.cat([self.prefix_mask, own[None].expand(rows, -1, -1)], dim=2)[:, None]
         out = self.model(input_ids=ids, attention_mask=as_attention_mask(mask, self.model),
-                         position_ids=self.positions + t, use_cache=True, **passing_cache(self.cache))
+                         position_ids=self.positions + t, use_cache=True,
+                         **passing_cache(self.model, self.cache))
         return out.logits[self.slot_row, self.slot_q]
 
 
@@ -194,7 +195,7 @@ class _ReplicatedDecoder:
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.attn, position_ids=self.positions + t,
-                         use_cache=True, logits_to_keep=1, **passing_cache(self.cache))
+                         use_cache=True, logits_to_keep=1, **passing_cache(self.model, self.cache))
         return out.logits[:, -1]
 
 

@@ -162,3 +162,29 @@ def test_an_engine_without_generate_is_refused_before_the_model_loads(monkeypatc
     monkeypatch.setattr(sdft.trainer, "prepare", lambda *a, **k: pytest.fail("the run started"))
     with pytest.raises(TypeError, match="has no generate"):
         sdft.trainer.train(engine=object())
+
+
+def test_each_model_gets_the_cache_under_the_name_its_forward_takes():
+    """A remote-code model that still takes ``past_key_values`` must not get ``cache`` (which its
+    ``**kwargs`` would swallow: decoding would then run without the prompt)."""
+    from dataclasses import dataclass
+
+    from sdft.models.parts import kv_cache, passing_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    marker = object()
+    assert passing_cache(Old(), marker) == {"past_key_values": marker}
+    assert passing_cache(New(), marker) == {"cache": marker}
+
+    @dataclass
+    class OldOutput:
+        logits: object = None
+        past_key_values: object = None
+
+    assert kv_cache(OldOutput(past_key_values=marker)) is marker and kv_cache(OldOutput()) is None
+    assert kv_cache((1, 2)) is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 
 def base_model(model):
@@ -21,25 +22,37 @@ def eval_mode(model):
         model.train(was_training)
 
 
-@functools.cache
-def cache_name() -> str:
-    """The keyword and output field transformers gives the KV cache.
-
-    ``cache`` in transformers 5.2x, which warns on the old ``past_key_values`` (to be removed in
-    5.40); ``past_key_values`` before. Read from the library's own output class, not its version.
-    """
+def _library_cache_name() -> str:
+    """``cache`` in transformers 5.2x (which warns on the old ``past_key_values`` and drops it in
+    5.40), ``past_key_values`` before; read from the library's output class, not its version."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
     return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_cache_name(cls) -> str:
+    """The KV-cache keyword of ``cls.forward``: its own parameter name where it names one (a remote-code
+    model may keep the old name, and would silently ignore the new one in its ``**kwargs``), else the
+    library's (a wrapper that forwards ``**kwargs``)."""
+    params = inspect.signature(cls.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return _library_cache_name()
+
+
+def passing_cache(model, cache) -> dict:
+    """Keyword arguments that hand ``cache`` to ``model``'s forward under the name it takes."""
+    return {_forward_cache_name(type(base_model(model))): cache}
+
+
 def kv_cache(output):
-    """The KV cache of a model's output (None when the model kept none)."""
-    return getattr(output, cache_name(), None)
-
-
-def passing_cache(cache) -> dict:
-    """Keyword arguments that hand ``cache`` to a model's forward under the library's name for it."""
-    return {cache_name(): cache}
+    """The KV cache of a model's output, under either field name (None when the model kept none)."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    for name in ("cache", "past_key_values"):
+        if name in fields:
+            return getattr(output, name)
+    return None
 
 
 def enable_checkpointing(model) -> None:
