@@ -17,6 +17,7 @@ from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
 
 from .reporting import BACKENDS as REPORT_BACKENDS
 from .scorers import get_scorer
+from .templates import check_template
 
 TEACHER_MODES = ("live", "frozen", "ema")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -194,6 +195,7 @@ class SDFTConfig:
         if unknown:
             raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
         get_scorer(self.eval_scorer)
+        check_template(self.teacher_template)
         if self.mixed_precision != "no" and self.parallel != "fsdp":
             raise ValueError("mixed_precision=bf16 runs through FSDP2: set parallel=fsdp (on one process, load "
                              "the model in bfloat16 instead)")

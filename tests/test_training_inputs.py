@@ -50,6 +50,7 @@ def test_missing_file_and_bad_json(tmp_path):
     (dict(divergence="kl"), "unknown divergence"),
     (dict(teacher_mode="old"), "unknown teacher_mode"),
     (dict(num_generations=0), "num_generations must be positive"),
+    (dict(teacher_template="{prompt} only"), "neither one of"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=message):
