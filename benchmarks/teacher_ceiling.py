@@ -47,12 +47,13 @@ def main(argv=None):
     results, table = [], []
     for skill in all_skills():
         rows = skill.eval[:args.eval_limit]
+        examples = load_examples(rows)
         line = {"skill": skill.name, "prompts": len(rows)}
         student, _ = exact_share(model, tokenizer, rows, skill.score, args.max_new_tokens)
         line["student_prompt"] = student
         samples = {}
         for template in TEMPLATES:
-            contexts = teacher_contexts(load_examples(rows), template)
+            contexts = teacher_contexts(examples, template)
             share, answers = exact_share(model, tokenizer, contexts, skill.score, args.max_new_tokens)
             line[f"teacher_{template}"] = share
             samples[template] = answers[:3]

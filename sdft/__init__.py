@@ -6,4 +6,5 @@ from .sft import train_sft
 from .teacher_check import teacher_check
 from .trainer import TrainResult, train
 
-__all__ = ["SDFTConfig", "TrainResult", "evaluate", "load_model", "skill_accuracy", "teacher_check", "train", "train_sft"]
+__all__ = ["SDFTConfig", "TrainResult", "evaluate", "load_model", "skill_accuracy", "teacher_check", "train",
+           "train_sft"]
