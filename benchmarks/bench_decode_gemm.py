@@ -76,7 +76,7 @@ def rollout_rows(groups: list[int], prompts: int, reps: int) -> list[dict]:
     out = []
     for group in groups:
         row = {"prompts": prompts, "G": group, "decode_rows": prompts * group}
-        for arm, ctx in (("f_linear_s", lambda model: contextlib.nullcontext()), ("decode_gemm_s", patch)):
+        for arm, ctx in (("f_linear_s", lambda model, policy=None: contextlib.nullcontext()), ("decode_gemm_s", patch)):
             rollouts.small_batch_linears = ctx
             try:
                 engine.generate(model, ids, group, 24, 1.0, greedy=True)  # warm-up (and decode_gemm's timings)

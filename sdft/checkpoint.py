@@ -10,11 +10,13 @@ the previous one intact; the manifest catches files damaged afterwards (truncate
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -29,6 +31,16 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or damaged."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Saving a checkpoint failed (full disk, read-only or forbidden folder); the older ones are intact."""
+
+
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{os.strerror(err.errno)} ({errno.errorcode.get(err.errno, err.errno)})"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def trainable_state(model) -> dict:
@@ -85,24 +97,57 @@ def _aside(out: Path, step: int) -> Path:
     return out / f".checkpoint-{step}.old"
 
 
+REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the folder itself: no separator, no ``..``, not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
 def damage(path) -> str | None:
-    """None if the checkpoint at ``path`` is complete and intact, else what is wrong with it."""
+    """None if the checkpoint at ``path`` is complete and intact, else what is wrong with it. The manifest
+    admits only plain names of regular files inside the folder (a crafted ``../x``, an absolute name, a
+    link or a FIFO is refused before anything is read), and must list every file a resume reads."""
     path = Path(path)
     if not path.is_dir():
         return "not found"
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         return f"no readable {MANIFEST} (an incomplete or foreign folder)"
+    for name in REQUIRED:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
     for name, want in files.items():
+        if not _plain_name(name):
+            return f"{MANIFEST} names {name!r}, which is not a plain file name inside the checkpoint"
         f = path / name
-        if not f.is_file():
+        try:
+            info = f.lstat()
+        except OSError:
             return f"{name} is missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
-        if _sha256(f) != want["sha256"]:
+        if not stat.S_ISREG(info.st_mode):
+            return f"{name} is not a regular file"
+        if not isinstance(want, dict) or info.st_size != want.get("bytes"):
+            return f"{name} has {info.st_size} bytes, {want.get('bytes') if isinstance(want, dict) else '?'} were written"
+        if _sha256(f) != want.get("sha256"):
             return f"{name} does not match its checksum"
+    try:
+        checkpoint_state(path)
+    except CheckpointError as err:
+        return str(err)
     return None
+
+
+def folder_step(path) -> int:
+    """The step in a checkpoint folder's name (``checkpoint-N`` or ``.checkpoint-N.old``)."""
+    name = Path(path).name
+    m = PATTERN.match(name) or ASIDE.match(name)
+    return int(m.group(1)) if m else -1
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
@@ -116,20 +161,26 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     if not write:
         return None
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_full, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    if teacher_state is not None:
-        save_file(teacher_state, str(tmp / "teacher.safetensors"))
-    state = {"step": step, "config": config.to_dict(), "model": model_source}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    _write_manifest(tmp)
-    _fsync_folder(tmp)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_full, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        if teacher_state is not None:
+            save_file(teacher_state, str(tmp / "teacher.safetensors"))
+        state = {"step": step, "config": config.to_dict(), "model": model_source}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        _write_manifest(tmp)
+        _fsync_folder(tmp)
+    except (OSError, RuntimeError) as err:  # ENOSPC, EROFS, EACCES (torch.save wraps some as RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(out)]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {_os_reason(err)}; {kept}") from None
     aside = _aside(out, step)
     if final.exists():  # the same step saved again (a resumed run): keep the old copy until the new is in
         shutil.rmtree(aside, ignore_errors=True)
@@ -168,7 +219,15 @@ def newest_intact(output_dir, report=print) -> Path | None:
 
 
 def checkpoint_state(path) -> dict:
-    return json.loads((Path(path) / "state.json").read_text())
+    """``state.json`` of a checkpoint: its step, config and model source (one-line error if unreadable)."""
+    where = Path(path) / "state.json"
+    try:
+        state = json.loads(where.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where} is unreadable ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{where} lacks its step or config: not written by sdft")
+    return state
 
 
 def checkpoint_step(path) -> int:

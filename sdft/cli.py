@@ -19,8 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, checkpoint_state
 from .config import SDFTConfig, describe_fields
+from .reporting import check_backends
 from .run_dir import CONFIG_FILE, plan_run
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -41,9 +42,14 @@ def _overrides(parser, items: list[str]) -> dict[str, str]:
 def _saved_config(path: str) -> SDFTConfig:
     """The config a run (output_dir/config.json) or a checkpoint (state.json) was made with."""
     folder = Path(path)
-    for name, pick in ((CONFIG_FILE, lambda d: d), ("state.json", lambda d: d["config"])):
-        if (folder / name).is_file():
-            return SDFTConfig.from_dict(pick(json.loads((folder / name).read_text())))
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            values = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{folder / CONFIG_FILE} is unreadable ({err})") from None
+        return SDFTConfig.from_dict(values)
+    if (folder / "state.json").is_file():
+        return SDFTConfig.from_dict(checkpoint_state(folder)["config"])
     raise FileNotFoundError(f"{folder} holds neither {CONFIG_FILE} (a run) nor state.json (a checkpoint)")
 
 
@@ -73,6 +79,8 @@ def _build_parser():
     ex.add_argument("out", help="the folder to write")
     ex.add_argument("--model", default=None, help="the base model's path (default: the one the checkpoint records)")
     ex.add_argument("--merge", action="store_true", help="LoRA: write the merged full model, not the adapter")
+    ex.add_argument("--force", action="store_true",
+                    help="replace OUT even when it holds files that are not an earlier export")
     ge = sub.add_parser("generate", help="answer prompts with a (trained) model, greedy unless --temperature")
     ge.add_argument("model", nargs="?", default=None,
                     help="a model folder (e.g. OUTPUT_DIR/final_model), LoRA adapter folder or .gguf "
@@ -167,7 +175,7 @@ def _generate(args, parser) -> int:
 def _export(args, parser) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, args.model, args.merge)
+    out = export_checkpoint(args.checkpoint, args.out, args.model, args.merge, args.force)
     print(f"wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})"
           if not (Path(out) / "adapter_config.json").exists() else
           f"wrote the LoRA adapter to {out}; load it with peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})")
@@ -187,8 +195,12 @@ def _train(args, parser) -> int:
     if args.no_eval:
         pairs["eval_data"] = ""
     config = SDFTConfig.from_strings(pairs)
+    config.check_device()
+    check_backends(config.report_to)
     if args.data is not None:
         load_examples(args.data)
+    if config.eval_data:
+        load_examples(config.eval_data)
     plan_run(config, report=lambda message: None)
 
     from . import models, skill_accuracy, train
@@ -231,7 +243,7 @@ def main(argv=None):
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check}[args.command]
         return command(args, parser)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, TypeError) as err:
+    except (ValueError, OSError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)
         return 2
 

@@ -86,6 +86,13 @@ class SDFTConfig:
     per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)
     seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
+    full_determinism: bool = _opt(False, "as transformers' full_determinism: deterministic torch algorithms "
+                                  "(torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG) "
+                                  "for the run; costs GPU speed, nothing measurable on CPU (sdft.determinism)")
+    decode_gemm: str = _opt("rule", "layout of decoding's few-row CPU matrix products: rule (fixed by the row "
+                            "count: a seed gives the same rollouts under any load), auto (timed per process: can "
+                            "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",
+                            choices=("rule", "auto", "off"))
     lr_scheduler_type: str = _opt("constant", "learning-rate schedule over max_steps: constant | linear | cosine "
                                   "(decay to 0), after warmup", choices=LR_SCHEDULES)
     warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0", minimum=0.0, below=1.0)
@@ -150,7 +157,7 @@ class SDFTConfig:
         False, "true: continue from the newest intact checkpoint in output_dir; or a checkpoint path",
         kind="resume")
     overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds checkpoints "
-                                      "(deletes them and metrics.jsonl)")
+                                      "(deletes only what sdft wrote there: the entries .sdft-run.json lists)")
     nonfinite: str = _opt("stop", "on a non-finite loss or gradient norm: stop the run, or skip the step",
                           choices=NONFINITE_ACTIONS)
     save_final_model: bool = _opt(True, "at the end write output_dir/final_model, a Hugging Face folder "
@@ -182,11 +189,6 @@ class SDFTConfig:
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if not DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         spec = make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)
         if self.distillation_mode == "sampled_token" and spec.kind != "reverse_kl":
             raise ValueError("distillation_mode=sampled_token is a reverse-KL estimator: set divergence=reverse_kl "
@@ -204,6 +206,15 @@ class SDFTConfig:
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 
+    def check_device(self):
+        """The device is here (a run-time check, kept out of ``__post_init__`` so that a config saved on a
+        GPU machine still reads, shows and exports on a CPU one)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -213,6 +224,8 @@ class SDFTConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "SDFTConfig":
         """From a mapping of field names (TRL's names in ``TRL_ALIASES`` accepted too)."""
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise TypeError(f"SDFTConfig.from_dict takes a dict of option names, got {type(values).__name__}")
         values = _translate_aliases(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_KEYS = ("demonstration", "privileged_context", "completion")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,12 @@ def _as_messages(value, where: str) -> tuple:
             raise ValueError(f"{where}: 'prompt' is empty")
         return (("user", value),)
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
-        for m in value:
+        for k, m in enumerate(value):
             if "role" not in m or "content" not in m:
-                raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {sorted(m)}")
+                raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {sorted(map(str, m))}")
+            if m["role"] not in ROLES or not isinstance(m["content"], str):
+                raise ValueError(f"{where}: prompt message {k} needs a role of {', '.join(ROLES)} and text content, "
+                                 f"got role {m['role']!r} and {type(m['content']).__name__} content")
         if not any(m["role"] == "user" for m in value):
             raise ValueError(f"{where}: prompt messages hold no user turn")
         return tuple((m["role"], m["content"]) for m in value)
@@ -38,6 +42,8 @@ def _as_messages(value, where: str) -> tuple:
 
 def _as_text(value, where: str) -> str:
     if isinstance(value, list):
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+            raise ValueError(f"{where}: a demonstration given as messages needs dicts with text 'content'")
         value = "".join(m["content"] for m in value if m.get("role", "assistant") == "assistant")
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: the demonstration is empty or not text")
@@ -63,20 +69,28 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> list:
+    """Rows of a data file: JSON lines, or one JSON list of rows (a pretty-printed file, any suffix)."""
+    text = _read_text(path)
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        return _whole_json(path, text)
     rows = []
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+                try:  # one pretty-printed object or list spread over lines
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+                return whole if isinstance(whole, list) else [whole]
     return rows
 
 
-def _read_json(path: Path) -> list:
+def _whole_json(path: Path, text: str) -> list:
     try:
-        rows = json.loads(_read_text(path))
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(rows, list):
@@ -103,12 +117,16 @@ def load_examples(data) -> list[Example]:
             raise FileNotFoundError(f"dataset file not found: {path}")
         if not path.is_file():
             raise ValueError(f"dataset {path} is not a file (give a .jsonl or .json file)")
-        rows = _read_jsonl(path) if path.suffix != ".json" else _read_json(path)
+        rows = _read_rows(path)
         name = str(path)
     elif isinstance(data, dict):
         rows, name = _columns_to_rows(data), "dataset"
     else:
-        rows, name = list(data), "dataset"
+        try:
+            rows, name = list(data), "dataset"
+        except TypeError:
+            raise TypeError(f"dataset must be a .jsonl/.json path, a list of rows, a mapping of columns or a "
+                            f"HF Dataset, got {type(data).__name__}") from None
     examples = [row if isinstance(row, Example) else to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
     if not examples:
         raise ValueError(f"{name} holds no examples")

@@ -1,4 +1,4 @@
-"""Decoding's small-batch linear layers on CPU: the faster of two exact GEMM layouts, chosen by timing.
+"""Decoding's small-batch linear layers on CPU: the faster of two exact GEMM layouts, by a fixed rule.
 
 A decoding step multiplies a handful of rows (the still-running samples) by every weight of the
 model. On CPU the BLAS behind ``F.linear`` (``x @ W.T``) has a cliff at some row counts: on the 2-core
@@ -7,9 +7,18 @@ as ``(W @ x.T).T`` takes 0.3-0.4 ms (and the 49152-row LM head 28 ms against 14 
 at 2-12 or >= 64 rows ``F.linear`` is the faster. Both are the same fp32 dot products summed in a
 different order, so which one runs changes rounding only.
 
-``small_batch_linears(model)`` patches, for the duration of a ``with`` block, every CPU ``nn.Linear``
-of the model so that inputs of at most ``MAX_ROWS`` rows take whichever layout measured faster for
-that (weight shape, dtype, rows); the choice is timed once per key and kept for the process.
+``small_batch_linears(model, policy)`` patches, for the duration of a ``with`` block, every CPU
+``nn.Linear`` of the model so that fp32 inputs of a few rows may take ``W @ x.T``. Which layout runs
+changes the rounding, so the choice must not depend on timing (a busy machine would then sample other
+rollouts from the same seed). The policies:
+
+- ``rule`` (default): ``W @ x.T`` for ``RULE_ROWS`` (8-48) rows, ``F.linear`` otherwise: the rows where
+  it was faster on every SmolLM2 weight shape in ``benchmarks/results/decode_gemm_cpu.md``. A function
+  of the row count alone, so a seed fixes the run on any machine and under any load.
+- ``auto``: whichever layout is timed as faster per (weight shape, dtype, rows), once per process. Can
+  be faster on another CPU, but two runs of one seed may differ when the machine is busy.
+- ``off``: ``F.linear`` always.
+
 Gradient mode, GPU and sharded (DTensor) weights keep ``F.linear``.
 """
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 64
+RULE_ROWS = (8, 48)
+POLICIES = ("rule", "auto", "off")
 _REPEATS = 3
 _choice: dict[tuple, bool] = {}  # (out, in, dtype, rows) -> True when W @ x.T is the faster
 
@@ -38,7 +49,9 @@ def _seconds(fn) -> float:
     return best
 
 
-def _prefers_w_x(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+def _prefers_w_x(x2: torch.Tensor, weight: torch.Tensor, policy: str) -> bool:
+    if policy == "rule":
+        return weight.dtype == torch.float32 and RULE_ROWS[0] <= x2.shape[0] <= RULE_ROWS[1]
     key = (*weight.shape, weight.dtype, x2.shape[0])
     if key not in _choice:
         F.linear(x2, weight), _w_x(x2, weight)  # warm both paths
@@ -46,13 +59,13 @@ def _prefers_w_x(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     return _choice[key]
 
 
-def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear(module: torch.nn.Linear, x: torch.Tensor, policy: str) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     rows = x.numel() // max(x.shape[-1], 1)
     if torch.is_grad_enabled() or not 1 < rows <= MAX_ROWS or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
-    if not _prefers_w_x(x2, weight):
+    if not _prefers_w_x(x2, weight, policy):
         return F.linear(x, weight, bias)
     y = _w_x(x2, weight)
     if bias is not None:
@@ -68,12 +81,14 @@ def _patchable(module) -> bool:
 
 
 @contextlib.contextmanager
-def small_batch_linears(model: torch.nn.Module):
-    """Within the block, the model's CPU linear layers pick the faster layout for few rows."""
-    patched = [(m, m.__dict__.get("forward")) for m in model.modules() if _patchable(m)]
+def small_batch_linears(model: torch.nn.Module, policy: str = "rule"):
+    """Within the block, the model's CPU linear layers take the layout ``policy`` picks for few rows."""
+    if policy not in POLICIES:
+        raise ValueError(f"decode_gemm must be one of {', '.join(POLICIES)}, got {policy!r}")
+    patched = [(m, m.__dict__.get("forward")) for m in model.modules() if _patchable(m)] if policy != "off" else []
     for m, own in patched:
         if own is None:  # a forward set on the instance (a hook library's) is left alone
-            m.forward = lambda x, _m=m: _linear(_m, x)
+            m.forward = lambda x, _m=m: _linear(_m, x, policy)
     try:
         yield
     finally:

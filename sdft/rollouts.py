@@ -202,8 +202,9 @@ class _ReplicatedDecoder:
 class HFRolloutEngine:
     """Batched sampling with any transformers causal LM (see the module docstring)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, decode_gemm: str = "rule"):
         self.tokenizer = tokenizer
+        self.decode_gemm = decode_gemm  # sdft.decode_gemm's policy: rule (seed-exact) | auto (timed) | off
 
     @torch.no_grad()
     def generate(self, model, prompts, num_generations, max_new_tokens, temperature, greedy=False) -> RolloutBatch:
@@ -215,7 +216,7 @@ class HFRolloutEngine:
             else:
                 decoder = _ReplicatedDecoder(model, prompts, num_generations, pad_id)
             try:
-                with small_batch_linears(model):
+                with small_batch_linears(model, self.decode_gemm):
                     tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy)
             finally:
                 decoder.close()

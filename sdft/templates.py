@@ -20,10 +20,19 @@ def _last_user_text(messages: list[dict]) -> str:
 
 
 def check_template(template: str) -> str:
-    """``template`` if it is a known name or a format string with {prompt} and {demonstration}."""
-    if template not in TEMPLATES and ("{prompt}" not in template or "{demonstration}" not in template):
+    """``template`` if it is a known name or a format string with {prompt} and {demonstration} and no
+    other field (formatted with dummy values here, so a stray brace is one line before the model loads)."""
+    if template in TEMPLATES:
+        return template
+    if "{prompt}" not in template or "{demonstration}" not in template:
         raise ValueError(f"teacher_template {template!r} is neither one of {TEMPLATES} nor a format string "
                          "with {prompt} and {demonstration}")
+    try:
+        template.format(prompt="", demonstration="")
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        what = f"field {{{err.args[0]}}}" if isinstance(err, (KeyError, IndexError)) else f"format ({err})"
+        raise ValueError(f"teacher_template {template!r} has a {what} besides {{prompt}} and {{demonstration}}; "
+                         "write a literal brace as {{ or }}") from None
     return template
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import determinism
 from .batch_loss import normaliser, sdft_batch_loss
 from .batch_prefix import tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -26,21 +28,21 @@ from .data import Example, load_examples
 from .evaluation import Evaluator
 from .distributed import World, all_reduce_sum, barrier, setup, step_seed
 from .parallel import Runner, grad_norm_value
-from .export import OBJECT_SOURCE, export_model
+from .export import export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
 from .models import enable_checkpointing, load_model, output_layer
+from .models.loading import model_source
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
 from .rollout_checks import check_engine, check_rollouts
 from .rollouts import HFRolloutEngine, RolloutEngine
-from .run_dir import METRICS_FILE, plan_run, start_run
+from .run_dir import FINAL_MODEL, METRICS_FILE, plan_run, start_run
+from .run_lock import RunLock, RunLockedError
 from .scorers import get_scorer
 from .teacher import Teacher
 from .templates import teacher_messages
 
-
-FINAL_MODEL = "final_model"
 
 
 @dataclass
@@ -133,6 +135,7 @@ class Run:
     eval_scorer: object = None  # a scorer callable (sdft.scorers)
     world: World = World()  # this process's place under torchrun / accelerate (sdft.distributed)
     runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
+    on_end: list = field(default_factory=list)  # called when run_steps ends: release the lock, restore switches
 
 
 def start_runner(run: Run, teacher=None) -> Runner:
@@ -159,12 +162,47 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config)
-    source = OBJECT_SOURCE if model is not None and not isinstance(model, (str, Path)) else model
-    source = str(source) if source is not None else None
+    config.check_device()
     world = setup(config.device)
     if config.mixed_precision != "no" and not world.active:
         raise ValueError("mixed_precision=bf16 runs through FSDP2, which needs several processes (torchrun); on "
                          "one process load the model in bfloat16 instead")
+    lock = _take_output_dir(config.output_dir, world)
+    on_end = [lock.release] if lock is not None else []
+    try:
+        on_end.append(determinism.enable(config.full_determinism))
+        return _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end)
+    except BaseException:
+        _finish(on_end)
+        raise
+
+
+def _finish(on_end: list):
+    for fn in reversed(on_end):
+        fn()
+
+
+def _take_output_dir(output_dir, world: World) -> RunLock | None:
+    """Process 0 locks the output_dir; every process learns whether it could (one line if not)."""
+    lock, refusal = None, ""
+    if world.is_main:
+        try:
+            lock = RunLock(output_dir, report=lambda m: print(m, file=sys.stderr, flush=True)).acquire()
+        except RunLockedError as err:
+            refusal = str(err)
+        except OSError as err:
+            refusal = f"cannot write in output_dir {output_dir}: {err.strerror or err}"
+    if all_reduce_sum(0.0 if lock is not None or not world.is_main else 1.0, world):
+        raise RunLockedError(refusal or f"output_dir {output_dir} is in use by another sdft run")
+    return lock
+
+
+def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end) -> Run:
+    """The part of ``prepare`` after the checks: load and place the model."""
+    if model is None or isinstance(model, (str, Path)):
+        source = None if model is None else str(Path(model).resolve())
+    else:
+        source = model_source(model)
     device = _device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -180,7 +218,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
         model = apply_lora(model, config)
     verify_head(model)  # a head sdft cannot express is refused here, before any step
     model.train()
-    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world)
+    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world,
+               on_end=on_end)
 
 
 def learning_rate_at(config, step: int) -> float:
@@ -217,6 +256,13 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
     (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
+    try:
+        return _run_steps(run, step_fn, teacher, step_callback, desc)
+    finally:
+        _finish(run.on_end)
+
+
+def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
     config, model, world = run.config, run.model, run.world
     runner = run.runner or start_runner(run, teacher)
     out = Path(config.output_dir)
@@ -263,7 +309,7 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") 
     if config.save_final_model and (main or runner.sharded):
         plain = runner.full_model()  # sharded: gathered by every process, None except on process 0
         if main:
-            export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora)
+            export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora, force=True)  # ours: run_dir
     barrier(world)
     return TrainResult(model, run.tokenizer, config.max_steps, history, out,
                        evaluator.records if evaluator is not None else [])
@@ -286,7 +332,7 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
-    engine = engine or HFRolloutEngine(run.tokenizer)
+    engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm)
 
     def step_fn(optimizer, step):
         return _train_step(run, teacher, engine, optimizer, encoded, step)

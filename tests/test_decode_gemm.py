@@ -26,7 +26,7 @@ def test_both_layouts_equal_f_linear(prefers_w_x, shape, bias, monkeypatch):
     rows = x.numel() // 7
     monkeypatch.setitem(decode_gemm._choice, (11, 7, torch.float32, rows), prefers_w_x)
     model = torch.nn.Sequential(layer)
-    with torch.no_grad(), small_batch_linears(model):
+    with torch.no_grad(), small_batch_linears(model, "auto"):
         got = model(x)
     ref = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
@@ -39,7 +39,7 @@ def test_grad_mode_large_batches_and_other_dtypes_keep_f_linear(monkeypatch):
     x = torch.randn(4, 7)
     big = torch.randn(decode_gemm.MAX_ROWS + 1, 7)
     model = torch.nn.Sequential(layer)
-    with small_batch_linears(model):
+    with small_batch_linears(model, "auto"):
         assert torch.equal(model(x), F.linear(x, layer.weight, layer.bias))  # grad mode on
         with torch.no_grad():
             assert torch.equal(model(big), F.linear(big, layer.weight, layer.bias))
@@ -58,10 +58,34 @@ def test_the_patch_is_undone_and_foreign_forwards_are_kept():
     assert "forward" not in first.__dict__ and second.__dict__["forward"] is foreign
 
 
+def test_the_rule_is_a_function_of_the_row_count_alone_never_of_timing(monkeypatch):
+    """The default policy never reads a clock: a busy machine cannot change which layout (and so
+    which rounding) a decoding step gets."""
+    def no_clock():
+        raise AssertionError("the rule policy timed something")
+
+    monkeypatch.setattr(decode_gemm.time, "perf_counter", no_clock)
+    layer = torch.nn.Linear(7, 11)
+    model = torch.nn.Sequential(layer)
+    seen = []
+    real = decode_gemm._w_x
+    monkeypatch.setattr(decode_gemm, "_w_x", lambda x2, w: seen.append(x2.shape[0]) or real(x2, w))
+    with torch.no_grad(), small_batch_linears(model):
+        for rows in (2, 7, 8, 30, 48, 49, 64):
+            model(torch.randn(rows, 7))
+    assert seen == [8, 30, 48]
+    with torch.no_grad(), small_batch_linears(model, "off"):
+        model(torch.randn(16, 7))
+    assert seen == [8, 30, 48] and "forward" not in layer.__dict__
+    with pytest.raises(ValueError, match="decode_gemm must be one of rule, auto, off"):
+        with small_batch_linears(model, "fast"):
+            pass
+
+
 def test_the_choice_is_timed_once_per_shape(monkeypatch):
     monkeypatch.setattr(decode_gemm, "_choice", {})
     model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False))
-    with torch.no_grad(), small_batch_linears(model):
+    with torch.no_grad(), small_batch_linears(model, "auto"):
         model(torch.randn(3, 6))
         model(torch.randn(3, 6))
         model(torch.randn(1, 6))  # a single row keeps F.linear, untimed

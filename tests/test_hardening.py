@@ -167,12 +167,14 @@ def test_a_damaged_named_checkpoint_is_a_one_line_error(tmp_path, capsys, monkey
 
 
 def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, monkeypatch):
-    """A run resumed from an older checkpoint saves a step that exists already; a crash between moving
-    the old copy aside and renaming the new one in must leave that step usable."""
+    """A crash between moving the old copy of a step aside and renaming the new one in must leave
+    that step usable."""
     from sdft import checkpoint
-    from sdft.checkpoint import damage
+    from sdft.checkpoint import damage, save_checkpoint
+    from sdft.trainer import make_optimizer
 
-    _run(tmp_path, max_steps=2)
+    result = _run(tmp_path, max_steps=2)
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path)})
     real = checkpoint.os.replace
 
     def crash_renaming_the_new_copy_in(src, dst):  # the old copy has been moved aside by then
@@ -182,15 +184,35 @@ def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_renaming_the_new_copy_in)
     with pytest.raises(OSError, match="simulated crash"):
-        _run(tmp_path, max_steps=2, resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+        save_checkpoint(tmp_path, 2, result.model, make_optimizer(result.model, config), None, config, keep=2)
     monkeypatch.setattr(checkpoint.os, "replace", real)
     found = list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["checkpoint-1", ".checkpoint-2.old"] and damage(found[-1]) is None
     result = _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
     assert [r["step"] for r in result.metrics] == [3] and _steps(tmp_path) == [1, 2, 3]
-    _run(tmp_path, max_steps=3, resume_from_checkpoint=str(found[-1]))  # step 3 saved again, no crash
     names = sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name)
     assert names == [".checkpoint-2.old", "checkpoint-3"]  # the crash's half-written copy is gone too
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """Rewind then resume: the abandoned run's checkpoints (and final model) move to a named branch,
+    rotation keeps the fresh ones, and resume=true continues the fresh run, not the abandoned one."""
+    _run(tmp_path, max_steps=3, save_total_limit=0, save_final_model=True)
+    first = (tmp_path / "checkpoint-3" / "trainable.safetensors").read_bytes()
+    _run(tmp_path, max_steps=2, save_total_limit=2, resume_from_checkpoint=str(tmp_path / "checkpoint-1"),
+         save_final_model=True)
+    err = capsys.readouterr().err
+    branches = [p for p in tmp_path.iterdir() if p.name.startswith("abandoned-")]
+    assert len(branches) == 1 and "moved to" in err and branches[0].name.endswith("after-step-1")
+    assert sorted(p.name for p in branches[0].iterdir()) == ["checkpoint-2", "checkpoint-3", "final_model",
+                                                              "metrics.jsonl"]
+    assert [json.loads(x)["step"] for x in (branches[0] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert _steps(tmp_path) == [1, 2]
+    _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert f"resuming from {tmp_path / 'checkpoint-2'}" in capsys.readouterr().err
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert (branches[0] / "checkpoint-3" / "trainable.safetensors").read_bytes() == first  # kept, untouched
 
 
 def test_checkpoint_pickles_load_with_weights_only(tmp_path):

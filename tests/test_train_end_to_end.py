@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdft import SDFTConfig, train
-from sdft.checkpoint import list_checkpoints
+from sdft.checkpoint import CheckpointSaveError, list_checkpoints
 
 from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
@@ -73,7 +73,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointSaveError, match="checkpoint-4 .*disk full; the previous checkpoint checkpoint-2 "
+                                                  "is intact"):
         _run(tmp_path, max_steps=4)
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -36,36 +37,84 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft")) / EMBEDDED_NAME
 
 
-def _load_embedded(dtype):
+CACHE_WEIGHTS = "model.safetensors"  # safetensors, never a pickle: reading the cache cannot run code
+
+
+def _read_cache(cache: Path):
+    """(model, tokenizer) from the de-quantized cache, or None when it is missing or damaged."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cache = _cache_dir()
-    if (cache / "weights.pt").exists():
+    if not (cache / CACHE_WEIGHTS).is_file():
+        return None
+    try:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache))
-        model.load_state_dict(torch.load(cache / "weights.pt", map_location="cpu"))
-        return model.to(dtype), AutoTokenizer.from_pretrained(cache)
+        state = load_file(str(cache / CACHE_WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        loaded = {model.state_dict()[k].data_ptr() for k in state if k in model.state_dict()}
+        if unexpected or any(model.state_dict()[k].data_ptr() not in loaded for k in missing):  # only tied ones
+            raise ValueError(f"weights do not match the config (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        return model, AutoTokenizer.from_pretrained(cache)
+    except Exception as err:  # a truncated or foreign cache is rebuilt, never fatal  # noqa: BLE001
+        print(f"sdft: the embedded model's cache {cache} is damaged ({type(err).__name__}); rebuilding it",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _untied(state: dict) -> dict:
+    """The state without second names of one tensor (tied embeddings): safetensors stores each once."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.contiguous()
+    return out
+
+
+def _load_embedded(dtype):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _cache_dir()
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached[0].to(dtype), cached[1]
     folder = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     try:  # transformers refuses save_pretrained on GGUF-loaded models: keep config + plain weights
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config))
         tokenizer.save_pretrained(tmp)
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        shutil.rmtree(cache, ignore_errors=True)
+        save_file(_untied(model.state_dict()), str(tmp / CACHE_WEIGHTS))
+        old = cache.with_name(cache.name + f".old{os.getpid()}")
+        if cache.exists():
+            os.replace(cache, old)
         os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only home only costs the next load its de-quantization
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError):
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only or full home only costs the next load its de-quantization
     return model.to(dtype), tokenizer
+
+
+def model_source(model):
+    """Where ``load_model`` loaded ``model`` from (a path, or None for the embedded model), or
+    ``SOURCE_UNKNOWN`` for a model object built elsewhere."""
+    return getattr(model, "_sdft_source", SOURCE_UNKNOWN)
+
+
+SOURCE_UNKNOWN = "<model object>"
 
 
 def load_model(model=None, dtype=torch.float32):
     """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = model
     if model is None:
         model, tokenizer = _load_embedded(dtype)
     else:
@@ -88,6 +137,7 @@ def load_model(model=None, dtype=torch.float32):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model._sdft_source = None if source is None else str(Path(source).resolve())
     return model, tokenizer
 
 
