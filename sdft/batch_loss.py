@@ -53,15 +53,37 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
         fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
         s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
     head = head_of(student)
+    dtype = compute_dtype(s_hidden.device, head.weight.dtype)
     kwargs = objective_kwargs(
         config.distillation_mode, mask, batch.completions, topk=config.distillation_topk,
         topk_support=config.distillation_topk_support, add_tail=config.distillation_add_tail,
         is_clip=config.distillation_is_clip, is_level=config.distillation_is_level, old_logprobs=batch.logprobs,
-        sequence_mean=config.loss_normalization == "sequence_mean", dtype=head.weight.dtype)
-    return fused_linear_divergence(
-        s_hidden, t_hidden.to(head.weight.dtype), head.weight, None if t_head is None else t_head.weight,
-        mask=mask, divergence=config.divergence, beta=config.distillation_alpha,
-        temperature=config.distillation_temperature, reduction="sum", **head_kwargs(head, t_head), **kwargs)
+        sequence_mean=config.loss_normalization == "sequence_mean", dtype=dtype)
+    return head_divergence(s_hidden, t_hidden, head, t_head, dtype, mask=mask, divergence=config.divergence,
+                           beta=config.distillation_alpha, temperature=config.distillation_temperature, **kwargs)
+
+
+def head_divergence(s_hidden, t_hidden, head, t_head, dtype: torch.dtype, **options) -> torch.Tensor:
+    """The summed fused loss of student and teacher hidden states through their heads (``t_head`` None:
+    the student's), computed in ``dtype`` (``compute_dtype``): inputs cast (differentiably, so fp32
+    master weights get fp32 gradients), autocast off inside, where the op keeps fp32 accumulators."""
+    with torch.autocast(s_hidden.device.type, enabled=False):
+        return fused_linear_divergence(
+            s_hidden.to(dtype), t_hidden.to(dtype), head.weight.to(dtype),
+            None if t_head is None else t_head.weight.to(dtype), reduction="sum",
+            **_cast(head_kwargs(head, t_head), dtype), **options)
+
+
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused op computes in: autocast's (bf16 mixed precision, master weights fp32) while it
+    is on, else the head's own (fp32, or bf16 under FSDP2's mixed precision)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
+def _cast(kwargs: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def head_kwargs(head, t_head) -> dict:

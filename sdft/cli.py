@@ -203,10 +203,12 @@ def _train(args, parser) -> int:
         load_examples(config.eval_data)
     plan_run(config, report=lambda message: None)
 
+    import torch
+
     from . import models, skill_accuracy, train
     from .evaluation import eval_table
 
-    model, tokenizer = models.load_model(args.model)
+    model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
     processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1

@@ -175,9 +175,16 @@ class SDFTConfig:
     parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
                          "and all-reduces gradients; fsdp shards every block and the rest with FSDP2 (full "
                          "fine-tuning; teacher copies are sharded the same way)", choices=("ddp", "fsdp"))
-    mixed_precision: str = _opt("no", "bf16: with parallel=fsdp, compute in bfloat16 on fp32 master weights and "
-                                "reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); no: the weights' dtype",
-                                choices=("no", "bf16"))
+    mixed_precision: str = _opt("auto", "bf16: compute in bfloat16 on fp32 master weights and optimizer state (TRL's "
+                                "bf16=True): autocast on one process and under DDP, FSDP2's MixedPrecisionPolicy "
+                                "(gradients reduced in fp32) under parallel=fsdp; the fused loss reads bf16 hidden "
+                                "states and head and accumulates in fp32. no: the weights' dtype. auto: bf16 on a "
+                                "CUDA device that supports it, no on CPU", choices=("auto", "no", "bf16"))
+    dtype: str = _opt("float32", "dtype the weights are loaded in (a model path or the embedded model; a model "
+                      "object keeps its own): bfloat16 halves weight, gradient and AdamW memory for models that "
+                      "do not fit in fp32, but then the weights themselves are bf16 and updates smaller than "
+                      "2^-8 of a weight are rounded away; prefer mixed_precision=bf16 where fp32 fits",
+                      choices=("float32", "bfloat16"))
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     cpu_trim_memory: bool = _opt(True, "on a CPU with glibc: before each backward give the heap memory freed by "
                                  "the rollouts and the forward back to the OS (malloc_trim), so the gradients "
@@ -198,9 +205,6 @@ class SDFTConfig:
             raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
         get_scorer(self.eval_scorer)
         check_template(self.teacher_template)
-        if self.mixed_precision != "no" and self.parallel != "fsdp":
-            raise ValueError("mixed_precision=bf16 runs through FSDP2: set parallel=fsdp (on one process, load "
-                             "the model in bfloat16 instead)")
         if self.parallel == "fsdp" and self.use_lora:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:

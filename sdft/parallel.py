@@ -24,6 +24,14 @@ from .distributed import World
 from .heap_trim import trim_freed_memory
 from .models import blocks_of
 
+def compute_precision(setting: str, device: torch.device) -> str:
+    """``mixed_precision`` resolved for ``device``: ``auto`` is bf16 on a CUDA device with bf16 support
+    (what a GPU user of TRL or torchtune gets by default), fp32 ("no") on CPU."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
 class Whole(torch.nn.Module):
     """A model whose forward runs any function of it, so a wrapper's hooks surround that function."""
 
@@ -61,6 +69,7 @@ class Runner:
                  trim: bool = False):
         self.model, self.world, self.mixed_precision, self.trim = model, world, mixed_precision, trim
         self.mode = mode if world.active else "single"
+        self.device_type = next(model.parameters()).device.type
         if self.mode == "fsdp":
             self.root = shard(model, mixed_precision)
         elif self.mode == "ddp":
@@ -74,10 +83,17 @@ class Runner:
     def sharded(self) -> bool:
         return self.mode == "fsdp"
 
+    def _autocast(self):
+        """bf16 autocast around every computation with the weights (one process, DDP); FSDP2 casts the
+        gathered parameters itself (``shard``). Master weights and optimizer state stay fp32."""
+        if self.mixed_precision != "bf16" or self.sharded:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
     def __call__(self, fn, *args, **kwargs):
         """``fn(model, *args)`` with no gradient to reduce (rollouts, teacher scoring, evaluation):
         through the root under FSDP2 (parameters gathered), directly otherwise."""
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             if not self.sharded:
                 return fn(self.model, *args, **kwargs)
             try:
@@ -96,7 +112,8 @@ class Runner:
         if self.sharded:
             self.root.set_requires_gradient_sync(sync)
         with context:
-            loss = self.root(fn, *args, **kwargs)
+            with self._autocast():
+                loss = self.root(fn, *args, **kwargs)
             if self.trim:  # what the rollouts and the forward freed, before the gradients arrive
                 trim_freed_memory(loss.device)
             (loss * scale).backward()

@@ -27,7 +27,7 @@ from .config import SDFTConfig
 from .data import Example, load_examples
 from .evaluation import Evaluator
 from .distributed import World, all_reduce_sum, barrier, setup, step_seed
-from .parallel import Runner, grad_norm_value
+from .parallel import Runner, compute_precision, grad_norm_value
 from .export import export_model
 from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
@@ -141,8 +141,8 @@ class Run:
 def start_runner(run: Run, teacher=None) -> Runner:
     """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
     the full weights; a sharded student gets a teacher copy sharded the same way."""
-    run.runner = Runner(run.model, run.world, run.config.parallel, run.config.mixed_precision,
-                        run.config.cpu_trim_memory)
+    run.runner = Runner(run.model, run.world, run.config.parallel,
+                        compute_precision(run.config.mixed_precision, run.device), run.config.cpu_trim_memory)
     if teacher is not None:
         teacher.distribute(run.runner)
     return run.runner
@@ -164,9 +164,6 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     resume = plan_run(config)
     config.check_device()
     world = setup(config.device)
-    if config.mixed_precision != "no" and not world.active:
-        raise ValueError("mixed_precision=bf16 runs through FSDP2, which needs several processes (torchrun); on "
-                         "one process load the model in bfloat16 instead")
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
     try:
@@ -208,7 +205,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
     if model is None or isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, getattr(torch, config.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -39,6 +39,13 @@ def test_trl_defaults_translate(tmp_path):
     assert c.distillation_is_clip is None and c.device == "cpu"
 
 
+def test_trls_bf16_is_mixed_precision_not_a_warning(tmp_path, recwarn):
+    """TRL's bf16=True (its default): autocast compute on fp32 master weights, as sdft's mixed_precision=bf16."""
+    assert config_from_trl(_args(tmp_path, max_steps=3, bf16=True)).mixed_precision == "bf16"
+    assert config_from_trl(_args(tmp_path, max_steps=3, bf16=False)).mixed_precision == "no"
+    assert not [w for w in recwarn if "not applied" in str(w.message)]
+
+
 @pytest.mark.parametrize("alpha,divergence", [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.3, "jsd")])
 def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
     c = config_from_trl(_args(tmp_path, distillation_alpha=alpha, max_steps=5, distillation_mode="full_logits"))
@@ -52,6 +59,7 @@ def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
     (dict(per_device_train_batch_size=6), "must be a multiple of num_generations=8"),
     (dict(lr_scheduler_type="polynomial"), "lr_scheduler_type='polynomial'"),
     (dict(teacher_model_kind="server"), "unknown teacher_model_kind"),
+    (dict(fp16=True), "fp16=True: sdft's mixed precision is bf16"),
 ])
 def test_unsupported_options_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

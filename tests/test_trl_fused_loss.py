@@ -91,3 +91,30 @@ def test_fused_trainer_runs_two_processes_like_the_stock_one(tmp_path):
         for got in (stock[1][name], fused[0][name], fused[1][name]):
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * scale, msg=name)
     assert moved > 5
+
+
+def test_fused_loss_under_trls_bf16_autocast_stays_within_bf16_rounding(tmp_path):
+    """TRL's bf16=True runs compute_loss under autocast: the fused op then reads bf16 hidden states and
+    head (accumulating in fp32) and lands within bf16 rounding of the fp32 loss. TRL's own loss under the
+    same autocast takes bf16 logits' log-softmax and, with teacher ~ student (a loss of ~1e-3), is
+    further off (measured: a negative forward KL, -6e-4 against 1.09e-3)."""
+    from sdft.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    path = save_hf_folder(tiny_llama(vocab=len(tok), hidden=64), tok, tmp_path / "model")
+    args = SDFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=True, report_to="none", max_steps=1,
+                      per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+                      max_prompt_length=64, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                      gradient_checkpointing=False, distillation_mode="full_logits", distillation_alpha=0.0)
+    trainer = FusedSDFTTrainer(model=str(path), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    torch.manual_seed(1)
+    inputs = trainer._prepare_training_batch(ROWS[:2] * 2)
+    model = trainer.model
+    fp32 = float(trainer.compute_loss(model, inputs).detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = float(StockTrainer.compute_loss(trainer, model, inputs))
+        fused = float(trainer.compute_loss(model, inputs))
+    eps = 2.0 ** -8
+    assert fused != fp32  # bf16 really ran
+    assert abs(fused - fp32) <= 32 * eps * abs(fp32)
+    assert abs(fused - fp32) <= abs(stock - fp32)

@@ -14,7 +14,8 @@ schedule and bookkeeping. Options sdft does not implement (vLLM generation, a te
 reusing rollouts over several iterations, top-k / top-p / min-p sampling, repetition penalty) are
 refused with a one-line error rather than silently ignored; pass a rollout engine (``engine=``) for
 vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never reuses, so it
-is not carried over. Training runs in float32 (``bf16`` is reported and not applied).
+is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
+master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     report_to = _get(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
     report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
-    if _get(args, "bf16", False) or _get(args, "fp16", False):
-        warnings.warn("sdft trains in float32: bf16/fp16 from the TRL config is not applied", stacklevel=2)
+    if _get(args, "fp16", False):
+        raise ValueError("fp16=True: sdft's mixed precision is bf16 (no loss scaling); set bf16=True, fp16=False")
     values = dict(
         output_dir=str(_get(args, "output_dir", "sdft-output")),
         learning_rate=float(_get(args, "learning_rate", 5e-5)),
@@ -114,9 +115,16 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         save_total_limit=int(_get(args, "save_total_limit", None) or 0),
         report_to=report_to,
         device="cpu" if _get(args, "use_cpu", False) else "auto",
+        mixed_precision=_precision(_get(args, "bf16", None)),
         progress_bar=not _get(args, "disable_tqdm", False),
     )
     return SDFTConfig.from_dict(values)
+
+
+def _precision(bf16) -> str:
+    """TRL's ``bf16`` as sdft's ``mixed_precision``: True is autocast bf16 on fp32 master weights (TRL's
+    meaning), False fp32; not given: sdft's ``auto`` (bf16 on a CUDA device with bf16, fp32 on CPU)."""
+    return "auto" if bf16 is None else "bf16" if bf16 else "no"
 
 
 def _lora_values(peft_config) -> dict:

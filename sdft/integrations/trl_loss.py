@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 
-from sdft_kernels import fused_linear_divergence
-
-from ..batch_loss import KERNEL_MODES, divergence_from_alpha, head_kwargs, objective_kwargs
+from ..batch_loss import KERNEL_MODES, compute_dtype, divergence_from_alpha, head_divergence, objective_kwargs
 from ..heap_trim import trim_freed_memory
 from ..lm_head import check_logits, head_of
 from ..models import decoder_of
@@ -88,14 +86,12 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
             t_head = None
         args = self.args
         divergence, beta = divergence_from_alpha(float(args.distillation_alpha))
+        dtype = compute_dtype(s_hidden.device, head.weight.dtype)  # TRL's bf16=True: autocast's bf16
         kwargs = objective_kwargs(args.distillation_mode, loss_mask, completion_ids, topk=args.distillation_topk,
                                   add_tail=args.distillation_add_tail, is_clip=args.distillation_is_clip,
-                                  old_logprobs=inputs.get("old_per_token_logps"), sequence_mean=True,
-                                  dtype=head.weight.dtype)
-        total = fused_linear_divergence(
-            s_hidden, t_hidden.to(head.weight.dtype), head.weight, None if t_head is None else t_head.weight,
-            mask=loss_mask, divergence=divergence, beta=beta, temperature=self.temperature, reduction="sum",
-            **head_kwargs(head, t_head), **kwargs)
+                                  old_logprobs=inputs.get("old_per_token_logps"), sequence_mean=True, dtype=dtype)
+        total = head_divergence(s_hidden, t_hidden, head, t_head, dtype, mask=loss_mask, divergence=divergence,
+                                beta=beta, temperature=self.temperature, **kwargs)
         loss = total / completion_ids.size(0)  # TRL: mean over each sequence's tokens, then over sequences
         mode = "train" if model.training else "eval"
         self._log_self_distillation_metric(mode, self.accelerator.gather(loss.detach()).mean().item())
