@@ -147,8 +147,9 @@ class SDFTConfig:
     lora_r: int = _opt(16, "LoRA rank", positive=True)
     lora_alpha: int = _opt(32, "LoRA scaling alpha", positive=True)
     lora_dropout: float = _opt(0.0, "LoRA dropout", minimum=0.0, below=1.0)
-    lora_target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"],
-                                          "modules that get adapters (comma-separated on the CLI)")
+    lora_target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters (comma-separated on the CLI); "
+        "all-linear: every linear layer but the head; auto: peft's default for the model's family")
     # Bookkeeping
     logging_steps: int = _opt(1, "write metrics.jsonl every this many steps", positive=True)
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)

@@ -84,3 +84,45 @@ def test_real_trl_config_when_installed(tmp_path):
                                distillation_alpha=0.0, distillation_mode="full_logits", teacher_model_kind="ema")
     c = config_from_trl(args)
     assert (c.divergence, c.distillation_mode, c.teacher_mode, c.max_steps) == ("forward_kl", "full_logits", "ema", 7)
+
+
+@pytest.mark.parametrize("targets,adapted", [(None, {"q_proj", "v_proj"}), ("all-linear", {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})])
+def test_lora_config_defaults_and_all_linear_resolve_as_peft_does(tmp_path, targets, adapted):
+    from peft import LoraConfig
+
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    result = trainer.train()
+    names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in result.model.named_parameters() if p.requires_grad}
+    assert names == adapted
+    out = trainer.save_model()  # TRL's no-argument call: into the run folder's final_model, the run kept
+    assert out == tmp_path / "run" / "final_model" and (out / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "checkpoint-1").is_dir() and (tmp_path / "run" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("change,message", [(dict(use_dora=True), "use_dora"),
+                                            (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+                                            (dict(bias="all"), "bias='all'")])
+def test_lora_options_sdft_cannot_honour_are_refused(tmp_path, change, message):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match=message):
+        SDFTTrainer(model="unused", args=_args(tmp_path, max_steps=1), train_dataset=ROWS,
+                    peft_config=LoraConfig(**change))
+
+
+def test_a_rerun_resumes_through_trainers_own_argument(tmp_path):
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, logging_steps=1)
+    SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok).train()
+    again = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_args(tmp_path / "run", **{**vars(args), "max_steps": 2}),
+                        train_dataset=ROWS, processing_class=tok)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        again.train()
+    result = again.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in result.metrics] == [2]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 from ..batch_loss import divergence_from_alpha
 from ..config import SDFTConfig
@@ -115,6 +116,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         save_total_limit=int(_get(args, "save_total_limit", None) or 0),
         report_to=report_to,
         device="cpu" if _get(args, "use_cpu", False) else "auto",
+        resume_from_checkpoint=_get(args, "resume_from_checkpoint", None) or False,
+        overwrite_output_dir=bool(_get(args, "overwrite_output_dir", False)),
         mixed_precision=_precision(_get(args, "bf16", None)),
         progress_bar=not _get(args, "disable_tqdm", False),
     )
@@ -128,12 +131,20 @@ def _precision(bf16) -> str:
 
 
 def _lora_values(peft_config) -> dict:
+    """A peft ``LoraConfig`` as sdft's LoRA keys; what sdft's adapters cannot honour is refused."""
     if peft_config is None:
         return {}
+    if getattr(peft_config, "use_dora", False):
+        raise ValueError("LoraConfig(use_dora=True): sdft trains plain LoRA adapters; drop use_dora")
+    if getattr(peft_config, "modules_to_save", None):
+        raise ValueError(f"LoraConfig(modules_to_save={peft_config.modules_to_save!r}): sdft trains the adapters "
+                         "only; train those modules fully with use_lora off, or drop modules_to_save")
+    if getattr(peft_config, "bias", "none") != "none":
+        raise ValueError(f"LoraConfig(bias={peft_config.bias!r}): sdft trains no biases; use bias='none'")
     modules = peft_config.target_modules
+    targets = ["auto"] if modules is None else [modules] if isinstance(modules, str) else sorted(modules)
     return dict(use_lora=True, lora_r=int(peft_config.r), lora_alpha=int(peft_config.lora_alpha),
-                lora_dropout=float(peft_config.lora_dropout),
-                lora_target_modules=sorted(modules) if not isinstance(modules, str) else [modules])
+                lora_dropout=float(peft_config.lora_dropout), lora_target_modules=targets)
 
 
 class SDFTTrainer:
@@ -157,16 +168,25 @@ class SDFTTrainer:
                           "output_dir/metrics.jsonl and report_to", stacklevel=2)
         self.result: TrainResult | None = None
 
-    def train(self) -> TrainResult:
-        self.result = train(self.model, self.examples, self.args, tokenizer=self.processing_class,
-                            engine=self.engine)
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainResult:
+        """As ``transformers.Trainer.train``: ``resume_from_checkpoint`` True (the newest intact checkpoint
+        in output_dir) or a checkpoint path; None takes ``args.resume_from_checkpoint``."""
+        config = self.args
+        if resume_from_checkpoint not in (None, False):
+            config = SDFTConfig.from_dict({**config.to_dict(), "resume_from_checkpoint": resume_from_checkpoint,
+                                           "overwrite_output_dir": False})
+        self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine)
         self.model = self.result.model
         return self.result
 
     def save_model(self, output_dir: str | None = None):
-        """Write the trained model as a Hugging Face folder (LoRA: the adapter)."""
+        """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model
+        (TRL writes into output_dir itself, but sdft's run folder holds its own config.json, checkpoints and
+        metrics, which a model folder written over it would destroy)."""
         from ..export import export_model
+        from ..run_dir import FINAL_MODEL
 
         if self.result is None:
             raise ValueError("call train() before save_model()")
-        return export_model(self.result.model, self.result.tokenizer, output_dir or self.args.output_dir)
+        target = output_dir or str(Path(self.args.output_dir) / FINAL_MODEL)
+        return export_model(self.result.model, self.result.tokenizer, target, self.args.merge_lora)
