@@ -14,7 +14,7 @@ import os
 import torch
 
 
-def enable(on: bool):
+def deterministic_algorithms(on: bool):
     """Switch deterministic algorithms on (when ``on``); returns a function that restores the old state."""
     if not on:
         return lambda: None

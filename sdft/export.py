@@ -99,7 +99,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     from .config import SDFTConfig
     from .models import load_model
     from .models.loading import SOURCE_UNKNOWN
-    from .trainer import apply_lora
+    from .models.lora import apply_lora
 
     problem = damage(checkpoint)
     if problem is not None:

@@ -12,14 +12,13 @@ import math
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import determinism
+from .determinism import deterministic_algorithms
 from .batch_loss import normaliser, sdft_batch_loss
 from .batch_prefix import tokens_processed
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -33,6 +32,7 @@ from .metrics import MetricsLog, peak_memory_mib
 from .lm_head import verify_head
 from .models import enable_checkpointing, load_model, output_layer
 from .models.loading import model_source
+from .models.lora import apply_lora
 from .reporting import Reporters, check_backends
 from .chat import chat_ids
 from .rollout_checks import check_engine, check_rollouts
@@ -80,26 +80,6 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
                                  f"max_prompt_length={config.max_prompt_length}")
         encoded.append(EncodedExample(prompt, teacher))
     return encoded
-
-
-def lora_targets(names: list[str]):
-    """``lora_target_modules`` as peft takes it: ``all-linear`` (every linear layer but the head) and
-    ``auto`` (peft's default for the model's family, e.g. q_proj, v_proj for Llama) resolved by peft."""
-    if list(names) == ["all-linear"]:
-        return "all-linear"
-    if list(names) == ["auto"]:
-        return None
-    return list(names)
-
-
-def apply_lora(model, config: SDFTConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=lora_targets(config.lora_target_modules), task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft reads transformers' old name; the user can do nothing about it
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, lora)
 
 
 def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: World = World()) -> list[int]:
@@ -177,7 +157,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
     try:
-        on_end.append(determinism.enable(config.full_determinism))
+        on_end.append(deterministic_algorithms(config.full_determinism))
         return _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end)
     except BaseException:
         _finish(on_end)

@@ -8,7 +8,7 @@ from sdft import SDFTConfig
 from sdft.batch_prefix import joint_pass_pays
 from sdft.rollouts import RolloutBatch
 from sdft.teacher import Teacher
-from sdft.trainer import apply_lora
+from sdft.models.lora import apply_lora
 from tiny_model import tiny_llama
 
 ROTARY_TOL = 16 * 2.0 ** -24  # float32 rotary tables (see test_batch_prefix)
