@@ -181,6 +181,8 @@ class SDFTConfig:
                                 "(gradients reduced in fp32) under parallel=fsdp; the fused loss reads bf16 hidden "
                                 "states and head and accumulates in fp32. no: the weights' dtype. auto: bf16 on a "
                                 "CUDA device that supports it, no on CPU", choices=("auto", "no", "bf16"))
+    disable_dropout: bool = _opt(False, "set every dropout of the model to 0 for training (TRL's disable_dropout, "
+                                 "True there); LoRA's own lora_dropout is kept")
     dtype: str = _opt("float32", "dtype the weights are loaded in (a model path or the embedded model; a model "
                       "object keeps its own): bfloat16 halves weight, gradient and AdamW memory for models that "
                       "do not fit in fp32, but then the weights themselves are bf16 and updates smaller than "

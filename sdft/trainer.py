@@ -169,6 +169,14 @@ def _finish(on_end: list):
         fn()
 
 
+def disable_dropout(model):
+    """Every ``nn.Dropout`` of ``model`` to p=0 (TRL's ``disable_dropout``): the student's log-probs
+    then match what the teacher and the rollouts saw."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def _take_output_dir(output_dir, world: World) -> RunLock | None:
     """Process 0 locks the output_dir; every process learns whether it could (one line if not)."""
     lock, refusal = None, ""
@@ -201,6 +209,8 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     model.to(device)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
+    if config.disable_dropout:
+        disable_dropout(model)
     if config.use_lora:
         model = apply_lora(model, config)
     verify_head(model)  # a head sdft cannot express is refused here, before any step

@@ -126,3 +126,50 @@ def test_a_rerun_resumes_through_trainers_own_argument(tmp_path):
         again.train()
     result = again.train(resume_from_checkpoint=True)
     assert [r["step"] for r in result.metrics] == [2]
+
+
+def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
+    """A field a future TRL adds fails here until sdft.integrations.trl_fields classifies it."""
+    import dataclasses
+
+    from sdft.integrations import trl_fields
+
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    tables = [trl_fields.HONOURED, trl_fields.REFUSED, trl_fields.IRRELEVANT]
+    names = [f.name for f in dataclasses.fields(trl_sdft.SDFTConfig)]
+    unclassified = [n for n in names if sum(n in t for t in tables) != 1]
+    assert not unclassified, f"classify in sdft/integrations/trl_fields.py: {unclassified}"
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(save_strategy="no"), "save_strategy='no': sdft checkpoints every save_steps"),
+    (dict(optim="sgd"), "optim='sgd': sdft's optimizer is AdamW"),
+    (dict(adam_beta2=0.95), "adam_beta2=0.95"),
+    (dict(shuffle_dataset=False), "shuffle_dataset=False"),
+    (dict(generation_kwargs={"do_sample": False}), "generation_kwargs="),
+    (dict(push_to_hub=True), "push_to_hub=True: sdft does not implement pushing to the Hub"),
+    (dict(torch_compile=True), "torch_compile=True"),
+    (dict(eval_strategy="steps"), "eval_strategy='steps'"),
+    (dict(report_to=["trackio"]), "report_to='trackio'"),
+    (dict(model_init_kwargs={"attn_implementation": "eager"}), "model_init_kwargs 'attn_implementation'"),
+    (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
+])
+def test_trl_fields_sdft_does_not_implement_are_one_line_errors(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        config_from_trl(_args(tmp_path, max_steps=3, **change))
+
+
+def test_trl_fields_that_map_onto_sdft_keys(tmp_path):
+    import torch
+
+    c = config_from_trl(_args(tmp_path, max_steps=3, model_init_kwargs={"torch_dtype": torch.bfloat16},
+                              disable_dropout=True, full_determinism=True, activation_checkpointing=False,
+                              dataloader_num_workers=4, vllm_server_port=1234))
+    assert (c.dtype, c.disable_dropout, c.full_determinism, c.gradient_checkpointing) == ("bfloat16", True, True, False)
+
+
+def test_a_real_trl_config_with_a_field_sdft_lacks_is_refused(tmp_path):
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, save_strategy="no")
+    with pytest.raises(ValueError, match="save_strategy='no'"):
+        config_from_trl(args)

@@ -10,10 +10,9 @@ translated by ``config_from_trl``: the same objective (``distillation_alpha`` 0 
 forward KL / reverse KL / JSD, ``distillation_mode``, ``distillation_topk``, ...), teacher
 (``teacher_model_kind``, ``teacher_update_rate``, ``teacher_prompt_template``), batch (TRL's
 ``per_device_train_batch_size`` counts completions: prompts = it / ``num_generations``), optimiser,
-schedule and bookkeeping. Options sdft does not implement (vLLM generation, a teacher server,
-reusing rollouts over several iterations, top-k / top-p / min-p sampling, repetition penalty) are
-refused with a one-line error rather than silently ignored; pass a rollout engine (``engine=``) for
-vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never reuses, so it
+schedule and bookkeeping. Every TRL field is classified in ``trl_fields`` (honoured, refused with a
+one-line error when set, or irrelevant with its reason), so none is silently ignored; pass a rollout
+engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never reuses, so it
 is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
 master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
 """
@@ -27,17 +26,8 @@ from ..batch_loss import divergence_from_alpha
 from ..config import SDFTConfig
 from ..data import load_examples
 from ..trainer import TrainResult, train
+from .trl_fields import check_fields, load_dtype
 
-# TRL options sdft does not implement, with the value that means "off".
-UNSUPPORTED = {
-    "use_vllm": (False, "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
-    "use_teacher_server": (False, "a teacher server"),
-    "num_iterations": (1, "reusing rollouts over several optimizer iterations"),
-    "top_k": (0, "top-k sampling"),
-    "top_p": (1.0, "top-p sampling"),
-    "min_p": (None, "min-p sampling"),
-    "repetition_penalty": (1.0, "a repetition penalty"),
-}
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
@@ -54,10 +44,7 @@ def _value(x):
 
 def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) -> SDFTConfig:
     """An ``SDFTConfig`` meaning what TRL's ``SDFTConfig`` ``args`` means (see the module docstring)."""
-    for name, (off, what) in UNSUPPORTED.items():
-        value = _get(args, name, off)
-        if value != off:
-            raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off!r}")
+    check_fields(args)  # every TRL field is honoured, refused here, or irrelevant (trl_fields)
     group = int(_get(args, "num_generations", 8))
     per_device = int(_get(args, "per_device_train_batch_size", 8))
     if per_device % group:
@@ -81,8 +68,6 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     report_to = _get(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
     report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
-    if _get(args, "fp16", False):
-        raise ValueError("fp16=True: sdft's mixed precision is bf16 (no loss scaling); set bf16=True, fp16=False")
     values = dict(
         output_dir=str(_get(args, "output_dir", "sdft-output")),
         learning_rate=float(_get(args, "learning_rate", 5e-5)),
@@ -94,7 +79,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         seed=int(_get(args, "seed", 42)),
         lr_scheduler_type=SCHEDULES[schedule],
         warmup_ratio=float(warmup),
-        gradient_checkpointing=bool(_get(args, "gradient_checkpointing", True)),
+        gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
         temperature=float(_get(args, "temperature", 1.0)),
         max_prompt_length=int(_get(args, "max_prompt_length", None) or 1_000_000),
@@ -119,9 +104,18 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         resume_from_checkpoint=_get(args, "resume_from_checkpoint", None) or False,
         overwrite_output_dir=bool(_get(args, "overwrite_output_dir", False)),
         mixed_precision=_precision(_get(args, "bf16", None)),
+        dtype=load_dtype(args) or "float32",
+        disable_dropout=bool(_get(args, "disable_dropout", True)),
+        full_determinism=bool(_get(args, "full_determinism", False)),
         progress_bar=not _get(args, "disable_tqdm", False),
     )
     return SDFTConfig.from_dict(values)
+
+
+def _checkpointing(args) -> bool:
+    """transformers 5's activation_checkpointing when set, else the older gradient_checkpointing."""
+    value = _get(args, "activation_checkpointing", None)
+    return _get(args, "gradient_checkpointing", True) if value is None else value
 
 
 def _precision(bf16) -> str:

@@ -1,0 +1,250 @@
+"""Every field of TRL 1.16's ``SDFTConfig`` (with the ``TrainingArguments`` it inherits), classified once.
+
+- ``HONOURED``: read by ``config_from_trl`` (the sdft key it maps to, or how).
+- ``REFUSED``: sdft does not implement it; any value outside the listed "off" values is a one-line
+  error naming the field, so nothing is ignored silently.
+- ``IRRELEVANT``: accepted whatever its value, with the reason it changes nothing in an sdft run.
+
+``tests/test_trl_dropin.py`` walks the installed TRL's dataclass: a field a future TRL adds fails that
+test until it is classified here.
+"""
+from __future__ import annotations
+
+HONOURED = {
+    "output_dir": "output_dir",
+    "per_device_train_batch_size": "per_device_train_batch_size x num_generations (TRL counts completions)",
+    "num_train_epochs": "max_steps, when max_steps is not set",
+    "max_steps": "max_steps",
+    "learning_rate": "learning_rate",
+    "lr_scheduler_type": "lr_scheduler_type (linear, cosine, constant, constant_with_warmup)",
+    "warmup_steps": "warmup_ratio (warmup_steps / max_steps)",
+    "weight_decay": "weight_decay",
+    "optim": "AdamW (torch, fused where it can): adamw_torch and adamw_torch_fused; others refused",
+    "adam_beta1": "AdamW's beta1, TRL's 0.9; other values refused",
+    "adam_beta2": "AdamW's beta2, TRL's 0.999; other values refused",
+    "adam_epsilon": "AdamW's eps, TRL's 1e-8; other values refused",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "max_grad_norm": "max_grad_norm",
+    "bf16": "mixed_precision (True: bf16 autocast on fp32 master weights; None: auto)",
+    "fp16": "refused when True (sdft's mixed precision is bf16, no loss scaling)",
+    "activation_checkpointing": "gradient_checkpointing (transformers 5's name, when set)",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "logging_steps": "logging_steps",
+    "disable_tqdm": "progress_bar",
+    "report_to": "report_to (none, tensorboard, wandb; others refused)",
+    "save_strategy": "checkpoints every save_steps ('steps'); 'no', 'epoch', 'best' refused",
+    "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "full_determinism": "full_determinism",
+    "seed": "seed",
+    "use_cpu": "device=cpu",
+    "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
+    "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16); other keys refused",
+    "disable_dropout": "disable_dropout",
+    "max_prompt_length": "max_prompt_length",
+    "num_generations": "num_generations",
+    "max_completion_length": "max_completion_length",
+    "shuffle_dataset": "True: sdft's seeded shuffle each epoch; False refused",
+    "temperature": "temperature",
+    "teacher_model_kind": "teacher_mode (base: frozen, live, ema)",
+    "teacher_update_rate": "ema_decay = 1 - teacher_update_rate",
+    "teacher_sync_steps": "teacher_sync_steps",
+    "distillation_alpha": "divergence and distillation_alpha (0 forward KL, 1 reverse KL, between: JSD)",
+    "distillation_mode": "distillation_mode",
+    "distillation_topk": "distillation_topk",
+    "distillation_add_tail": "distillation_add_tail",
+    "generate_from_teacher": "generate_from_teacher",
+    "teacher_prompt_template": "teacher_template ({privileged_context} -> {demonstration})",
+    "num_loss_tokens_to_skip": "num_loss_tokens_to_skip",
+    "train_sampling_strategy": "'random': sdft's seeded shuffle; others refused",
+}
+
+# field -> (values that mean "off", what sdft does not implement)
+REFUSED = {
+    "lr_scheduler_kwargs": ((None, {}), "scheduler keyword arguments"),
+    "optim_args": ((None, ""), "optimizer arguments"),
+    "optim_target_modules": ((None,), "optimizer target modules (GaLore and the like)"),
+    "label_smoothing_factor": ((0.0, 0), "label smoothing"),
+    "tf32": ((None, False), "TF32 matrix products (set torch.backends.cuda.matmul.allow_tf32 yourself)"),
+    "torch_compile": ((False,), "torch.compile of the model"),
+    "use_liger_kernel": ((False,), "liger kernels (sdft's fused loss replaces them)"),
+    "neftune_noise_alpha": ((None,), "NEFTune embedding noise"),
+    "auto_find_batch_size": ((False,), "batch size search"),
+    "logging_strategy": (("steps",), "logging other than every logging_steps"),
+    "logging_first_step": ((False,), "an extra log of the first step (set logging_steps=1)"),
+    "eval_strategy": (("no",), "evaluation during training through eval_dataset (use SDFTConfig eval_data)"),
+    "eval_on_start": ((False,), "evaluation through eval_dataset"),
+    "save_only_model": ((False,), "checkpoints without optimizer state (resume needs it)"),
+    "enable_jit_checkpoint": ((False,), "just-in-time checkpoints"),
+    "push_to_hub": ((False,), "pushing to the Hub (no network; upload final_model yourself)"),
+    "load_best_model_at_end": ((False,), "best-model selection through eval_dataset"),
+    "data_seed": ((None,), "a data order seed apart from seed"),
+    "accelerator_config": ((None, {}), "accelerate configuration (sdft runs its own DDP / FSDP2)"),
+    "parallelism_config": ((None,), "accelerate parallelism (use SDFTConfig parallel=ddp|fsdp)"),
+    "ddp_backend": ((None,), "a chosen DDP backend (sdft: gloo on CPU, nccl on CUDA)"),
+    "fsdp": ((None, "", []), "transformers' FSDP (use SDFTConfig parallel=fsdp: FSDP2)"),
+    "fsdp_config": ((None, {}), "transformers' FSDP (use SDFTConfig parallel=fsdp: FSDP2)"),
+    "deepspeed": ((None,), "DeepSpeed (use SDFTConfig parallel=fsdp)"),
+    "trust_remote_code": ((False,), "remote model code (sdft never runs it)"),
+    "generation_batch_size": ((None,), "a generation batch apart from the training batch"),
+    "steps_per_generation": ((None,), "rollouts reused over several steps"),
+    "generation_kwargs": ((None, {}), "extra generation arguments"),
+    "chat_template_kwargs": ((None, {}), "chat template arguments"),
+    "cache_implementation": ((None,), "another KV cache implementation"),
+    "gradient_checkpointing_kwargs": ((None, {}), "gradient checkpointing arguments"),
+    "activation_checkpointing_kwargs": ((None, {}), "activation checkpointing arguments"),
+    "use_vllm": ((False,), "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
+    "use_teacher_server": ((False,), "a teacher server"),
+    "num_iterations": ((1,), "reusing rollouts over several optimizer iterations"),
+    "top_k": ((0, None), "top-k sampling"),
+    "top_p": ((1.0,), "top-p sampling"),
+    "min_p": ((None, 0.0), "min-p sampling"),
+    "repetition_penalty": ((1.0,), "a repetition penalty"),
+}
+
+IRRELEVANT = {
+    "average_tokens_across_devices": "sdft always divides by the whole step's tokens or rollouts over all processes",
+    "bf16_full_eval": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "fp16_full_eval": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "torch_compile_backend": "only read with torch_compile, which is refused",
+    "torch_compile_mode": "only read with torch_compile, which is refused",
+    "liger_kernel_config": "only read with use_liger_kernel, which is refused",
+    "use_cache": "sdft's decoding always uses the KV cache, its scoring passes never",
+    "torch_empty_cache_steps": "sdft frees rollout and activation memory itself each step",
+    "log_on_each_node": "process 0 alone writes metrics",
+    "logging_nan_inf_filter": "a non-finite loss stops the run (nonfinite=stop) or skips the step, never logged",
+    "include_num_input_tokens_seen": "metrics.jsonl logs the tokens of every step",
+    "log_level": "verbosity of transformers' logger, which sdft's loop does not use",
+    "log_level_replica": "verbosity of transformers' logger, which sdft's loop does not use",
+    "run_name": "a wandb run's name: set WANDB_NAME",
+    "project": "trackio's project (report_to=trackio is refused)",
+    "trackio_space_id": "trackio (report_to=trackio is refused)",
+    "trackio_bucket_id": "trackio (report_to=trackio is refused)",
+    "trackio_static_space_id": "trackio (report_to=trackio is refused)",
+    "eval_steps": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "eval_delay": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "per_device_eval_batch_size": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "prediction_loss_only": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "eval_do_concat_batches": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "eval_use_gather_object": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "eval_accumulation_steps": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "include_for_metrics": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "batch_eval_metrics": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "num_generations_eval": "no evaluation through eval_dataset (eval_strategy is refused)",
+    "metric_for_best_model": "only read with load_best_model_at_end, which is refused",
+    "greater_is_better": "only read with load_best_model_at_end, which is refused",
+    "save_on_each_node": "process 0 alone writes checkpoints (full tensors, readable by any process count)",
+    "hub_token": "only read with push_to_hub, which is refused",
+    "hub_private_repo": "only read with push_to_hub, which is refused",
+    "hub_model_id": "only read with push_to_hub, which is refused",
+    "hub_strategy": "only read with push_to_hub, which is refused",
+    "hub_always_push": "only read with push_to_hub, which is refused",
+    "hub_revision": "only read with push_to_hub, which is refused",
+    "ignore_data_skip": "a resume recomputes the data order from the step, nothing is skipped or replayed",
+    "restore_callback_states_from_checkpoint": "sdft's loop has no callbacks whose state it could restore",
+    "dataloader_drop_last": "rows are read into memory, not through a DataLoader",
+    "dataloader_num_workers": "rows are read into memory, not through a DataLoader",
+    "dataloader_pin_memory": "rows are read into memory, not through a DataLoader",
+    "dataloader_persistent_workers": "rows are read into memory, not through a DataLoader",
+    "dataloader_prefetch_factor": "rows are read into memory, not through a DataLoader",
+    "dataloader_multiprocessing_context": "rows are read into memory, not through a DataLoader",
+    "dataloader_in_order": "rows are read into memory, not through a DataLoader",
+    "remove_unused_columns": "sdft reads prompt and privileged_context by name and ignores other columns",
+    "label_names": "sdft's loss has no labels column",
+    "length_column_name": "only read for length-grouped sampling, which TRL's SDFT does not use",
+    "ddp_find_unused_parameters": "sdft's DDP wraps one module whose forward uses every trainable parameter",
+    "ddp_bucket_cap_mb": "sdft's DDP wrapper keeps torch's bucket size",
+    "ddp_broadcast_buffers": "sdft's DDP wrapper never broadcasts buffers (no buffer changes in training)",
+    "ddp_static_graph": "sdft's DDP wrapper keeps torch's default",
+    "ddp_timeout": "torch's default process-group timeout",
+    "debug": "transformers' debug switches (TPU metrics, underflow detection) for its own loop",
+    "skip_memory_metrics": "metrics.jsonl always logs peak memory",
+    "do_train": "a script flag the Trainer itself ignores",
+    "do_eval": "a script flag the Trainer itself ignores",
+    "do_predict": "a script flag the Trainer itself ignores",
+    "local_rank": "the rank comes from the launcher's environment (RANK, LOCAL_RANK)",
+    "ds3_gather_for_generation": "only read with DeepSpeed ZeRO-3, which is refused",
+    "vllm_mode": "only read with use_vllm, which is refused",
+    "vllm_model_impl": "only read with use_vllm, which is refused",
+    "vllm_enable_sleep_mode": "only read with use_vllm, which is refused",
+    "vllm_server_base_url": "only read with use_vllm, which is refused",
+    "vllm_server_host": "only read with use_vllm, which is refused",
+    "vllm_server_port": "only read with use_vllm, which is refused",
+    "vllm_group_port": "only read with use_vllm, which is refused",
+    "vllm_server_timeout": "only read with use_vllm, which is refused",
+    "vllm_tensor_parallel_size": "only read with use_vllm, which is refused",
+    "vllm_gpu_memory_utilization": "only read with use_vllm, which is refused",
+    "vllm_max_model_length": "only read with use_vllm, which is refused",
+    "distillation_is_clip": "TRL applies it to reused rollouts only; sdft never reuses them (num_iterations=1)",
+    "warmup_ratio": "older TRL's name, read as warmup_ratio when present",
+}
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+def _get(args, name, default=None):
+    return args.get(name, default) if isinstance(args, dict) else getattr(args, name, default)
+
+
+def _value(x):
+    """Enum members (TRL's SchedulerType, IntervalStrategy, ...) as their plain value."""
+    return getattr(x, "value", x)
+
+
+def _defaults(args) -> dict:
+    """A TRL config object's fields as its class sets them when nothing is asked (its ``__post_init__``
+    turns some "off" values into objects, e.g. ``accelerator_config``); {} for dicts and namespaces."""
+    import dataclasses
+    import warnings
+
+    if not dataclasses.is_dataclass(args):
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = type(args)(output_dir=getattr(args, "output_dir", None), use_cpu=getattr(args, "use_cpu", False))
+    return {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)}
+
+
+def check_fields(args) -> None:
+    """One-line error for the first TRL field set to something sdft does not implement."""
+    defaults = _defaults(args)
+    for name, (off, what) in REFUSED.items():
+        value = _value(_get(args, name, off[0]))
+        if value not in off and not (name in defaults and value == _value(defaults[name])):
+            raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off[0]!r}")
+    checks = [
+        ("optim", _value(_get(args, "optim", OPTIMIZERS[1])) in OPTIMIZERS, f"sdft's optimizer is AdamW ({OPTIMIZERS})"),
+        ("save_strategy", _value(_get(args, "save_strategy", "steps")) == "steps",
+         "sdft checkpoints every save_steps and at the end (crash-safe resume): use 'steps' with a large save_steps "
+         "and save_total_limit=1"),
+        ("shuffle_dataset", _get(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
+        ("train_sampling_strategy", _value(_get(args, "train_sampling_strategy", "random")) == "random",
+         "sdft samples in a seeded shuffle"),
+        ("fp16", not _get(args, "fp16", False), "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False"),
+    ]
+    checks += [(k, float(_get(args, k, v)) == v, f"sdft's AdamW keeps {k}={v}") for k, v in ADAM.items()]
+    for name, ok, why in checks:
+        if not ok:
+            raise ValueError(f"{name}={_value(_get(args, name))!r}: {why}")
+    report = _get(args, "report_to", None) or []
+    for r in [report] if isinstance(report, str) else list(report):
+        if r not in REPORTERS:
+            raise ValueError(f"report_to={r!r}: sdft logs to {', '.join(REPORTERS)}")
+    kwargs = _get(args, "model_init_kwargs", None) or {}
+    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype"})
+    if unknown:
+        raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype")
+
+
+def load_dtype(args) -> str | None:
+    """``model_init_kwargs``'s dtype as sdft's ``dtype`` (float32 / bfloat16), or None when not given."""
+    kwargs = _get(args, "model_init_kwargs", None) or {}
+    value = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if value is None or value == "auto":
+        return None
+    name = str(value).replace("torch.", "")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"model_init_kwargs dtype={value!r}: sdft loads float32 or bfloat16 weights")
+    return name
