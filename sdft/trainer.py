@@ -408,8 +408,8 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
         "longest_completion": max(completion_lengths, default=0),
         "clipped_ratio": sum(n >= config.max_completion_length for n in completion_lengths)
         / max(len(completion_lengths), 1),
-        "tokens_processed": sum(passes),
-        "tokens_processed_unshared": naive_tokens,
+        "tokens_processed": int(all_reduce_sum(sum(passes), world)),  # every process's passes
+        "tokens_processed_unshared": int(all_reduce_sum(naive_tokens, world)),
         "peak_memory_mib": peak_memory_mib(run.device),
         "seconds": elapsed,
         "rollout_seconds": t_rollouts - t0,  # generation

@@ -19,6 +19,7 @@ master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scal
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -182,5 +183,13 @@ class SDFTTrainer:
 
         if self.result is None:
             raise ValueError("call train() before save_model()")
-        target = output_dir or str(Path(self.args.output_dir) / FINAL_MODEL)
+        target = Path(output_dir or Path(self.args.output_dir) / FINAL_MODEL)
+        if any(type(p).__name__ == "DTensor" for p in self.result.model.parameters()):
+            written = Path(self.args.output_dir) / FINAL_MODEL
+            if target == written and self.args.save_final_model:
+                return target  # the run gathered the shards and wrote it at its end
+            raise ValueError(f"under parallel=fsdp the model is sharded: its gathered copy is {written}, "
+                             "written at the end of train() (save_final_model)")
+        if int(os.environ.get("RANK", "0")) != 0:  # one writer: process 0 (the others hold the same model)
+            return target
         return export_model(self.result.model, self.result.tokenizer, target, self.args.merge_lora)
