@@ -5,15 +5,18 @@ fresh temporary output_dir, optionally with ``--busy N`` processes keeping the C
 what it printed plus a summary: skill accuracy before / after, the eval table's score and perplexity,
 every step's loss and token count, and wall-clock. Two runs of one seed must agree on every figure
 but the times (issue 33); ``--repeat-busy`` reruns the first command beside busy processes and
-records whether they did.
+records whether they did. ``--threads N --compare RESULT.json`` reruns it with another thread count,
+which sums in another order: how far the figures move from one machine to another.
 
     python benchmarks/main_job.py --eval --repeat-busy 2 --stem main_job_cpu
+    python benchmarks/main_job.py --threads 1 --compare benchmarks/results/main_job_cpu.json --stem main_job_cpu_1thread
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,14 +37,15 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
-def run_job(args: list[str], busy: int = 0) -> dict:
-    """One ``sdft train`` in a fresh output_dir: its summary and printed lines."""
+def run_job(args: list[str], busy: int = 0, threads: int | None = None) -> dict:
+    """One ``sdft train`` in a fresh output_dir (``threads``: OMP_NUM_THREADS): its summary and lines."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             command = [sys.executable, "-m", "sdft.cli", "train", *args, f"output_dir={tmp}/out", "progress_bar=false"]
             t0 = time.perf_counter()
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
             seconds = time.perf_counter() - t0
             metrics = [json.loads(line) for line in Path(tmp, "out", "metrics.jsonl").read_text().splitlines()] \
                 if Path(tmp, "out", "metrics.jsonl").exists() else []
@@ -51,7 +55,7 @@ def run_job(args: list[str], busy: int = 0) -> dict:
             hog.wait()
     if done.returncode != 0:
         raise RuntimeError(f"sdft train failed ({done.returncode}): {done.stderr[-2000:]}")
-    summary = {"args": " ".join(args), "busy_processes": busy, "seconds": round(seconds, 1),
+    summary = {"args": " ".join(args), "busy_processes": busy, "threads": threads, "seconds": round(seconds, 1),
                "losses": [round(r["loss"], 6) for r in metrics], "tokens": [r["tokens"] for r in metrics],
                "median_step_s": round(sorted(r["seconds"] for r in metrics)[len(metrics) // 2], 2)}
     for line in done.stdout.splitlines():
@@ -72,11 +76,18 @@ def main(argv=None):
     parser.add_argument("--eval", action="store_true", help="also the README's --eval-data variant")
     parser.add_argument("--repeat-busy", type=int, default=0, metavar="N",
                         help="rerun the main command beside N busy processes and compare")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="run the main command only, with OMP_NUM_THREADS=N (how far figures move with threads)")
+    parser.add_argument("--compare", default=None, metavar="JSON", help="an earlier result to compare figures with")
     parser.add_argument("--stem", default="main_job_cpu")
     args = parser.parse_args(argv)
     import torch
 
-    runs = [run_job(MAIN)]
+    runs = [run_job(MAIN, threads=args.threads)]
+    if args.compare:
+        earlier = json.loads(Path(args.compare).read_text())["runs"][0]
+        runs[0]["same_numbers_as_idle"] = runs[0]["losses"] == earlier["losses"] and \
+            runs[0]["tokens"] == earlier["tokens"] and runs[0].get("exact_after") == earlier.get("exact_after")
     if args.eval:
         runs.append(run_job(EVAL))
     if args.repeat_busy:
@@ -87,6 +98,7 @@ def main(argv=None):
     for r in runs:
         ev = r.get("eval", [])
         rows.append({"command": "eval" if "--eval-data" in r["args"] else "main", "busy": r["busy_processes"],
+                     "threads": r["threads"] or torch.get_num_threads(),
                      "exact": f"{r.get('exact_before', 0):.0%} -> {r.get('exact_after', 0):.0%}" if "exact_after" in r else "-",
                      "format": f"{r.get('format_before', 0):.0%} -> {r.get('format_after', 0):.0%}" if "format_after" in r else "-",
                      "eval_json": f"{ev[0]['score']:.0%} -> {ev[-1]['score']:.0%}" if ev else "-",

@@ -201,12 +201,17 @@ def _train(args, parser) -> int:
         load_examples(args.data)
     if config.eval_data:
         load_examples(config.eval_data)
+    from .retention import resolve
+
+    resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
+            bool(config.eval_data), report=lambda message: None)  # reads and checks the files, before the model
     plan_run(config, report=lambda message: None)
 
     import torch
 
     from . import models, skill_accuracy, train
     from .evaluation import eval_table
+    from .retention import summary as retention_summary
 
     model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
     processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -220,8 +225,11 @@ def _train(args, parser) -> int:
     if rank != 0:
         return 0
     if result.evaluations:
-        print(f"evaluation on {config.eval_data} ({config.eval_scorer}):")
-        print(eval_table(result.evaluations, load_examples(config.eval_data)), flush=True)
+        print(f"evaluation on {config.eval_data or 'the retention data'} ({config.eval_scorer}):")
+        print(eval_table(result.evaluations, load_examples(config.eval_data) if config.eval_data else []), flush=True)
+        kept = retention_summary(result.evaluations)
+        if kept:
+            print(kept, flush=True)
     print(f"checkpoints and metrics.jsonl in {result.output_dir}"
           + (f"; the model in {result.output_dir / 'final_model'}" if config.save_final_model else ""))
     return 0

@@ -171,6 +171,15 @@ class SDFTConfig:
                           "after training (output_dir/eval.json)", kind="optional")
     eval_scorer: str = _opt("exact", "exact | normalized | json | regex:PATTERN (first match, or its group 1, "
                             "equal in answer and demonstration)")
+    retention_data: str = _opt("auto", "jsonl of prompt + demonstration rows the model must keep answering, scored "
+                               "with every evaluation (retention_score in eval.json and the loggers); auto: the "
+                               "bundled general probe for the embedded model when eval_data is set; empty: off",
+                               kind="optional")
+    retention_text: str = _opt("auto", "plain text (paragraphs, blank-line separated) whose perplexity must not rise, "
+                               "scored with every evaluation; auto: bundled paragraphs for the embedded model when "
+                               "eval_data is set; empty: off", kind="optional")
+    retention_scorer: str = _opt("contains", "scorer of retention_data: exact | normalized | json | contains "
+                                 "(a |-separated alternative of the demonstration as a whole word) | regex:PATTERN")
     eval_steps: int = _opt(0, "also evaluate every this many steps (0: before and after only)", minimum=0)
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
@@ -207,6 +216,7 @@ class SDFTConfig:
         if unknown:
             raise ValueError(f"unknown report_to {unknown[0]!r}; expected one of {', '.join(REPORT_BACKENDS)}")
         get_scorer(self.eval_scorer)
+        get_scorer(self.retention_scorer)
         check_template(self.teacher_template)
         if self.parallel == "fsdp" and self.use_lora:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")

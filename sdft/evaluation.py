@@ -13,6 +13,7 @@ from .data import load_examples
 from .models import eval_mode
 from .chat import chat_ids
 from .rollouts import trim_completions
+from .run_dir import EVAL_FILE
 
 
 @torch.no_grad()
@@ -100,10 +101,11 @@ class Evaluator:
     A resumed run keeps the records up to its checkpoint's step.
     """
 
-    FILE = "eval.json"
+    FILE = EVAL_FILE
 
-    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True):
+    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None):
         self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
+        self.retention = retention  # sdft.retention.Retention: scored beside the new skill (None: not)
         self.write = write  # False on the other processes of a sharded run: they only help generate
         self.path = Path(output_dir) / self.FILE
         self.records = self._read()
@@ -119,7 +121,13 @@ class Evaluator:
         self.records = [r for r in self.records if r.get("step", 0) <= step]
 
     def __call__(self, model, tokenizer, step: int) -> dict:
-        record = {"step": step, **evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens)}
+        record = {"step": step}
+        if self.examples is not None:
+            record.update(evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens))
+        if self.retention is not None:
+            from .retention import score
+
+            record.update(score(model, tokenizer, self.retention))
         self.records = [r for r in self.records if r["step"] != step] + [record]
         if not self.write:
             return record
@@ -137,9 +145,13 @@ def shorten(text, width: int) -> str:
 
 def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60) -> str:
     """A small text table: score and perplexity per evaluation, then a few answers first vs last."""
-    lines = [f"{'step':>6}  {'score':>7}  {'perplexity':>10}"]
-    lines += [f"{r['step']:>6}  {r['score']:>7.3f}  {r['perplexity']:>10.3f}" for r in records]
-    if len(records) >= 1:
+    columns = [("score", "score", "7.3f"), ("perplexity", "perplexity", "10.3f"),
+               ("retention_score", "kept", "7.3f"), ("retention_text_perplexity", "text_ppl", "9.3f")]
+    columns = [c for c in columns if records and c[0] in records[0]]
+    lines = [f"{'step':>6}" + "".join(f"  {name:>{fmt.split('.')[0]}}" for _, name, fmt in columns)]
+    lines += [f"{r['step']:>6}" + "".join(f"  {r.get(key, float('nan')):{fmt}}" for key, _, fmt in columns)
+              for r in records]
+    if len(records) >= 1 and "answers" in records[0]:
         first, last = records[0], records[-1]
 
         def cut(text):

@@ -49,8 +49,13 @@ def train_scalars(record: dict) -> dict[str, float]:
     return out
 
 
+EVAL_NAMES = {"score": "score", "perplexity": "perplexity", "retention_score": "retention/score",
+              "retention_text_perplexity": "retention/text_perplexity"}
+
+
 def eval_scalars(record: dict) -> dict[str, float]:
-    return {"score": float(record["score"]), "perplexity": float(record["perplexity"])}
+    """An evaluation's figures: the new skill's score and perplexity, and what the run kept (retention/...)."""
+    return {name: float(record[key]) for key, name in EVAL_NAMES.items() if key in record}
 
 
 class _TensorBoard:

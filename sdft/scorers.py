@@ -4,7 +4,9 @@
 punctuation and English articles, and collapsing whitespace (SQuAD's normalisation). ``json``: both
 parse as JSON and are equal as values (key order and spacing do not matter). ``regex:PATTERN``: the
 first match of PATTERN (its first group, if it has one) is the same in the answer and in the
-demonstration, e.g. ``regex:####\\s*(-?\\d+)`` for GSM8K-style final answers. In the API any
+demonstration, e.g. ``regex:####\\s*(-?\\d+)`` for GSM8K-style final answers. ``contains``: one of the
+demonstration's ``|``-separated alternatives appears in the answer as a whole word, case-insensitive
+(the retention probe's scorer: "seven | 7" accepts "There are 7 days"). In the API any
 callable ``(answer, demonstration) -> float | bool`` can be passed instead of a name.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import string
 from typing import Callable
 
 Scorer = Callable[[str, str], float]
-NAMES = ("exact", "normalized", "json", "regex:PATTERN")
+NAMES = ("exact", "normalized", "json", "contains", "regex:PATTERN")
 
 
 def exact(answer: str, demonstration: str) -> float:
@@ -37,6 +39,12 @@ def json_equal(answer: str, demonstration: str) -> float:
         return float(json.loads(answer.strip()) == json.loads(demonstration.strip()))
     except json.JSONDecodeError:
         return 0.0
+
+
+def contains(answer: str, demonstration: str) -> float:
+    text = answer.lower()
+    alternatives = [a.strip().lower() for a in demonstration.split("|") if a.strip()]
+    return float(any(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", text) for a in alternatives))
 
 
 def regex_scorer(pattern: str) -> Scorer:
@@ -67,7 +75,7 @@ def get_scorer(spec) -> Scorer:
             return regex_scorer(spec[len("regex:"):])
         except re.error as err:
             raise ValueError(f"eval_scorer {spec!r}: not a valid regular expression ({err})") from None
-    named = {"exact": exact, "normalized": normalized, "json": json_equal}
+    named = {"exact": exact, "normalized": normalized, "json": json_equal, "contains": contains}
     if spec not in named:
         raise ValueError(f"unknown eval_scorer {spec!r}; expected one of {', '.join(NAMES)}")
     return named[spec]

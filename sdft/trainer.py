@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import retention
 from .determinism import deterministic_algorithms
 from .batch_loss import normaliser, sdft_batch_loss
 from .batch_prefix import tokens_processed
@@ -126,6 +127,7 @@ class Run:
     world: World = World()  # this process's place under torchrun / accelerate (sdft.distributed)
     runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
     on_end: list = field(default_factory=list)  # called when run_steps ends: release the lock, restore switches
+    retention: object = None  # what the run must keep (sdft.retention.Retention), scored with each evaluation
 
 
 def start_runner(run: Run, teacher=None) -> Runner:
@@ -144,6 +146,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     check_backends(config.report_to)
     eval_examples = load_examples(config.eval_data) if config.eval_data else None
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
+    embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
+                             evaluating=bool(config.eval_data), report=lambda m: print(m, file=sys.stderr, flush=True))
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:
@@ -158,7 +163,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     on_end = [lock.release] if lock is not None else []
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
-        return _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end)
+        run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end)
+        run.retention = kept
+        return run
     except BaseException:
         _finish(on_end)
         raise
@@ -274,8 +281,9 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
         log.truncate(start)
     reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())
     evaluator = None  # under FSDP2 every process generates (the weights are sharded), process 0 writes
-    if run.eval_examples is not None and (main or runner.sharded):
-        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out, write=main)
+    if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
+        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out, write=main,
+                              retention=run.retention)
         evaluator.truncate(start)
         if start == 0:
             reporters.eval(runner(evaluator, run.tokenizer, 0))
