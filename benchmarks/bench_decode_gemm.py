@@ -10,7 +10,6 @@ of the weight to overflow the caches). Writes benchmarks/results/decode_gemm_cpu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -60,10 +59,11 @@ def gemm_rows(shapes: dict, rows: list[int], reps: int, stream_bytes: int = STRE
 
 def rollout_rows(groups: list[int], prompts: int, reps: int) -> list[dict]:
     """Seconds for ``HFRolloutEngine.generate`` on the bundled tool-call prompts (24 tokens at most,
-    greedy so both arms decode the same tokens), with and without ``small_batch_linears``."""
-    import sdft.rollouts as rollouts
+    greedy so every arm decodes the same tokens): plain ``F.linear`` (``decode_gemm=off``), the fixed
+    row rule (``rule``, the default) and the per-process timing (``auto``)."""
     from sdft import SDFTConfig, load_model
     from sdft.data import load_examples
+    from sdft.rollouts import HFRolloutEngine
     from sdft.skill import load_skill
     from sdft.trainer import encode_examples
 
@@ -71,24 +71,20 @@ def rollout_rows(groups: list[int], prompts: int, reps: int) -> list[dict]:
     examples = load_examples(load_skill("train")[:prompts])
     encoded = encode_examples(examples, tokenizer, SDFTConfig(output_dir="unused"), torch.device("cpu"))
     ids = [ex.prompt_ids for ex in encoded]
-    engine = rollouts.HFRolloutEngine(tokenizer)
-    patch = rollouts.small_batch_linears
     out = []
     for group in groups:
         row = {"prompts": prompts, "G": group, "decode_rows": prompts * group}
-        for arm, ctx in (("f_linear_s", lambda model, policy=None: contextlib.nullcontext()), ("decode_gemm_s", patch)):
-            rollouts.small_batch_linears = ctx
-            try:
-                engine.generate(model, ids, group, 24, 1.0, greedy=True)  # warm-up (and decode_gemm's timings)
-                samples = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    engine.generate(model, ids, group, 24, 1.0, greedy=True)
-                    samples.append(time.perf_counter() - t0)
-            finally:
-                rollouts.small_batch_linears = patch
-            row[arm] = statistics.median(samples)
-        row["speedup"] = row["f_linear_s"] / row["decode_gemm_s"]
+        for policy in ("off", "rule", "auto"):
+            engine = HFRolloutEngine(tokenizer, decode_gemm=policy)
+            engine.generate(model, ids, group, 24, 1.0, greedy=True)  # warm-up (and auto's timings)
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                engine.generate(model, ids, group, 24, 1.0, greedy=True)
+                samples.append(time.perf_counter() - t0)
+            row[f"{policy}_s"] = statistics.median(samples)
+        row["rule_speedup"] = row["off_s"] / row["rule_s"]
+        row["auto_speedup"] = row["off_s"] / row["auto_s"]
         out.append(row)
         print(row, flush=True)
     return out
@@ -114,7 +110,8 @@ def main(argv=None):
             f"{args.reps}.\n\n" + markdown_table(gemms, list(gemms[0])))
     if runs:
         text += ("\n\nWhole rollouts (`HFRolloutEngine.generate`, bundled tool-call prompts, at most 24 greedy "
-                 "tokens): without and with `sdft.decode_gemm.small_batch_linears`.\n\n"
+                 "tokens): `decode_gemm` off (F.linear), rule (the default: W @ x.T for 8-48 rows) and auto "
+                 "(timed per process).\n\n"
                  + markdown_table(runs, list(runs[0])))
     write_results(args.out, args.stem, {"environment": env, "command": command, "gemms": gemms, "rollouts": runs},
                   text)

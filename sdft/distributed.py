@@ -63,7 +63,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def all_reduce_sum(value: float, world: World) -> float:
     if not world.active:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
     dist.all_reduce(t)
     return float(t.item())
 
