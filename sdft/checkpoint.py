@@ -100,7 +100,7 @@ def _aside(out: Path, step: int) -> Path:
 REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
 
 
-def _plain_name(name) -> bool:
+def plain_name(name) -> bool:
     """A file name inside the folder itself: no separator, no ``..``, not absolute."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
         and "\0" not in name
@@ -123,7 +123,7 @@ def damage(path) -> str | None:
         if name not in files:
             return f"{MANIFEST} does not list {name}"
     for name, want in files.items():
-        if not _plain_name(name):
+        if not plain_name(name):
             return f"{MANIFEST} names {name!r}, which is not a plain file name inside the checkpoint"
         f = path / name
         try:

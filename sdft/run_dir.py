@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, checkpoint_step, damage, folder_step, list_checkpoints, newest_intact
-from .run_lock import RunLockedError, holder
+from .checkpoint import (CheckpointError, checkpoint_step, damage, folder_step, list_checkpoints, newest_intact,
+                         plain_name)
+from .run_lock import LOCK_FILE, RunLockedError, holder
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -29,7 +30,8 @@ RECORD_FILE = ".sdft-run.json"
 ABANDONED = "abandoned-"
 
 
-def _report(message: str):
+def report_line(message: str):
+    """A progress or warning line on stderr (what the run directory and the trainer say)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -51,7 +53,7 @@ def _recorded(out: Path) -> set[str] | None:
     """The names the run record lists, or None when the folder has no (readable) record."""
     try:
         names = json.loads((out / RECORD_FILE).read_text())["written"]
-        return {n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+        return {n for n in names if plain_name(n)}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -73,7 +75,7 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
     return [n for n in names if (out / n).exists() and n not in owned]
 
 
-def plan_run(config, report=_report) -> Path | None:
+def plan_run(config, report=report_line) -> Path | None:
     """Check ``config.output_dir`` (changing nothing); return the checkpoint to resume from, or None."""
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
@@ -122,15 +124,14 @@ def _clear(out: Path, report):
     for name in sorted(owned):
         if (out / name).exists() or (out / name).is_symlink():
             _remove(out / name)
-    kept = sorted(p.name for p in out.iterdir() if p.name not in (RECORD_FILE, ".sdft.lock"))
+    kept = sorted(p.name for p in out.iterdir() if p.name not in (RECORD_FILE, LOCK_FILE))
     if kept:
         report(f"sdft: overwrite_output_dir kept what sdft did not write in {out}: {', '.join(kept[:5])}"
                + (" ..." if len(kept) > 5 else ""))
 
 
-def _abandon_later(out: Path, resume: Path, report) -> str | None:
+def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
     """Move the checkpoints after ``resume``'s step, and the final model, into a named branch folder."""
-    step = checkpoint_step(resume)
     later = [p for p in list_checkpoints(out) if folder_step(p) > step and p.resolve() != resume.resolve()]
     if not later:
         return None
@@ -156,7 +157,7 @@ def _write_record(out: Path, names):
     os.replace(tmp, record)
 
 
-def start_run(config, resume: Path | None, report=_report):
+def start_run(config, resume: Path | None, report=report_line):
     """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
     ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
     this run writes, say where a resume starts."""
@@ -175,9 +176,10 @@ def _start(out: Path, config, resume: Path | None, report):
         _clear(out, report)
     names = _owned(out, list_checkpoints(out)) | set(run_outputs(config))
     if resume is not None:
-        branch = _abandon_later(out, Path(resume), report)
+        step = checkpoint_step(resume)
+        branch = _abandon_later(out, Path(resume), step, report)
         if branch is not None:
             names.add(branch)
-        report(f"sdft: resuming from {resume} (step {checkpoint_step(resume)})")
+        report(f"sdft: resuming from {resume} (step {step})")
     _write_record(out, names)
     (out / CONFIG_FILE).write_text(config.to_json())

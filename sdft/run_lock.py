@@ -59,8 +59,7 @@ def holder(output_dir) -> str | None:
 def _stale(owner: dict) -> bool:
     if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         return True  # this process's own lock, left by an earlier call that did not end its run
-    return owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and \
-        not _alive(owner["pid"])
+    return owner.get("host") == socket.gethostname() and not _alive(owner["pid"])  # _owner: pid is an int
 
 
 class RunLock:

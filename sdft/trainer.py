@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from .reporting import Reporters, check_backends
 from .chat import chat_ids
 from .rollout_checks import check_engine, check_rollouts
 from .rollouts import HFRolloutEngine, RolloutEngine
-from .run_dir import FINAL_MODEL, METRICS_FILE, plan_run, start_run
+from .run_dir import FINAL_MODEL, METRICS_FILE, plan_run, report_line, start_run
 from .run_lock import RunLock, RunLockedError
 from .scorers import get_scorer
 from .teacher import Teacher
@@ -148,7 +147,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
-                             evaluating=bool(config.eval_data), report=lambda m: print(m, file=sys.stderr, flush=True))
+                             evaluating=bool(config.eval_data), report=report_line)
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:
@@ -189,7 +188,7 @@ def _take_output_dir(output_dir, world: World) -> RunLock | None:
     lock, refusal = None, ""
     if world.is_main:
         try:
-            lock = RunLock(output_dir, report=lambda m: print(m, file=sys.stderr, flush=True)).acquire()
+            lock = RunLock(output_dir, report=report_line).acquire()
         except RunLockedError as err:
             refusal = str(err)
         except OSError as err:
@@ -201,16 +200,13 @@ def _take_output_dir(output_dir, world: World) -> RunLock | None:
 
 def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end) -> Run:
     """The part of ``prepare`` after the checks: load and place the model."""
-    if model is None or isinstance(model, (str, Path)):
-        source = None if model is None else str(Path(model).resolve())
-    else:
-        source = model_source(model)
     device = _device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
     if model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(model, getattr(torch, config.dtype))
+    source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

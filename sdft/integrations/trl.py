@@ -27,96 +27,85 @@ from ..batch_loss import divergence_from_alpha
 from ..config import SDFTConfig
 from ..data import load_examples
 from ..trainer import TrainResult, train
-from .trl_fields import check_fields, load_dtype
+from .trl_fields import arg, check_fields, load_dtype, plain
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
-
-
-def _get(args, name, default=None):
-    if isinstance(args, dict):
-        return args.get(name, default)
-    return getattr(args, name, default)
-
-
-def _value(x):
-    """Enum members (TRL's SchedulerType) as their plain value."""
-    return getattr(x, "value", x)
 
 
 def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) -> SDFTConfig:
     """An ``SDFTConfig`` meaning what TRL's ``SDFTConfig`` ``args`` means (see the module docstring)."""
     check_fields(args)  # every TRL field is honoured, refused here, or irrelevant (trl_fields)
-    group = int(_get(args, "num_generations", 8))
-    per_device = int(_get(args, "per_device_train_batch_size", 8))
+    group = int(arg(args, "num_generations", 8))
+    per_device = int(arg(args, "per_device_train_batch_size", 8))
     if per_device % group:
         raise ValueError(f"per_device_train_batch_size={per_device} (completions, as in TRL) must be a multiple of "
                          f"num_generations={group}")
     prompts = per_device // group
-    accumulation = int(_get(args, "gradient_accumulation_steps", 1))
-    max_steps = int(_get(args, "max_steps", -1))
+    accumulation = int(arg(args, "gradient_accumulation_steps", 1))
+    max_steps = int(arg(args, "max_steps", -1))
     if max_steps <= 0:
         if num_examples is None:
             raise ValueError("max_steps is not set: give max_steps, or a train_dataset to count epochs over")
         per_step = prompts * accumulation * world_size
-        max_steps = max(1, math.ceil(float(_get(args, "num_train_epochs", 3.0)) * num_examples / per_step))
-    divergence, beta = divergence_from_alpha(float(_get(args, "distillation_alpha", 0.5)))
-    schedule = str(_value(_get(args, "lr_scheduler_type", "linear")))
+        max_steps = max(1, math.ceil(float(arg(args, "num_train_epochs", 3.0)) * num_examples / per_step))
+    divergence, beta = divergence_from_alpha(float(arg(args, "distillation_alpha", 0.5)))
+    schedule = str(plain(arg(args, "lr_scheduler_type", "linear")))
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
-    warmup = _get(args, "warmup_ratio", None) or 0.0
-    if not warmup and _get(args, "warmup_steps", 0):
-        warmup = min(float(_get(args, "warmup_steps")) / max_steps, 0.99)
-    report_to = _get(args, "report_to", None) or ["none"]
+    warmup = arg(args, "warmup_ratio", None) or 0.0
+    if not warmup and arg(args, "warmup_steps", 0):
+        warmup = min(float(arg(args, "warmup_steps")) / max_steps, 0.99)
+    report_to = arg(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
     report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
     values = dict(
-        output_dir=str(_get(args, "output_dir", "sdft-output")),
-        learning_rate=float(_get(args, "learning_rate", 5e-5)),
-        weight_decay=float(_get(args, "weight_decay", 0.0)),
-        max_grad_norm=float(_get(args, "max_grad_norm", 1.0)),
+        output_dir=str(arg(args, "output_dir", "sdft-output")),
+        learning_rate=float(arg(args, "learning_rate", 5e-5)),
+        weight_decay=float(arg(args, "weight_decay", 0.0)),
+        max_grad_norm=float(arg(args, "max_grad_norm", 1.0)),
         max_steps=max_steps,
         per_device_train_batch_size=prompts,
         gradient_accumulation_steps=accumulation,
-        seed=int(_get(args, "seed", 42)),
+        seed=int(arg(args, "seed", 42)),
         lr_scheduler_type=SCHEDULES[schedule],
         warmup_ratio=float(warmup),
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
-        temperature=float(_get(args, "temperature", 1.0)),
-        max_prompt_length=int(_get(args, "max_prompt_length", None) or 1_000_000),
-        max_completion_length=int(_get(args, "max_completion_length", None) or 256),
+        temperature=float(arg(args, "temperature", 1.0)),
+        max_prompt_length=int(arg(args, "max_prompt_length", None) or 1_000_000),
+        max_completion_length=int(arg(args, "max_completion_length", None) or 256),
         divergence=divergence,
         distillation_alpha=beta,
-        distillation_mode=str(_get(args, "distillation_mode", "topk_logits")),
-        distillation_topk=int(_get(args, "distillation_topk", None) or 100),
-        distillation_add_tail=bool(_get(args, "distillation_add_tail", False)),
-        num_loss_tokens_to_skip=int(_get(args, "num_loss_tokens_to_skip", 0)),
+        distillation_mode=str(arg(args, "distillation_mode", "topk_logits")),
+        distillation_topk=int(arg(args, "distillation_topk", None) or 100),
+        distillation_add_tail=bool(arg(args, "distillation_add_tail", False)),
+        num_loss_tokens_to_skip=int(arg(args, "num_loss_tokens_to_skip", 0)),
         loss_normalization="sequence_mean",
-        teacher_model_kind=str(_get(args, "teacher_model_kind", "base")),
-        teacher_update_rate=float(_get(args, "teacher_update_rate", 0.05)),
-        teacher_sync_steps=int(_get(args, "teacher_sync_steps", 1)),
-        teacher_prompt_template=str(_get(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")),
-        generate_from_teacher=bool(_get(args, "generate_from_teacher", False)),
-        logging_steps=max(1, int(_get(args, "logging_steps", 10))),
-        save_steps=max(1, int(_get(args, "save_steps", 500))),
-        save_total_limit=int(_get(args, "save_total_limit", None) or 0),
+        teacher_model_kind=str(arg(args, "teacher_model_kind", "base")),
+        teacher_update_rate=float(arg(args, "teacher_update_rate", 0.05)),
+        teacher_sync_steps=int(arg(args, "teacher_sync_steps", 1)),
+        teacher_prompt_template=str(arg(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")),
+        generate_from_teacher=bool(arg(args, "generate_from_teacher", False)),
+        logging_steps=max(1, int(arg(args, "logging_steps", 10))),
+        save_steps=max(1, int(arg(args, "save_steps", 500))),
+        save_total_limit=int(arg(args, "save_total_limit", None) or 0),
         report_to=report_to,
-        device="cpu" if _get(args, "use_cpu", False) else "auto",
-        resume_from_checkpoint=_get(args, "resume_from_checkpoint", None) or False,
-        overwrite_output_dir=bool(_get(args, "overwrite_output_dir", False)),
-        mixed_precision=_precision(_get(args, "bf16", None)),
+        device="cpu" if arg(args, "use_cpu", False) else "auto",
+        resume_from_checkpoint=arg(args, "resume_from_checkpoint", None) or False,
+        overwrite_output_dir=bool(arg(args, "overwrite_output_dir", False)),
+        mixed_precision=_precision(arg(args, "bf16", None)),
         dtype=load_dtype(args) or "float32",
-        disable_dropout=bool(_get(args, "disable_dropout", True)),
-        full_determinism=bool(_get(args, "full_determinism", False)),
-        progress_bar=not _get(args, "disable_tqdm", False),
+        disable_dropout=bool(arg(args, "disable_dropout", True)),
+        full_determinism=bool(arg(args, "full_determinism", False)),
+        progress_bar=not arg(args, "disable_tqdm", False),
     )
     return SDFTConfig.from_dict(values)
 
 
 def _checkpointing(args) -> bool:
     """transformers 5's activation_checkpointing when set, else the older gradient_checkpointing."""
-    value = _get(args, "activation_checkpointing", None)
-    return _get(args, "gradient_checkpointing", True) if value is None else value
+    value = arg(args, "activation_checkpointing", None)
+    return arg(args, "gradient_checkpointing", True) if value is None else value
 
 
 def _precision(bf16) -> str:

@@ -184,11 +184,12 @@ ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 REPORTERS = ("none", "tensorboard", "wandb")
 
 
-def _get(args, name, default=None):
+def arg(args, name, default=None):
+    """A TRL field's value from a config object, a namespace or a dict."""
     return args.get(name, default) if isinstance(args, dict) else getattr(args, name, default)
 
 
-def _value(x):
+def plain(x):
     """Enum members (TRL's SchedulerType, IntervalStrategy, ...) as their plain value."""
     return getattr(x, "value", x)
 
@@ -211,28 +212,28 @@ def check_fields(args) -> None:
     """One-line error for the first TRL field set to something sdft does not implement."""
     defaults = _defaults(args)
     for name, (off, what) in REFUSED.items():
-        value = _value(_get(args, name, off[0]))
-        if value not in off and not (name in defaults and value == _value(defaults[name])):
+        value = plain(arg(args, name, off[0]))
+        if value not in off and not (name in defaults and value == plain(defaults[name])):
             raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off[0]!r}")
     checks = [
-        ("optim", _value(_get(args, "optim", OPTIMIZERS[1])) in OPTIMIZERS, f"sdft's optimizer is AdamW ({OPTIMIZERS})"),
-        ("save_strategy", _value(_get(args, "save_strategy", "steps")) == "steps",
+        ("optim", plain(arg(args, "optim", OPTIMIZERS[1])) in OPTIMIZERS, f"sdft's optimizer is AdamW ({OPTIMIZERS})"),
+        ("save_strategy", plain(arg(args, "save_strategy", "steps")) == "steps",
          "sdft checkpoints every save_steps and at the end (crash-safe resume): use 'steps' with a large save_steps "
          "and save_total_limit=1"),
-        ("shuffle_dataset", _get(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
-        ("train_sampling_strategy", _value(_get(args, "train_sampling_strategy", "random")) == "random",
+        ("shuffle_dataset", arg(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
+        ("train_sampling_strategy", plain(arg(args, "train_sampling_strategy", "random")) == "random",
          "sdft samples in a seeded shuffle"),
-        ("fp16", not _get(args, "fp16", False), "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False"),
+        ("fp16", not arg(args, "fp16", False), "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False"),
     ]
-    checks += [(k, float(_get(args, k, v)) == v, f"sdft's AdamW keeps {k}={v}") for k, v in ADAM.items()]
+    checks += [(k, float(arg(args, k, v)) == v, f"sdft's AdamW keeps {k}={v}") for k, v in ADAM.items()]
     for name, ok, why in checks:
         if not ok:
-            raise ValueError(f"{name}={_value(_get(args, name))!r}: {why}")
-    report = _get(args, "report_to", None) or []
+            raise ValueError(f"{name}={plain(arg(args, name))!r}: {why}")
+    report = arg(args, "report_to", None) or []
     for r in [report] if isinstance(report, str) else list(report):
         if r not in REPORTERS:
             raise ValueError(f"report_to={r!r}: sdft logs to {', '.join(REPORTERS)}")
-    kwargs = _get(args, "model_init_kwargs", None) or {}
+    kwargs = arg(args, "model_init_kwargs", None) or {}
     unknown = sorted(set(kwargs) - {"dtype", "torch_dtype"})
     if unknown:
         raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype")
@@ -240,7 +241,7 @@ def check_fields(args) -> None:
 
 def load_dtype(args) -> str | None:
     """``model_init_kwargs``'s dtype as sdft's ``dtype`` (float32 / bfloat16), or None when not given."""
-    kwargs = _get(args, "model_init_kwargs", None) or {}
+    kwargs = arg(args, "model_init_kwargs", None) or {}
     value = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if value is None or value == "auto":
         return None

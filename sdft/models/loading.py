@@ -51,8 +51,9 @@ def _read_cache(cache: Path):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache))
         state = load_file(str(cache / CACHE_WEIGHTS))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        loaded = {model.state_dict()[k].data_ptr() for k in state if k in model.state_dict()}
-        if unexpected or any(model.state_dict()[k].data_ptr() not in loaded for k in missing):  # only tied ones
+        own = model.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        if unexpected or any(own[k].data_ptr() not in loaded for k in missing):  # only tied ones
             raise ValueError(f"weights do not match the config (missing {missing[:2]}, unexpected {unexpected[:2]})")
         return model, AutoTokenizer.from_pretrained(cache)
     except Exception as err:  # a truncated or foreign cache is rebuilt, never fatal  # noqa: BLE001
