@@ -44,14 +44,17 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     args = (batch.prompts, teacher_contexts, batch.completions, batch.mask, pad_id)
     if (config.share_prefix and config.share_teacher_prefix and supports_tree(decoder)
             and teacher.is_student(decoder.config)
-            and joint_pass_pays(decoder, *args)):
-        s_hidden, t_hidden = joint_tree_hidden(decoder, *args, passes)
+            and joint_pass_pays(decoder, *args, config.tree_attention)):
+        s_hidden, t_hidden = joint_tree_hidden(decoder, *args, passes, config.tree_attention)
         t_head = None
     else:
         t_hidden, t_head = teacher.score(teacher_contexts, batch.completions, batch.mask, pad_id,
-                                         config.share_prefix, passes)
-        fn = shared_prefix_hidden if config.share_prefix else batched_unshared_hidden
-        s_hidden = fn(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
+                                         config.share_prefix, passes, config.tree_attention)
+        if config.share_prefix:
+            s_hidden = shared_prefix_hidden(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes,
+                                            config.tree_attention)
+        else:
+            s_hidden = batched_unshared_hidden(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
     head = head_of(student)
     dtype = compute_dtype(s_hidden.device, head.weight.dtype)
     kwargs = objective_kwargs(

@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from . import tree_attention
 from .models.parts import kv_cache, passing_cache
 from .prefix_tree import PackedTrees, pack_groups, pairs_per_token
 
@@ -154,57 +155,78 @@ def pack_sides(sides: list[list[torch.Tensor]], completions: torch.Tensor, compl
     return packed, indices
 
 
-def tree_forward(decoder, packed: PackedTrees, **kwargs):
-    """One decoder call over packed prefix trees (tree-shaped mask, depth as position)."""
+def tree_forward(decoder, packed: PackedTrees, attention: str = "auto", **kwargs):
+    """One decoder call over packed prefix trees (tree-shaped mask, depth as position): the block mask
+    through FlexAttention where ``tree_attention.use_flex`` says so, else the dense 4-D mask."""
+    if tree_attention.use_flex(attention, packed.width, decoder):
+        with tree_attention.flex_attention_of(decoder):
+            return decoder(input_ids=packed.ids, attention_mask=tree_attention.block_mask(packed.ends),
+                           position_ids=packed.positions, **kwargs)
     mask = as_attention_mask(packed.visible(), decoder)
     return decoder(input_ids=packed.ids, attention_mask=mask, position_ids=packed.positions, **kwargs)
 
 
+def pack_for(decoder, attention: str, pack):
+    """``pack(pairs)`` (packed trees and their node indices) under the cost model of the attention the pass will take: a block-sparse pass
+    costs its nodes (only visible blocks are computed), so everything shares one tree; a dense pass
+    also pays every node pair (``pairs_per_token``), so weakly sharing groups go to separate rows."""
+    if tree_attention.may_use_flex(attention, decoder):
+        packed = pack(float("inf"))
+        if tree_attention.use_flex(attention, packed[0].width, decoder):
+            return packed
+    return pack(pairs_per_token(decoder.config))
+
+
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,
-                completion_mask: torch.Tensor, pad_id: int, passes: list | None = None) -> torch.Tensor:
+                completion_mask: torch.Tensor, pad_id: int, passes: list | None = None,
+                attention: str = "auto") -> torch.Tensor:
     """Final hidden states ``[B*G, L, H]`` predicting each completion token, one packed pass over
     the micro-batch's prefix tree (``sdft.prefix_tree``): every distinct prefix once.
 
     Same contract as ``batched_prefix_hidden``; the decoder must use ``sdpa`` or ``eager`` attention.
+    ``attention``: ``tree_attention``'s mode (dense mask or FlexAttention block mask).
     """
-    packed, index = pack_rollouts(contexts, completions, completion_mask, pad_id, pairs_per_token(decoder.config))
-    hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    packed, index = pack_for(decoder, attention,
+                             lambda pairs: pack_rollouts(contexts, completions, completion_mask, pad_id, pairs))
+    hidden = tree_forward(decoder, packed, attention, use_cache=False).last_hidden_state
     _count(passes, packed.num_nodes)
     return hidden.reshape(-1, hidden.shape[-1])[index]
 
 
 def joint_tree_hidden(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id,
-                      passes: list | None = None):
+                      passes: list | None = None, attention: str = "auto"):
     """(student hidden, detached teacher hidden) from ONE pass over a tree holding both sides: for a live
     teacher (the student's own weights) the prefix a teacher context shares with its prompt (system
     message, question) is computed once. The teacher's rows are detached, so no gradient flows through
     its branches; gradients through shared nodes come from the student branches only, as unshared."""
-    packed, (s_index, t_index) = pack_sides([prompts, teacher_contexts], completions, completion_mask, pad_id,
-                                            pairs_per_token(decoder.config))
-    hidden = tree_forward(decoder, packed, use_cache=False).last_hidden_state
+    packed, (s_index, t_index) = pack_for(decoder, attention, lambda pairs: pack_sides(
+        [prompts, teacher_contexts], completions, completion_mask, pad_id, pairs))
+    hidden = tree_forward(decoder, packed, attention, use_cache=False).last_hidden_state
     _count(passes, packed.num_nodes)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return flat[s_index], flat[t_index].detach()
 
 
-def joint_pass_pays(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id) -> bool:
+def joint_pass_pays(decoder, prompts, teacher_contexts, completions, completion_mask, pad_id,
+                    attention: str = "auto") -> bool:
     """Whether one joint pass is cheaper than a student pass plus a teacher pass.
 
     A node costs about 3 token passes with backward and 1 without. Separately: 3 S + T; jointly 3 J
     (teacher-only nodes sit in the same tensors as the student's, so they run backward too, on a zero
     gradient), with S, T, J the node counts of the student tree, the teacher tree and the joint tree.
     Long shared system messages pay; short prompts with long demonstrations do not."""
-    pairs = pairs_per_token(decoder.config)
-    count = [pack_sides(sides, completions, completion_mask, pad_id, pairs)[0].num_nodes
+    count = [pack_for(decoder, attention, lambda pairs: pack_sides(sides, completions, completion_mask, pad_id,
+                                                                   pairs))[0].num_nodes
              for sides in ([prompts], [teacher_contexts], [prompts, teacher_contexts])]
     return 3 * count[2] < 3 * count[0] + count[1]
 
 
 def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id,
-                         passes: list | None = None) -> torch.Tensor:
+                         passes: list | None = None, attention: str = "auto") -> torch.Tensor:
     """The packed tree pass where the attention implementation allows it, else the KV-cache pass."""
-    fn = tree_hidden if supports_tree(decoder) else batched_prefix_hidden
-    return fn(decoder, contexts, completions, completion_mask, pad_id, passes)
+    if supports_tree(decoder):
+        return tree_hidden(decoder, contexts, completions, completion_mask, pad_id, passes, attention)
+    return batched_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
 
 
 def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id,

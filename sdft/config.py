@@ -138,6 +138,10 @@ class SDFTConfig:
     generate_from_teacher: bool = _opt(False, "sample the rollouts from the teacher context (prompt + "
                                        "demonstration) instead of the prompt (TRL's option)")
     share_prefix: bool = _opt(True, "compute each prompt / teacher context once per G rollouts")
+    tree_attention: str = _opt("auto", "attention of the prefix-tree passes: auto (FlexAttention block mask on CUDA "
+                               "for packed rows of 1024+ tokens, the dense mask elsewhere), dense (a [T, T] mask "
+                               "through sdpa/eager), flex (the block mask wherever it runs: on CPU only the "
+                               "passes without gradient); see sdft.tree_attention", choices=("auto", "dense", "flex"))
     share_teacher_prefix: bool = _opt(False, "live teacher: score prompts and teacher contexts in ONE prefix tree "
                                       "where the node count says it pays (their common system message computed "
                                       "once). Off by default: at long prompts on the CPU it cut token passes 39% "

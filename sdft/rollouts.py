@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from .batch_prefix import as_attention_mask, right_pad, supports_tree, tree_forward
+from .batch_prefix import as_attention_mask, pack_for, right_pad, supports_tree, tree_forward
 from .decode_gemm import small_batch_linears
-from .prefix_tree import pack_groups, pairs_per_token
+from .prefix_tree import pack_groups
 from .models import eval_mode, kv_cache, passing_cache
 
 
@@ -134,14 +134,15 @@ class _TreeDecoder:
     tokens, which sit at slots ``T + t*Q + q`` of the row's cache; padding slots see only themselves.
     """
 
-    def __init__(self, model, prompts, group: int, max_new_tokens: int, pad_id: int):
+    def __init__(self, model, prompts, group: int, max_new_tokens: int, pad_id: int, attention: str = "auto"):
         self.model, self.pad_id = model, pad_id
         device = prompts[0].device
-        packed = pack_groups([(p.tolist(), []) for p in prompts], pad_id, pairs_per_token(model.config), device)
+        packed, _ = pack_for(model, attention, lambda pairs: (
+            pack_groups([(p.tolist(), []) for p in prompts], pad_id, pairs, device), None))
         last = torch.stack([nodes[-1] for nodes in packed.sequence_nodes])
         row = torch.tensor(packed.sequence_row, device=device)
         keep = torch.unique(last)
-        out = tree_forward(model, packed, use_cache=True, logits_to_keep=keep)
+        out = tree_forward(model, packed, attention, use_cache=True, logits_to_keep=keep)
         self.first_logits = out.logits[row, torch.searchsorted(keep, last)].repeat_interleave(group, 0)
         self.cache = kv_cache(out)
         rows, width = packed.ids.shape
@@ -153,7 +154,8 @@ class _TreeDecoder:
         self.slot_q[order] = torch.arange(order.numel(), device=device) - first_in_row[self.slot_row[order]]
         self.queries = int(per_row.max())
         reserve_room(self.cache, self.queries * max_new_tokens)
-        prompt_vis = packed.visible()[:, 0][row, last]  # [B, T]
+        slots = torch.arange(width, device=device)
+        prompt_vis = (slots <= last[:, None]) & (last[:, None] < packed.ends[row])  # [B, T]: the prompt's nodes
         self.prefix_mask = torch.zeros(rows, self.queries, width, dtype=torch.bool, device=device)
         self.prefix_mask[self.slot_row, self.slot_q] = prompt_vis.repeat_interleave(group, 0)
         self.positions = torch.zeros(rows, self.queries, dtype=torch.long, device=device)
@@ -202,9 +204,10 @@ class _ReplicatedDecoder:
 class HFRolloutEngine:
     """Batched sampling with any transformers causal LM (see the module docstring)."""
 
-    def __init__(self, tokenizer, decode_gemm: str = "rule"):
+    def __init__(self, tokenizer, decode_gemm: str = "rule", tree_attention: str = "auto"):
         self.tokenizer = tokenizer
         self.decode_gemm = decode_gemm  # sdft.decode_gemm's policy: rule (seed-exact) | auto (timed) | off
+        self.tree_attention = tree_attention  # the prefill's attention: sdft.tree_attention's mode
 
     @torch.no_grad()
     def generate(self, model, prompts, num_generations, max_new_tokens, temperature, greedy=False) -> RolloutBatch:
@@ -212,7 +215,8 @@ class HFRolloutEngine:
         stop = torch.tensor(sorted(eos_ids(model, self.tokenizer)), device=prompts[0].device)
         with eval_mode(model):
             if supports_tree(model):
-                decoder = _TreeDecoder(model, prompts, num_generations, max_new_tokens, pad_id)
+                decoder = _TreeDecoder(model, prompts, num_generations, max_new_tokens, pad_id,
+                                       self.tree_attention)
             else:
                 decoder = _ReplicatedDecoder(model, prompts, num_generations, pad_id)
             try:

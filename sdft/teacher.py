@@ -56,14 +56,18 @@ class Teacher:
 
     @torch.no_grad()
     def score(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,
-              passes: list | None = None):
+              passes: list | None = None, attention: str = "auto"):
         """(teacher hidden states [B*G, L, H] predicting each completion token, teacher head or None
-        when it is the student's own). Under FSDP2 the copy's head is gathered for the fused op."""
-        fn = shared_prefix_hidden if share_prefix else batched_unshared_hidden
+        when it is the student's own). Under FSDP2 the copy's head is gathered for the fused op.
+        ``attention``: the tree passes' mode (``sdft.tree_attention``)."""
+        def hidden_of(decoder):
+            if share_prefix:
+                return shared_prefix_hidden(decoder, contexts, completions, mask, pad_id, passes, attention)
+            return batched_unshared_hidden(decoder, contexts, completions, mask, pad_id, passes)
 
         def run(model):
             with eval_mode(model), self._context():
-                hidden = fn(decoder_of(model), contexts, completions, mask, pad_id, passes)
+                hidden = hidden_of(decoder_of(model))
             if self.copy is None:
                 return hidden, None
             head = head_of(model)

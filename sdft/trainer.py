@@ -333,7 +333,7 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
-    engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm)
+    engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention)
 
     def step_fn(optimizer, step):
         return _train_step(run, teacher, engine, optimizer, encoded, step)

@@ -31,11 +31,12 @@ def _setup(eos_bias=0.0, system=False):
                          ids=["prompt_trees", "shared_system_one_row", "shared_system_row_per_prompt",
                               "replicated_kv_fallback"])
 def test_greedy_equals_generate_on_each_prompt_alone(tree, system, pairs, monkeypatch):
+    import sdft.batch_prefix
     import sdft.rollouts
 
     monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
     if pairs is not None:
-        monkeypatch.setattr(sdft.rollouts, "pairs_per_token", lambda config: pairs)
+        monkeypatch.setattr(sdft.batch_prefix, "pairs_per_token", lambda config: pairs)
     tok, model, prompts = _setup(system=system)
     batch = HFRolloutEngine(tok).generate(model, prompts, 2, 12, 1.0, greedy=True)
     assert isinstance(batch, RolloutBatch) and batch.completions.shape[0] == 2 * len(prompts)
@@ -122,6 +123,7 @@ def test_the_decoding_cache_is_freed_without_the_cycle_collector():
 @pytest.mark.parametrize("tree", [True, False], ids=["prompt_trees", "replicated_kv_fallback"])
 def test_the_cache_goes_by_the_library_s_own_name(tree, monkeypatch, recwarn):
     """transformers 5.2x renamed ``past_key_values`` to ``cache`` and warns on the old name."""
+    import sdft.batch_prefix
     import sdft.rollouts
 
     monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
