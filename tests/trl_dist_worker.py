@@ -34,7 +34,12 @@ def main(model_path, out_path, fused):
     delta = {n: (after[n].detach() - before[n]) for n in before}
     torch.save(delta, f"{out_path}.rank{os.environ.get('RANK', '0')}")
     # accelerate leaves its gloo group to the interpreter's finalisation, which can abort the process
+    # ("terminate called without an active exception" from a gloo thread, seen in CI): the results are
+    # written, so leave without finalisation
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
