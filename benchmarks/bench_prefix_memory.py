@@ -18,15 +18,14 @@ milliseconds of forward + backward (median of ``--reps``) and the token passes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.measure import environment, markdown_table, peak_extra_mib, run_in_subprocess, write_results  # noqa: E402
+from benchmarks.measure import (environment, markdown_table, median_ms, peak_extra_mib,  # noqa: E402
+                                run_in_subprocess, write_results)
 
 WAYS = ("tree", "expand_copy", "unshared")
 COMPLETION = 24
@@ -74,12 +73,8 @@ def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool =
         model.zero_grad(set_to_none=True)
 
     peak = peak_extra_mib(step, torch.device("cpu"))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"peak_extra_mib": peak, "ms": statistics.median(times), "token_passes": sum(passes)}
+    ms = median_ms(step, torch.device("cpu"), warmup=0, reps=reps)
+    return {"peak_extra_mib": peak, "ms": ms, "token_passes": sum(passes)}
 
 
 def main(argv=None):

@@ -20,7 +20,6 @@ compiles then) and the median ms of ``--reps`` more calls.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.measure import environment, markdown_table, peak_extra_mib, run_in_subprocess, write_results  # noqa: E402
+from benchmarks.measure import (environment, markdown_table, median_ms, peak_extra_mib,  # noqa: E402
+                                run_in_subprocess, write_results)
 
 
 def _timed(step, reps: int) -> dict:
@@ -36,13 +36,8 @@ def _timed(step, reps: int) -> dict:
     first_peak = peak_extra_mib(step, torch.device("cpu"))
     first = (time.perf_counter() - t0) * 1e3
     peak = peak_extra_mib(step, torch.device("cpu"))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
     return {"first_ms": first, "first_peak_extra_mib": first_peak, "peak_extra_mib": peak,
-            "ms": statistics.median(times)}
+            "ms": median_ms(step, torch.device("cpu"), warmup=0, reps=reps)}
 
 
 def run_8x8(attention: str, grad: bool, prompts: int, group: int, reps: int) -> dict:

@@ -5,7 +5,7 @@ import torch
 
 from sdft_kernels import fused_linear_divergence
 
-from .batch_prefix import (batched_unshared_hidden, joint_pass_pays, joint_tree_hidden, shared_prefix_hidden,
+from .batch_prefix import (context_hidden, joint_pass_pays, joint_tree_hidden,
                            supports_tree)
 from .lm_head import head_of
 from .models import decoder_of
@@ -50,11 +50,8 @@ def sdft_batch_loss(student, teacher, batch, teacher_contexts, config, pad_id: i
     else:
         t_hidden, t_head = teacher.score(teacher_contexts, batch.completions, batch.mask, pad_id,
                                          config.share_prefix, passes, config.tree_attention)
-        if config.share_prefix:
-            s_hidden = shared_prefix_hidden(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes,
-                                            config.tree_attention)
-        else:
-            s_hidden = batched_unshared_hidden(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes)
+        s_hidden = context_hidden(decoder, batch.prompts, batch.completions, batch.mask, pad_id, passes,
+                                  config.share_prefix, config.tree_attention)
     head = head_of(student)
     dtype = compute_dtype(s_hidden.device, head.weight.dtype)
     kwargs = objective_kwargs(

@@ -167,9 +167,10 @@ def tree_forward(decoder, packed: PackedTrees, attention: str = "auto", **kwargs
 
 
 def pack_for(decoder, attention: str, pack):
-    """``pack(pairs)`` (packed trees and their node indices) under the cost model of the attention the pass will take: a block-sparse pass
-    costs its nodes (only visible blocks are computed), so everything shares one tree; a dense pass
-    also pays every node pair (``pairs_per_token``), so weakly sharing groups go to separate rows."""
+    """``pack(pairs)`` (packed trees and their node indices) under the cost model of the attention the
+    pass will take: a block-sparse pass costs its nodes (only visible blocks are computed), so everything
+    shares one tree; a dense pass also pays every node pair (``pairs_per_token``), so weakly sharing
+    groups go to separate rows."""
     if tree_attention.may_use_flex(attention, decoder):
         packed = pack(float("inf"))
         if tree_attention.use_flex(attention, packed[0].width, decoder):
@@ -227,6 +228,14 @@ def shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id
     if supports_tree(decoder):
         return tree_hidden(decoder, contexts, completions, completion_mask, pad_id, passes, attention)
     return batched_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
+
+
+def context_hidden(decoder, contexts, completions, completion_mask, pad_id, passes: list | None,
+                   share_prefix: bool, attention: str = "auto") -> torch.Tensor:
+    """The scoring pass of one side: shared prefixes (``shared_prefix_hidden``) or every row in full."""
+    if share_prefix:
+        return shared_prefix_hidden(decoder, contexts, completions, completion_mask, pad_id, passes, attention)
+    return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
 
 
 def batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id,

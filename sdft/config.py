@@ -18,6 +18,7 @@ from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
 from .reporting import BACKENDS as REPORT_BACKENDS
 from .scorers import get_scorer
 from .templates import check_template
+from .tree_attention import MODES as TREE_ATTENTION_MODES
 
 TEACHER_MODES = ("live", "frozen", "ema")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -141,7 +142,7 @@ class SDFTConfig:
     tree_attention: str = _opt("auto", "attention of the prefix-tree passes: auto (FlexAttention block mask on CUDA "
                                "for packed rows of 1024+ tokens, the dense mask elsewhere), dense (a [T, T] mask "
                                "through sdpa/eager), flex (the block mask wherever it runs: on CPU only the "
-                               "passes without gradient); see sdft.tree_attention", choices=("auto", "dense", "flex"))
+                               "passes without gradient); see sdft.tree_attention", choices=TREE_ATTENTION_MODES)
     share_teacher_prefix: bool = _opt(False, "live teacher: score prompts and teacher contexts in ONE prefix tree "
                                       "where the node count says it pays (their common system message computed "
                                       "once). Off by default: at long prompts on the CPU it cut token passes 39% "

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 
-from .batch_prefix import batched_unshared_hidden, shared_prefix_hidden
+from .batch_prefix import context_hidden
 from .lm_head import head_of
 from .parallel import Runner, full_tensors, load_full
 from .models import decoder_of, eval_mode
@@ -60,14 +60,10 @@ class Teacher:
         """(teacher hidden states [B*G, L, H] predicting each completion token, teacher head or None
         when it is the student's own). Under FSDP2 the copy's head is gathered for the fused op.
         ``attention``: the tree passes' mode (``sdft.tree_attention``)."""
-        def hidden_of(decoder):
-            if share_prefix:
-                return shared_prefix_hidden(decoder, contexts, completions, mask, pad_id, passes, attention)
-            return batched_unshared_hidden(decoder, contexts, completions, mask, pad_id, passes)
-
         def run(model):
             with eval_mode(model), self._context():
-                hidden = hidden_of(decoder_of(model))
+                hidden = context_hidden(decoder_of(model), contexts, completions, mask, pad_id, passes,
+                                        share_prefix, attention)
             if self.copy is None:
                 return hidden, None
             head = head_of(model)

@@ -15,8 +15,9 @@ Which attention a tree pass takes (``tree_attention`` in the config):
   only passes without gradient: it has no CPU backward);
 * ``auto``: flex on CUDA for packed rows of at least ``FLEX_MIN_NODES`` tokens (an arbitrary dense
   mask takes SDPA off its flash kernels there, and its memory grows with T**2), dense elsewhere: on
-  this CPU the first flex call compiles for tens of seconds (``benchmarks/results/tree_attention_cpu.md``),
-  more than a whole step at the sizes a CPU trains, and the student's pass cannot take it.
+  this CPU the first flex call compiles for tens of seconds (about 24 s in a probe; the comparison is
+  ``benchmarks/bench_tree_attention.py``), more than a whole step at the sizes a CPU trains, and the
+  student's pass cannot take it. The 1024-token threshold is not measured on a GPU yet.
 """
 from __future__ import annotations
 

@@ -123,7 +123,6 @@ def test_the_decoding_cache_is_freed_without_the_cycle_collector():
 @pytest.mark.parametrize("tree", [True, False], ids=["prompt_trees", "replicated_kv_fallback"])
 def test_the_cache_goes_by_the_library_s_own_name(tree, monkeypatch, recwarn):
     """transformers 5.2x renamed ``past_key_values`` to ``cache`` and warns on the old name."""
-    import sdft.batch_prefix
     import sdft.rollouts
 
     monkeypatch.setattr(sdft.rollouts, "supports_tree", lambda model: tree)
