@@ -133,7 +133,7 @@ def main(argv=None):
     header = (f"# Prefix-tree attention: dense mask vs FlexAttention block mask\n\nEnvironment: {env}. "
               f"See the docstring of benchmarks/bench_tree_attention.py for the settings. Peak resident memory "
               f"above the loaded model (first call, then a later one), ms of the first call (compile included) "
-              f"and the median of {args.reps} more.\n\n"
+              f"and the median of {args.reps} more (the large row: 1 more).\n\n"
               f"Command: `python benchmarks/bench_tree_attention.py {' '.join(argv or sys.argv[1:])}`\n\n")
     cols = ["setting", "pass", "attention", "first_ms", "ms", "first_peak_extra_mib", "peak_extra_mib",
             "token_passes", "dense_mask_gib"]

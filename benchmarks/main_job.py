@@ -10,6 +10,11 @@ which sums in another order: how far the figures move from one machine to anothe
 
     python benchmarks/main_job.py --eval --repeat-busy 2 --stem main_job_cpu
     python benchmarks/main_job.py --threads 1 --compare benchmarks/results/main_job_cpu.json --stem main_job_cpu_1thread
+
+``--precision`` runs the main command twice instead, with ``mixed_precision=no`` (fp32) and ``bf16``
+(autocast on fp32 master weights): step time, peak memory and how far the losses move.
+
+    python benchmarks/main_job.py --precision --stem main_job_cpu_precision
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ def run_job(args: list[str], busy: int = 0, threads: int | None = None) -> dict:
         raise RuntimeError(f"sdft train failed ({done.returncode}): {done.stderr[-2000:]}")
     summary = {"args": " ".join(args), "busy_processes": busy, "threads": threads, "seconds": round(seconds, 1),
                "losses": [round(r["loss"], 6) for r in metrics], "tokens": [r["tokens"] for r in metrics],
-               "median_step_s": round(sorted(r["seconds"] for r in metrics)[len(metrics) // 2], 2)}
+               "median_step_s": round(sorted(r["seconds"] for r in metrics)[len(metrics) // 2], 2),
+               "peak_memory_mib": round(max((r.get("peak_memory_mib", 0) for r in metrics), default=0))}
     for line in done.stdout.splitlines():
         m = re.match(r"skill accuracy (before|after): (\{.*\})$", line)
         if m:
@@ -79,31 +85,40 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="run the main command only, with OMP_NUM_THREADS=N (how far figures move with threads)")
     parser.add_argument("--compare", default=None, metavar="JSON", help="an earlier result to compare figures with")
+    parser.add_argument("--precision", action="store_true",
+                        help="run the main command with mixed_precision=no and =bf16 (nothing else)")
     parser.add_argument("--stem", default="main_job_cpu")
     args = parser.parse_args(argv)
     import torch
 
-    runs = [run_job(MAIN, threads=args.threads)]
+    if args.precision:
+        runs = [run_job(MAIN + [f"mixed_precision={p}"]) for p in ("no", "bf16")]
+        runs[1]["max_loss_difference"] = max(abs(a - b) for a, b in zip(runs[0]["losses"], runs[1]["losses"]))
+    else:
+        runs = [run_job(MAIN, threads=args.threads)]
     if args.compare:
         earlier = json.loads(Path(args.compare).read_text())["runs"][0]
         runs[0]["same_numbers_as_idle"] = runs[0]["losses"] == earlier["losses"] and \
             runs[0]["tokens"] == earlier["tokens"] and runs[0].get("exact_after") == earlier.get("exact_after")
-    if args.eval:
+    if args.eval and not args.precision:
         runs.append(run_job(EVAL))
-    if args.repeat_busy:
+    if args.repeat_busy and not args.precision:
         runs.append(run_job(MAIN, busy=args.repeat_busy))
         runs[-1]["same_numbers_as_idle"] = runs[-1]["losses"] == runs[0]["losses"] and \
             runs[-1]["tokens"] == runs[0]["tokens"] and runs[-1].get("exact_after") == runs[0].get("exact_after")
     rows = []
     for r in runs:
         ev = r.get("eval", [])
-        rows.append({"command": "eval" if "--eval-data" in r["args"] else "main", "busy": r["busy_processes"],
+        precision = re.search(r"mixed_precision=(\w+)", r["args"])
+        rows.append({"command": ("eval" if "--eval-data" in r["args"] else "main") +
+                     (f" mixed_precision={precision.group(1)}" if precision else ""), "busy": r["busy_processes"],
                      "threads": r["threads"] or torch.get_num_threads(),
                      "exact": f"{r.get('exact_before', 0):.0%} -> {r.get('exact_after', 0):.0%}" if "exact_after" in r else "-",
                      "format": f"{r.get('format_before', 0):.0%} -> {r.get('format_after', 0):.0%}" if "format_after" in r else "-",
                      "eval_json": f"{ev[0]['score']:.0%} -> {ev[-1]['score']:.0%}" if ev else "-",
                      "perplexity": f"{ev[0]['perplexity']:.1f} -> {ev[-1]['perplexity']:.1f}" if ev else "-",
-                     "step_s": r["median_step_s"], "total_s": r["seconds"],
+                     "step_s": r["median_step_s"], "total_s": r["seconds"], "peak_mib": r["peak_memory_mib"],
+                     "final_loss": r["losses"][-1] if r["losses"] else "-",
                      "same_as_idle": r.get("same_numbers_as_idle", "-")})
     env = environment(torch.device("cpu"))
     command = "python benchmarks/main_job.py " + " ".join(a for a in (argv or sys.argv[1:]))
