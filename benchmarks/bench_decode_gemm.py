@@ -1,5 +1,5 @@
 """Decoding's small-batch GEMMs on CPU: ``F.linear`` vs ``(W @ x.T).T`` by row count, and whole rollouts
-with and without ``sdft.decode_gemm`` (which picks the faster layout per weight shape and row count).
+with and without ``sdft.rollout.decode_gemm`` (which picks the faster layout per weight shape and row count).
 
     python benchmarks/bench_decode_gemm.py                 # SmolLM2-135M's weight shapes, 1-128 rows
     python benchmarks/bench_decode_gemm.py --no-rollouts   # the GEMM sweep only
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import environment, markdown_table, write_results  # noqa: E402
-from sdft.decode_gemm import _w_x  # noqa: E402
+from sdft.rollout.decode_gemm import _w_x  # noqa: E402
 
 # SmolLM2-135M: (out, in) of q/o, k/v, gate/up, down and the tied LM head
 SHAPES = {"attn_q_o": (576, 576), "attn_k_v": (192, 576), "mlp_gate_up": (1536, 576), "mlp_down": (576, 1536),
@@ -62,10 +62,10 @@ def rollout_rows(groups: list[int], prompts: int, reps: int) -> list[dict]:
     greedy so every arm decodes the same tokens): plain ``F.linear`` (``decode_gemm=off``), the fixed
     row rule (``rule``, the default) and the per-process timing (``auto``)."""
     from sdft import SDFTConfig, load_model
-    from sdft.data import load_examples
-    from sdft.rollouts import HFRolloutEngine
-    from sdft.skill import load_skill
-    from sdft.trainer import encode_examples
+    from sdft.data.examples import load_examples
+    from sdft.data.skill import load_skill
+    from sdft.rollout.engine import HFRolloutEngine
+    from sdft.run.trainer import encode_examples
 
     model, tokenizer = load_model()
     examples = load_examples(load_skill("train")[:prompts])

@@ -17,7 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import (  # noqa: E402
-    bf16_gemm_tflops, environment, markdown_table, median_ms, peak_extra_mib, run_in_subprocess, write_results)
+    bf16_gemm_tflops,
+    environment,
+    markdown_table,
+    median_ms,
+    peak_extra_mib,
+    run_in_subprocess,
+    write_results,
+)
 from sdft_kernels import fused_linear_divergence, make_spec  # noqa: E402
 from sdft_kernels.reference import divergence_from_logits  # noqa: E402
 
@@ -237,8 +244,12 @@ def main(argv=None):
               "peak above what was allocated before the step (CUDA allocator; CPU resident set).\n\n")
     columns = ["shape", "N", "divergence", "impl", "ms", "peak_extra_mib", "mem_vs_naive_pct", "tflops",
                "pct_gemm_peak", "loss", "note"]
-    write_results(args.out, args.stem or f"divergence_{tag}", {"environment": env, "gemm_peak_tflops": peak, "rows": rows},
-                  header + markdown_table(rows, columns))
+    write_results(
+        args.out,
+        args.stem or f"divergence_{tag}",
+        {"environment": env, "gemm_peak_tflops": peak, "rows": rows},
+        header + markdown_table(rows, columns),
+    )
 
 
 if __name__ == "__main__":

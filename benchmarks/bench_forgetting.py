@@ -332,8 +332,11 @@ def main(argv=None):
     header = (f"# Forgetting: SDFT vs SFT, SmolLM2-135M-Instruct\n\nEnvironment: {env}. Settings: {vars(args)}. "
               "Skill columns: exact-match accuracy on held-out prompts; general_questions: share of general "
               "questions answered right; heldout_perplexity: plain text no run trains on.\n\n")
-    columns = ["method", "after"] + [s.name for s in skills] + ["general_questions", "general_drop",
-                                                                 "heldout_perplexity", "perplexity_rise", "train_seconds"]
+    columns = (
+        ["method", "after"]
+        + [s.name for s in skills]
+        + ["general_questions", "general_drop", "heldout_perplexity", "perplexity_rise", "train_seconds"]
+    )
     if args.validation:
         columns.append("selected_step")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The student side of one SDFT micro-batch (P prompts under one ~530-token system 
 of 24 tokens each, the embedded SmolLM2-135M-Instruct in fp32), forward and backward of the fused
 forward-KL loss against fixed teacher hidden states, each way in its own process:
 
-* ``tree``: ``sdft.batch_prefix.tree_hidden``, one packed pass over the micro-batch's prefix tree
+* ``tree``: ``sdft.prefix.packed.tree_hidden``, one packed pass over the micro-batch's prefix tree
   (every distinct prefix once, a tree-shaped attention mask; nothing copied per rollout);
 * ``expand_copy``: ``batched_prefix_hidden``, each prompt's prefix once, its KV cache then copied G
   times (``batch_repeat_interleave``) for the continuations: what HF-style prefix sharing does;
@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.measure import (environment, markdown_table, median_ms, peak_extra_mib,  # noqa: E402
-                                run_in_subprocess, write_results)
+from benchmarks.measure import environment, markdown_table, median_ms, peak_extra_mib, run_in_subprocess, write_results  # noqa: E402
 
 WAYS = ("tree", "expand_copy", "unshared")
 COMPLETION = 24
@@ -34,8 +33,8 @@ COMPLETION = 24
 def _batch(prompts: int, group: int):
     from benchmarks.bench_trl import model_dir, rows
     from sdft import load_model
-    from sdft.chat import chat_ids
-    from sdft.data import load_examples
+    from sdft.data.chat import chat_ids
+    from sdft.data.examples import load_examples
 
     model, tok = load_model(model_dir())
     examples = load_examples(rows("shared"))[:prompts]
@@ -49,8 +48,8 @@ def _batch(prompts: int, group: int):
 
 def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool = True) -> dict:
     """One way in this process: peak extra memory of the first fwd+bwd, then the median time."""
-    from sdft import batch_prefix as bp
     from sdft.models import decoder_of, enable_checkpointing
+    from sdft.prefix import packed as bp
     from sdft_kernels import fused_linear_divergence
 
     torch.manual_seed(0)
@@ -114,13 +113,16 @@ def main(argv=None):
                     row[f"tree_memory_vs_{way}"] = row["tree_peak_extra_mib"] / row[f"{way}_peak_extra_mib"]
             table.append(row)
     env = environment(torch.device("cpu"))
-    header = (f"# Scoring one micro-batch: prefix tree vs expand-and-copy vs unshared\n\nEnvironment: {env}. "
-              f"Student side of one micro-batch (prompts under one ~530-token system message, G rollouts of "
-              f"12-{COMPLETION} tokens), fused forward KL, forward + backward, "
-              f"{'without' if args.no_checkpointing else 'with'} gradient checkpointing; peak resident memory above the "
-              f"loaded model during the first pass, median ms of {args.reps} more.\n\n"
-              f"Command: `python benchmarks/bench_prefix_memory.py {' '.join(argv or sys.argv[1:])}`\n\n")
-    write_results(args.out, args.stem, {"environment": env, "rows": results}, header + markdown_table(table, list(table[0])))
+    header = (
+        f"# Scoring one micro-batch: prefix tree vs expand-and-copy vs unshared\n\nEnvironment: {env}. "
+        f"Student side of one micro-batch (prompts under one ~530-token system message, G rollouts of "
+        f"12-{COMPLETION} tokens), fused forward KL, forward + backward, "
+        f"{'without' if args.no_checkpointing else 'with'} gradient checkpointing; peak resident memory above the "
+        f"loaded model during the first pass, median ms of {args.reps} more.\n\n"
+        f"Command: `python benchmarks/bench_prefix_memory.py {' '.join(argv or sys.argv[1:])}`\n\n"
+    )
+    write_results(args.out, args.stem, {"environment": env, "rows": results},
+                  header + markdown_table(table, list(table[0])))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The prefix tree's attention: the dense [T, T] mask vs the FlexAttention block mask (``sdft.tree_attention``).
+"""The prefix tree's attention: the dense [T, T] mask vs the FlexAttention block mask (``sdft.prefix.attention``).
 
 Two settings, each way in its own process:
 
@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.measure import (environment, markdown_table, median_ms, peak_extra_mib,  # noqa: E402
-                                run_in_subprocess, write_results)
+from benchmarks.measure import environment, markdown_table, median_ms, peak_extra_mib, run_in_subprocess, write_results  # noqa: E402
 
 
 def _timed(step, reps: int) -> dict:
@@ -42,8 +41,8 @@ def _timed(step, reps: int) -> dict:
 
 def run_8x8(attention: str, grad: bool, prompts: int, group: int, reps: int) -> dict:
     from benchmarks.bench_prefix_memory import _batch
-    from sdft.batch_prefix import tree_hidden
     from sdft.models import decoder_of
+    from sdft.prefix.packed import tree_hidden
     from sdft_kernels import fused_linear_divergence
 
     torch.manual_seed(0)
@@ -76,10 +75,10 @@ def large_tree(prompts: int, group: int, system: int, completion: int):
 
 
 def run_large(prompts: int, group: int, system: int, completion: int, layers: int, reps: int) -> dict:
-    from benchmarks.bench_trl import model_dir
     from transformers import AutoConfig, AutoModel
 
-    from sdft.batch_prefix import tree_hidden
+    from benchmarks.bench_trl import model_dir
+    from sdft.prefix.packed import tree_hidden
 
     config = AutoConfig.from_pretrained(model_dir())
     config.num_hidden_layers = layers

@@ -7,8 +7,8 @@ Same model (the embedded SmolLM2-135M-Instruct, saved once as a local HF folder 
 path), same data, same G, same completion budget, same loss (full-vocabulary forward KL: TRL
 ``distillation_mode="full_logits", distillation_alpha=0`` <-> ours ``divergence="forward_kl"``; frozen
 teacher: TRL ``teacher_model_kind="base"`` <-> ours ``teacher_mode="frozen"``; the same teacher
-template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. TRL runs with its default gradient checkpointing; our
-``sdft`` side runs without it (our default) and ``sdft_gc`` with it. Each side
+template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. TRL runs with its
+default gradient checkpointing; our ``sdft`` side runs without it (our default) and ``sdft_gc`` with it. Each side
 runs in its own process; seconds per optimizer step exclude loading and the first step; peak memory
 is the process's peak resident set (CPU) or peak allocated memory (CUDA). Settings:
 
@@ -55,7 +55,7 @@ def tool_catalogue(keep: int | None = None) -> str:
     for i, (verb, thing) in enumerate((v, t) for v in verbs for t in things[:4]):
         lines.append(f"- tool_{i}_{verb.replace(' ', '_')}: {verb} {thing}; arguments: query (string), "
                      f"limit (integer, default {i % 5 + 1}).")
-    from sdft.skill import TOOLS
+    from sdft.data.skill import TOOLS
 
     for tool, (arg, _) in TOOLS.items():
         lines.append(f"- {tool}: arguments: {arg}.")
@@ -64,7 +64,7 @@ def tool_catalogue(keep: int | None = None) -> str:
 
 def rows(setting: str) -> list[dict]:
     """(prompt messages, demonstration) rows of one setting, in TRL's and our column names."""
-    from sdft.skill import load_skill
+    from sdft.data.skill import load_skill
 
     out = []
     for row in load_skill("train"):
@@ -86,7 +86,7 @@ def model_dir() -> str:
     """The embedded model as a local HF folder (made once)."""
     if not (MODEL_DIR / "config.json").exists():
         from sdft import load_model
-        from sdft.export import save_hf_folder
+        from sdft.run.export import save_hf_folder
 
         save_hf_folder(*load_model(), MODEL_DIR)
     return str(MODEL_DIR)
@@ -157,13 +157,31 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = Fa
                               for r in rows(setting)])
     scratch = tempfile.TemporaryDirectory()
     args = SDFTConfig(
-        output_dir=scratch.name, max_steps=steps, per_device_train_batch_size=prompts * group,
-        gradient_accumulation_steps=1, num_generations=group, max_completion_length=COMPLETION,
-        max_prompt_length=None, learning_rate=LR, distillation_mode="full_logits", distillation_alpha=0.0,
-        teacher_model_kind={"frozen": "base", "live": "live"}[teacher], teacher_prompt_template="{prompt}\n\n{privileged_context}",
-        distillation_is_clip=None, num_loss_tokens_to_skip=0, temperature=1.0, top_k=0, top_p=1.0,
-        report_to="none", save_strategy="no", logging_steps=1, use_cpu=not torch.cuda.is_available(),
-        bf16=False, seed=0, disable_tqdm=True)
+        output_dir=scratch.name,
+        max_steps=steps,
+        per_device_train_batch_size=prompts * group,
+        gradient_accumulation_steps=1,
+        num_generations=group,
+        max_completion_length=COMPLETION,
+        max_prompt_length=None,
+        learning_rate=LR,
+        distillation_mode="full_logits",
+        distillation_alpha=0.0,
+        teacher_model_kind={"frozen": "base", "live": "live"}[teacher],
+        teacher_prompt_template="{prompt}\n\n{privileged_context}",
+        distillation_is_clip=None,
+        num_loss_tokens_to_skip=0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
     seconds = []
 
     class Timer(TrainerCallback):
@@ -204,7 +222,8 @@ def main(argv=None):
         setting, group, prompts = SETTINGS[name]
         row = {"setting": name, "G": group, "prompts_per_step": prompts}
         for side in args.sides:
-            fn, extra = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,))}.get(side, ("run_sdft", (side,)))
+            trl_sides = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,))}
+            fn, extra = trl_sides.get(side, ("run_sdft", (side,)))
             extra = (*extra, args.teacher)
             out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)
             print(name, side, json.dumps(out), flush=True)

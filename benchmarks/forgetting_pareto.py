@@ -1,7 +1,8 @@
 """Learning vs forgetting across skills: one Pareto panel per skill, and whether each SDFT variant's
 selected setting dominates SFT's on each skill (the forgetting issue's target).
 
-    python benchmarks/forgetting_pareto.py benchmarks/results/forgetting_lr_sweep_{tool_calls,shopping_list,hashtags}.json
+    python benchmarks/forgetting_pareto.py \
+        benchmarks/results/forgetting_lr_sweep_{tool_calls,shopping_list,hashtags}.json
 
 Each input is a ``bench_forgetting.py --only SKILL`` result (a learning-rate sweep, seeds, or both);
 files of the same skill are merged, each (method, rate, seed) counted once (the first file's run). A

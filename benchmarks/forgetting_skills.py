@@ -1,6 +1,6 @@
 """Three new skills for the forgetting benchmark, each a fixed output format learned from demonstrations.
 
-1. ``tool_calls``: a request becomes a one-line JSON tool call (the bundled skill of ``sdft.skill``).
+1. ``tool_calls``: a request becomes a one-line JSON tool call (the bundled skill of ``sdft.data.skill``).
 2. ``shopping_list``: a sentence naming three items becomes a JSON list of them.
 3. ``hashtags``: a three-word topic becomes three lowercase hashtags.
 
@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from sdft.skill import json_score, load_skill
-from sdft.skill import score as tool_call_score
+from sdft.data.skill import json_score, load_skill
+from sdft.data.skill import score as tool_call_score
 
 ITEMS = ["eggs", "milk", "bread", "apples", "rice", "cheese", "butter", "coffee", "tea", "onions", "carrots",
          "pasta", "sugar", "flour", "bananas", "yogurt", "honey", "beans", "lemons", "salt"]
@@ -86,8 +86,12 @@ def all_skills() -> list[Skill]:
     words_eval = [p[-HELD_OUT_WORDS:] for p in TOPIC_WORDS]
     splits = {
         "tool_calls": (load_skill("train"), load_skill("eval"), tool_call_score),
-        "shopping_list": (_shopping_rows(ITEMS[:-HELD_OUT_ITEMS], 90, 0), _shopping_rows(ITEMS[-HELD_OUT_ITEMS:], 30, 1),
-                          shopping_score),
+        "shopping_list": (
+            _shopping_rows(ITEMS[:-HELD_OUT_ITEMS], 90, 0),
+            _shopping_rows(ITEMS[-HELD_OUT_ITEMS:], 30, 1),
+            shopping_score,
+        ),
         "hashtags": (_hashtag_rows(words_train, 90, 0), _hashtag_rows(words_eval, 27, 1), hashtag_score),
     }
-    return [Skill(name, _in_setting(name, tr), _in_setting(name, ev), score) for name, (tr, ev, score) in splits.items()]
+    return [Skill(name, _in_setting(name, tr), _in_setting(name, ev), score)
+            for name, (tr, ev, score) in splits.items()]

@@ -110,16 +110,27 @@ def main(argv=None):
     for r in runs:
         ev = r.get("eval", [])
         precision = re.search(r"mixed_precision=(\w+)", r["args"])
-        rows.append({"command": ("eval" if "--eval-data" in r["args"] else "main") +
-                     (f" mixed_precision={precision.group(1)}" if precision else ""), "busy": r["busy_processes"],
-                     "threads": r["threads"] or torch.get_num_threads(),
-                     "exact": f"{r.get('exact_before', 0):.0%} -> {r.get('exact_after', 0):.0%}" if "exact_after" in r else "-",
-                     "format": f"{r.get('format_before', 0):.0%} -> {r.get('format_after', 0):.0%}" if "format_after" in r else "-",
-                     "eval_json": f"{ev[0]['score']:.0%} -> {ev[-1]['score']:.0%}" if ev else "-",
-                     "perplexity": f"{ev[0]['perplexity']:.1f} -> {ev[-1]['perplexity']:.1f}" if ev else "-",
-                     "step_s": r["median_step_s"], "total_s": r["seconds"], "peak_mib": r["peak_memory_mib"],
-                     "final_loss": r["losses"][-1] if r["losses"] else "-",
-                     "same_as_idle": r.get("same_numbers_as_idle", "-")})
+        rows.append(
+            {
+                "command": ("eval" if "--eval-data" in r["args"] else "main")
+                + (f" mixed_precision={precision.group(1)}" if precision else ""),
+                "busy": r["busy_processes"],
+                "threads": r["threads"] or torch.get_num_threads(),
+                "exact": f"{r.get('exact_before', 0):.0%} -> {r.get('exact_after', 0):.0%}"
+                if "exact_after" in r
+                else "-",
+                "format": f"{r.get('format_before', 0):.0%} -> {r.get('format_after', 0):.0%}"
+                if "format_after" in r
+                else "-",
+                "eval_json": f"{ev[0]['score']:.0%} -> {ev[-1]['score']:.0%}" if ev else "-",
+                "perplexity": f"{ev[0]['perplexity']:.1f} -> {ev[-1]['perplexity']:.1f}" if ev else "-",
+                "step_s": r["median_step_s"],
+                "total_s": r["seconds"],
+                "peak_mib": r["peak_memory_mib"],
+                "final_loss": r["losses"][-1] if r["losses"] else "-",
+                "same_as_idle": r.get("same_numbers_as_idle", "-"),
+            }
+        )
     env = environment(torch.device("cpu"))
     command = "python benchmarks/main_job.py " + " ".join(a for a in (argv or sys.argv[1:]))
     table = (f"# The README's main job (`sdft train {' '.join(MAIN)}`)\n\nCommit {_commit()}; {env}. "

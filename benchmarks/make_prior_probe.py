@@ -110,8 +110,8 @@ def is_right(answer: str, answers: list[str]) -> bool:
 
 def main():
     from sdft import load_model
-    from sdft.data import load_examples
-    from sdft.evaluation import generate_answers
+    from sdft.data.examples import load_examples
+    from sdft.eval.evaluation import generate_answers
 
     model, tokenizer = load_model()
     items = candidates()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sdft.data import load_examples
-from sdft.evaluation import generate_answers
+from sdft.data.examples import load_examples
+from sdft.eval.evaluation import generate_answers
 from sdft.models import eval_mode
 
 PROBE_FILE = Path(__file__).parent / "data" / "prior_probe.jsonl"

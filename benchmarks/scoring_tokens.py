@@ -29,8 +29,8 @@ PROMPTS, STEPS = 2, 3
 def sft_tokens_per_example(setting: str) -> float:
     """Mean tokens of prompt + demonstration as one chat, over the setting's rows."""
     from sdft import load_model
-    from sdft.chat import chat_ids
-    from sdft.data import load_examples
+    from sdft.data.chat import chat_ids
+    from sdft.data.examples import load_examples
 
     _, tokenizer = load_model(model_dir())
     lengths = [chat_ids(tokenizer, ex.messages() + [{"role": "assistant", "content": ex.demonstration}], "cpu",
@@ -40,7 +40,7 @@ def sft_tokens_per_example(setting: str) -> float:
 
 def scoring_passes(group: int) -> dict:
     """The last step's scoring passes of ``run_sdft("short", group, ...)``, split by whether they take a gradient."""
-    import sdft.batch_prefix as bp
+    import sdft.prefix.packed as bp
 
     counted, real_count = [], bp._count
 

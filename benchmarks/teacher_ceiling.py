@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.forgetting_skills import all_skills  # noqa: E402
 from benchmarks.measure import environment, markdown_table, write_results  # noqa: E402
 from sdft import load_model  # noqa: E402
-from sdft.data import load_examples  # noqa: E402
-from sdft.evaluation import generate_answers  # noqa: E402
-from sdft.teacher_check import teacher_contexts  # noqa: E402
-from sdft.templates import TEMPLATES  # noqa: E402
+from sdft.data.examples import load_examples  # noqa: E402
+from sdft.data.templates import TEMPLATES  # noqa: E402
+from sdft.eval.evaluation import generate_answers  # noqa: E402
+from sdft.eval.teacher_check import teacher_contexts  # noqa: E402
 
 
 def exact_share(model, tokenizer, rows: list[dict], score, max_new_tokens: int) -> tuple[float, list[str]]:

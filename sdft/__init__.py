@@ -1,10 +1,10 @@
 """sdft: Self-Distillation Fine-Tuning with fused LM-head divergence kernels."""
-from .config import SDFTConfig
-from .evaluation import evaluate, skill_accuracy
-from .models import load_model
-from .sft import train_sft
-from .teacher_check import teacher_check
-from .trainer import TrainResult, train
+from sdft.config import SDFTConfig
+from sdft.eval.evaluation import evaluate, skill_accuracy
+from sdft.eval.teacher_check import teacher_check
+from sdft.models import load_model
+from sdft.run.sft import train_sft
+from sdft.run.trainer import TrainResult, train
 
 __all__ = ["SDFTConfig", "TrainResult", "evaluate", "load_model", "skill_accuracy", "teacher_check", "train",
            "train_sft"]

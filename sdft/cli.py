@@ -19,10 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, checkpoint_state
-from .config import SDFTConfig, describe_fields
-from .reporting import check_backends
-from .run_dir import CONFIG_FILE, plan_run
+from sdft.config import SDFTConfig, describe_fields
+from sdft.run.checkpoint import CheckpointError, checkpoint_state
+from sdft.run.reporting import check_backends
+from sdft.run.run_dir import CONFIG_FILE, plan_run
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
@@ -104,17 +104,17 @@ def _build_parser():
 
 
 def _teacher_check(args, parser) -> int:
-    from .data import load_examples
-    from .teacher_check import check_inputs, format_rows, teacher_check, verdict
+    from sdft.data.examples import load_examples
+    from sdft.eval.teacher_check import check_inputs, format_rows, teacher_check, verdict
 
     check_inputs(args.templates, args.scorer, args.limit, args.max_new_tokens)
     if args.data is None:
-        from .skill import load_skill
+        from sdft.data.skill import load_skill
 
         data = load_skill("train")
     else:
         data = load_examples(args.data)
-    from .models import load_model
+    from sdft.models import load_model
 
     model, tokenizer = load_model(args.model)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
@@ -157,9 +157,9 @@ def _read_prompts(args) -> list[dict]:
 
 
 def _generate(args, parser) -> int:
-    from .data import load_examples
-    from .evaluation import generate_answers, sample_answers
-    from .models import load_trained
+    from sdft.data.examples import load_examples
+    from sdft.eval.evaluation import generate_answers, sample_answers
+    from sdft.models import load_trained
 
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
     model, tokenizer = load_trained(args.model)
@@ -173,7 +173,7 @@ def _generate(args, parser) -> int:
 
 
 def _export(args, parser) -> int:
-    from .export import export_checkpoint
+    from sdft.run.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, args.model, args.merge, args.force)
     print(f"wrote {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})"
@@ -183,7 +183,7 @@ def _export(args, parser) -> int:
 
 
 def _train(args, parser) -> int:
-    from .data import load_examples
+    from sdft.data.examples import load_examples
 
     pairs = _overrides(parser, args.set)
     demo = args.model is None and args.data is None
@@ -201,7 +201,7 @@ def _train(args, parser) -> int:
         load_examples(args.data)
     if config.eval_data:
         load_examples(config.eval_data)
-    from .retention import resolve
+    from sdft.eval.retention import resolve
 
     resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
             bool(config.eval_data), report=lambda message: None)  # reads and checks the files, before the model
@@ -209,9 +209,10 @@ def _train(args, parser) -> int:
 
     import torch
 
-    from . import models, skill_accuracy, train
-    from .evaluation import eval_table
-    from .retention import summary as retention_summary
+    from sdft import models
+    from sdft.eval.evaluation import eval_table, skill_accuracy
+    from sdft.eval.retention import summary as retention_summary
+    from sdft.run.trainer import train
 
     model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
     processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -247,7 +248,7 @@ def _config(args, parser) -> int:
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from .trainer import NonFiniteError
+    from sdft.run.trainer import NonFiniteError
 
     try:
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,

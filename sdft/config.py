@@ -12,13 +12,11 @@ import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from sdft.data.templates import check_template
+from sdft.eval.scorers import get_scorer
+from sdft.prefix.attention import MODES as TREE_ATTENTION_MODES
 from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
-
-from .reporting import BACKENDS as REPORT_BACKENDS
-from .scorers import get_scorer
-from .templates import check_template
-from .tree_attention import MODES as TREE_ATTENTION_MODES
 
 TEACHER_MODES = ("live", "frozen", "ema")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -26,6 +24,7 @@ DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
 NONFINITE_ACTIONS = ("stop", "skip")
+REPORT_BACKENDS = ("none", "tensorboard", "wandb")  # sdft.run.reporting writes each
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -89,7 +88,7 @@ class SDFTConfig:
     seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
     full_determinism: bool = _opt(False, "as transformers' full_determinism: deterministic torch algorithms "
                                   "(torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG) "
-                                  "for the run; costs GPU speed, nothing measurable on CPU (sdft.determinism)")
+                                  "for the run; costs GPU speed, nothing measurable on CPU (sdft.runtime.determinism)")
     decode_gemm: str = _opt("rule", "layout of decoding's few-row CPU matrix products: rule (fixed by the row "
                             "count: a seed gives the same rollouts under any load), auto (timed per process: can "
                             "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",
@@ -142,7 +141,7 @@ class SDFTConfig:
     tree_attention: str = _opt("auto", "attention of the prefix-tree passes: auto (FlexAttention block mask on CUDA "
                                "for packed rows of 1024+ tokens, the dense mask elsewhere), dense (a [T, T] mask "
                                "through sdpa/eager), flex (the block mask wherever it runs: on CPU only the "
-                               "passes without gradient); see sdft.tree_attention", choices=TREE_ATTENTION_MODES)
+                               "passes without gradient); see sdft.prefix.attention", choices=TREE_ATTENTION_MODES)
     share_teacher_prefix: bool = _opt(False, "live teacher: score prompts and teacher contexts in ONE prefix tree "
                                       "where the node count says it pays (their common system message computed "
                                       "once). Off by default: at long prompts on the CPU it cut token passes 39% "
@@ -205,7 +204,7 @@ class SDFTConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     cpu_trim_memory: bool = _opt(True, "on a CPU with glibc: before each backward give the heap memory freed by "
                                  "the rollouts and the forward back to the OS (malloc_trim), so the gradients "
-                                 "do not stack on freed but resident pages (sdft.heap_trim)")
+                                 "do not stack on freed but resident pages (sdft.runtime.heap_trim)")
 
     def __post_init__(self):
         self.distillation_mode = MODE_ALIASES.get(self.distillation_mode, self.distillation_mode)

@@ -7,8 +7,8 @@
   (Costs a copy of the head; models with a biased LM head are rare.)
 * ``softcap`` (Gemma-2's final_logit_softcapping): ``cap * tanh(z / cap)`` after the scale, nonlinear
   (with a scale s: ``cap * tanh(s z / cap) = s * (cap / s) * tanh(z / (cap / s))``, so the scale still
-  folds into the temperature), so it runs in the chunked path (``sdft_kernels.chunked``), which applies it to each logit block and chains
-  ``1 - tanh^2`` into the gradient.
+  folds into the temperature), so it runs in the chunked path (``sdft_kernels.chunked``), which applies it
+  to each logit block and chains ``1 - tanh^2`` into the gradient.
 """
 from __future__ import annotations
 

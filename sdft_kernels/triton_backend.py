@@ -7,7 +7,6 @@ bounded [N, chunk] block, then two GEMMs give dH (accumulated in fp32) and dW[v_
 from __future__ import annotations
 
 import functools
-
 import math
 import os
 

@@ -21,6 +21,7 @@ When teacher and student share the LM head each weight tile is loaded once for b
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _dot(x, w, acc, PRECISION: tl.constexpr):
     """acc += x @ w in fp32. PRECISION "interp" upcasts first: Triton's CPU interpreter

@@ -9,11 +9,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import sdft.trainer as trainer  # noqa: E402
-from sdft import SDFTConfig, train, train_sft  # noqa: E402
-from sdft.rollouts import RolloutBatch  # noqa: E402
 from tiny_model import tiny_llama  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+import sdft.run.trainer as trainer  # noqa: E402
+from sdft import SDFTConfig, train, train_sft  # noqa: E402
+from sdft.rollout.engine import RolloutBatch  # noqa: E402
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
 
@@ -70,17 +71,32 @@ def main(argv=None):
 
     trainer.clip_and_step = capture
     if args.method == "sft":
-        import sdft.sft as sft
+        import sdft.run.sft as sft
 
         sft.clip_and_step = capture
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok)).double()
-    config = SDFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.per_device,
-                        num_generations=2, max_completion_length=5, learning_rate=1e-3, progress_bar=False,
-                        device="cpu", divergence="forward_kl", save_final_model=True, teacher_mode=args.teacher,
-                        ema_decay=0.5, save_steps=1, use_lora=args.lora, lora_r=4,
-                        mixed_precision="bf16" if args.bf16 else "no", parallel=args.parallel, resume_from_checkpoint=args.resume,
-                        loss_normalization="sequence_mean" if args.method == "sdft_seq" else "token_mean")
+    config = SDFTConfig(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.per_device,
+        num_generations=2,
+        max_completion_length=5,
+        learning_rate=1e-3,
+        progress_bar=False,
+        device="cpu",
+        divergence="forward_kl",
+        save_final_model=True,
+        teacher_mode=args.teacher,
+        ema_decay=0.5,
+        save_steps=1,
+        use_lora=args.lora,
+        lora_r=4,
+        mixed_precision="bf16" if args.bf16 else "no",
+        parallel=args.parallel,
+        resume_from_checkpoint=args.resume,
+        loss_normalization="sequence_mean" if args.method == "sdft_seq" else "token_mean",
+    )
     if args.method == "sft":
         train_sft(model, ROWS, config, tokenizer=tok, step_callback=maybe_die)
     else:

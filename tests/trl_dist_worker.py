@@ -8,10 +8,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from datasets import Dataset  # noqa: E402
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
 
 from sdft.integrations.trl_loss import FusedSDFTTrainer  # noqa: E402
-from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 ROWS = [{"prompt": [{"role": "user", "content": f"add {a} {b}"}], "privileged_context": f"{a} + {b} = {a + b}"}
         for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]

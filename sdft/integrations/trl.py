@@ -12,8 +12,8 @@ forward KL / reverse KL / JSD, ``distillation_mode``, ``distillation_topk``, ...
 ``per_device_train_batch_size`` counts completions: prompts = it / ``num_generations``), optimiser,
 schedule and bookkeeping. Every TRL field is classified in ``trl_fields`` (honoured, refused with a
 one-line error when set, or irrelevant with its reason), so none is silently ignored; pass a rollout
-engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never reuses, so it
-is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
+engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never
+reuses, so it is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
 master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ import os
 import warnings
 from pathlib import Path
 
-from ..batch_loss import divergence_from_alpha
-from ..config import SDFTConfig
-from ..data import load_examples
-from ..trainer import TrainResult, train
-from .trl_fields import arg, check_fields, load_dtype, plain
+from sdft.config import SDFTConfig
+from sdft.data.examples import load_examples
+from sdft.integrations.trl_fields import arg, check_fields, load_dtype, plain
+from sdft.loss.batch import divergence_from_alpha
+from sdft.run.trainer import TrainResult, train
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
@@ -167,8 +167,8 @@ class SDFTTrainer:
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model
         (TRL writes into output_dir itself, but sdft's run folder holds its own config.json, checkpoints and
         metrics, which a model folder written over it would destroy)."""
-        from ..export import export_model
-        from ..run_dir import FINAL_MODEL
+        from sdft.run.export import export_model
+        from sdft.run.run_dir import FINAL_MODEL
 
         if self.result is None:
             raise ValueError("call train() before save_model()")

@@ -5,7 +5,7 @@
   error naming the field, so nothing is ignored silently.
 - ``IRRELEVANT``: accepted whatever its value, with the reason it changes nothing in an sdft run.
 
-``tests/test_trl_dropin.py`` walks the installed TRL's dataclass: a field a future TRL adds fails that
+``tests/integrations/test_trl_dropin.py`` walks the installed TRL's dataclass: a field a future TRL adds fails that
 test until it is classified here.
 """
 from __future__ import annotations
@@ -217,13 +217,23 @@ def check_fields(args) -> None:
             raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off[0]!r}")
     checks = [
         ("optim", plain(arg(args, "optim", OPTIMIZERS[1])) in OPTIMIZERS, f"sdft's optimizer is AdamW ({OPTIMIZERS})"),
-        ("save_strategy", plain(arg(args, "save_strategy", "steps")) == "steps",
-         "sdft checkpoints every save_steps and at the end (crash-safe resume): use 'steps' with a large save_steps "
-         "and save_total_limit=1"),
+        (
+            "save_strategy",
+            plain(arg(args, "save_strategy", "steps")) == "steps",
+            "sdft checkpoints every save_steps and at the end (crash-safe resume): use 'steps' with a large save_steps "
+            "and save_total_limit=1",
+        ),
         ("shuffle_dataset", arg(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
-        ("train_sampling_strategy", plain(arg(args, "train_sampling_strategy", "random")) == "random",
-         "sdft samples in a seeded shuffle"),
-        ("fp16", not arg(args, "fp16", False), "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False"),
+        (
+            "train_sampling_strategy",
+            plain(arg(args, "train_sampling_strategy", "random")) == "random",
+            "sdft samples in a seeded shuffle",
+        ),
+        (
+            "fp16",
+            not arg(args, "fp16", False),
+            "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False",
+        ),
     ]
     checks += [(k, float(arg(args, k, v)) == v, f"sdft's AdamW keeps {k}={v}") for k, v in ADAM.items()]
     for name, ok, why in checks:

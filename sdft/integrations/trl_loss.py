@@ -10,7 +10,7 @@ column instead of ``[B, T, V]`` (``logits_to_keep=1``); their final hidden state
 ``fused_linear_divergence`` with TRL's objective (``distillation_mode`` full_logits / topk_logits /
 sampled_token, ``distillation_alpha``, ``distillation_add_tail``, ``distillation_is_clip`` on reused
 rollouts, ``num_loss_tokens_to_skip``, temperature, the per-sequence mean then batch mean) and the
-model's LM head as ``sdft.lm_head`` describes it. The teacher-server path is TRL's, unchanged.
+model's LM head as ``sdft.models.head`` describes it. The teacher-server path is TRL's, unchanged.
 Requires ``trl`` (``pip install "sdft[trl]"``).
 """
 from __future__ import annotations
@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 
-from ..batch_loss import KERNEL_MODES, compute_dtype, divergence_from_alpha, head_divergence, objective_kwargs
-from ..heap_trim import trim_freed_memory
-from ..lm_head import check_logits, head_of
-from ..models import decoder_of
+from sdft.loss.batch import KERNEL_MODES, compute_dtype, divergence_from_alpha, head_divergence, objective_kwargs
+from sdft.models import decoder_of
+from sdft.models.head import check_logits, head_of
+from sdft.runtime.heap_trim import trim_freed_memory
+
 
 def completion_hidden(model, input_ids, attention_mask, width: int) -> torch.Tensor:
     """Final (normed) hidden states [B, width, H] predicting the last ``width`` tokens, from the

@@ -1,10 +1,10 @@
 """Per-family adapters: where a causal LM keeps its decoder stack, its repeated blocks and its head.
 
 sdft needs three things from a model: the decoder that returns the final (normed) hidden states, the
-LM head the fused op applies to them (``sdft.lm_head``), and the list of repeated blocks (FSDP2 shards
+LM head the fused op applies to them (``sdft.models.head``), and the list of repeated blocks (FSDP2 shards
 each block as one unit). Families name these differently (``model.layers`` in Llama, ``transformer.h``
 in GPT-2, ``gpt_neox`` + ``embed_out`` in GPT-NeoX), so each supported family is one small entry
-here, checked on a tiny random config by ``tests/test_model_families.py`` (hidden @ head equals the
+here, checked on a tiny random config by ``tests/models/test_model_families.py`` (hidden @ head equals the
 model's logits; the prefix-tree pass equals the unshared one). A model of another family is refused
 with an error naming its ``model_type``, never run through guessed attribute names.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .parts import base_model
+from sdft.models.parts import base_model
 
 
 @dataclass(frozen=True)

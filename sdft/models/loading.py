@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .families import check_model_type
+from sdft.models.families import check_model_type
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -146,7 +146,11 @@ def load_trained(path=None, dtype=torch.float32):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
     a peft LoRA adapter folder (its base: the path in ``adapter_config.json``, or the embedded model
     when that is not a local folder), or the embedded model when ``path`` is None."""
-    if path is not None and (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").exists():
+    if (
+        path is not None
+        and (Path(path) / "adapter_config.json").is_file()
+        and not (Path(path) / "config.json").exists()
+    ):
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")

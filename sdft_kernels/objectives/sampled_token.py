@@ -6,8 +6,6 @@ a cut cross-entropy.
 """
 from __future__ import annotations
 
-import torch
-
 from ..logit_math import _softmax_
 from .base import Objective, token_logprob
 

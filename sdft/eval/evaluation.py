@@ -1,0 +1,119 @@
+"""Evaluation: greedy answers to held-out prompts scored against their demonstrations, and the
+perplexity of those demonstrations (``sdft.run.evaluator`` runs it during training)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdft.data.chat import chat_ids
+from sdft.data.examples import load_examples
+from sdft.models import eval_mode
+from sdft.rollout.engine import trim_completions
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    device = next(model.parameters()).device
+    answers = []
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = [chat_ids(tokenizer, ex.messages(), device) for ex in examples[start:start + batch_size]]
+            width = max(ids.numel() for ids in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, device=device)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(chunk):
+                ids[i, width - row.numel():] = row
+                mask[i, width - row.numel():] = 1
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            completions, keep = trim_completions(out[:, width:], {tokenizer.eos_token_id}, tokenizer.pad_token_id)
+            for row, m in zip(completions, keep):
+                answers.append(tokenizer.decode(row[m], skip_special_tokens=True))
+    return answers
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature: float) -> list[str]:
+    """One sampled answer per prompt, through the batched rollout engine."""
+    from sdft.rollout.engine import HFRolloutEngine, eos_ids
+
+    device = next(model.parameters()).device
+    prompts = [chat_ids(tokenizer, ex.messages(), device) for ex in examples]
+    batch = HFRolloutEngine(tokenizer).generate(model, prompts, 1, max_new_tokens, temperature)
+    stop = eos_ids(model, tokenizer)
+    return [tokenizer.decode([t for t in row[m].tolist() if t not in stop], skip_special_tokens=True)
+            for row, m in zip(batch.completions, batch.mask)]
+
+
+def skill_accuracy(model, tokenizer, dataset=None, scorer=None, max_new_tokens: int = 48) -> dict:
+    """Mean of each score over the examples; defaults to the bundled tool-call skill's eval split."""
+    from sdft.data.skill import load_skill, score
+
+    examples = load_examples(load_skill("eval") if dataset is None else dataset)
+    scorer = scorer or score
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+    scores = [scorer(a, ex.demonstration) for a, ex in zip(answers, examples)]
+    result = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+    result["examples"] = len(scores)
+    result["sample_answer"] = answers[0]
+    return result
+
+
+@torch.no_grad()
+def demonstration_perplexity(model, tokenizer, examples) -> float:
+    """exp(mean negative log-likelihood of the demonstration tokens given their prompts)."""
+    from sdft.data.chat import demonstration_ids
+
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with eval_mode(model):
+        for ex in examples:
+            ids, p = demonstration_ids(tokenizer, ex, device)
+            logits = model(input_ids=ids[None], logits_to_keep=ids.numel() - p + 1).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum"))
+            count += ids.numel() - p
+    return math.exp(nll / max(count, 1))
+
+
+def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48) -> dict:
+    """Greedy answers to ``dataset``'s prompts scored against their demonstrations (``sdft.eval.scorers``),
+    and the perplexity of the demonstrations: {"score", "perplexity", "examples", "answers"}."""
+    from sdft.eval.scorers import get_scorer
+
+    examples = load_examples(dataset)
+    score = get_scorer(scorer)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+    scores = [float(score(a, ex.demonstration)) for a, ex in zip(answers, examples)]
+    return {"score": sum(scores) / len(scores), "perplexity": demonstration_perplexity(model, tokenizer, examples),
+            "examples": len(examples), "answers": answers}
+
+
+def shorten(text, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60) -> str:
+    """A small text table: score and perplexity per evaluation, then a few answers first vs last."""
+    columns = [("score", "score", "7.3f"), ("perplexity", "perplexity", "10.3f"),
+               ("retention_score", "kept", "7.3f"), ("retention_text_perplexity", "text_ppl", "9.3f")]
+    columns = [c for c in columns if records and c[0] in records[0]]
+    lines = [f"{'step':>6}" + "".join(f"  {name:>{fmt.split('.')[0]}}" for _, name, fmt in columns)]
+    lines += [f"{r['step']:>6}" + "".join(f"  {r.get(key, float('nan')):{fmt}}" for key, _, fmt in columns)
+              for r in records]
+    if len(records) >= 1 and "answers" in records[0]:
+        first, last = records[0], records[-1]
+
+        def cut(text):
+            return shorten(text, width)
+
+        for i, ex in enumerate(examples[:samples]):
+            lines += [f"- prompt:        {cut(ex.prompt[-1][1])}",
+                      f"  demonstration: {cut(ex.demonstration)}",
+                      f"  step {first['step']:<6} {cut(first['answers'][i])}"]
+            if last is not first:
+                lines.append(f"  step {last['step']:<6} {cut(last['answers'][i])}")
+    return "\n".join(lines)

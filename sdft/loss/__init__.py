@@ -1,0 +1,2 @@
+"""The SDFT loss of one batch: the teacher's scoring (``teacher``) and the student's fused divergence
+against it (``batch``)."""

@@ -1,0 +1,109 @@
+"""The prefix tree's visibility as a FlexAttention ``BlockMask``, and which attention a tree pass uses.
+
+In the packed preorder layout (``sdft.prefix.tree``) query i sees key j iff ``j <= i < end[j]``: a
+``mask_mod`` of one index lookup. The block structure is built from the same intervals in
+O((T / block)**2) work, never as a [T, T] mask: the keys of block kb are seen by the queries in
+``[kb_start, max(end over the block))`` (a partial block wherever that range meets a query block),
+and a query block sees the whole key block when every key starts before it and every key's
+subtree ends after it (a full block: no mask_mod evaluated there). Rollouts of different prompts,
+or of one prompt after they branch, never see each other, so most blocks are skipped.
+
+Which attention a tree pass takes (``tree_attention`` in the config):
+
+* ``dense``: the [R, 1, T, T] mask through the model's own attention (sdpa / eager);
+* ``flex``: the block mask through ``torch.nn.attention.flex_attention`` wherever it runs (on CPU
+  only passes without gradient: it has no CPU backward);
+* ``auto``: flex on CUDA for packed rows of at least ``FLEX_MIN_NODES`` tokens (an arbitrary dense
+  mask takes SDPA off its flash kernels there, and its memory grows with T**2), dense elsewhere: on
+  this CPU the first flex call compiles for tens of seconds (about 24 s in a probe; the comparison is
+  ``benchmarks/bench_tree_attention.py``), more than a whole step at the sizes a CPU trains, and the
+  student's pass cannot take it. The 1024-token threshold is not measured on a GPU yet.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+MODES = ("auto", "dense", "flex")
+FLEX_MIN_NODES = 1024
+BLOCK = 128
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def may_use_flex(mode: str, model) -> bool:
+    """Whether a tree pass of ``model`` in this grad mode can take the block mask under ``mode``.
+
+    Never for ``dense``, a torch without FlexAttention, a model class that does not declare flex support,
+    or attention dropout while training (transformers' flex path refuses dropout). FlexAttention has
+    no backward on CPU (torch 2.13), so there only passes without gradient qualify (the teacher's
+    scoring, rollout prefill), and ``auto`` keeps the dense mask on CPU altogether.
+    """
+    if mode == "dense" or not flex_available() or not getattr(model, "_supports_flex_attn", False):
+        return False
+    if model.training and getattr(model.config, "attention_dropout", 0.0):
+        return False
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return mode == "flex" and not torch.is_grad_enabled()
+    return True
+
+
+def use_flex(mode: str, width: int, model) -> bool:
+    """The rule: does a tree pass of packed width ``width`` take the block mask?"""
+    return may_use_flex(mode, model) and (mode == "flex" or width >= FLEX_MIN_NODES)
+
+
+def block_mask(ends: torch.Tensor, block: int = BLOCK):
+    """The ``BlockMask`` of packed rows whose preorder subtree ends are ``ends`` ``[R, T]``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, width = ends.shape
+    nb = -(-width // block)
+    padded = torch.arange(1, nb * block + 1, device=ends.device).repeat(rows, 1)
+    padded[:, :width] = ends
+    per_block = padded.view(rows, nb, block)
+    max_end, min_end = per_block.max(-1).values, per_block.min(-1).values  # [R, KVb]
+    starts = torch.arange(nb, device=ends.device) * block
+    q0, q1 = starts[:, None], starts[:, None] + block  # query block bounds [Qb, 1]
+    k0, k1 = starts[None, :], starts[None, :] + block  # key block bounds [1, KVb]
+    any_seen = (k0 < q1) & (q0 < max_end[:, None, :])  # [R, Qb, KVb]
+    full = (k1 - 1 <= q0) & (min_end[:, None, :] >= q1)
+    partial = any_seen & ~full
+
+    def indices(blocks: torch.Tensor):
+        count = blocks.sum(-1, dtype=torch.int32)
+        order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return count[:, None], order[:, None]
+
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (q < ends[b, kv])
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(width, width))
+
+
+@contextlib.contextmanager
+def flex_attention_of(model):
+    """Run ``model``'s attention through transformers' flex_attention for the duration (the block mask
+    is a ``BlockMask``, which only that implementation reads); restored afterwards."""
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = "flex_attention"
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl

@@ -1,0 +1,263 @@
+"""Checkpoints that survive a crash and reveal damage.
+
+A checkpoint folder ``checkpoint-N`` holds the trainable weights (``trainable.safetensors``), the EMA
+teacher if any (``teacher.safetensors``), the optimizer and RNG states (``optimizer.pt``, ``rng.pt``,
+read back with ``weights_only=True`` so opening a checkpoint cannot run code), ``state.json`` (step,
+config) and, written last, ``manifest.json`` with the size and SHA-256 of every other file. It is
+written to a temporary folder, flushed to disk (fsync) and renamed into place, and older checkpoints are
+deleted only after that, so a crash or power loss while saving leaves no partial ``checkpoint-N`` and
+the previous one intact; the manifest catches files damaged afterwards (truncated copy, full disk).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Saving a checkpoint failed (full disk, read-only or forbidden folder); the older ones are intact."""
+
+
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{os.strerror(err.errno)} ({errno.errorcode.get(err.errno, err.errno)})"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def trainable_state(model) -> dict:
+    """The trainable tensors, full (gathered from every process under FSDP2: all call this)."""
+    state = full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
+    return {n: t.contiguous() for n, t in state.items()}
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path):
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def _fsync(path: Path):
+    """Flush a file or a folder entry to disk, so a rename after it never points at unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path):
+    for p in folder.iterdir():
+        if p.is_file():
+            _fsync(p)
+    _fsync(folder)
+
+
+def _aside(out: Path, step: int) -> Path:
+    """Where ``checkpoint-N`` waits while the same step is saved again (a resumed run)."""
+    return out / f".checkpoint-{step}.old"
+
+
+REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
+def plain_name(name) -> bool:
+    """A file name inside the folder itself: no separator, no ``..``, not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+def damage(path) -> str | None:
+    """None if the checkpoint at ``path`` is complete and intact, else what is wrong with it. The manifest
+    admits only plain names of regular files inside the folder (a crafted ``../x``, an absolute name, a
+    link or a FIFO is refused before anything is read), and must list every file a resume reads."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not found"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (an incomplete or foreign folder)"
+    for name in REQUIRED:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, want in files.items():
+        if not plain_name(name):
+            return f"{MANIFEST} names {name!r}, which is not a plain file name inside the checkpoint"
+        f = path / name
+        try:
+            info = f.lstat()
+        except OSError:
+            return f"{name} is missing"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{name} is not a regular file"
+        if not isinstance(want, dict) or info.st_size != want.get("bytes"):
+            return (
+                f"{name} has {info.st_size} bytes, {want.get('bytes') if isinstance(want, dict) else '?'} were written"
+            )
+        if _sha256(f) != want.get("sha256"):
+            return f"{name} does not match its checksum"
+    try:
+        checkpoint_state(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def folder_step(path) -> int:
+    """The step in a checkpoint folder's name (``checkpoint-N`` or ``.checkpoint-N.old``)."""
+    name = Path(path).name
+    m = PATTERN.match(name) or ASIDE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
+                    model_source: str | None = None, write: bool = True) -> Path | None:
+    """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
+    embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone. Tensors are
+    stored full, so any number of processes can resume from it; under FSDP2 every process calls this
+    (the gathers are collective) and only the one with ``write`` writes."""
+    trainable, optimizer_full = trainable_state(model), optimizer_state(optimizer)
+    teacher_state = teacher.state_dict() if teacher is not None else None
+    if not write:
+        return None
+    out = Path(output_dir)
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_full, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        if teacher_state is not None:
+            save_file(teacher_state, str(tmp / "teacher.safetensors"))
+        state = {"step": step, "config": config.to_dict(), "model": model_source}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        _write_manifest(tmp)
+        _fsync_folder(tmp)
+    except (OSError, RuntimeError) as err:  # ENOSPC, EROFS, EACCES (torch.save wraps some as RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(out)]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {_os_reason(err)}; {kept}") from None
+    aside = _aside(out, step)
+    if final.exists():  # the same step saved again (a resumed run): keep the old copy until the new is in
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync(out)
+    shutil.rmtree(aside, ignore_errors=True)
+    for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Checkpoint folders (intact or not), oldest first. A ``checkpoint-N`` that a crash left moved aside
+    (between the two renames of saving step N again) stands in for the missing ``checkpoint-N``."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found, aside = {}, {}
+    for p in out.iterdir():
+        if p.is_dir() and (m := PATTERN.match(p.name)):
+            found[int(m.group(1))] = p
+        elif p.is_dir() and (m := ASIDE.match(p.name)):
+            aside[int(m.group(1))] = p
+    return [p for _, p in sorted({**aside, **found}.items())]
+
+
+def newest_intact(output_dir, report=print) -> Path | None:
+    """The newest checkpoint that passes its manifest; each damaged newer one is reported and skipped."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        report(f"sdft: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def checkpoint_state(path) -> dict:
+    """``state.json`` of a checkpoint: its step, config and model source (one-line error if unreadable)."""
+    where = Path(path) / "state.json"
+    try:
+        state = json.loads(where.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where} is unreadable ({err})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)):
+        raise CheckpointError(f"{where} lacks its step or config: not written by sdft")
+    return state
+
+
+def checkpoint_step(path) -> int:
+    return int(checkpoint_state(path)["step"])
+
+
+def load_trainable(path, model):
+    """Copy a verified checkpoint's trainable weights into ``model`` (same trainable parameter names)."""
+    path = Path(path)
+    problem = damage(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
+    state = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    for name, value in state.items():
+        load_full(params[name], value)
+
+
+def load_checkpoint(path, model, optimizer, teacher) -> int:
+    """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
+    path = Path(path)
+    load_trainable(path, model)
+    load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if teacher is not None and (path / "teacher.safetensors").exists():
+        teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return checkpoint_step(path)

@@ -1,0 +1,52 @@
+"""The evaluations of a run on the user's held-out data and the retention probe, kept in
+``output_dir/eval.json``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sdft.eval import retention
+from sdft.eval.evaluation import evaluate
+from sdft.run.run_dir import EVAL_FILE
+
+
+class Evaluator:
+    """Evaluation on the user's held-out data during a run, kept in ``output_dir/eval.json``.
+
+    Each record: {"step", "score", "perplexity", "examples", "answers"}; step 0 is before training.
+    A resumed run keeps the records up to its checkpoint's step.
+    """
+
+    FILE = EVAL_FILE
+
+    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None):
+        self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
+        self.retention = retention  # sdft.eval.retention.Retention: scored beside the new skill (None: not)
+        self.write = write  # False on the other processes of a sharded run: they only help generate
+        self.path = Path(output_dir) / self.FILE
+        self.records = self._read()
+
+    def _read(self) -> list[dict]:
+        try:
+            records = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+        return records if isinstance(records, list) else []
+
+    def truncate(self, step: int):
+        self.records = [r for r in self.records if r.get("step", 0) <= step]
+
+    def __call__(self, model, tokenizer, step: int) -> dict:
+        record = {"step": step}
+        if self.examples is not None:
+            record.update(evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens))
+        if self.retention is not None:
+            record.update(retention.score(model, tokenizer, self.retention))
+        self.records = [r for r in self.records if r["step"] != step] + [record]
+        if not self.write:
+            return record
+        tmp = self.path.with_name(self.FILE + ".tmp")
+        tmp.write_text(json.dumps(self.records, indent=1))
+        os.replace(tmp, self.path)
+        return record

@@ -1,0 +1,120 @@
+"""Writing a model as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Works for models loaded from GGUF too (transformers refuses ``save_pretrained`` on those: the weights
+are copied into a fresh model built from the same config first). ``config.architectures`` is set so
+peers such as TRL, vLLM or ``pipeline`` can build the model from the path alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+EXPORT_MARK = "sdft_export.json"  # written into every export: a later export may replace the folder
+_HF_FILE = re.compile(r"^(config\.json|generation_config\.json|.+\.safetensors|.+\.safetensors\.index\.json|"
+                      r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
+                      r"chat_template\.(jinja|json)|adapter_config\.json|adapter_model\.(safetensors|bin)|"
+                      r"README\.md|" + re.escape(EXPORT_MARK) + r")$")
+
+
+def check_target(out, force: bool = False):
+    """Refuse (one line) to replace a folder that holds anything but an earlier model export: the user's
+    files are never wiped. ``force`` replaces it anyway."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export target {out} exists and is not a folder")
+    if force or not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    if not entries or (out / EXPORT_MARK).is_file():
+        return
+    foreign = [p.name for p in entries if not (p.is_file() and _HF_FILE.match(p.name))]
+    if foreign:
+        raise ValueError(f"export target {out} is not empty and not an earlier sdft export (it holds "
+                         f"{foreign[0]}): choose an empty or new folder, or pass --force (force=True) to replace it")
+
+
+def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_options) -> Path:
+    """Save into a temporary sibling and swap it in by renames: a crash never leaves a half-written
+    export under the final name, and the previous export stays whole until the new one is in."""
+    check_target(out, force)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, **save_options)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft"}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_hf_folder(model, tokenizer, out, force: bool = False) -> Path:
+    """Save ``model`` (safetensors + config + generation config) and ``tokenizer`` to ``out`` atomically."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    check_target(out, force)
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if getattr(config, "quantization_config", None) is not None or getattr(model, "is_quantized", False):
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(model.state_dict())
+        model = fresh
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return _write_folder(out, model, tokenizer, force, safe_serialization=True)
+
+
+def export_model(model, tokenizer, out, merge_lora: bool = False, force: bool = False) -> Path:
+    """A loadable folder from a trained model. LoRA: the peft adapter (``PeftModel.from_pretrained``
+    over the base model), or with ``merge_lora`` the merged full model; otherwise the full model.
+    A non-empty ``out`` that is not an earlier export is refused unless ``force``."""
+    out = Path(out)
+    if not hasattr(model, "peft_config"):
+        return save_hf_folder(model, tokenizer, out, force)
+    if merge_lora:
+        import copy
+
+        return save_hf_folder(copy.deepcopy(model).merge_and_unload(), tokenizer, out, force)
+    return _write_folder(out, model, tokenizer, force)
+
+
+def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, force: bool = False) -> Path:
+    """``sdft export``: rebuild the trained model from a checkpoint and write it as ``export_model`` does.
+
+    ``model``: the base model's path (default: the one the checkpoint records; None there means the
+    embedded SmolLM2). Every check (checkpoint, target, recorded source) runs before the model loads.
+    """
+    from sdft.config import SDFTConfig
+    from sdft.models import load_model
+    from sdft.models.loading import SOURCE_UNKNOWN
+    from sdft.models.lora import apply_lora
+    from sdft.run.checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
+
+    problem = damage(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")
+    check_target(out, force)
+    state = checkpoint_state(checkpoint)
+    source = model if model is not None else state.get("model")
+    if source == SOURCE_UNKNOWN:
+        raise ValueError(f"{checkpoint} was trained from a model object built outside sdft.load_model, so it "
+                         "does not say which base model it needs: pass the base model's path (--model)")
+    if source is not None and not Path(source).exists():
+        raise FileNotFoundError(f"{checkpoint} was trained from {source}, which is not here: pass the base "
+                                "model's path on this machine (--model)")
+    config = SDFTConfig.from_dict(state["config"])
+    base, tokenizer = load_model(source)
+    if config.use_lora:
+        base = apply_lora(base, config)
+    load_trainable(checkpoint, base)
+    return export_model(base, tokenizer, out, merge_lora, force)

@@ -1,0 +1,192 @@
+"""What a run finds in its output_dir before any model loads: start afresh, resume, or refuse; and
+what it may delete there.
+
+A run folder is owned: ``.sdft-run.json`` (the run record) lists every entry sdft wrote in it, and
+sdft deletes or replaces only those entries and its own ``checkpoint-N`` folders, never a user's file
+that happens to sit there (``output_dir=.`` in a project folder is safe). A rerun into a folder that
+holds checkpoints never silently starts over: it resumes when asked to, starts afresh when
+``overwrite_output_dir`` says so, and otherwise refuses with a message naming both options. Resuming
+from an older checkpoint moves the later ones (and the final model they led to) into a named
+``abandoned-...`` folder, so rotation and ``resume_from_checkpoint=true`` never pick them up again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sdft.run.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    damage,
+    folder_step,
+    list_checkpoints,
+    newest_intact,
+    plain_name,
+)
+from sdft.run.lock import LOCK_FILE, RunLockedError, holder
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+EVAL_FILE = "eval.json"
+FINAL_MODEL = "final_model"
+RECORD_FILE = ".sdft-run.json"
+ABANDONED = "abandoned-"
+
+
+def report_line(message: str):
+    """A progress or warning line on stderr (what the run directory and the trainer say)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_outputs(config) -> list[str]:
+    """The entries (besides checkpoints) a run with ``config`` writes in its output_dir."""
+    names = [CONFIG_FILE, METRICS_FILE]
+    if config.eval_data:
+        names.append(EVAL_FILE)
+    if "tensorboard" in config.report_to:
+        names.append("runs")
+    if "wandb" in config.report_to:
+        names.append("wandb")
+    if config.save_final_model:
+        names.append(FINAL_MODEL)
+    return names
+
+
+def _recorded(out: Path) -> set[str] | None:
+    """The names the run record lists, or None when the folder has no (readable) record."""
+    try:
+        names = json.loads((out / RECORD_FILE).read_text())["written"]
+        return {n for n in names if plain_name(n)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _owned(out: Path, found: list[Path]) -> set[str]:
+    """Entries of ``out`` sdft wrote: the record's; a folder of an older sdft (checkpoints, no record)
+    owns the names a run writes there (``runs`` only when it holds nothing but TensorBoard events)."""
+    recorded = _recorded(out)
+    if recorded is not None:
+        return recorded
+    if not found:
+        return set()
+    runs = out / "runs"
+    events = runs.is_dir() and all(p.name.startswith("events.out.tfevents") for p in runs.rglob("*") if p.is_file())
+    return {CONFIG_FILE, METRICS_FILE, EVAL_FILE, FINAL_MODEL} | ({"runs"} if events else set())
+
+
+def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
+    return [n for n in names if (out / n).exists() and n not in owned]
+
+
+def plan_run(config, report=report_line) -> Path | None:
+    """Check ``config.output_dir`` (changing nothing); return the checkpoint to resume from, or None."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} exists and is not a folder")
+    busy = holder(out)
+    if busy is not None:
+        raise RunLockedError(busy)
+    found = list_checkpoints(out)
+    foreign = _foreign(out, run_outputs(config), _owned(out, found))
+    if foreign:
+        raise ValueError(f"output_dir {out} holds {foreign[0]}, which no sdft run wrote there (it is not in "
+                         f"{RECORD_FILE}) and which this run would write: move it, or choose another output_dir")
+    if config.resume_from_checkpoint is False:
+        if found and not config.overwrite_output_dir:
+            raise ValueError(f"output_dir {out} already holds checkpoints (newest {found[-1].name}): set "
+                             "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to "
+                             "start afresh, or choose a fresh output_dir")
+        return None
+    if config.resume_from_checkpoint is True:
+        path = newest_intact(out, report)
+        if path is None:
+            extra = f" ({len(found)} damaged)" if found else ""
+            raise CheckpointError(f"resume_from_checkpoint=true but {out} holds no intact checkpoint{extra}; "
+                                  "drop resume_from_checkpoint to start afresh")
+    else:
+        path = Path(config.resume_from_checkpoint)
+        problem = damage(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
+    return path
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clear(out: Path, report):
+    """``overwrite_output_dir``: remove what sdft wrote in ``out`` (checkpoints, the record's entries)."""
+    found = list_checkpoints(out)
+    owned = _owned(out, found)
+    for path in found:
+        shutil.rmtree(path)
+    for name in sorted(owned):
+        if (out / name).exists() or (out / name).is_symlink():
+            _remove(out / name)
+    kept = sorted(p.name for p in out.iterdir() if p.name not in (RECORD_FILE, LOCK_FILE))
+    if kept:
+        report(f"sdft: overwrite_output_dir kept what sdft did not write in {out}: {', '.join(kept[:5])}"
+               + (" ..." if len(kept) > 5 else ""))
+
+
+def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
+    """Move the checkpoints after ``resume``'s step, and the final model, into a named branch folder."""
+    later = [p for p in list_checkpoints(out) if folder_step(p) > step and p.resolve() != resume.resolve()]
+    if not later:
+        return None
+    name = f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+    branch = out / name
+    branch.mkdir()
+    for path in later:
+        os.replace(path, branch / f"checkpoint-{folder_step(path)}")
+    for kept in (METRICS_FILE, EVAL_FILE):  # the abandoned run's whole history, before it is cut back
+        if (out / kept).is_file():
+            shutil.copy2(out / kept, branch / kept)
+    if (out / FINAL_MODEL).is_dir():
+        os.replace(out / FINAL_MODEL, branch / FINAL_MODEL)
+    report(f"sdft: resuming from step {step}: the later checkpoints "
+           f"({', '.join(str(folder_step(p)) for p in later)}) of the run that went on from there moved to {branch}")
+    return name
+
+
+def _write_record(out: Path, names):
+    record = out / RECORD_FILE
+    tmp = record.with_name(RECORD_FILE + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "sdft", "written": sorted(names)}, indent=1))
+    os.replace(tmp, record)
+
+
+def start_run(config, resume: Path | None, report=report_line):
+    """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
+    ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
+    this run writes, say where a resume starts."""
+    try:
+        _start(Path(config.output_dir), config, resume, report)
+    except OSError as err:
+        raise ValueError(f"cannot write in output_dir {config.output_dir}: {err.strerror or err} "
+                         f"({getattr(err, 'filename', None) or config.output_dir})") from None
+
+
+def _start(out: Path, config, resume: Path | None, report):
+    out.mkdir(parents=True, exist_ok=True)
+    for partial in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if resume is None and config.overwrite_output_dir:
+        _clear(out, report)
+    names = _owned(out, list_checkpoints(out)) | set(run_outputs(config))
+    if resume is not None:
+        step = checkpoint_step(resume)
+        branch = _abandon_later(out, Path(resume), step, report)
+        if branch is not None:
+            names.add(branch)
+        report(f"sdft: resuming from {resume} (step {step})")
+    _write_record(out, names)
+    (out / CONFIG_FILE).write_text(config.to_json())

@@ -1,0 +1,54 @@
+"""Plain supervised fine-tuning on the demonstrations: the baseline SDFT is measured against.
+
+Same data, optimizer, batching, step budget, checkpoints and metrics as ``sdft.train``; the loss is
+the cross-entropy of the demonstration tokens (and the end-of-turn) given the prompt.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sdft.config import SDFTConfig
+from sdft.data.chat import demonstration_ids
+from sdft.run.metrics import peak_memory_mib
+from sdft.run.trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps, start_runner
+from sdft.runtime.distributed import all_reduce_sum
+
+
+def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Summed cross-entropy of the tokens after the prompt (the demonstration and its end of turn)."""
+    logits = model(input_ids=ids[None]).logits[0, prompt_length - 1: -1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[prompt_length:], reduction="sum")
+
+
+def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
+              step_callback=None, eval_scorer=None) -> TrainResult:
+    """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
+    run = prepare(model, dataset, config, tokenizer, eval_scorer)
+    config, model, device = run.config, run.model, run.device
+    limit = config.max_prompt_length + config.max_completion_length
+    encoded = [demonstration_ids(run.tokenizer, ex, device, limit) for ex in run.examples]
+    runner = start_runner(run)
+
+    def step_fn(optimizer, step):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        batches = [batch_indices(step, micro, len(encoded), config, run.world)
+                   for micro in range(config.gradient_accumulation_steps)]
+        tokens = int(all_reduce_sum(sum(encoded[i][0].numel() - encoded[i][1] for batch in batches for i in batch),
+                                    run.world))
+        loss_sum = 0.0
+        order = [i for batch in batches for i in batch]
+        for k, i in enumerate(order):  # gradients summed across processes with the last one
+            loss_sum += float(runner.backward(demonstration_loss, *encoded[i], divisor=tokens,
+                                              sync=k == len(order) - 1))
+        loss_sum = all_reduce_sum(loss_sum, run.world)
+        grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
+        elapsed = time.perf_counter() - t0
+        return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",
+                "grad_norm": grad_norm, "skipped": skipped, "learning_rate": optimizer.param_groups[0]["lr"],
+                "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
+
+    return run_steps(run, step_fn, step_callback=step_callback, desc="sft")

@@ -1,0 +1,74 @@
+"""Process groups for ``torchrun`` / ``accelerate launch``: every process takes its slice of each
+step's prompts; ``sdft.runtime.parallel`` runs the model under DDP or FSDP2, which reduce the gradients.
+
+Each process divides its summed loss by the divisor of the whole step (tokens or rollouts over all
+processes), so the reduced gradient is exactly the gradient of the global loss. Process 0 alone
+writes metrics, evaluations and checkpoints (under FSDP2 every process helps gather them). Sampling
+is seeded per (step, process), so the processes draw different rollouts and a resumed run draws the
+same ones again.
+
+Backends: gloo on CPU (tested with ``torchrun --nproc_per_node 2``), nccl on CUDA (one GPU per
+process, ``cuda:LOCAL_RANK``; not run here).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def setup(device_name: str) -> World:
+    """Join the process group torchrun / accelerate describe in the environment (or stay alone)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = device_name != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_destroy_group)
+    return World(rank, size, local_rank)
+
+
+def _destroy_group():
+    """Destroy the group this module created while the interpreter is still whole: left to the
+    interpreter's finalisation, gloo's worker threads can abort the process (SIGABRT, "terminate called
+    without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def all_reduce_sum(value: float, world: World) -> float:
+    if not world.active:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier(world: World):
+    if world.active:
+        dist.barrier()

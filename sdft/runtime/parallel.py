@@ -1,0 +1,185 @@
+"""How the model runs on this process: alone, replicated under DDP, or sharded by FSDP2.
+
+Every computation sdft does with the weights (rollouts, teacher scoring, and the loss, which reads the
+decoder and the LM-head weight directly for the fused op) runs as the forward of one module,
+``Whole(model)``: ``Whole(model)(fn, *args)`` is ``fn(model, *args)``. That module is what DDP or
+FSDP2 wraps, so the engine's hooks run around everything: DDP reduces the gradients in buckets
+during the backward; FSDP2 all-gathers the root's parameters (embeddings, final norm, LM head) for
+the whole computation and each block's around each block call, and reduce-scatters the gradients.
+
+Both engines average gradients over processes; sdft divides each process's summed loss by the
+divisor of the whole step (tokens or rollouts over all processes), so ``Runner.backward`` scales the
+loss by the world size to get the gradient of the global loss.
+
+Checkpoints hold full (unsharded) tensors, gathered from every process and written by process 0, so
+a run resumes on any number of processes (``full_tensors`` / ``load_full``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sdft.models import blocks_of
+from sdft.runtime.distributed import World
+from sdft.runtime.heap_trim import trim_freed_memory
+
+
+def compute_precision(setting: str, device: torch.device) -> str:
+    """``mixed_precision`` resolved for ``device``: ``auto`` is bf16 on a CUDA device with bf16 support
+    (what a GPU user of TRL or torchtune gets by default), fp32 ("no") on CPU."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+class Whole(torch.nn.Module):
+    """A model whose forward runs any function of it, so a wrapper's hooks surround that function."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def shard(model, mixed_precision: str = "no") -> Whole:
+    """FSDP2: each transformer block one unit, the rest (embeddings, norm, head) in the root.
+    ``mixed_precision="bf16"``: parameters gathered in bfloat16 for compute (the fused op then reads a
+    bf16 head and accumulates in fp32), gradients reduced and kept in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks_of(model):
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(Whole(model), mp_policy=policy)
+
+
+class Runner:
+    """Runs functions of the model on this process (``mode``: single, ddp or fsdp). ``trim``: give
+    freed CPU heap memory back to the OS before each backward (``cpu_trim_memory``)."""
+
+    def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no",
+                 trim: bool = False):
+        self.model, self.world, self.mixed_precision, self.trim = model, world, mixed_precision, trim
+        self.mode = mode if world.active else "single"
+        self.device_type = next(model.parameters()).device.type
+        if self.mode == "fsdp":
+            self.root = shard(model, mixed_precision)
+        elif self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.root = DistributedDataParallel(Whole(model), broadcast_buffers=False)
+        else:
+            self.root = Whole(model)
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    def _autocast(self):
+        """bf16 autocast around every computation with the weights (one process, DDP); FSDP2 casts the
+        gathered parameters itself (``shard``). Master weights and optimizer state stay fp32."""
+        if self.mixed_precision != "bf16" or self.sharded:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def __call__(self, fn, *args, **kwargs):
+        """``fn(model, *args)`` with no gradient to reduce (rollouts, teacher scoring, evaluation):
+        through the root under FSDP2 (parameters gathered), directly otherwise."""
+        with torch.no_grad(), self._autocast():
+            if not self.sharded:
+                return fn(self.model, *args, **kwargs)
+            try:
+                return self.root(fn, *args, **kwargs)
+            finally:  # FSDP2 keeps a root's parameters gathered after forward, expecting a backward
+                self.root.reshard()
+
+    def backward(self, fn, *args, divisor: float, sync: bool = True, **kwargs) -> torch.Tensor:
+        """Run ``loss = fn(model, *args)`` and backpropagate ``loss / divisor``; across processes the
+        gradients are summed when ``sync`` (the last micro-batch of a step), else accumulated locally.
+        Returns the detached loss."""
+        scale = self.world.size / divisor if self.mode != "single" else 1.0 / divisor
+        context = contextlib.nullcontext()
+        if self.mode == "ddp" and not sync:
+            context = self.root.no_sync()
+        if self.sharded:
+            self.root.set_requires_gradient_sync(sync)
+        with context:
+            with self._autocast():
+                loss = self.root(fn, *args, **kwargs)
+            if self.trim:  # what the rollouts and the forward freed, before the gradients arrive
+                trim_freed_memory(loss.device)
+            (loss * scale).backward()
+        return loss.detach()
+
+    def full_model(self):
+        """The model with full weights for export: the model itself, or under FSDP2 a plain copy
+        gathered from every process (all call this; process 0 gets the copy, the others None)."""
+        if not self.sharded:
+            return self.model
+        state = full_tensors(self.model.state_dict())
+        if not self.world.is_main:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+        plain = AutoModelForCausalLM.from_config(self.model.config).to(dtype)
+        plain.load_state_dict(state)
+        return plain
+
+
+def full_tensors(state: dict) -> dict:
+    """``state`` (nested dicts/lists of tensors) with every DTensor gathered into a full tensor on the
+    CPU; a collective under FSDP2: every process calls it, in the same order."""
+    if isinstance(state, dict):
+        return {k: full_tensors(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(full_tensors(v) for v in state)
+    if _is_dtensor(state):
+        return state.full_tensor().cpu()
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    return state
+
+
+def _shard_like(value: torch.Tensor, target) -> torch.Tensor:
+    """A full tensor as this process's shard of it, placed like the DTensor ``target``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+
+
+def load_full(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into ``target``: this process's shard of it when ``target`` is a DTensor."""
+    with torch.no_grad():
+        target.copy_(_shard_like(value, target) if _is_dtensor(target) else value)
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with full tensors (gathered under FSDP2)."""
+    return full_tensors(optimizer.state_dict())
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a full-tensor optimizer state: each parameter's moments are sharded like the parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(_is_dtensor(p) for p in params):
+        for index, moments in state["state"].items():
+            p = params[int(index)]
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    moments[key] = _shard_like(value, p)
+    optimizer.load_state_dict(state)
+
+
+def grad_norm_value(norm) -> float:
+    """A gradient norm as a float (clip_grad_norm_ returns a DTensor under FSDP2)."""
+    return float(norm.full_tensor() if _is_dtensor(norm) else norm)

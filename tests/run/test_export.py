@@ -1,0 +1,70 @@
+"""A run ends with a folder transformers / peft load with the trained logits."""
+import pytest
+import torch
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from sdft import SDFTConfig, train
+from sdft.cli import main as cli
+from sdft.run.export import export_checkpoint
+
+ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
+IDS = torch.tensor([[5, 9, 14, 3, 22, 7]])
+
+
+def _train(tmp_path, model_dir, **change):
+    tok = tiny_tokenizer()
+    config = SDFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=1,
+                        num_generations=2, max_completion_length=4, learning_rate=1e-2, progress_bar=False,
+                        device="cpu", **change)
+    return train(str(model_dir), ROWS, config), tok
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+    from sdft.run.export import save_hf_folder
+
+    return save_hf_folder(model, tok, tmp_path / "base")
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def test_final_model_and_export_load_with_identical_logits(tmp_path, model_dir, capsys):
+    result, _ = _train(tmp_path, model_dir)
+    trained = _logits(result.model)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_model")
+    assert final.config.architectures == ["LlamaForCausalLM"]
+    torch.testing.assert_close(_logits(final), trained, rtol=0, atol=0)
+    assert not torch.equal(_logits(AutoModelForCausalLM.from_pretrained(model_dir)), trained)
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "exported")]) == 0
+    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "exported")), trained,
+                               rtol=0, atol=0)
+
+
+def test_lora_exports_the_adapter_or_the_merged_model(tmp_path, model_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    result, _ = _train(tmp_path, model_dir, use_lora=True, lora_target_modules=["q_proj", "v_proj"])
+    trained = _logits(result.model)
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "final_model")
+    torch.testing.assert_close(_logits(adapter), trained, rtol=1e-5, atol=1e-6)
+    merged = export_checkpoint(tmp_path / "run" / "checkpoint-2", tmp_path / "merged", merge_lora=True)
+    # Merging folds B @ A into the base weight: one rounding per weight, so fp32-close, not bitwise.
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_damaged_checkpoint_is_a_one_line_error(tmp_path, model_dir, capsys):
+    _train(tmp_path, model_dir)
+    (tmp_path / "run" / "checkpoint-2" / "trainable.safetensors").write_bytes(b"x")
+    capsys.readouterr()
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trainable.safetensors has 1 bytes" in err

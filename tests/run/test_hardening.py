@@ -1,0 +1,248 @@
+"""Typed config, one-line CLI errors before the model loads, crash-safe reruns, verified
+checkpoints, loud non-finite steps."""
+import json
+
+import pytest
+import torch
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+import sdft.models
+from sdft import SDFTConfig, train
+from sdft.cli import main as cli
+from sdft.config import describe_fields
+from sdft.run.checkpoint import list_checkpoints
+
+ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
+BASE = dict(max_steps=3, per_device_train_batch_size=1, num_generations=2, max_completion_length=4,
+            save_steps=1, progress_bar=False, device="cpu", save_final_model=False)
+
+
+def _run(tmp_path, step_callback=None, **change):
+    tok = tiny_tokenizer()
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path), **change})
+    return train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, step_callback=step_callback)
+
+
+def _steps(folder):
+    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- 4. typed config ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,message", [
+    ("max_steps=abc", "max_steps must be an integer, got 'abc'"),
+    ("max_steps=1.5", "max_steps must be an integer, got '1.5'"),
+    ("max_steps=true", "max_steps must be an integer, got 'true'"),
+    ("max_steps=0", "max_steps must be positive"),
+    ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
+    ("learning_rate=Infinity", "learning_rate must be a finite number"),
+    ("learning_rate=nan", "learning_rate must be a finite number"),
+    ("share_prefix=maybe", "share_prefix must be true or false"),
+    ("divergence=kl", "unknown divergence 'kl'"),
+    ("ema_decay=1", "ema_decay must be below 1"),
+    ("lr=1", "unknown SDFTConfig option(s): lr"),
+])
+def test_cli_values_are_parsed_by_type_and_checked(text, message, capsys, monkeypatch):
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    assert cli(["train", "--no-eval", "--set", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(max_steps=1.5), "max_steps must be an integer"),
+    (dict(max_steps=True), "max_steps must be an integer"),
+    (dict(output_dir=123), "output_dir must be a non-empty string"),
+    (dict(lora_target_modules="q_proj"), "lora_target_modules must be a non-empty list"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
+    (dict(resume_from_checkpoint=""), "resume_from_checkpoint must be true, false or a checkpoint path"),
+    (dict(nonfinite="ignore"), "unknown nonfinite 'ignore'"),
+])
+def test_api_config_checks_types(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        SDFTConfig(**change)
+
+
+def test_cli_lists_and_parses_typed_values(capsys):
+    config = SDFTConfig.from_strings({"lora_target_modules": "q_proj, v_proj", "max_steps": "7",
+                                      "learning_rate": "3e-4", "use_lora": "true", "output_dir": "123"})
+    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.max_steps == 7
+    assert config.use_lora is True and config.output_dir == "123" and config.learning_rate == 3e-4
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for line in describe_fields().splitlines():
+        assert line.strip() in help_text
+    for name in SDFTConfig.__dataclass_fields__:
+        assert f"  {name} (" in help_text
+
+
+def test_config_show_prints_the_resolved_config(tmp_path, capsys):
+    assert cli(["config", "--show", "--set", "max_steps=9"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_steps"] == 9
+    _run(tmp_path, max_steps=1)
+    assert cli(["config", "--show", "--from", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["max_steps"] == 1 and shown["output_dir"] == str(tmp_path)
+    assert cli(["config", "--show", "--from", str(tmp_path / "checkpoint-1"), "--set", "seed=4"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 4
+
+
+def test_repeated_set_flags_add_up(capsys):
+    """``--set a=1 --set b=2`` keeps both (argparse's default would keep only the last flag's values)."""
+    assert cli(["config", "--show", "--set", "max_steps=9", "--set", "seed=4", "learning_rate=2e-5"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["max_steps"], shown["seed"], shown["learning_rate"]) == (9, 4, 2e-5)
+
+
+# -- 6. bad paths: one line, before the model loads ----------------------------------------------------
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def test_bad_paths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    binary = tmp_path / "latin1.jsonl"
+    binary.write_bytes('{"prompt": "caf\xe9", "demonstration": "x"}\n'.encode("latin-1"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["--data", str(tmp_path)], "is not a file"),
+        (["--data", str(binary)], f"{binary}: not UTF-8 text"),
+        (["--data", str(tmp_path / "none.jsonl")], "dataset file not found"),
+        (["--set", f"output_dir={a_file}"], "exists and is not a folder"),
+    ]
+    for args, message in cases:
+        assert cli(["train", "--no-eval", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+def test_model_folder_with_broken_config_json(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    assert cli(["train", "--no-eval", "--model", str(tmp_path), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json is not valid JSON" in err
+
+
+# -- 2. reruns never silently start over ---------------------------------------------------------------
+
+def test_rerun_into_a_used_output_dir_refuses_then_resumes_or_overwrites(tmp_path, capsys):
+    _run(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="already holds checkpoints .*resume_from_checkpoint=true.*"
+                                         "overwrite_output_dir=true.*fresh output_dir"):
+        _run(tmp_path, max_steps=3)
+    assert _steps(tmp_path) == [1, 2] and [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]
+    _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert "resuming from" in capsys.readouterr().err
+    assert _steps(tmp_path) == [1, 2, 3]
+    _run(tmp_path, max_steps=1, overwrite_output_dir=True)
+    assert _steps(tmp_path) == [1] and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+# -- 3. damaged checkpoints ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["trainable.safetensors", "optimizer.pt", "manifest.json"])
+def test_damaged_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, capsys, victim):
+    _run(tmp_path, max_steps=3)
+    latest = tmp_path / "checkpoint-3" / victim
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    result = _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "checkpoint-3" in err and "resuming from" in err
+    assert [r["step"] for r in result.metrics] == [3] and _steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_damaged_named_checkpoint_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    _run(tmp_path, max_steps=1)
+    weights = tmp_path / "checkpoint-1" / "trainable.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, wrong bytes
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    assert cli(["train", "--no-eval", "--set", f"output_dir={tmp_path}",
+                f"resume_from_checkpoint={tmp_path / 'checkpoint-1'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trainable.safetensors does not match its checksum" in err
+
+
+def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """A crash between moving the old copy of a step aside and renaming the new one in must leave
+    that step usable."""
+    from sdft.run import checkpoint
+    from sdft.run.checkpoint import damage, save_checkpoint
+    from sdft.run.trainer import make_optimizer
+
+    result = _run(tmp_path, max_steps=2)
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path)})
+    real = checkpoint.os.replace
+
+    def crash_renaming_the_new_copy_in(src, dst):  # the old copy has been moved aside by then
+        if str(src).endswith(".checkpoint-2.tmp"):
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_renaming_the_new_copy_in)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path, 2, result.model, make_optimizer(result.model, config), None, config, keep=2)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-1", ".checkpoint-2.old"] and damage(found[-1]) is None
+    result = _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert [r["step"] for r in result.metrics] == [3] and _steps(tmp_path) == [1, 2, 3]
+    names = sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name)
+    assert names == [".checkpoint-2.old", "checkpoint-3"]  # the crash's half-written copy is gone too
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """Rewind then resume: the abandoned run's checkpoints (and final model) move to a named branch,
+    rotation keeps the fresh ones, and resume=true continues the fresh run, not the abandoned one."""
+    _run(tmp_path, max_steps=3, save_total_limit=0, save_final_model=True)
+    first = (tmp_path / "checkpoint-3" / "trainable.safetensors").read_bytes()
+    _run(tmp_path, max_steps=2, save_total_limit=2, resume_from_checkpoint=str(tmp_path / "checkpoint-1"),
+         save_final_model=True)
+    err = capsys.readouterr().err
+    branches = [p for p in tmp_path.iterdir() if p.name.startswith("abandoned-")]
+    assert len(branches) == 1 and "moved to" in err and branches[0].name.endswith("after-step-1")
+    assert sorted(p.name for p in branches[0].iterdir()) == ["checkpoint-2", "checkpoint-3", "final_model",
+                                                              "metrics.jsonl"]
+    assert [json.loads(x)["step"] for x in (branches[0] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert _steps(tmp_path) == [1, 2]
+    _run(tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert f"resuming from {tmp_path / 'checkpoint-2'}" in capsys.readouterr().err
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert (branches[0] / "checkpoint-3" / "trainable.safetensors").read_bytes() == first  # kept, untouched
+
+
+def test_checkpoint_pickles_load_with_weights_only(tmp_path):
+    _run(tmp_path, max_steps=1)
+    for name in ("optimizer.pt", "rng.pt"):
+        torch.load(tmp_path / "checkpoint-1" / name, weights_only=True)
+
+
+# -- 8. non-finite loss or gradient --------------------------------------------------------------------
+
+def test_nonfinite_step_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import sdft.run.trainer as trainer
+    from sdft.run.trainer import NonFiniteError
+
+    real = trainer.sdft_batch_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer, "sdft_batch_loss", nan_on_second_call)
+    with pytest.raises(NonFiniteError, match="step 2: loss nan"):
+        _run(tmp_path / "stop", max_steps=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["checkpoint-1"]
+    calls["n"] = 0
+    result = _run(tmp_path / "skip", max_steps=3, nonfinite="skip")
+    assert [r["skipped"] for r in result.metrics] == [False, True, False]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())

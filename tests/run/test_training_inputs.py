@@ -1,0 +1,79 @@
+"""Training API input handling: clear errors for bad data and config; skill data and scoring."""
+import json
+
+import pytest
+
+from sdft.config import SDFTConfig
+from sdft.data.examples import load_examples
+from sdft.data.skill import load_skill, score
+from sdft.data.templates import teacher_messages
+
+
+def test_accepts_trl_columns_and_chat_prompts():
+    rows = [{"prompt": "hi", "privileged_context": "hello"},
+            {"prompt": [{"role": "user", "content": "q"}], "demonstration": "a"}]
+    ex = load_examples(rows)
+    assert ex[0].demonstration == "hello" and ex[1].messages() == [{"role": "user", "content": "q"}]
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([], "holds no examples"),
+    ([{"demonstration": "a"}], "missing field 'prompt'"),
+    ([{"prompt": "q"}], "missing field 'demonstration'"),
+    ([{"prompt": "", "demonstration": "a"}], "'prompt' is empty"),
+    ([{"prompt": "q", "demonstration": "  "}], "demonstration is empty"),
+    ({"prompt": "q", "demonstration": "a"}, "a mapping must hold columns"),
+    ({"prompt": ["q", "r"], "demonstration": ["a"]}, "a mapping must hold columns"),
+    ({"prompt": [], "demonstration": []}, "holds no examples"),
+])
+def test_bad_rows_name_the_problem(rows, message):
+    with pytest.raises(ValueError, match=message):
+        load_examples(rows)
+
+
+def test_accepts_a_mapping_of_columns():
+    """The shape ``Dataset.from_dict`` takes, without needing the datasets package."""
+    ex = load_examples({"prompt": ["q1", "q2"], "demonstration": ["a1", "a2"]})
+    assert [(e.messages()[-1]["content"], e.demonstration) for e in ex] == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset file not found"):
+        load_examples(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "demonstration": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_examples(bad)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(divergence="kl"), "unknown divergence"),
+    (dict(teacher_mode="old"), "unknown teacher_mode"),
+    (dict(num_generations=0), "num_generations must be positive"),
+    (dict(teacher_template="{prompt} only"), "neither one of"),
+])
+def test_bad_config(change, message):
+    with pytest.raises(ValueError, match=message):
+        SDFTConfig(**change)
+    with pytest.raises(ValueError, match="unknown SDFTConfig option"):
+        SDFTConfig.from_dict({"lr": 1})
+
+
+def test_templates():
+    msgs = [{"role": "user", "content": "Q?"}]
+    few = teacher_messages(msgs, "A.", "fewshot")
+    assert [m["role"] for m in few] == ["user", "assistant", "user"] and few[1]["content"] == "A."
+    paper = teacher_messages(msgs, "A.", "paper")
+    assert "This is an example for a response to the question" in paper[0]["content"]
+    with pytest.raises(ValueError, match="format string"):
+        teacher_messages(msgs, "A.", "no placeholders")
+
+
+def test_bundled_skill_and_scorer():
+    train, held_out = load_skill("train"), load_skill("eval")
+    assert len(train) > 50 and len(held_out) > 20
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    demo = held_out[0]["demonstration"]
+    assert score(demo, demo) == {"format": 1.0, "exact": 1.0}
+    assert score("sure!", demo) == {"format": 0.0, "exact": 0.0}
+    assert score(json.dumps({"tool": "x"}), demo) == {"format": 1.0, "exact": 0.0}
