@@ -26,7 +26,7 @@ from pathlib import Path
 from sdft.config import SDFTConfig
 from sdft.data.examples import load_examples
 from sdft.integrations.trl_fields import arg, check_fields, load_dtype, plain
-from sdft.loss.batch import divergence_from_alpha
+from sdft.loss.spec import divergence_from_alpha
 from sdft.run.trainer import TrainResult, train
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}

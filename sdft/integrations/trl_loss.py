@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 
-from sdft.loss.batch import KERNEL_MODES, compute_dtype, divergence_from_alpha, head_divergence, objective_kwargs
+from sdft.loss.spec import LossSpec
 from sdft.models import decoder_of
 from sdft.models.head import check_logits, head_of
 from sdft.runtime.heap_trim import trim_freed_memory
@@ -60,8 +60,7 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.distillation_mode not in KERNEL_MODES:
-            raise ValueError(f"distillation_mode={self.args.distillation_mode!r} is not fused by sdft")
+        self.loss_spec = LossSpec.from_trl(self.args, self.temperature)  # refuses a mode sdft does not fuse
         check_hidden_route(self.accelerator.unwrap_model(self.model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -71,9 +70,6 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         width = completion_ids.size(1)
-        loss_mask = completion_mask.bool()
-        if self.num_loss_tokens_to_skip > 0:
-            loss_mask = loss_mask & (torch.arange(width, device=loss_mask.device) >= self.num_loss_tokens_to_skip)
         s_hidden = completion_hidden(model, torch.cat([inputs["prompt_ids"], completion_ids], 1),
                                      torch.cat([inputs["prompt_mask"], completion_mask], 1), width)
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
@@ -85,14 +81,9 @@ class FusedSDFTTrainer(_TRLSDFTTrainer):
         t_head = None if teacher is student else head_of(teacher)
         if t_head is not None and t_head.weight is head.weight:
             t_head = None
-        args = self.args
-        divergence, beta = divergence_from_alpha(float(args.distillation_alpha))
-        dtype = compute_dtype(s_hidden.device, head.weight.dtype)  # TRL's bf16=True: autocast's bf16
-        kwargs = objective_kwargs(args.distillation_mode, loss_mask, completion_ids, topk=args.distillation_topk,
-                                  add_tail=args.distillation_add_tail, is_clip=args.distillation_is_clip,
-                                  old_logprobs=inputs.get("old_per_token_logps"), sequence_mean=True, dtype=dtype)
-        total = head_divergence(s_hidden, t_hidden, head, t_head, dtype, mask=loss_mask, divergence=divergence,
-                                beta=beta, temperature=self.temperature, **kwargs)
+        # TRL's bf16=True is autocast: the fused op then computes in its bf16 (sdft.loss.spec.compute_dtype)
+        total = self.loss_spec.summed(s_hidden, t_hidden, head, t_head, completion_mask, completion_ids,
+                                      inputs.get("old_per_token_logps"))
         loss = total / completion_ids.size(0)  # TRL: mean over each sequence's tokens, then over sequences
         mode = "train" if model.training else "eval"
         self._log_self_distillation_metric(mode, self.accelerator.gather(loss.detach()).mean().item())

@@ -23,7 +23,7 @@ from sdft.data.examples import Example, load_examples
 from sdft.data.templates import teacher_messages
 from sdft.eval import retention
 from sdft.eval.scorers import get_scorer
-from sdft.loss.batch import normaliser, sdft_batch_loss
+from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.head import verify_head
@@ -333,9 +333,10 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
     engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention)
+    loss = BatchLoss.from_config(run.config)
 
     def step_fn(optimizer, step):
-        return _train_step(run, teacher, engine, optimizer, encoded, step)
+        return _train_step(run, teacher, engine, loss, optimizer, encoded, step)
 
     return run_steps(run, step_fn, teacher, step_callback)
 
@@ -356,7 +357,7 @@ def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[flo
                          "before the update, the last checkpoint is intact (nonfinite=skip skips such steps)")
 
 
-def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
+def _train_step(run: Run, teacher, engine, batch_loss: BatchLoss, optimizer, encoded, step) -> dict:
     config, model = run.config, run.model
     pad_id = run.tokenizer.pad_token_id
     t0 = time.perf_counter()
@@ -380,9 +381,9 @@ def _train_step(run: Run, teacher, engine, optimizer, encoded, step) -> dict:
             batch = dataclasses.replace(batch, prompts=[ex.prompt_ids for ex in chosen])
         micro_batches.append((batch, [ex.teacher_ids for ex in chosen]))
     t_rollouts = time.perf_counter()
-    divisor = max(all_reduce_sum(sum(normaliser(batch, config) for batch, _ in micro_batches), world), 1)
+    divisor = max(all_reduce_sum(sum(batch_loss.normaliser(batch) for batch, _ in micro_batches), world), 1)
     for i, (batch, contexts) in enumerate(micro_batches):
-        loss = run.runner.backward(sdft_batch_loss, teacher, batch, contexts, config, pad_id, passes, divisor=divisor,
+        loss = run.runner.backward(batch_loss, teacher, batch, contexts, pad_id, passes, divisor=divisor,
                                    sync=i == len(micro_batches) - 1)
         loss_sum += float(loss)
         width = batch.completions.shape[1]

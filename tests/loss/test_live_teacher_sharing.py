@@ -28,7 +28,7 @@ def _batch(system_len=40, group=3, seed=0):
 def _loss_and_grads(model, batch, contexts, joint, monkeypatch):
     monkeypatch.setattr(batch_loss, "joint_pass_pays", lambda *a: joint)
     config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu", share_teacher_prefix=True)
-    loss = batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, pad_id=0)
+    loss = batch_loss.BatchLoss.from_config(config)(model, Teacher(model, "live"), batch, contexts, pad_id=0)
     params = [p for p in model.parameters() if p.requires_grad]
     return loss.detach(), torch.autograd.grad(loss, params)
 
@@ -82,7 +82,7 @@ def test_token_passes_count_the_joint_tree_once(monkeypatch):
     for joint in (True, False):
         monkeypatch.setattr(batch_loss, "joint_pass_pays", lambda *a, j=joint: j)
         passes = []
-        batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, 0, passes)
+        batch_loss.BatchLoss.from_config(config)(model, Teacher(model, "live"), batch, contexts, 0, passes)
         counts[joint] = passes
     sides = [[batch.prompts], [contexts], [batch.prompts, contexts]]
     nodes = [pack_sides(s, batch.completions, batch.mask, 0, 1e9)[0].num_nodes for s in sides]
@@ -96,4 +96,4 @@ def test_joint_pass_is_opt_in(monkeypatch):
     batch, contexts = _batch(system_len=120)
     monkeypatch.setattr(batch_loss, "joint_tree_hidden", lambda *a: pytest.fail("joint pass taken"))
     config = SDFTConfig(divergence="forward_kl", teacher_mode="live", device="cpu")
-    batch_loss.sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, 0)
+    batch_loss.BatchLoss.from_config(config)(model, Teacher(model, "live"), batch, contexts, 0)

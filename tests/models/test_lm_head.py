@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from sdft import SDFTConfig, train
-from sdft.loss.batch import sdft_batch_loss
+from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models.head import Head, head_of, verify_head
 from sdft.rollout.engine import RolloutBatch
@@ -89,7 +89,7 @@ def test_batch_loss_is_the_loss_of_the_models_own_logits(family, teacher_mode):
     batch, contexts = _batch(61)
     config = SDFTConfig(divergence="jsd", distillation_alpha=0.3, distillation_temperature=1.4, device="cpu",
                         teacher_mode=teacher_mode)
-    got = sdft_batch_loss(model, teacher, batch, contexts, config, pad_id=0)
+    got = BatchLoss.from_config(config)(model, teacher, batch, contexts, pad_id=0)
     expected = 0.0
     t_model = teacher.copy if teacher.copy is not None else model
     for r in range(batch.completions.shape[0]):

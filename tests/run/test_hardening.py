@@ -230,15 +230,15 @@ def test_nonfinite_step_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, mon
     import sdft.run.trainer as trainer
     from sdft.run.trainer import NonFiniteError
 
-    real = trainer.sdft_batch_loss
+    real = trainer.BatchLoss.__call__
     calls = {"n": 0}
 
-    def nan_on_second_call(*args, **kwargs):
+    def nan_on_second_call(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(trainer, "sdft_batch_loss", nan_on_second_call)
+    monkeypatch.setattr(trainer.BatchLoss, "__call__", nan_on_second_call)
     with pytest.raises(NonFiniteError, match="step 2: loss nan"):
         _run(tmp_path / "stop", max_steps=3)
     assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["checkpoint-1"]

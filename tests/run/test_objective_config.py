@@ -7,7 +7,7 @@ from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 
 from sdft import SDFTConfig, train
-from sdft.loss.batch import normaliser, sdft_batch_loss
+from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import HFRolloutEngine
 from sdft.run.trainer import learning_rate_at
@@ -100,18 +100,20 @@ def test_sequence_mean_and_skipped_tokens_match_a_per_rollout_reference():
     config = SDFTConfig(divergence="forward_kl", loss_normalization="sequence_mean", num_loss_tokens_to_skip=2,
                         teacher_mode="live", device="cpu")
     with torch.no_grad():
-        got = sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, config, tok.pad_token_id)
+        got = BatchLoss.from_config(config)(model, Teacher(model, "live"), batch, contexts, tok.pad_token_id)
     per_token = _per_token(model, batch, contexts, config)
     mask = batch.mask.clone()
     mask[:, :2] = False
     per_rollout = [(per_token[r][mask[r]].sum() / mask[r].sum()) for r in range(mask.shape[0]) if mask[r].any()]
-    assert normaliser(batch, config) == len(per_rollout)
+    normaliser = BatchLoss.from_config(config).normaliser(batch)
+    assert normaliser == len(per_rollout)
     expected = torch.stack(per_rollout).mean()
-    torch.testing.assert_close(got / normaliser(batch, config), expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got / normaliser, expected, rtol=1e-6, atol=1e-9)
     token_config = SDFTConfig(divergence="forward_kl", num_loss_tokens_to_skip=2, teacher_mode="live", device="cpu")
     with torch.no_grad():
-        got = sdft_batch_loss(model, Teacher(model, "live"), batch, contexts, token_config, tok.pad_token_id)
-    torch.testing.assert_close(got / normaliser(batch, token_config), per_token[mask].mean(), rtol=1e-6, atol=1e-9)
+        got = BatchLoss.from_config(token_config)(model, Teacher(model, "live"), batch, contexts, tok.pad_token_id)
+    tokens = BatchLoss.from_config(token_config).normaliser(batch)
+    torch.testing.assert_close(got / tokens, per_token[mask].mean(), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("change", [

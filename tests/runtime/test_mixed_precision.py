@@ -8,7 +8,8 @@ from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 
 from sdft import SDFTConfig, train
-from sdft.loss.batch import compute_dtype, sdft_batch_loss
+from sdft.loss.batch import BatchLoss
+from sdft.loss.spec import compute_dtype
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import RolloutBatch
 from sdft.runtime.parallel import Runner, compute_precision
@@ -32,7 +33,8 @@ def _loss_and_grads(precision, teacher_mode, divergence):
     batch, contexts = _batch()
     config = SDFTConfig(divergence=divergence, teacher_mode=teacher_mode, device="cpu", mixed_precision=precision)
     runner = Runner(model, mixed_precision=compute_precision(precision, torch.device("cpu")))
-    loss = runner.backward(sdft_batch_loss, Teacher(model, teacher_mode), batch, contexts, config, 0, divisor=1.0)
+    loss = runner.backward(BatchLoss.from_config(config), Teacher(model, teacher_mode), batch, contexts, 0,
+                           divisor=1.0)
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
 
 
