@@ -16,7 +16,7 @@ from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.prefix.attention import MODES as TREE_ATTENTION_MODES
 from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
-from sdft_kernels.divergence_spec import DIVERGENCES, make_spec
+from sdft_kernels.divergence import DIVERGENCES, make_spec
 
 TEACHER_MODES = ("live", "frozen", "ema")
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -1,5 +1,5 @@
 """Fused kernels for Self-Distillation Fine-Tuning: LM head + student/teacher divergence."""
-from .divergence_spec import DIVERGENCES, REDUCTIONS, make_spec
+from .divergence import DIVERGENCES, REDUCTIONS, make_spec
 from .fused_divergence import BACKENDS, fused_linear_divergence
 from .objectives import IS_LEVELS, MODES, TOPK_SUPPORTS
 from .reference import reference_linear_divergence

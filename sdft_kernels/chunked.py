@@ -1,14 +1,19 @@
-"""Any objective (``sdft_kernels.objectives``), fused with the LM head chunk by chunk, on any device.
+"""Any objective (``sdft_kernels.objectives``), fused with the LM head chunk by chunk, on any device: the
+CPU path of every objective and the fallback of the Triton kernels.
 
-For each block of rows the [chunk, V] logits are formed, the objective's per-row formula is
-evaluated and, when gradients are wanted, differentiated on that block only (by the objective's
-hand-written ``terms_and_grad`` where it has one, else by autograd); dH and dW follow from two GEMMs,
-as in ``torch_backend``. Nothing of size [N, V] is ever held. The
-elementwise work autograd adds is small next to the three [chunk, H] x [H, V] GEMMs of each block.
+Rows are processed a chunk at a time so only [chunk, V] logits exist at once, in blocks reused from
+chunk to chunk (``logit_blocks``). For each block the objective's per-row formula is evaluated and,
+when gradients are wanted, differentiated on that block only: by the objective's hand-written
+``terms_and_grad`` where it has one (the full-vocabulary divergences: ``sdft_kernels.divergence``),
+else by autograd; dH and dW follow from two GEMMs. Two ways to train:
 
-``ChunkedObjective(objective, extra)`` has the backend interface ``fused_divergence`` drives
-(``forward``, ``backward``, ``forward_with_grad``); ``extra`` holds the objective's per-row inputs,
-already restricted to the selected rows.
+* ``forward_with_grad`` (a scalar loss, what training uses): each chunk's logits give its loss and,
+  right away, its logit gradient, hence dH and dW; nothing is recomputed: 8*N*H*V FLOPs in all.
+* ``forward`` + ``backward`` (per-row losses, ``reduction="none"``, whose upstream gradient is only
+  known later): the backward recomputes the logits of each chunk (12*N*H*V FLOPs).
+
+``ChunkedObjective(objective, extra)`` has the backend interface ``fused_divergence`` drives;
+``extra`` holds the objective's per-row inputs, already restricted to the selected rows.
 """
 from __future__ import annotations
 
@@ -16,7 +21,14 @@ import torch
 
 from .heads import soft_cap
 from .logit_blocks import LogitBlocks, row_chunks
-from .torch_backend import _upcast_heads
+
+
+def upcast_heads(h_s, h_t, w, w_t):
+    """(compute dtype: at least float32, student head, teacher head in it)."""
+    dtype = torch.float32
+    for x in (h_s, h_t, w, w_t):
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype, w.to(dtype), w_t.to(dtype)
 
 
 class ChunkedObjective:
@@ -35,8 +47,9 @@ class ChunkedObjective:
         return s, t, tanh
 
     def _pass(self, h_s, h_t, w, w_t, spec, row_grad, need_h, need_w):
-        """(per-row losses, dH, dW); ``row_grad`` (None: no gradients) weights each row's gradient."""
-        dtype, w32, wt32 = _upcast_heads(h_s, h_t, w, w_t)
+        """(per-row losses, dH, dW). ``row_grad`` weights each row's gradient: a tensor [N], a float
+        for every row alike, or None (no gradients)."""
+        dtype, w32, wt32 = upcast_heads(h_s, h_t, w, w_t)
         n = h_s.shape[0]
         losses = torch.empty(n, dtype=dtype, device=h_s.device)
         d_h = torch.empty(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
@@ -50,14 +63,19 @@ class ChunkedObjective:
                 with torch.no_grad():
                     losses[rows] = self.objective.rows(s, t, extra)
                 continue
+            scale = row_grad if isinstance(row_grad, float) else row_grad[rows].to(dtype)
             if self.objective.terms_and_grad is not None:  # hand-written chunk math
-                loss, gz = self.objective.terms_and_grad(s, t, extra)
-                gz.mul_(row_grad[rows].to(dtype)[:, None])
+                loss, gz = self.objective.terms_and_grad(s, t, extra, blocks.scratch(rows))
+                if isinstance(scale, torch.Tensor):
+                    gz.mul_(scale[:, None])
+                elif scale != 1.0:
+                    gz.mul_(scale)
             else:
                 with torch.enable_grad():
                     s.requires_grad_(True)
                     loss = self.objective.rows(s, t, extra)
-                    (gz,) = torch.autograd.grad(loss, s, grad_outputs=row_grad[rows].to(dtype))
+                    weight = scale if isinstance(scale, torch.Tensor) else torch.full_like(loss, scale)
+                    (gz,) = torch.autograd.grad(loss, s, grad_outputs=weight)
             losses[rows] = loss.detach()
             if tanh is not None:  # through the cap: d cap*tanh(z/cap) / dz = 1 - tanh^2
                 gz.mul_(tanh.square_().neg_().add_(1.0))
@@ -68,6 +86,7 @@ class ChunkedObjective:
         return losses, d_h, d_w
 
     def forward(self, h_s, h_t, w, w_t, spec, shared=False):
+        """Per-row losses [N] and no saved statistics (the backward recomputes the logits)."""
         losses, _, _ = self._pass(h_s, h_t, w, w_t, spec, None, False, False)
         return losses, None
 
@@ -78,15 +97,14 @@ class ChunkedObjective:
 
     def forward_with_grad(self, h_s, h_t, w, w_t, spec, need_h, need_w):
         """(summed loss, its dH, its dW) in one pass (no recompute)."""
-        ones = torch.full((h_s.shape[0],), spec.inv_temperature, dtype=torch.float64, device=h_s.device)
-        losses, d_h, d_w = self._pass(h_s, h_t, w, w_t, spec, ones, need_h, need_w)
+        losses, d_h, d_w = self._pass(h_s, h_t, w, w_t, spec, spec.inv_temperature, need_h, need_w)
         return losses.sum(), d_h, d_w
 
     def token_logprobs(self, h_s, w, spec) -> torch.Tensor:
         """log p(target) per row under the student, forward only (for sequence-level IS weights)."""
         from .objectives.base import token_logprob
 
-        dtype = _upcast_heads(h_s, h_s, w, w)[0]
+        dtype = upcast_heads(h_s, h_s, w, w)[0]
         out = torch.empty(h_s.shape[0], dtype=dtype, device=h_s.device)
         w32 = w.detach().to(dtype)
         with torch.no_grad():

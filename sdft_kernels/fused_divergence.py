@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import torch_backend
 from .chunked import ChunkedObjective
-from .divergence_spec import DivergenceSpec, make_spec
+from .divergence import DivergenceSpec, make_spec
 from .heads import check_softcap, effective_temperature, with_bias
 from .input_checks import check_importance, check_inputs, check_row_inputs
 from .objectives import TokenImportance, Weighted, make_objective, sequence_importance_weights
@@ -14,25 +13,16 @@ from .objectives import TokenImportance, Weighted, make_objective, sequence_impo
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _triton_backend():
-    from . import triton_backend
-
-    return triton_backend
-
-
-def _pick_backend(name: str, device: torch.device):
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return torch_backend
+def _triton_backend(device: torch.device):
+    """``triton_backend``, after checking it can run on ``device``'s tensors."""
     try:
-        backend = _triton_backend()
+        from . import triton_backend
     except ImportError as err:
         raise RuntimeError(f"backend 'triton' needs the triton package: {err}") from err
-    if device.type != "cuda" and not backend.interpreting():
+    if device.type != "cuda" and not triton_backend.interpreting():
         raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing "
                            "sdft_kernels; use backend='torch' (the default on CPU) instead")
-    return backend
+    return triton_backend
 
 
 class _RowDivergence(torch.autograd.Function):
@@ -93,24 +83,29 @@ class _ScalarDivergence(torch.autograd.Function):
         return d_h, None, d_w, None, None, None, None
 
 
-def _implementation(objective, backend: str, device: torch.device, softcap, unweighted: bool) -> str:
-    """Where an objective runs: ``"backend"`` (the plain divergence's hand-written backend: Triton on
-    CUDA, chunked PyTorch on CPU), ``"kernels"`` (Triton kernels with soft cap, sampled-token or top-k)
-    or ``"chunked"`` (``sdft_kernels.chunked``: any objective, any device).
+def implementation(objective, per_row: dict, backend: str, device: torch.device, softcap, unweighted: bool):
+    """What runs ``objective`` (the one dispatch): an object with ``forward``, ``backward`` and, for
+    scalar losses, ``forward_with_grad``.
 
-    ``backend="auto"`` takes the kernels on CUDA except for top-k, whose Triton kernel has not been
-    measured on a GPU yet (``backend="triton"`` selects it); importance weights and per-token weights
-    always run chunked."""
+    * ``triton_backend`` itself: the plain full-vocabulary divergence on CUDA (``backend="auto"``) or
+      wherever ``backend="triton"`` asks;
+    * ``triton_backend.kernels_for(...)``: soft cap, the sampled-token estimator and (only with
+      ``backend="triton"``: not yet measured on a GPU) top-k on the Triton kernels;
+    * ``chunked.ChunkedObjective``: everything else, and every objective on CPU or with
+      ``backend="torch"``; importance weights and per-token weights always run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     kernel = objective.kernel if unweighted else None
     if backend == "triton" and kernel is None:
         raise ValueError("backend='triton' computes the full-vocabulary divergence, top-k and the sampled-token "
                          "estimator; is_clip and weights run on backend='auto' or 'torch'")
-    if kernel == "full" and softcap is None:
-        return "backend"
     on_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    if on_triton and kernel == "full" and softcap is None:
+        return _triton_backend(device)
     if on_triton and kernel is not None and (backend == "triton" or kernel != "topk"):
-        return "kernels"
-    return "chunked"
+        return _triton_backend(device).kernels_for(objective, per_row, softcap)
+    return ChunkedObjective(objective, per_row, softcap)
 
 
 def fused_linear_divergence(
@@ -198,7 +193,6 @@ def fused_linear_divergence(
         h_s = h_s.index_select(0, selected)
         h_t = h_t.index_select(0, selected)
         per_row = {k: v.index_select(0, selected) for k, v in per_row.items()}
-    impl_kind = _implementation(objective, backend, student_hidden.device, softcap, weights is None and is_clip is None)
     if is_clip is not None and is_level == "sequence":
         logp = ChunkedObjective(objective, per_row, softcap).token_logprobs(h_s.contiguous(), weight, spec)
         if selected is not None:
@@ -209,12 +203,8 @@ def fused_linear_divergence(
         per_row["weights"] = per_row["weights"] * seq if "weights" in per_row else seq
     if "weights" in per_row:
         objective = Weighted(objective)
-    if impl_kind == "kernels":
-        impl = _pick_backend("triton", student_hidden.device).kernels_for(objective, per_row, softcap)
-    elif impl_kind == "chunked":
-        impl = ChunkedObjective(objective, per_row, softcap)
-    else:
-        impl = _pick_backend(backend, student_hidden.device)
+    impl = implementation(objective, per_row, backend, student_hidden.device, softcap,
+                          unweighted=weights is None and is_clip is None)
     shared = teacher_weight is None or teacher_weight is weight
     args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
     wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)

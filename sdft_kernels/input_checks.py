@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .divergence_spec import REDUCTIONS
+from .divergence import REDUCTIONS
 
 
 def _fail(message: str):

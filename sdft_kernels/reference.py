@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .divergence_spec import DivergenceSpec, make_spec
-from .objectives import TokenImportance, divergence_of, make_objective, sequence_importance_weights
+from .divergence import DivergenceSpec, divergence_of, make_spec
+from .objectives import TokenImportance, make_objective, sequence_importance_weights
 from .objectives.base import token_logprob
 
 

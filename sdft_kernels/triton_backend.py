@@ -13,10 +13,11 @@ import os
 import torch
 
 from . import triton_kernels as K
-from .divergence_spec import DivergenceSpec
+from .divergence import KERNEL_KIND, DivergenceSpec
 from .heads import soft_cap
 
-KIND_ID = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled_token": 3, "softmax": 4}
+# The kernels' KIND: the divergences' ids (sdft_kernels.divergence), then the two non-divergence gradients.
+KIND_ID = {**KERNEL_KIND, "sampled_token": 3, "softmax": 4}
 # Bytes of the [N, chunk] gradient block of the backward.
 GRAD_BLOCK_BYTES = 64 * 1024 * 1024
 

@@ -1,13 +1,14 @@
 """SDFT objectives: each one object with its per-row formula, used both as the float64 reference
 (on materialised logits) and as the chunk math of the fused op (on [chunk, V] logit blocks).
 
-``kernel``: ``"full"`` objectives also have hand-written kernels (``logit_math`` on the CPU, Triton
+``kernel``: ``"full"`` objectives also have hand-written kernels (``sdft_kernels.divergence`` on the CPU, Triton
 on a GPU); the others run through ``sdft_kernels.chunked``, which differentiates the same formula
 chunk by chunk, on any device, never holding more than a chunk of logits.
 """
 from __future__ import annotations
 
-from .base import Objective, Weighted, divergence_of
+from ..divergence import divergence_of
+from .base import Objective, Weighted
 from .full_vocab import FullVocab
 from .importance import TokenImportance, sequence_importance_weights
 from .sampled_token import SampledToken

@@ -1,28 +1,9 @@
-"""What every objective provides, and the divergences on log-probability vectors they share."""
+"""What every objective provides (its divergence formulas are ``sdft_kernels.divergence``'s)."""
 from __future__ import annotations
-
-import math
 
 import torch
 
-from ..divergence_spec import DivergenceSpec
-
-
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(a || b) from log-probabilities."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
-
-
-def divergence_of(log_p: torch.Tensor, log_q: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor:
-    """Per-row divergence of the student's log-probs ``log_p`` from the teacher's ``log_q`` (same
-    support): reverse KL(p||q), forward KL(q||p), or jsd with m = beta q + (1 - beta) p."""
-    if spec.kind == "reverse_kl":
-        return _kl(log_p, log_q)
-    if spec.kind == "forward_kl":
-        return _kl(log_q, log_p)
-    beta = spec.beta
-    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
-    return beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
+from ..divergence import DivergenceSpec
 
 
 def token_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,8 +28,9 @@ class Objective:
     def rows(self, s: torch.Tensor, t: torch.Tensor, extra: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    # Optional fast path: ``terms_and_grad(s, t, extra) -> (rows, d rows / d s)`` written by hand,
-    # allowed to overwrite ``s`` and ``t``; ``sdft_kernels.chunked`` uses it instead of autograd.
+    # Optional fast path: ``terms_and_grad(s, t, extra, scratch=None) -> (rows, d rows / d s)`` written
+    # by hand, allowed to overwrite ``s``, ``t`` and ``scratch`` (a free block of their shape, or None);
+    # ``sdft_kernels.chunked`` uses it instead of autograd.
     terms_and_grad = None
 
 
@@ -68,8 +50,8 @@ class Weighted(Objective):
         if self.inner.terms_and_grad is None:
             return None
 
-        def fast(s, t, extra):
-            loss, grad = self.inner.terms_and_grad(s, t, extra)
+        def fast(s, t, extra, scratch=None):
+            loss, grad = self.inner.terms_and_grad(s, t, extra, scratch)
             w = extra["weights"].to(grad.dtype)
             return loss * w, grad.mul_(w[:, None])
         return fast

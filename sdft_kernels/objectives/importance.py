@@ -35,9 +35,9 @@ class TokenImportance(Objective):
         if self.inner.terms_and_grad is None:
             return None
 
-        def fast(s, t, extra):
+        def fast(s, t, extra, scratch=None):
             ratio = clipped_ratio(token_logprob(s, extra["targets"]), extra["old_logprobs"], self.clip)
-            loss, grad = self.inner.terms_and_grad(s, t, extra)  # after the ratio: it consumes s
+            loss, grad = self.inner.terms_and_grad(s, t, extra, scratch)  # after the ratio: it consumes s
             return loss * ratio, grad.mul_(ratio.to(grad.dtype)[:, None])
         return fast
 

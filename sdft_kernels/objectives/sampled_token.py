@@ -6,7 +6,7 @@ a cut cross-entropy.
 """
 from __future__ import annotations
 
-from ..logit_math import _softmax_
+from ..divergence import _softmax_
 from .base import Objective, token_logprob
 
 
@@ -25,7 +25,7 @@ class SampledToken(Objective):
         log_q = token_logprob(t, extra["targets"])
         return (log_p - log_q).detach() * log_p
 
-    def terms_and_grad(self, s, t, extra):
+    def terms_and_grad(self, s, t, extra, scratch=None):
         """d rows / d s = c (onehot(y) - p) with c = log p(y) - log q(y); consumes s and t."""
         y = extra["targets"][:, None]
         s_y, t_y = s.gather(1, y).squeeze(1), t.gather(1, y).squeeze(1)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..logit_math import _softmax_
-from ..logit_math import terms_and_grad as _hand_written
-from .base import Objective, divergence_of
+from ..divergence import _softmax_, divergence_of
+from ..divergence import terms_and_grad as _hand_written
+from .base import Objective
 
 
 def add_tail_bucket(log_probs: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ class TopK(Objective):
             log_q = t_k - torch.logsumexp(t_k, -1, keepdim=True)
         return divergence_of(log_p, log_q, self.spec)
 
-    def terms_and_grad(self, s, t, extra):
+    def terms_and_grad(self, s, t, extra, scratch=None):
         """Consumes s and t. Renormalised: the full-vocabulary math on the [n, k] support logits (the
         log-sum-exp over V cancels), scattered back. With the tail the loss also reads log-sum-exp(s),
         whose gradient is softmax(s): autograd on the [n, k] support and that one scalar per row."""

@@ -4,7 +4,7 @@ import torch
 from divergence_cases import DEVICE, assert_close, make_inputs, rel_err, run_both
 
 from sdft_kernels import fused_linear_divergence
-from sdft_kernels.divergence_spec import make_spec
+from sdft_kernels.divergence import make_spec
 
 BACKENDS = ["torch", "triton"]
 DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
