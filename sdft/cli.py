@@ -23,6 +23,7 @@ from sdft.config import SDFTConfig, describe_fields
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
 from sdft.run.run_dir import CONFIG_FILE, plan_run
+from sdft.runtime.distributed import check_launcher
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
@@ -206,6 +207,7 @@ def _train(args, parser) -> int:
     resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
             bool(config.eval_data), report=lambda message: None)  # reads and checks the files, before the model
     plan_run(config, report=lambda message: None)
+    check_launcher()  # before the model loads
 
     import torch
 

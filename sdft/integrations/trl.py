@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import time
 from pathlib import Path
+
+from transformers import TrainerControl, TrainerState
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import TrainOutput
 
 from sdft.config import SDFTConfig
 from sdft.data.examples import load_examples
 from sdft.integrations.trl_fields import arg, check_fields, load_dtype, plain
 from sdft.loss.spec import divergence_from_alpha
+from sdft.run.reporting import train_scalars
 from sdft.run.trainer import TrainResult, train
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
@@ -132,12 +137,28 @@ def _lora_values(peft_config) -> dict:
 
 
 class SDFTTrainer:
-    """``trl.experimental.sdft.SDFTTrainer``'s constructor and ``train()``, run by ``sdft.train``."""
+    """``trl.experimental.sdft.SDFTTrainer`` as a user drives it (constructor, ``train``, ``evaluate``,
+    ``save_model``, ``state``, callbacks), with each step run by ``sdft.train``.
+
+    * ``train(resume_from_checkpoint=None)`` returns transformers' ``TrainOutput``; ``state`` is a
+      ``TrainerState`` whose ``log_history`` holds each logged step under TRL's metric names, then
+      the run's summary (``train_runtime``, ``train_loss``, ...), as the Trainer keeps it.
+    * ``callbacks`` (``TrainerCallback`` objects) are called at the Trainer's points: ``on_init_end``,
+      ``on_train_begin``, ``on_step_end``, ``on_log``, ``on_save``, ``on_train_end``, ``on_evaluate``;
+      ``control.should_training_stop`` set by one ends the run after that step (its checkpoint written).
+    * ``evaluate(eval_dataset=None)`` answers the held-out prompts greedily and returns
+      ``{"eval_score", "eval_perplexity", "eval_examples"}`` (``eval_scorer``: ``sdft.eval.scorers``'s
+      names or a callable; default ``exact``). The SDFT loss on held-out data is not computed.
+    * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
+    """
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 callbacks=None, peft_config=None, engine=None):
+                 callbacks=None, peft_config=None, optimizers=(None, None), engine=None, eval_scorer="exact"):
         if train_dataset is None:
             raise ValueError("SDFTTrainer needs a train_dataset (columns prompt and privileged_context)")
+        if tuple(optimizers or (None, None)) != (None, None):
+            raise ValueError("optimizers=(optimizer, scheduler): sdft steps its own fused AdamW with the schedule "
+                             "of args (learning_rate, lr_scheduler_type, warmup_*, weight_decay); pass (None, None)")
         self.examples = load_examples(train_dataset)
         import torch.distributed as dist
 
@@ -145,23 +166,84 @@ class SDFTTrainer:
         config = config_from_trl(args if args is not None else {}, len(self.examples), world)
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **_lora_values(peft_config)})
-        self.args, self.model, self.processing_class = config, model, processing_class
-        self.eval_dataset, self.engine = eval_dataset, engine
-        if callbacks:
-            warnings.warn("SDFTTrainer (sdft): transformers callbacks are not called; metrics go to "
-                          "output_dir/metrics.jsonl and report_to", stacklevel=2)
+        self.args, self.trl_args = config, args
+        self.model, self.processing_class = model, processing_class
+        self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
+        if eval_dataset is not None:
+            load_examples(eval_dataset)  # a bad row is one line now, not after training
         self.result: TrainResult | None = None
+        self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
+                                  save_steps=config.save_steps, log_history=[],
+                                  is_world_process_zero=int(os.environ.get("RANK", "0")) == 0)
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(list(callbacks or []), model, processing_class, None, None)
+        self._event("on_init_end")
 
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainResult:
+    def _event(self, name: str, **kwargs):
+        self.control = getattr(self.callback_handler, name)(self.trl_args, self.state, self.control, **kwargs)
+
+    def _on_step(self, step: int, record: dict) -> bool:
+        """After each optimizer step (``sdft.train``'s ``step_callback``): state, log history and the
+        callbacks; True when a callback asked the run to stop."""
+        self.state.global_step = step
+        self.state.epoch = step / max(self.args.max_steps, 1) * self._epochs()
+        self._event("on_step_end")
+        if step % self.args.logging_steps == 0:
+            logs = {**train_scalars(record), "epoch": self.state.epoch, "step": step}
+            self.state.log_history.append(logs)
+            self._event("on_log", logs=logs)
+        if step % self.args.save_steps == 0 or step == self.args.max_steps:
+            self._event("on_save")
+        return bool(self.control.should_training_stop)
+
+    def _epochs(self) -> float:
+        prompts = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return self.args.max_steps * prompts / max(len(self.examples), 1)
+
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """As ``transformers.Trainer.train``: ``resume_from_checkpoint`` True (the newest intact checkpoint
         in output_dir) or a checkpoint path; None takes ``args.resume_from_checkpoint``."""
         config = self.args
         if resume_from_checkpoint not in (None, False):
             config = SDFTConfig.from_dict({**config.to_dict(), "resume_from_checkpoint": resume_from_checkpoint,
                                            "overwrite_output_dir": False})
-        self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine)
+        self.control = TrainerControl()
+        self._event("on_train_begin")
+        t0 = time.perf_counter()
+        self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine,
+                            step_callback=self._on_step)
+        runtime = time.perf_counter() - t0
         self.model = self.result.model
-        return self.result
+        self.callback_handler.model = self.model
+        losses = [r["loss"] for r in self.result.metrics]
+        steps = len(self.result.metrics)
+        metrics = {"train_runtime": runtime, "train_steps_per_second": steps / runtime if runtime else 0.0,
+                   "train_samples_per_second": steps * config.per_device_train_batch_size
+                   * config.gradient_accumulation_steps / runtime if runtime else 0.0,
+                   "total_flos": 0.0, "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+                   "epoch": self.state.epoch}
+        self.state.global_step = self.result.step
+        self.state.log_history.append({**metrics, "step": self.result.step})
+        self._event("on_train_end")
+        return TrainOutput(self.result.step, metrics["train_loss"], metrics)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """The held-out prompts answered greedily and scored against their demonstrations, and the
+        demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``."""
+        from sdft.eval.evaluation import evaluate
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
+        model = self.model if not isinstance(self.model, (str, Path)) else None
+        if model is None or self.processing_class is None:
+            raise ValueError("evaluate() needs a loaded model and its processing_class: call train() first "
+                             "or pass a model object")
+        found = evaluate(model, self.processing_class, dataset, self.eval_scorer, self.args.max_completion_length)
+        metrics = {f"{metric_key_prefix}_{k}": found[k] for k in ("score", "perplexity", "examples")}
+        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
 
     def save_model(self, output_dir: str | None = None):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model

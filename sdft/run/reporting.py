@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import socket
+from datetime import datetime
 from pathlib import Path
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -57,11 +59,17 @@ def eval_scalars(record: dict) -> dict[str, float]:
     return {name: float(record[key]) for key, name in EVAL_NAMES.items() if key in record}
 
 
+def run_name() -> str:
+    """A TensorBoard run's folder under ``runs/``, named as transformers' Trainer names it (date and host),
+    so a resumed or repeated run is a run of its own beside the earlier ones."""
+    return datetime.now().strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname()
+
+
 class _TensorBoard:
     def __init__(self, output_dir: Path, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+        self.writer = SummaryWriter(log_dir=str(output_dir / "runs" / run_name()))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
 
     def log(self, scalars: dict[str, float], step: int):

@@ -302,8 +302,9 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
             last = step + 1 == config.max_steps
             if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
                 reporters.eval(runner(evaluator, run.tokenizer, step + 1))
-            if step_callback is not None:
-                step_callback(step + 1, record)
+            if step_callback is not None and step_callback(step + 1, record) is True and not last:
+                _stop_early(run, runner, evaluator, reporters, optimizer, teacher, step + 1)
+                break
     finally:
         reporters.close()
     if config.save_final_model and (main or runner.sharded):
@@ -311,8 +312,19 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
         if main:
             export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora, force=True)  # ours: run_dir
     barrier(world)
-    return TrainResult(model, run.tokenizer, config.max_steps, history, out,
+    return TrainResult(model, run.tokenizer, history[-1]["step"] if history else start, history, out,
                        evaluator.records if evaluator is not None else [])
+
+
+def _stop_early(run: Run, runner, evaluator, reporters, optimizer, teacher, step: int):
+    """A step callback asked to stop after ``step``: its checkpoint and its evaluation, as at the end."""
+    config, main = run.config, run.world.is_main
+    if step % config.save_steps and (main or runner.sharded):
+        save_checkpoint(Path(config.output_dir), step, run.model, optimizer, teacher, config,
+                        config.save_total_limit, run.model_source, write=main)
+    barrier(run.world)
+    if evaluator is not None and not (config.eval_steps and step % config.eval_steps == 0):
+        reporters.eval(runner(evaluator, run.tokenizer, step))
 
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
@@ -321,7 +333,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
     pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
-    bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step.
+    bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step; when it
+    returns True the run ends there (checkpoint, evaluation and final model as at ``max_steps``).
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
     for the evaluation on ``config.eval_data``.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,50 @@ class World:
         return self.size > 1
 
 
+def launcher_processes(cmdline: list[str]) -> int | None:
+    """The process count an ``accelerate launch`` command line asked for (None: not that launcher)."""
+    if len(cmdline) < 2 or Path(cmdline[1]).name != "accelerate" or "launch" not in cmdline[2:3]:
+        return None
+    for i, word in enumerate(cmdline[3:], 3):
+        if word.startswith("--num_processes="):
+            return int(word.split("=", 1)[1])
+        if word in ("--num_processes", "--num-processes") and i + 1 < len(cmdline):
+            return int(cmdline[i + 1])
+        if not word.startswith("-") and not cmdline[i - 1].startswith("--"):
+            break  # the script: what follows are its own arguments
+    return None
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+def check_launcher() -> None:
+    """Refuse, in one line, a launcher that asked for N processes and started this one alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    try:
+        asked = launcher_processes(_parent_cmdline())
+    except ValueError:
+        asked = None
+    if asked is not None and asked > 1:
+        raise ValueError(f"accelerate launch --num_processes {asked} started 1 process (without --multi_gpu, "
+                         f"or on a CPU, accelerate runs a single one): use torchrun --nproc_per_node {asked} "
+                         f"-m sdft.cli train ..., or accelerate launch --multi_gpu on GPUs")
+
+
 def setup(device_name: str) -> World:
-    """Join the process group torchrun / accelerate describe in the environment (or stay alone)."""
+    """Join the process group torchrun / accelerate describe in the environment (or stay alone).
+
+    ``accelerate launch --num_processes N`` that started one process (on a machine where it does not
+    run N without ``--multi_gpu``, or without GPUs) is refused in one line: it would train alone on
+    1/N of the batch."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
+        check_launcher()
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

@@ -1,6 +1,7 @@
 """Evaluation on the user's data, `sdft generate`, and logging beside metrics.jsonl."""
 import json
 import math
+import socket
 import sys
 import types
 
@@ -132,7 +133,9 @@ def test_tensorboard_logs_trl_metric_names(tmp_path):
 
     data = _jsonl(tmp_path / "eval.jsonl", ROWS[:1])
     _train(tmp_path, report_to=["tensorboard"], eval_data=str(data))
-    events = EventAccumulator(str(tmp_path / "run" / "runs")).Reload()
+    (run_dir,) = (tmp_path / "run" / "runs").iterdir()  # runs/<date>_<host>, as transformers names it
+    assert socket.gethostname() in run_dir.name
+    events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/self_distillation/distillation_loss", "train/grad_norm",
                 "train/learning_rate", "train/completions/mean_length", "train/completions/max_length",

@@ -77,7 +77,11 @@ def test_dropin_trains_with_trl_columns_and_saves(tmp_path):
                  max_completion_length=4, distillation_topk=5, logging_steps=1, gradient_checkpointing=False)
     trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
     result = trainer.train()
-    assert result.step == 2 and len(result.metrics) == 2
+    assert result.global_step == 2 and result.metrics["train_loss"] == result.training_loss
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2] and trainer.state.global_step == 2
+    assert {"grad_norm", "learning_rate", "epoch", "self_distillation/distillation_loss"} <= set(steps[0])
+    assert "train_runtime" in trainer.state.log_history[-1]
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     out = trainer.save_model(str(tmp_path / "saved"))
     assert (out / "config.json").is_file()
@@ -101,8 +105,8 @@ def test_lora_config_defaults_and_all_linear_resolve_as_peft_does(tmp_path, targ
                  max_completion_length=4, distillation_topk=5, gradient_checkpointing=False)
     trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    result = trainer.train()
-    names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in result.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert names == adapted
     out = trainer.save_model()  # TRL's no-argument call: into the run folder's final_model, the run kept
     assert out == tmp_path / "run" / "final_model" and (out / "adapter_config.json").is_file()
@@ -130,8 +134,8 @@ def test_a_rerun_resumes_through_trainers_own_argument(tmp_path):
                         train_dataset=ROWS, processing_class=tok)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         again.train()
-    result = again.train(resume_from_checkpoint=True)
-    assert [r["step"] for r in result.metrics] == [2]
+    again.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in again.state.log_history if "loss" in h] == [2]
 
 
 def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
@@ -179,3 +183,65 @@ def test_a_real_trl_config_with_a_field_sdft_lacks_is_refused(tmp_path):
     args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, save_strategy="no")
     with pytest.raises(ValueError, match="save_strategy='no'"):
         config_from_trl(args)
+
+
+def _tiny_trainer(tmp_path, max_steps=3, **kwargs):
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=max_steps, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, logging_steps=1)
+    return SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                       **kwargs)
+
+
+def test_callbacks_are_called_at_the_trainers_points_and_can_stop_the_run(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.events = []
+
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                def record(args, state, control, **kwargs):
+                    self.events.append((name, state.global_step))
+                    if name == "on_step_end" and state.global_step == 1:
+                        control.should_training_stop = True
+                    return control
+                return record
+            return super().__getattribute__(name)
+
+    recorder = Recorder()
+    trainer = _tiny_trainer(tmp_path, callbacks=[recorder])
+    output = trainer.train()
+    names = [e for e, _ in recorder.events]
+    assert names[:2] == ["on_init_end", "on_train_begin"] and names[-1] == "on_train_end"
+    assert ("on_step_end", 1) in recorder.events and ("on_log", 1) in recorder.events
+    assert output.global_step == 1  # stopped after step 1 of 3, as the Trainer does
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert (tmp_path / "run" / "final_model" / "config.json").is_file()
+
+
+def test_evaluate_scores_the_eval_dataset_and_calls_on_evaluate(tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class OnEvaluate(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(metrics)
+
+    trainer = _tiny_trainer(tmp_path, max_steps=1, eval_dataset=ROWS[:2], callbacks=[OnEvaluate()])
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert set(metrics) == {"eval_score", "eval_perplexity", "eval_examples"} and metrics["eval_examples"] == 2
+    assert 0.0 <= metrics["eval_score"] <= 1.0 and metrics["eval_perplexity"] > 1.0
+    assert seen == [metrics] and trainer.state.log_history[-1]["eval_score"] == metrics["eval_score"]
+
+
+def test_an_optimizer_of_ones_own_is_refused(tmp_path):
+    import torch
+
+    model = tiny_llama(vocab=40)
+    with pytest.raises(ValueError, match="sdft steps its own fused AdamW"):
+        SDFTTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=ROWS,
+                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
