@@ -101,7 +101,57 @@ def _build_parser():
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
     tc.add_argument("--limit", type=int, default=16, help="rows of --data to score (its first ones)")
     tc.add_argument("--max-new-tokens", type=int, default=64)
+    co = sub.add_parser("continual", help="train skills one after another and score what each stage kept",
+                        epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("--stages", nargs="+", required=True, metavar="FILE", help="jsonl per stage, in order")
+    co.add_argument("--eval-stages", nargs="+", default=None, metavar="FILE",
+                    help="a held-out jsonl per stage, scored after every stage")
+    co.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
+    co.add_argument("--baseline", choices=["sft"], default=None,
+                    help="also run the same stages with plain SFT and put both matrices side by side")
+    co.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
+    co.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides, applied to every stage")
     return parser
+
+
+def _continual(args, parser) -> int:
+    """``sdft continual``: ``train_sequence`` for SDFT (and the SFT baseline) into output_dir/{sdft,sft}."""
+    import torch
+
+    from sdft.run.sequence import check_stages, matrix_markdown, plot_matrices, stage_names, train_sequence
+
+    pairs = _overrides(parser, args.set)
+    if args.scorer is not None:
+        pairs["eval_scorer"] = args.scorer
+    config = SDFTConfig.from_strings(pairs)
+    config.check_device()
+    check_backends(config.report_to)
+    check_stages(args.stages, args.eval_stages)  # every file read and checked before the model loads
+    check_launcher()
+    from sdft import models
+
+    methods = ["sdft"] + ([args.baseline] if args.baseline else [])
+    root, matrices = Path(config.output_dir), {}
+    compared = [root / "sdft-vs-sft.md", root / "sdft-vs-sft.png"]
+    if len(methods) > 1 and not config.resume_from_checkpoint and any(p.exists() for p in compared):
+        raise ValueError(f"{compared[0]} exists: set resume_from_checkpoint=true to continue that comparison, "
+                         "or choose another output_dir")
+    for method in methods:
+        model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
+        method_config = SDFTConfig.from_dict({**config.to_dict(), "output_dir": str(root / method)})
+        result = train_sequence(model, args.stages, method_config, tokenizer, eval_stages=args.eval_stages,
+                                method=method)
+        matrices[method] = result.matrix
+    names = stage_names(args.stages)
+    tables = "\n".join(matrix_markdown(m, names, f"{method.upper()}: score after each stage")
+                        for method, m in matrices.items())
+    print(tables, flush=True)
+    if len(matrices) > 1:
+        compared[0].write_text(tables)
+        plot_matrices(matrices, names, compared[1])
+    print(f"matrices in {', '.join(str(root / m / 'sequence.json') for m in matrices)}", flush=True)
+    return 0
 
 
 def _teacher_check(args, parser) -> int:
@@ -254,7 +304,7 @@ def main(argv=None):
 
     try:
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
-                   "teacher-check": _teacher_check}[args.command]
+                   "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)
     except (ValueError, OSError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)

@@ -1,0 +1,219 @@
+"""Skills in sequence: train stage after stage from the previous stage's weights, and after every stage
+score every stage's held-out set and what the model must keep (``retention_data`` / ``retention_text``),
+into a stage x skill matrix: the picture of what continual learning kept and lost.
+
+    result = sdft.train_sequence(None, ["a.jsonl", "b.jsonl"], config, eval_stages=["a_eval.jsonl", ...])
+    result.matrix   # rows: "base", then each stage; columns: each stage's skill, then retention
+
+Each stage is an ordinary run (``sdft.train``, or ``sdft.train_sft`` for the baseline) in
+``output_dir/stage-K-NAME`` with a fresh optimizer; the next stage starts from its weights. The matrix
+is written after every stage (``sequence.json``, ``sequence.md``, ``sequence.png``), so a crash loses
+at most the stage it interrupted: with ``resume_from_checkpoint=true`` the sequence skips the stages
+the matrix holds, starts the next from the last finished stage's ``final_model`` and resumes that
+stage from its newest checkpoint (a seed fixes the rest, so the matrix equals an uninterrupted run's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdft.config import SDFTConfig
+from sdft.data.examples import load_examples
+from sdft.eval import retention
+from sdft.eval.evaluation import evaluate
+from sdft.eval.scorers import get_scorer
+from sdft.models import load_model
+from sdft.models.loading import model_source
+from sdft.run.run_dir import FINAL_MODEL, report_line
+from sdft.run.trainer import as_config
+
+SEQUENCE_FILE = "sequence.json"
+KEPT, TEXT_PPL = "retention", "text_perplexity"
+
+
+@dataclass
+class SequenceResult:
+    model: object
+    tokenizer: object
+    stages: list[str]  # the stages' names, in training order
+    matrix: list[dict] = field(default_factory=list)  # {"after": "base" | stage, skill: score, ..., retention}
+    output_dir: Path | None = None
+
+
+def stage_names(stages) -> list[str]:
+    """A name per stage: its file's stem, else ``stage-K``; made unique."""
+    names = []
+    for k, stage in enumerate(stages, 1):
+        name = re.sub(r"[^\w.-]+", "-", Path(stage).stem) if isinstance(stage, (str, Path)) else f"stage-{k}"
+        names.append(name if name not in names else f"{name}-{k}")
+    return names
+
+
+def check_stages(stages, eval_stages) -> tuple[list, list]:
+    """Every stage's rows (and held-out rows) read and checked now, before any model loads."""
+    if not stages:
+        raise ValueError("train_sequence needs at least one stage")
+    if eval_stages is not None and len(eval_stages) != len(stages):
+        raise ValueError(f"{len(eval_stages)} eval stages for {len(stages)} stages: give one held-out set per stage")
+    train_rows = [load_examples(s) for s in stages]
+    eval_rows = [load_examples(s) for s in eval_stages] if eval_stages is not None else [None] * len(stages)
+    return train_rows, eval_rows
+
+
+def _stage_config(config: SDFTConfig, root: Path, k: int, name: str, resume: bool) -> SDFTConfig:
+    values = {**config.to_dict(), "output_dir": str(root / f"stage-{k}-{name}"), "eval_data": "",
+              "retention_data": "", "retention_text": "", "resume_from_checkpoint": resume and
+              (root / f"stage-{k}-{name}").exists(), "save_final_model": True}
+    return SDFTConfig.from_dict(values)
+
+
+def _read_matrix(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); move it away to start the sequence afresh") from None
+    if not isinstance(record, dict) or record.get("written_by") != "sdft.train_sequence":
+        raise ValueError(f"{path} was not written by sdft.train_sequence: it is left alone; choose another "
+                         "output_dir")
+    return record["matrix"]
+
+
+def score_row(model, tokenizer, after: str, names, eval_rows, scorer, kept, max_new_tokens: int) -> dict:
+    """One row of the matrix: every stage's held-out score and what the model kept, after ``after``."""
+    row = {"after": after}
+    for name, rows in zip(names, eval_rows):
+        if rows is not None:
+            row[name] = evaluate(model, tokenizer, rows, scorer, max_new_tokens)["score"]
+    if kept is not None:
+        found = retention.score(model, tokenizer, kept)
+        if "retention_score" in found:
+            row[KEPT] = found["retention_score"]
+        if "retention_text_perplexity" in found:
+            row[TEXT_PPL] = found["retention_text_perplexity"]
+    return row
+
+
+def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = None, tokenizer=None, *,
+                   eval_stages=None, method: str = "sdft", eval_scorer=None) -> SequenceResult:
+    """Train ``stages`` (datasets, as ``sdft.train`` takes them) one after another; see the module doc.
+
+    ``eval_stages``: one held-out set per stage (None: only retention is scored). ``method``: ``sdft``
+    or ``sft`` (the same stages with plain SFT: the paper's comparison). ``eval_scorer``: as
+    ``sdft.train``'s (default ``config.eval_scorer``).
+    """
+    from sdft.run.sft import train_sft
+    from sdft.run.trainer import train
+
+    config = as_config(config)
+    if method not in ("sdft", "sft"):
+        raise ValueError(f"method={method!r}: expected sdft or sft")
+    if config.use_lora:
+        raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
+    names = stage_names(stages)
+    _, eval_rows = check_stages(stages, eval_stages)
+    scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
+    embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
+                             evaluating=True, report=report_line)
+    root = Path(config.output_dir)
+    matrix_path = root / SEQUENCE_FILE
+    resume = bool(config.resume_from_checkpoint)
+    matrix = _read_matrix(matrix_path) if resume else []
+    if not resume and matrix_path.exists():
+        raise ValueError(f"{matrix_path} exists: set resume_from_checkpoint=true to continue that sequence, or "
+                         "choose another output_dir")
+    done = max(0, len(matrix) - 1)  # row 0 is the base model
+    dtype = getattr(torch, config.dtype)
+    if done:
+        model, tokenizer = load_model(root / f"stage-{done}-{names[done - 1]}" / FINAL_MODEL, dtype)
+    elif model is None or isinstance(model, (str, Path)):
+        model, tokenizer = load_model(model, dtype)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with a model object")
+    root.mkdir(parents=True, exist_ok=True)
+    if not matrix:
+        matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorer, kept, config.max_completion_length)]
+        _write(root, names, matrix, method)
+    run = train if method == "sdft" else train_sft
+    for k in range(done + 1, len(stages) + 1):
+        stage_config = _stage_config(config, root, k, names[k - 1], resume)
+        report_line(f"sdft: stage {k}/{len(stages)} ({names[k - 1]}, {method}) in {stage_config.output_dir}")
+        result = run(model, stages[k - 1], stage_config, tokenizer=tokenizer, eval_scorer=eval_scorer)
+        model = result.model
+        matrix.append(score_row(model, tokenizer, names[k - 1], names, eval_rows, scorer, kept,
+                                config.max_completion_length))
+        _write(root, names, matrix, method)
+        report_line("sdft: after " + names[k - 1] + ": " + format_row(matrix[-1], names))
+    return SequenceResult(model, tokenizer, names, matrix, root)
+
+
+def format_row(row: dict, names) -> str:
+    parts = [f"{n} {row[n]:.0%}" for n in names if n in row]
+    if KEPT in row:
+        parts.append(f"kept {row[KEPT]:.0%}")
+    if TEXT_PPL in row:
+        parts.append(f"text perplexity {row[TEXT_PPL]:.2f}")
+    return ", ".join(parts)
+
+
+def matrix_markdown(matrix: list[dict], names, title: str) -> str:
+    """The stage x skill matrix as a markdown table (scores as percentages, perplexity as is)."""
+    columns = [n for n in names if any(n in r for r in matrix)] + [c for c in (KEPT, TEXT_PPL)
+                                                                   if any(c in r for r in matrix)]
+    lines = [f"### {title}", "", "| after | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in matrix:
+        cells = [f"{row[c]:.2f}" if c == TEXT_PPL else f"{row[c]:.0%}" if c in row else "-" for c in columns]
+        lines.append(f"| {row['after']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(root: Path, names, matrix: list[dict], method: str):
+    """sequence.json / .md / .png, each through a temporary file and a rename."""
+    record = {"written_by": "sdft.train_sequence", "method": method, "stages": names, "matrix": matrix}
+    _replace(root / SEQUENCE_FILE, json.dumps(record, indent=1))
+    _replace(root / "sequence.md", matrix_markdown(matrix, names, f"{method.upper()}: score after each stage"))
+    plot_matrices({method: matrix}, names, root / "sequence.png")
+
+
+def _replace(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_matrices(matrices: dict[str, list[dict]], names, path: Path):
+    """One heatmap per method (rows: after each stage; columns: skills, then retention), side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the JSON and markdown hold the same figures
+    columns = list(names) + [KEPT]
+    size = (1.3 * len(columns) * len(matrices) + 1, 0.6 * (len(names) + 2))
+    fig, axes = plt.subplots(1, len(matrices), figsize=size, squeeze=False)
+    for ax, (method, matrix) in zip(axes[0], matrices.items()):
+        values = [[row.get(c, float("nan")) for c in columns] for row in matrix]
+        ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_yticks(range(len(matrix)), [r["after"] for r in matrix])
+        ax.set_title(method.upper())
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="white" if v < 0.6 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
