@@ -109,7 +109,8 @@ def _build_parser():
     co.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
     co.add_argument("--baseline", choices=["sft"], default=None,
                     help="also run the same stages with plain SFT and put both matrices side by side")
-    co.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
+    co.add_argument("--scorer", nargs="+", default=None,
+                    help="exact | normalized | json | regex:PATTERN: one for every stage, or one per stage")
     co.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="config overrides, applied to every stage")
     return parser
@@ -119,15 +120,20 @@ def _continual(args, parser) -> int:
     """``sdft continual``: ``train_sequence`` for SDFT (and the SFT baseline) into output_dir/{sdft,sft}."""
     import torch
 
-    from sdft.run.sequence import check_stages, matrix_markdown, plot_matrices, stage_names, train_sequence
+    from sdft.run.sequence import (
+        check_stages,
+        matrix_markdown,
+        plot_matrices,
+        stage_names,
+        stage_scorers,
+        train_sequence,
+    )
 
-    pairs = _overrides(parser, args.set)
-    if args.scorer is not None:
-        pairs["eval_scorer"] = args.scorer
-    config = SDFTConfig.from_strings(pairs)
+    config = SDFTConfig.from_strings(_overrides(parser, args.set))
     config.check_device()
     check_backends(config.report_to)
     check_stages(args.stages, args.eval_stages)  # every file read and checked before the model loads
+    stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
     from sdft import models
 
@@ -141,7 +147,7 @@ def _continual(args, parser) -> int:
         model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         method_config = SDFTConfig.from_dict({**config.to_dict(), "output_dir": str(root / method)})
         result = train_sequence(model, args.stages, method_config, tokenizer, eval_stages=args.eval_stages,
-                                method=method)
+                                method=method, eval_scorer=args.scorer)
         matrices[method] = result.matrix
     names = stage_names(args.stages)
     tables = "\n".join(matrix_markdown(m, names, f"{method.upper()}: score after each stage")

@@ -85,10 +85,11 @@ def _read_matrix(path: Path) -> list[dict]:
     return record["matrix"]
 
 
-def score_row(model, tokenizer, after: str, names, eval_rows, scorer, kept, max_new_tokens: int) -> dict:
-    """One row of the matrix: every stage's held-out score and what the model kept, after ``after``."""
+def score_row(model, tokenizer, after: str, names, eval_rows, scorers, kept, max_new_tokens: int) -> dict:
+    """One row of the matrix: every stage's held-out score (with that stage's scorer) and what the model
+    kept, after ``after``."""
     row = {"after": after}
-    for name, rows in zip(names, eval_rows):
+    for name, rows, scorer in zip(names, eval_rows, scorers):
         if rows is not None:
             row[name] = evaluate(model, tokenizer, rows, scorer, max_new_tokens)["score"]
     if kept is not None:
@@ -105,8 +106,8 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     """Train ``stages`` (datasets, as ``sdft.train`` takes them) one after another; see the module doc.
 
     ``eval_stages``: one held-out set per stage (None: only retention is scored). ``method``: ``sdft``
-    or ``sft`` (the same stages with plain SFT: the paper's comparison). ``eval_scorer``: as
-    ``sdft.train``'s (default ``config.eval_scorer``).
+    or ``sft`` (the same stages with plain SFT: the paper's comparison). ``eval_scorer``: a scorer as
+    ``sdft.train`` takes it, or a list of one per stage (default ``config.eval_scorer``).
     """
     from sdft.run.sft import train_sft
     from sdft.run.trainer import train
@@ -118,7 +119,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
     names = stage_names(stages)
     _, eval_rows = check_stages(stages, eval_stages)
-    scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
+    scorers = stage_scorers(eval_scorer if eval_scorer is not None else config.eval_scorer, len(names))
     embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
                              evaluating=True, report=report_line)
@@ -139,19 +140,29 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("pass the tokenizer together with a model object")
     root.mkdir(parents=True, exist_ok=True)
     if not matrix:
-        matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorer, kept, config.max_completion_length)]
+        matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorers, kept,
+                            config.max_completion_length)]
         _write(root, names, matrix, method)
     run = train if method == "sdft" else train_sft
     for k in range(done + 1, len(stages) + 1):
         stage_config = _stage_config(config, root, k, names[k - 1], resume)
         report_line(f"sdft: stage {k}/{len(stages)} ({names[k - 1]}, {method}) in {stage_config.output_dir}")
-        result = run(model, stages[k - 1], stage_config, tokenizer=tokenizer, eval_scorer=eval_scorer)
+        result = run(model, stages[k - 1], stage_config, tokenizer=tokenizer)
         model = result.model
-        matrix.append(score_row(model, tokenizer, names[k - 1], names, eval_rows, scorer, kept,
+        matrix.append(score_row(model, tokenizer, names[k - 1], names, eval_rows, scorers, kept,
                                 config.max_completion_length))
         _write(root, names, matrix, method)
         report_line("sdft: after " + names[k - 1] + ": " + format_row(matrix[-1], names))
     return SequenceResult(model, tokenizer, names, matrix, root)
+
+
+def stage_scorers(spec, count: int) -> list:
+    """One scorer per stage from one spec for all or a list of one per stage."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    specs = specs * count if len(specs) == 1 else specs
+    if len(specs) != count:
+        raise ValueError(f"{len(specs)} scorers for {count} stages: give one for all or one per stage")
+    return [get_scorer(s) for s in specs]
 
 
 def format_row(row: dict, names) -> str:
