@@ -40,24 +40,10 @@ def test_fused_loss_equals_trls_loss_and_gradients(tmp_path, case):
 
     tok = tiny_tokenizer()
     path = save_hf_folder(tiny_llama(vocab=len(tok)).double(), tok, tmp_path / "model")  # TRL loads the teacher by path
-    args = SDFTConfig(
-        output_dir=str(tmp_path / "out"),
-        model_init_kwargs={"dtype": torch.float64},
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=6,
-        max_prompt_length=64,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-        **CASES[case],
-    )
+    args = SDFTConfig(output_dir=str(tmp_path / "out"), model_init_kwargs={"dtype": torch.float64}, use_cpu=True,
+                      bf16=False, report_to="none", max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=6, max_prompt_length=64, logging_steps=1, save_strategy="no", seed=0,
+                      disable_tqdm=True, gradient_checkpointing=False, **CASES[case])
     trainer = FusedSDFTTrainer(model=str(path), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
     torch.manual_seed(1)
     inputs = trainer._prepare_training_batch(ROWS[:2] * 2)
