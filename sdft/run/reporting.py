@@ -24,8 +24,11 @@ TRL_NAMES = {
     "shortest_completion": "completions/min_length",
     "longest_completion": "completions/max_length",
     "clipped_ratio": "completions/clipped_ratio",
+    "mean_terminated_length": "completions/mean_terminated_length",
+    "shortest_terminated": "completions/min_terminated_length",
+    "longest_terminated": "completions/max_terminated_length",
     "tokens_per_s": "tokens_per_second",
-    "tokens": "num_tokens",
+    "tokens": "sdft/step_tokens",  # this step's completion tokens (TRL's num_tokens counts all tokens seen)
     "tokens_processed": "tokens_processed",
     "peak_memory_mib": "peak_memory_mib",
     "seconds": "step_time",

@@ -354,6 +354,14 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     return run_steps(run, step_fn, teacher, step_callback)
 
 
+def terminated_lengths(lengths: list[int], limit: int) -> dict:
+    """TRL's terminated-length metrics: the lengths of the rollouts that ended before ``limit`` (0 when
+    none did, as TRL reports)."""
+    ended = [n for n in lengths if n < limit] or [0]
+    return {"mean_terminated_length": sum(ended) / len(ended), "shortest_terminated": min(ended),
+            "longest_terminated": max(ended)}
+
+
 def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[float, bool]:
     """Clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the weights."""
     grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -425,6 +433,7 @@ def _train_step(run: Run, teacher, engine, batch_loss: BatchLoss, optimizer, enc
         "longest_completion": max(completion_lengths, default=0),
         "clipped_ratio": sum(n >= config.max_completion_length for n in completion_lengths)
         / max(len(completion_lengths), 1),
+        **terminated_lengths(completion_lengths, config.max_completion_length),
         "tokens_processed": int(all_reduce_sum(sum(passes), world)),  # every process's passes
         "tokens_processed_unshared": int(all_reduce_sum(naive_tokens, world)),
         "peak_memory_mib": peak_memory_mib(run.device),

@@ -123,3 +123,12 @@ def test_lora_wrapping_says_nothing_the_user_cannot_act_on(recwarn):
 
     apply_lora(tiny_llama(), SDFTConfig(use_lora=True, lora_target_modules=["q_proj", "v_proj"]))
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_terminated_lengths_count_only_rollouts_that_ended_as_trl_does():
+    from sdft.run.trainer import terminated_lengths
+
+    assert terminated_lengths([2, 6, 4, 6], 6) == {"mean_terminated_length": 3.0, "shortest_terminated": 2,
+                                                   "longest_terminated": 4}
+    assert terminated_lengths([6, 6], 6) == {"mean_terminated_length": 0.0, "shortest_terminated": 0,
+                                             "longest_terminated": 0}  # none ended: TRL reports zeros
