@@ -142,10 +142,12 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
                      "loss": records[-1]["loss"]})
 
 
-def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = False,
+def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | str = False,
             teacher: str = "frozen") -> dict:
     """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration (``fused``:
-    the same trainer with sdft's fused loss, ``sdft.integrations.trl_loss.FusedSDFTTrainer``)."""
+    the same trainer with sdft's fused loss, ``sdft.integrations.trl_loss.FusedSDFTTrainer``;
+    ``"dropin"``: the same script with the one import switched to ``sdft.integrations.trl.SDFTTrainer``,
+    which refuses ``save_strategy="no"`` and so writes its one checkpoint at the end, untimed)."""
     import tempfile
 
     from datasets import Dataset
@@ -175,7 +177,8 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = Fa
         top_k=0,
         top_p=1.0,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if fused == "dropin" else "no",
+        save_steps=10**6,
         logging_steps=1,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
@@ -192,12 +195,16 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool = Fa
             seconds.append(time.perf_counter() - self.t0)
 
     path = model_dir()
-    if fused:
+    if fused == "dropin":
+        from sdft.integrations.trl import SDFTTrainer  # the one-import switch
+    elif fused:
         from sdft.integrations.trl_loss import FusedSDFTTrainer as SDFTTrainer  # noqa: N814
     trainer = SDFTTrainer(model=path, args=args, train_dataset=data,
                           processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()])
     trainer.train()
     scratch.cleanup()
+    if fused == "dropin":  # sdft's loop has no on_step_begin: its own step times, from the log history
+        seconds = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return _summary(seconds, {"loss": losses[-1] if losses else None})
 
@@ -206,8 +213,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--sides", nargs="+", default=["trl", "sdft", "sft"],
-                   choices=["trl", "trl_fused", "sdft", "sdft_gc", "sdft_joint", "sdft_nojoint", "sdft_notrim",
-                            "sdft_gc_notrim", "sft"])
+                   choices=["trl", "trl_fused", "trl_dropin", "sdft", "sdft_gc", "sdft_joint", "sdft_nojoint",
+                            "sdft_notrim", "sdft_gc_notrim", "sft"])
     p.add_argument("--teacher", choices=["frozen", "live"], default="frozen",
                    help="frozen: TRL's base <-> our frozen; live: the current weights on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
@@ -222,7 +229,8 @@ def main(argv=None):
         setting, group, prompts = SETTINGS[name]
         row = {"setting": name, "G": group, "prompts_per_step": prompts}
         for side in args.sides:
-            trl_sides = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,))}
+            trl_sides = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,)),
+                         "trl_dropin": ("run_trl", ("dropin",))}
             fn, extra = trl_sides.get(side, ("run_sdft", (side,)))
             extra = (*extra, args.teacher)
             out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)

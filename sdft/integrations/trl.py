@@ -144,7 +144,8 @@ class SDFTTrainer:
       ``TrainerState`` whose ``log_history`` holds each logged step under TRL's metric names, then
       the run's summary (``train_runtime``, ``train_loss``, ...), as the Trainer keeps it.
     * ``callbacks`` (``TrainerCallback`` objects) are called at the Trainer's points: ``on_init_end``,
-      ``on_train_begin``, ``on_step_end``, ``on_log``, ``on_save``, ``on_train_end``, ``on_evaluate``;
+      ``on_train_begin``, ``on_step_begin``, ``on_step_end``, ``on_log``, ``on_save``, ``on_train_end``,
+      ``on_evaluate``;
       ``control.should_training_stop`` set by one ends the run after that step (its checkpoint written).
     * ``evaluate(eval_dataset=None)`` answers the held-out prompts greedily and returns
       ``{"eval_score", "eval_perplexity", "eval_examples"}`` (``eval_scorer``: ``sdft.eval.scorers``'s
@@ -194,7 +195,11 @@ class SDFTTrainer:
             self._event("on_log", logs=logs)
         if step % self.args.save_steps == 0 or step == self.args.max_steps:
             self._event("on_save")
-        return bool(self.control.should_training_stop)
+        if self.control.should_training_stop:
+            return True
+        if step < self.args.max_steps:
+            self._event("on_step_begin")
+        return False
 
     def _epochs(self) -> float:
         prompts = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
@@ -209,6 +214,7 @@ class SDFTTrainer:
                                            "overwrite_output_dir": False})
         self.control = TrainerControl()
         self._event("on_train_begin")
+        self._event("on_step_begin")
         t0 = time.perf_counter()
         self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine,
                             step_callback=self._on_step)

@@ -215,7 +215,8 @@ def test_callbacks_are_called_at_the_trainers_points_and_can_stop_the_run(tmp_pa
     output = trainer.train()
     names = [e for e, _ in recorder.events]
     assert names[:2] == ["on_init_end", "on_train_begin"] and names[-1] == "on_train_end"
-    assert ("on_step_end", 1) in recorder.events and ("on_log", 1) in recorder.events
+    assert ("on_step_begin", 0) in recorder.events and ("on_step_end", 1) in recorder.events
+    assert ("on_log", 1) in recorder.events and ("on_step_begin", 1) not in recorder.events  # it stopped
     assert output.global_step == 1  # stopped after step 1 of 3, as the Trainer does
     assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-1"]
     assert (tmp_path / "run" / "final_model" / "config.json").is_file()
