@@ -10,6 +10,8 @@ test until it is classified here.
 """
 from __future__ import annotations
 
+import os
+
 HONOURED = {
     "output_dir": "output_dir",
     "per_device_train_batch_size": "per_device_train_batch_size x num_generations (TRL counts completions)",
@@ -208,11 +210,22 @@ def _defaults(args) -> dict:
     return {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)}
 
 
+def derived_values(args) -> dict:
+    """What TRL's ``__post_init__`` fills in from the batch when ``generation_batch_size`` and
+    ``steps_per_generation`` are not given: one generation per optimizer step, as sdft does."""
+    accumulation = int(arg(args, "gradient_accumulation_steps", 1))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = int(arg(args, "per_device_train_batch_size", 8))
+    return {"steps_per_generation": accumulation, "generation_batch_size": per_device * processes * accumulation}
+
+
 def check_fields(args) -> None:
     """One-line error for the first TRL field set to something sdft does not implement."""
-    defaults = _defaults(args)
+    defaults, derived = _defaults(args), derived_values(args)
     for name, (off, what) in REFUSED.items():
         value = plain(arg(args, name, off[0]))
+        if name in derived and value == derived[name]:
+            continue
         if value not in off and not (name in defaults and value == plain(defaults[name])):
             raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off[0]!r}")
     checks = [

@@ -246,3 +246,18 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sdft steps its own fused AdamW"):
         SDFTTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=ROWS,
                     optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+@pytest.mark.parametrize("batch,accumulation", [(16, 1), (8, 3)])
+def test_a_real_trl_config_at_another_batch_size_is_accepted(tmp_path, batch, accumulation):
+    """TRL fills generation_batch_size / steps_per_generation in from the batch: one generation per step."""
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                               num_generations=8)
+    c = config_from_trl(args)
+    assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (batch // 8, accumulation)
+    reused = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
+                                 per_device_train_batch_size=batch, steps_per_generation=accumulation + 1)
+    with pytest.raises(ValueError, match="generation_batch_size=.*a generation batch apart"):
+        config_from_trl(reused)
