@@ -2,22 +2,22 @@
 
 Candidates are generated deterministically (no randomness, no network): capitals, small
 arithmetic, opposites, colours of things, one-word answers, simple facts. Each is asked to the
-embedded SmolLM2-135M-Instruct with greedy decoding; those it answers right are written to
-``benchmarks/data/prior_probe.jsonl`` ({"kind", "question", "answers"}), which the forgetting
-benchmark then asks after each stage (``prior_capability.general_accuracy``). Re-running this
-script on the same model rewrites the same file.
+embedded SmolLM2-135M-Instruct with greedy decoding; those it answers right (the ``contains``
+scorer: an expected answer as a whole word) are written to the library's bundled probe,
+``sdft/data/general_probe.jsonl`` ({"prompt", "demonstration": the answers joined by " | ", "kind"}),
+which every run's retention check and the forgetting benchmark ask. Re-running this script on the
+same model rewrites the same file.
 
     python benchmarks/make_prior_probe.py
 """
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-OUT = Path(__file__).parent / "data" / "prior_probe.jsonl"
+OUT = Path(__file__).resolve().parents[1] / "sdft" / "data" / "general_probe.jsonl"
 
 CAPITALS = {"France": "paris", "Japan": "tokyo", "Germany": "berlin", "Italy": "rome", "Spain": "madrid",
             "England": "london", "Russia": "moscow", "China": "beijing", "Egypt": "cairo", "Greece": "athens",
@@ -102,24 +102,23 @@ def candidates() -> list[dict]:
     return items
 
 
-def is_right(answer: str, answers: list[str]) -> bool:
-    """An expected answer appears as a whole word (so "12" does not count for "2")."""
-    text = answer.lower()
-    return any(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", text) for a in answers)
+def as_row(item: dict) -> dict:
+    """A candidate as a row of the bundled probe (the retention data's columns)."""
+    return {"prompt": item["question"], "demonstration": " | ".join(item["answers"]), "kind": item["kind"]}
 
 
 def main():
     from sdft import load_model
     from sdft.data.examples import load_examples
     from sdft.eval.evaluation import generate_answers
+    from sdft.eval.scorers import contains
 
     model, tokenizer = load_model()
     items = candidates()
     examples = load_examples([{"prompt": it["question"], "demonstration": "-"} for it in items])
     answers = generate_answers(model, tokenizer, examples, max_new_tokens=40)
-    kept = [it for it, a in zip(items, answers) if is_right(a, it["answers"])]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("".join(json.dumps(it) + "\n" for it in kept))
+    kept = [it for it, a in zip(items, answers) if contains(a, " | ".join(it["answers"]))]
+    OUT.write_text("".join(json.dumps(as_row(it)) + "\n" for it in kept))
     kinds = {}
     for it in kept:
         kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1

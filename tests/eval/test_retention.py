@@ -68,13 +68,12 @@ def test_contains_accepts_any_alternative_as_a_whole_word(answer, demo, want):
     assert contains(answer, demo) == want
 
 
-def test_the_bundled_probe_is_the_forgetting_benchmarks_probe():
-    from benchmarks.make_prior_probe import is_right
-    from benchmarks.prior_capability import HELDOUT_TEXT as BENCH_TEXT
-    from benchmarks.prior_capability import probe
+def test_the_bundled_probe_is_what_make_prior_probe_writes():
+    """The forgetting benchmark and every run's retention check ask the same probe and text."""
+    from benchmarks.make_prior_probe import as_row, candidates
 
     rows = [json.loads(line) for line in GENERAL_PROBE.read_text().splitlines()]
-    assert [(r["prompt"], r["demonstration"].split(" | ")) for r in rows] == [(q, a) for q, a in probe()]
-    assert HELDOUT_TEXT.read_text().strip().split("\n\n") == BENCH_TEXT
-    for answer in ("It is seven.", "7", "seventy", "There are 12"):
-        assert bool(contains(answer, "seven | 7")) == is_right(answer, ["seven", "7"])
+    made = [as_row(item) for item in candidates()]
+    assert all(row in made for row in rows) and len(rows) == 103  # the ones the base model answers right
+    assert [made.index(row) for row in rows] == sorted(made.index(row) for row in rows)  # in candidate order
+    assert len(HELDOUT_TEXT.read_text().strip().split("\n\n")) == 8
