@@ -204,7 +204,7 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | st
     trainer.train()
     scratch.cleanup()
     if fused == "dropin":  # sdft's loop has no on_step_begin: its own step times, from the log history
-        seconds = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
+        seconds = [h["sdft/step_seconds"] for h in trainer.state.log_history if "sdft/step_seconds" in h]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return _summary(seconds, {"loss": losses[-1] if losses else None})
 

@@ -61,9 +61,9 @@ def run_job(args: list[str], busy: int = 0, threads: int | None = None) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"sdft train failed ({done.returncode}): {done.stderr[-2000:]}")
     summary = {"args": " ".join(args), "busy_processes": busy, "threads": threads, "seconds": round(seconds, 1),
-               "losses": [round(r["loss"], 6) for r in metrics], "tokens": [r["tokens"] for r in metrics],
-               "median_step_s": round(sorted(r["seconds"] for r in metrics)[len(metrics) // 2], 2),
-               "peak_memory_mib": round(max((r.get("peak_memory_mib", 0) for r in metrics), default=0))}
+               "losses": [round(r["loss"], 6) for r in metrics], "tokens": [r["sdft/tokens"] for r in metrics],
+               "median_step_s": round(sorted(r["sdft/step_seconds"] for r in metrics)[len(metrics) // 2], 2),
+               "peak_memory_mib": round(max((r.get("sdft/peak_memory_mib", 0) for r in metrics), default=0))}
     for line in done.stdout.splitlines():
         m = re.match(r"skill accuracy (before|after): (\{.*\})$", line)
         if m:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
-# our metrics.jsonl key -> TRL / transformers Trainer name
+# a step record's key -> TRL's / the transformers Trainer's name, where the figure means the same
 TRL_NAMES = {
     "loss": "loss",
     "grad_norm": "grad_norm",
@@ -27,14 +27,31 @@ TRL_NAMES = {
     "mean_terminated_length": "completions/mean_terminated_length",
     "shortest_terminated": "completions/min_terminated_length",
     "longest_terminated": "completions/max_terminated_length",
-    "tokens_per_s": "tokens_per_second",
-    "tokens": "sdft/step_tokens",  # this step's completion tokens (TRL's num_tokens counts all tokens seen)
-    "tokens_processed": "tokens_processed",
-    "peak_memory_mib": "peak_memory_mib",
-    "seconds": "step_time",
-    "rollout_seconds": "timing/rollouts",
-    "loss_seconds": "timing/loss_and_backward",
 }
+# sdft's own figures, namespaced so none is mistaken for a TRL metric of another meaning
+OWN_NAMES = {
+    "tokens": "sdft/tokens",  # this step's completion tokens (TRL's num_tokens counts all tokens seen)
+    "tokens_per_s": "sdft/tokens_per_second",
+    "tokens_processed": "sdft/tokens_processed",
+    "tokens_processed_unshared": "sdft/tokens_processed_unshared",
+    "peak_memory_mib": "sdft/peak_memory_mib",
+    "seconds": "sdft/step_seconds",
+    "rollout_seconds": "sdft/rollout_seconds",
+    "loss_seconds": "sdft/loss_and_backward_seconds",
+    "skipped": "sdft/skipped",
+    "divergence": "sdft/divergence",
+}
+
+
+def logged_record(record: dict) -> dict:
+    """A step's record as ``metrics.jsonl`` and the loggers name it: ``step``, TRL's names (the SDFT loss
+    also as ``self_distillation/distillation_loss``, as TRL logs it), then sdft's own under ``sdft/``."""
+    out = {"step": record["step"]}
+    out.update({TRL_NAMES[k]: v for k, v in record.items() if k in TRL_NAMES})
+    if record.get("divergence") != "sft_cross_entropy" and "loss" in record:
+        out["self_distillation/distillation_loss"] = record["loss"]
+    out.update({OWN_NAMES.get(k, f"sdft/{k}"): v for k, v in record.items() if k not in TRL_NAMES and k != "step"})
+    return out
 
 
 def check_backends(report_to: list[str]) -> None:
@@ -45,12 +62,9 @@ def check_backends(report_to: list[str]) -> None:
 
 
 def train_scalars(record: dict) -> dict[str, float]:
-    """A step's metrics under TRL's names (the SDFT loss also as self_distillation/distillation_loss)."""
-    out = {TRL_NAMES[k]: float(v) for k, v in record.items()
-           if k in TRL_NAMES and isinstance(v, (int, float)) and math.isfinite(v)}
-    if record.get("divergence") != "sft_cross_entropy" and "loss" in out:
-        out["self_distillation/distillation_loss"] = out["loss"]
-    return out
+    """A step's numeric figures under ``logged_record``'s names, for the loggers."""
+    return {k: float(v) for k, v in logged_record(record).items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 EVAL_NAMES = {"score": "score", "perplexity": "perplexity", "retention_score": "retention/score",

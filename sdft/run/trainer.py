@@ -37,7 +37,7 @@ from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.metrics import MetricsLog, peak_memory_mib
-from sdft.run.reporting import Reporters, check_backends
+from sdft.run.reporting import Reporters, check_backends, logged_record
 from sdft.run.run_dir import FINAL_MODEL, METRICS_FILE, plan_run, report_line, start_run
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, barrier, setup, step_seed
@@ -291,7 +291,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
             record = step_fn(optimizer, step)
             history.append(record)
             if main and (step + 1) % config.logging_steps == 0:
-                log.write(record)
+                log.write(logged_record(record))
                 reporters.train(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:

@@ -140,7 +140,7 @@ def test_tensorboard_logs_trl_metric_names(tmp_path):
     for tag in ("train/loss", "train/self_distillation/distillation_loss", "train/grad_norm",
                 "train/learning_rate", "train/completions/mean_length", "train/completions/max_length",
                 "train/completions/mean_terminated_length", "train/completions/clipped_ratio",
-                "train/tokens_per_second", "train/peak_memory_mib", "eval/score", "eval/perplexity"):
+                "train/sdft/tokens_per_second", "train/sdft/peak_memory_mib", "eval/score", "eval/perplexity"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/score")] == [0, 2]

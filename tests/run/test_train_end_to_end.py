@@ -34,10 +34,12 @@ def test_train_logs_metrics_and_checkpoints(tmp_path):
     result = _run(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and result.step == 3
-    for r in records:
-        assert math.isfinite(r["loss"]) and r["loss"] >= 0 and r["tokens"] > 0
-        assert r["tokens_processed"] < r["tokens_processed_unshared"]
-        assert r["peak_memory_mib"] > 0 and r["tokens_per_s"] > 0
+    for r in records:  # TRL's names, then sdft's own under sdft/
+        assert math.isfinite(r["loss"]) and r["loss"] >= 0 and r["sdft/tokens"] > 0
+        assert r["self_distillation/distillation_loss"] == r["loss"] and r["completions/mean_length"] > 0
+        assert r["sdft/tokens_processed"] < r["sdft/tokens_processed_unshared"]
+        assert r["sdft/peak_memory_mib"] > 0 and r["sdft/tokens_per_second"] > 0
+        assert all(k in ("step", "loss", "grad_norm", "learning_rate") or "/" in k for k in r), sorted(r)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
 
 

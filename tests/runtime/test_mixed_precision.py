@@ -84,7 +84,7 @@ def test_a_bf16_run_trains_and_resumes_bit_identically(tmp_path):
     resumed = _run(tmp_path / "cut", resume_from_checkpoint=True)
     steps = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     wanted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["loss"], r["tokens"]) for r in steps] == [(r["loss"], r["tokens"]) for r in wanted]
+    assert [(r["loss"], r["sdft/tokens"]) for r in steps] == [(r["loss"], r["sdft/tokens"]) for r in wanted]
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters()))
 
 
