@@ -187,10 +187,10 @@ class SDFTTrainer:
         """After each optimizer step (``sdft.train``'s ``step_callback``): state, log history and the
         callbacks; True when a callback asked the run to stop."""
         self.state.global_step = step
-        self.state.epoch = step / max(self.args.max_steps, 1) * self._epochs()
+        self.state.epoch = record.get("epoch", self.state.epoch)
         self._event("on_step_end")
         if step % self.args.logging_steps == 0:
-            logs = {**train_scalars(record), "epoch": self.state.epoch, "step": step}
+            logs = {**train_scalars(record), "step": step}
             self.state.log_history.append(logs)
             self._event("on_log", logs=logs)
         if step % self.args.save_steps == 0 or step == self.args.max_steps:
@@ -200,10 +200,6 @@ class SDFTTrainer:
         if step < self.args.max_steps:
             self._event("on_step_begin")
         return False
-
-    def _epochs(self) -> float:
-        prompts = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        return self.args.max_steps * prompts / max(len(self.examples), 1)
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """As ``transformers.Trainer.train``: ``resume_from_checkpoint`` True (the newest intact checkpoint

@@ -17,6 +17,7 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 # a step record's key -> TRL's / the transformers Trainer's name, where the figure means the same
 TRL_NAMES = {
+    "epoch": "epoch",
     "loss": "loss",
     "grad_norm": "grad_norm",
     "learning_rate": "learning_rate",

@@ -46,7 +46,9 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
         loss_sum = all_reduce_sum(loss_sum, run.world)
         grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
         elapsed = time.perf_counter() - t0
-        return {"step": step + 1, "loss": loss_sum / tokens, "divergence": "sft_cross_entropy",
+        seen = (step + 1) * config.per_device_train_batch_size * config.gradient_accumulation_steps * run.world.size
+        return {"step": step + 1, "epoch": seen / len(encoded), "loss": loss_sum / tokens,
+                "divergence": "sft_cross_entropy",
                 "grad_norm": grad_norm, "skipped": skipped, "learning_rate": optimizer.param_groups[0]["lr"],
                 "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}

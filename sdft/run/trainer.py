@@ -419,8 +419,10 @@ def _train_step(run: Run, teacher, engine, batch_loss: BatchLoss, optimizer, enc
     if not skipped and (step + 1) % config.teacher_sync_steps == 0:
         teacher.update()
     elapsed = time.perf_counter() - t0
+    prompts_seen = (step + 1) * config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
     return {
         "step": step + 1,
+        "epoch": prompts_seen / len(encoded),  # as the Trainer counts it: passes over the training prompts
         "loss": loss,
         "divergence": config.divergence,
         "grad_norm": grad_norm,

@@ -39,7 +39,8 @@ def test_train_logs_metrics_and_checkpoints(tmp_path):
         assert r["self_distillation/distillation_loss"] == r["loss"] and r["completions/mean_length"] > 0
         assert r["sdft/tokens_processed"] < r["sdft/tokens_processed_unshared"]
         assert r["sdft/peak_memory_mib"] > 0 and r["sdft/tokens_per_second"] > 0
-        assert all(k in ("step", "loss", "grad_norm", "learning_rate") or "/" in k for k in r), sorted(r)
+        assert all(k in ("step", "epoch", "loss", "grad_norm", "learning_rate") or "/" in k for k in r), sorted(r)
+    assert [r["epoch"] for r in records] == [0.5, 1.0, 1.5]  # 2 prompts a step of 4
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
 
 
