@@ -33,6 +33,7 @@ from sdft.run.run_dir import FINAL_MODEL, report_line
 from sdft.run.trainer import as_config
 
 SEQUENCE_FILE = "sequence.json"
+OUTPUTS = (SEQUENCE_FILE, "sequence.md", "sequence.png")  # what a sequence writes in output_dir, beside its stages
 KEPT, TEXT_PPL = "retention", "text_perplexity"
 
 
@@ -127,9 +128,10 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     matrix_path = root / SEQUENCE_FILE
     resume = bool(config.resume_from_checkpoint)
     matrix = _read_matrix(matrix_path) if resume else []
-    if not resume and matrix_path.exists():
-        raise ValueError(f"{matrix_path} exists: set resume_from_checkpoint=true to continue that sequence, or "
-                         "choose another output_dir")
+    for name in OUTPUTS if not resume else ():
+        if (root / name).exists():  # an earlier sequence's, or a file of the user's: never overwritten
+            raise ValueError(f"{root / name} exists: set resume_from_checkpoint=true to continue that sequence, "
+                             "or choose another output_dir")
     done = max(0, len(matrix) - 1)  # row 0 is the base model
     dtype = getattr(torch, config.dtype)
     if done:

@@ -132,3 +132,18 @@ def test_sdft_continual_refuses_a_bad_stage_before_the_model_loads(tmp_path, mon
     assert cli.main(["continual", "--stages", files[0], str(bad), "--set", f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl" in err[0]
+
+
+@pytest.mark.parametrize("name", ["sequence.md", "sequence.png", "sequence.json"])
+def test_a_file_of_the_users_named_like_the_matrix_is_never_overwritten(tmp_path, name):
+    files, _, _ = _stages(tmp_path)
+    mine = tmp_path / "seq" / name
+    mine.parent.mkdir()
+    mine.write_text("my notes")
+    with pytest.raises(ValueError, match=f"{name} exists"):
+        train_sequence(tiny_llama(vocab=40), files, _config(tmp_path), tiny_tokenizer())
+    if name == "sequence.json":  # resuming reads it only when sdft wrote it
+        with pytest.raises(ValueError, match="unreadable|not written by sdft.train_sequence"):
+            train_sequence(tiny_llama(vocab=40), files, _config(tmp_path, resume_from_checkpoint=True),
+                           tiny_tokenizer())
+    assert mine.read_text() == "my notes"
