@@ -111,6 +111,12 @@ def model_source(model):
 SOURCE_UNKNOWN = "<model object>"
 
 
+def is_embedded(model) -> bool:
+    """Whether ``model`` (None, a path, or a model object) is the embedded SmolLM2: the bundled
+    retention probe is its own."""
+    return model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
+
+
 def load_model(model=None, dtype=torch.float32):
     """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
-from sdft.run.run_dir import EVAL_FILE
+from sdft.run.run_dir import EVAL_FILE, replace_file
 
 
 class Evaluator:
@@ -46,7 +45,5 @@ class Evaluator:
         self.records = [r for r in self.records if r["step"] != step] + [record]
         if not self.write:
             return record
-        tmp = self.path.with_name(self.FILE + ".tmp")
-        tmp.write_text(json.dumps(self.records, indent=1))
-        os.replace(tmp, self.path)
+        replace_file(self.path, json.dumps(self.records, indent=1))
         return record

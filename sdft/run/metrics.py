@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from sdft.run.run_dir import replace_file
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -44,6 +45,4 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        replace_file(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -157,11 +157,15 @@ def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
     return name
 
 
+def replace_file(path: Path, text: str):
+    """Write ``path`` through ``path.tmp`` and a rename: a reader (or a crash) sees the old or the new text."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_record(out: Path, names):
-    record = out / RECORD_FILE
-    tmp = record.with_name(RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps({"written_by": "sdft", "written": sorted(names)}, indent=1))
-    os.replace(tmp, record)
+    replace_file(out / RECORD_FILE, json.dumps({"written_by": "sdft", "written": sorted(names)}, indent=1))
 
 
 def start_run(config, resume: Path | None, report=report_line):

@@ -28,8 +28,8 @@ from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
 from sdft.eval.scorers import get_scorer
 from sdft.models import load_model
-from sdft.models.loading import model_source
-from sdft.run.run_dir import FINAL_MODEL, report_line
+from sdft.models.loading import is_embedded
+from sdft.run.run_dir import FINAL_MODEL, replace_file, report_line
 from sdft.run.trainer import as_config
 
 SEQUENCE_FILE = "sequence.json"
@@ -119,11 +119,10 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     if config.use_lora:
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
     names = stage_names(stages)
-    _, eval_rows = check_stages(stages, eval_stages)
+    train_rows, eval_rows = check_stages(stages, eval_stages)
     scorers = stage_scorers(eval_scorer if eval_scorer is not None else config.eval_scorer, len(names))
-    embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
-    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
-                             evaluating=True, report=report_line)
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer,
+                             is_embedded(model), evaluating=True, report=report_line)
     root = Path(config.output_dir)
     matrix_path = root / SEQUENCE_FILE
     resume = bool(config.resume_from_checkpoint)
@@ -149,7 +148,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     for k in range(done + 1, len(stages) + 1):
         stage_config = _stage_config(config, root, k, names[k - 1], resume)
         report_line(f"sdft: stage {k}/{len(stages)} ({names[k - 1]}, {method}) in {stage_config.output_dir}")
-        result = run(model, stages[k - 1], stage_config, tokenizer=tokenizer)
+        result = run(model, train_rows[k - 1], stage_config, tokenizer=tokenizer)
         model = result.model
         matrix.append(score_row(model, tokenizer, names[k - 1], names, eval_rows, scorers, kept,
                                 config.max_completion_length))
@@ -190,15 +189,9 @@ def matrix_markdown(matrix: list[dict], names, title: str) -> str:
 def _write(root: Path, names, matrix: list[dict], method: str):
     """sequence.json / .md / .png, each through a temporary file and a rename."""
     record = {"written_by": "sdft.train_sequence", "method": method, "stages": names, "matrix": matrix}
-    _replace(root / SEQUENCE_FILE, json.dumps(record, indent=1))
-    _replace(root / "sequence.md", matrix_markdown(matrix, names, f"{method.upper()}: score after each stage"))
+    replace_file(root / SEQUENCE_FILE, json.dumps(record, indent=1))
+    replace_file(root / "sequence.md", matrix_markdown(matrix, names, f"{method.upper()}: score after each stage"))
     plot_matrices({method: matrix}, names, root / "sequence.png")
-
-
-def _replace(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_matrices(matrices: dict[str, list[dict]], names, path: Path):

@@ -27,7 +27,7 @@ from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.head import verify_head
-from sdft.models.loading import model_source
+from sdft.models.loading import is_embedded, model_source
 from sdft.models.lora import apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -144,8 +144,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     check_backends(config.report_to)
     eval_examples = load_examples(config.eval_data) if config.eval_data else None
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
-    embedded = model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
-    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, embedded,
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
                              evaluating=bool(config.eval_data), report=report_line)
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
