@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,18 +47,21 @@ def _batch(prompts: int, group: int):
     return model, contexts, completions.masked_fill(~mask, tok.pad_token_id), mask, tok.pad_token_id
 
 
-def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool = True) -> dict:
-    """One way in this process: peak extra memory of the first fwd+bwd, then the median time."""
+def scoring_step(way: str, prompts: int, group: int, checkpointing: bool = False, grad: bool = True,
+                 attention: str = "auto"):
+    """(step, passes): one micro-batch's scoring pass the ``way`` given (``attention``: the tree's, see
+    ``sdft.prefix.attention``) with the fused loss on top and, with ``grad``, its backward; ``passes``
+    holds the token passes of the last call."""
     from sdft.models import decoder_of, enable_checkpointing
     from sdft.prefix import packed as bp
     from sdft_kernels import fused_linear_divergence
 
     torch.manual_seed(0)
     model, contexts, completions, mask, pad = _batch(prompts, group)
-    model.train()
+    model.train(grad)
     if checkpointing:
         enable_checkpointing(model)
-    fn = {"tree": bp.tree_hidden, "expand_copy": bp.batched_prefix_hidden,
+    fn = {"tree": partial(bp.tree_hidden, attention=attention), "expand_copy": bp.batched_prefix_hidden,
           "unshared": bp.batched_unshared_hidden}[way]
     decoder = decoder_of(model)
     weight = model.lm_head.weight
@@ -66,11 +70,20 @@ def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool =
 
     def step():
         passes.clear()
-        hidden = fn(decoder, contexts, completions, mask, pad, passes)
-        loss = fused_linear_divergence(hidden, teacher, weight, mask=mask, divergence="forward_kl", reduction="sum")
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            hidden = fn(decoder, contexts, completions, mask, pad, passes)
+            loss = fused_linear_divergence(hidden, teacher, weight, mask=mask, divergence="forward_kl",
+                                           reduction="sum")
+            if grad:
+                loss.backward()
+                model.zero_grad(set_to_none=True)
 
+    return step, passes
+
+
+def run_way(way: str, prompts: int, group: int, reps: int, checkpointing: bool = True) -> dict:
+    """One way in this process: peak extra memory of the first fwd+bwd, then the median time."""
+    step, passes = scoring_step(way, prompts, group, checkpointing)
     peak = peak_extra_mib(step, torch.device("cpu"))
     ms = median_ms(step, torch.device("cpu"), warmup=0, reps=reps)
     return {"peak_extra_mib": peak, "ms": ms, "token_passes": sum(passes)}

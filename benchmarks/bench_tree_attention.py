@@ -40,28 +40,9 @@ def _timed(step, reps: int) -> dict:
 
 
 def run_8x8(attention: str, grad: bool, prompts: int, group: int, reps: int) -> dict:
-    from benchmarks.bench_prefix_memory import _batch
-    from sdft.models import decoder_of
-    from sdft.prefix.packed import tree_hidden
-    from sdft_kernels import fused_linear_divergence
+    from benchmarks.bench_prefix_memory import scoring_step
 
-    torch.manual_seed(0)
-    model, contexts, completions, mask, pad = _batch(prompts, group)
-    model.train(grad)
-    decoder, weight = decoder_of(model), model.lm_head.weight
-    teacher = torch.randn(*completions.shape, weight.shape[1], generator=torch.Generator().manual_seed(1))
-    passes = []
-
-    def step():
-        passes.clear()
-        with torch.set_grad_enabled(grad):
-            hidden = tree_hidden(decoder, contexts, completions, mask, pad, passes, attention)
-            loss = fused_linear_divergence(hidden, teacher, weight, mask=mask, divergence="forward_kl",
-                                           reduction="sum")
-            if grad:
-                loss.backward()
-                model.zero_grad(set_to_none=True)
-
+    step, passes = scoring_step("tree", prompts, group, grad=grad, attention=attention)
     return {**_timed(step, reps), "token_passes": sum(passes)}
 
 
