@@ -7,9 +7,10 @@ Same model (the embedded SmolLM2-135M-Instruct, saved once as a local HF folder 
 path), same data, same G, same completion budget, same loss (full-vocabulary forward KL: TRL
 ``distillation_mode="full_logits", distillation_alpha=0`` <-> ours ``divergence="forward_kl"``; frozen
 teacher: TRL ``teacher_model_kind="base"`` <-> ours ``teacher_mode="frozen"``; the same teacher
-template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate, fp32 on CPU. TRL runs with its
-default gradient checkpointing; our ``sdft`` side runs without it (our default) and ``sdft_gc`` with it. Each side
-runs in its own process; seconds per optimizer step exclude loading and the first step; peak memory
+template ``"{prompt}\\n\\n{demonstration}"``), same AdamW and learning rate,
+fp32 on CPU and bf16 autocast on CUDA (``--precision``). TRL runs with its default gradient
+checkpointing; our ``sdft`` side runs without it (our default) and ``sdft_gc`` with it. Each side runs
+in its own process; seconds per optimizer step exclude loading and the first step; peak memory
 is the process's peak resident set (CPU) or peak allocated memory (CUDA). Settings:
 
 * ``short``: the bundled tool-call prompts (about 30 prompt tokens), G = 4 and 8.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -83,7 +85,10 @@ def rows(setting: str) -> list[dict]:
 
 
 def model_dir() -> str:
-    """The embedded model as a local HF folder (made once)."""
+    """The model every side loads: ``SDFT_BENCH_MODEL`` (an HF folder, e.g. ``random_model.py``'s on a
+    machine without the embedded model), else the embedded model as a local HF folder (made once)."""
+    if os.environ.get("SDFT_BENCH_MODEL"):
+        return os.environ["SDFT_BENCH_MODEL"]
     if not (MODEL_DIR / "config.json").exists():
         from sdft import load_model
         from sdft.run.export import save_hf_folder
@@ -108,7 +113,7 @@ def _summary(seconds: list[float], extra: dict) -> dict:
 
 
 def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",
-             teacher: str = "frozen") -> dict:
+             teacher: str = "frozen", precision: str = "no") -> dict:
     """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
     ``sdft.train_sft``; ``sdft_joint``: ``share_teacher_prefix=True``, a live teacher in one tree with
     the student where the node count says it pays; ``sdft_nojoint``: never; ``sdft_notrim`` /
@@ -129,7 +134,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
         divergence="forward_kl", teacher_mode=teacher, teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
         gradient_checkpointing=method.startswith("sdft_gc"), share_teacher_prefix=method == "sdft_joint",
-        cpu_trim_memory=not method.endswith("_notrim"))
+        cpu_trim_memory=not method.endswith("_notrim"), mixed_precision=precision)
     model, tokenizer = sdft.load_model(model_dir())
     fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
@@ -143,7 +148,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
 
 
 def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | str = False,
-            teacher: str = "frozen") -> dict:
+            teacher: str = "frozen", precision: str = "no") -> dict:
     """TRL's side: ``trl.experimental.sdft.SDFTTrainer`` with the matching configuration (``fused``:
     the same trainer with sdft's fused loss, ``sdft.integrations.trl_loss.FusedSDFTTrainer``;
     ``"dropin"``: the same script with the one import switched to ``sdft.integrations.trl.SDFTTrainer``,
@@ -181,7 +186,7 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | st
         save_steps=10**6,
         logging_steps=1,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=precision == "bf16",
         seed=0,
         disable_tqdm=True,
     )
@@ -218,6 +223,8 @@ def main(argv=None):
     p.add_argument("--teacher", choices=["frozen", "live"], default="frozen",
                    help="frozen: TRL's base <-> our frozen; live: the current weights on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
+    p.add_argument("--precision", choices=["no", "bf16"], default="bf16" if torch.cuda.is_available() else "no",
+                   help="every side's: TRL's bf16=True <-> our mixed_precision=bf16 (default: bf16 on CUDA)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None)
     args = p.parse_args(argv)
@@ -232,7 +239,7 @@ def main(argv=None):
             trl_sides = {"trl": ("run_trl", (False,)), "trl_fused": ("run_trl", (True,)),
                          "trl_dropin": ("run_trl", ("dropin",))}
             fn, extra = trl_sides.get(side, ("run_sdft", (side,)))
-            extra = (*extra, args.teacher)
+            extra = (*extra, args.teacher, args.precision)
             out = run_in_subprocess("benchmarks.bench_trl", fn, setting, group, prompts, args.steps, *extra)
             print(name, side, json.dumps(out), flush=True)
             row[side] = out
@@ -268,7 +275,8 @@ def main(argv=None):
     tag = "gpu" if device.type == "cuda" else "cpu"
     header = (f"# Whole SDFT step: sdft.train vs TRL SDFTTrainer\n\nEnvironment: {env}. "
               f"Prompts per step as in the table, at most {COMPLETION} completion tokens, forward KL over "
-              f"the full vocabulary, {args.teacher} teacher, AdamW lr {LR}; median seconds per optimizer step over "
+              f"the full vocabulary, {args.teacher} teacher, mixed precision {args.precision}, AdamW lr {LR}; "
+              f"median seconds per optimizer step over "
               f"steps 2..{args.steps}; peak memory of each side's process.\n\n"
               f"Command: `python benchmarks/bench_trl.py {' '.join(argv or sys.argv[1:])}`\n\n")
     write_results(args.out, args.stem or f"trl_step_{tag}", {"environment": env, "rows": results},
