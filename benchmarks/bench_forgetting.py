@@ -5,9 +5,11 @@
     python benchmarks/bench_forgetting.py --only hashtags --validation 12   # one skill, model selection
 
 Both methods get the same demonstrations, optimizer, learning rate, batch and number of steps per
-skill. After every stage it measures every skill's held-out accuracy, general-question accuracy and
-held-out text perplexity; during training it tracks the current skill's accuracy every few steps.
-Writes benchmarks/results/forgetting.{json,md,png}.
+skill. A thin caller of ``sdft.train_sequence`` (what ``sdft continual`` runs): after every stage the
+sequence scores every skill's held-out accuracy and the retention check (the bundled general probe and
+held-out text perplexity); during a stage the run evaluates the current skill every few steps (its
+validation split with ``--validation``, then ending on the best point). Writes
+benchmarks/results/forgetting.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,34 +24,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.forgetting_skills import all_skills  # noqa: E402
 from benchmarks.measure import environment, markdown_table, write_results  # noqa: E402
-from benchmarks.prior_capability import general_accuracy, heldout_perplexity  # noqa: E402
-from sdft import SDFTConfig, load_model, skill_accuracy, train, train_sft  # noqa: E402
+from sdft import SDFTConfig, train_sequence  # noqa: E402
+from sdft.run.sequence import stage_dir  # noqa: E402
 
-# name -> (trainer, config overrides)
+# name -> (train_sequence's method, config overrides)
 # The paper's recipe (../shared/paper-facts.md): EMA teacher at rate 0.01, its template, 3 skipped loss
 # tokens, one rollout, per-sequence means, sequence-level IS capped at 2, cosine schedule with warmup.
 PAPER = {k: v for k, v in SDFTConfig.paper().to_dict().items()
          if k in ("teacher_mode", "ema_decay", "teacher_template", "num_loss_tokens_to_skip", "num_generations",
                   "loss_normalization", "distillation_is_clip", "distillation_is_level", "lr_scheduler_type",
                   "warmup_ratio")}
-METHODS = {"sft": (train_sft, {}), "sdft": (train, {"teacher_mode": "frozen"}),
-           "sdft_live_teacher": (train, {"teacher_mode": "live"}),
-           "sdft_ema": (train, {"teacher_mode": "ema", "ema_decay": 0.99}),
-           "sdft_paper": (train, PAPER)}
+METHODS = {"sft": ("sft", {}), "sdft": ("sdft", {"teacher_mode": "frozen"}),
+           "sdft_live_teacher": ("sdft", {"teacher_mode": "live"}),
+           "sdft_ema": ("sdft", {"teacher_mode": "ema", "ema_decay": 0.99}),
+           "sdft_paper": ("sdft", PAPER)}
 # how plots name the methods (all use the fewshot teacher template except the paper recipe)
 LABELS = {"sft": "SFT", "sdft": "SDFT, frozen teacher", "sdft_live_teacher": "SDFT, live teacher",
           "sdft_ema": "SDFT, EMA teacher", "sdft_paper": "SDFT, paper recipe"}
-
-
-def evaluate_all(model, tokenizer, skills, eval_limit: int) -> dict:
-    out = {}
-    for skill in skills:
-        out[skill.name] = skill_accuracy(model, tokenizer, skill.eval[:eval_limit], skill.score)["exact"]
-    general = general_accuracy(model, tokenizer)
-    out["general_questions"] = general["accuracy"]
-    out["general_answers_sample"] = [a[:100] for a in general["answers"][:3]]
-    out["heldout_perplexity"] = heldout_perplexity(model, tokenizer)
-    return out
+ANSWER_TOKENS = 48  # greedy tokens per held-out answer (skill_accuracy's default, which the results used)
 
 
 def split_validation(rows: list[dict], size: int) -> tuple[list[dict], list[dict]]:
@@ -62,81 +53,58 @@ def split_validation(rows: list[dict], size: int) -> tuple[list[dict], list[dict
     return rows[:-size], rows[-size:]
 
 
-class BestOnValidation:
-    """The weights at the checkpoint with the best validation accuracy of the skill being learned (the
-    earliest on ties: less drift for the same skill), kept in memory; the paper selects its models so."""
-
-    def __init__(self):
-        self.step, self.accuracy, self.state = None, -1.0, None
-
-    def offer(self, step: int, accuracy: float, model) -> None:
-        if accuracy > self.accuracy:
-            self.step, self.accuracy = step, accuracy
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def restore(self, model, last_step: int) -> int:
-        """Load the selected weights into ``model`` unless they are the last ones; the selected step."""
-        if self.state is not None and self.step != last_step:
-            model.load_state_dict(self.state)
-        self.state = None
-        return self.step
+def exact_of(skill):
+    """The skill's scorer as train_sequence takes one: the exact-match share of one answer."""
+    return lambda answer, demonstration: skill.score(answer, demonstration)["exact"]
 
 
-_BASE_SCORES: dict = {}
-
-
-def base_scores(model, tokenizer, skills, eval_limit: int) -> dict:
-    """``evaluate_all`` of the base model, measured once per process: every run starts from the same
-    weights and every measurement decodes greedily, so the runs of a sweep share it (~1 min each)."""
-    key = (tuple(s.name for s in skills), eval_limit)
-    if key not in _BASE_SCORES:
-        _BASE_SCORES[key] = evaluate_all(model, tokenizer, skills, eval_limit)
-    return dict(_BASE_SCORES[key])
+def _stage_records(folder: Path) -> tuple[list[dict], dict]:
+    """A stage's evaluations (eval.json) and losses by step (metrics.jsonl)."""
+    evals = json.loads((folder / "eval.json").read_text())
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
+    return evals, losses
 
 
 def run_method(method: str, skills, args, work: Path, lr: float) -> dict:
-    """Train one method through all skills in order; every stage's scores and the accuracy curve.
+    """One method through all skills in order (``sdft.train_sequence``); every stage's scores and the curve.
 
-    With ``args.validation`` each stage trains on the skill's rows minus a validation split, tracks the
-    validation accuracy (not the held-out test prompts) at every curve point and ends at the best of
-    them (``BestOnValidation``); the stage's scores are measured there and the next skill starts there.
+    Each stage evaluates the skill being learned every ``--curve-every`` steps: with ``--validation``
+    on a validation split of its training rows (never trained on), ending at the best point
+    (``load_best_model_at_end``, the earliest on ties), else on its first ``--curve-limit`` test
+    prompts, ending at the last step. After each stage the sequence scores every skill's held-out
+    test prompts and the bundled retention probe and text (the embedded model's).
     """
-    model, tokenizer = load_model()  # each stage's train() seeds itself from args.seed
-    stages = [{"stage": 0, "after": "base model", **base_scores(model, tokenizer, skills, args.eval_limit)}]
-    print(method, stages[-1], flush=True)
-    curve = []
-    offset = 0
-    for k, skill in enumerate(skills, start=1):
-        train_rows, val_rows = split_validation(skill.train, args.validation)
-        probe_rows = val_rows or skill.eval[:args.curve_limit]
-        best = BestOnValidation() if val_rows else None
-        if best is not None:
-            best.offer(0, skill_accuracy(model, tokenizer, val_rows, skill.score)["exact"], model)
-        common = dict(output_dir=str(work / method / skill.name), max_steps=args.steps, learning_rate=lr,
-                      per_device_train_batch_size=args.batch, num_generations=args.generations,
-                      max_completion_length=args.completion_length, divergence=args.divergence, save_steps=10**9,
-                      save_total_limit=1, progress_bar=False, seed=args.seed + k, save_final_model=False)
-        config = SDFTConfig(**{**common, **METHODS[method][1]})  # the method's own settings win
-
-        def track(step, record, skill=skill, offset=offset):
-            if step % args.curve_every == 0:
-                acc = skill_accuracy(model, tokenizer, probe_rows, skill.score)["exact"]
-                curve.append({"step": offset + step, "skill": skill.name, "accuracy": acc,
-                              "split": "validation" if val_rows else "test", "loss": record["loss"]})
-                if best is not None:
-                    best.offer(step, acc, model)
-                print(method, skill.name, step, f"loss {record['loss']:.4f} acc {acc:.2f}", flush=True)
-
-        t0 = time.perf_counter()
-        result = METHODS[method][0](model, train_rows, config, tokenizer=tokenizer, step_callback=track)
-        model = result.model
-        seconds = time.perf_counter() - t0
-        selected = {} if best is None else {"selected_step": best.restore(model, args.steps),
-                                            "validation_accuracy": best.accuracy}
-        stages.append({"stage": k, "after": skill.name, "train_seconds": seconds, **selected,
-                       **evaluate_all(model, tokenizer, skills, args.eval_limit)})
-        print(method, stages[-1], flush=True)
-        offset += args.steps
+    kind, overrides = METHODS[method]
+    splits = [split_validation(skill.train, args.validation) for skill in skills]
+    config = SDFTConfig(**{
+        **dict(output_dir=str(work), max_steps=args.steps, learning_rate=lr, per_device_train_batch_size=args.batch,
+               num_generations=args.generations, max_completion_length=args.completion_length,
+               divergence=args.divergence, save_steps=10**9, save_total_limit=1, progress_bar=False,
+               eval_steps=args.curve_every, eval_max_new_tokens=ANSWER_TOKENS,
+               load_best_model_at_end=bool(args.validation)),
+        **overrides})  # the method's own settings win
+    result = train_sequence(
+        None, [rows for rows, _ in splits], config, names=[s.name for s in skills], method=kind,
+        eval_stages=[s.eval[:args.eval_limit] for s in skills], eval_scorer=[exact_of(s) for s in skills],
+        validation_stages=[val or s.eval[:args.curve_limit] for (_, val), s in zip(splits, skills)],
+        stage_overrides=[{"seed": args.seed + k} for k in range(1, len(skills) + 1)])
+    stages, curve = [], []
+    for k, row in enumerate(result.matrix):
+        stage = {"stage": k, "after": "base model" if k == 0 else row["after"],
+                 **{s.name: row[s.name] for s in skills}, "general_questions": row["retention"],
+                 "heldout_perplexity": row["text_perplexity"]}
+        if k:
+            folder = stage_dir(result.output_dir, k, row["after"])
+            evals, losses = _stage_records(folder)
+            stage["train_seconds"] = result.train_seconds[k - 1]
+            if "selected_step" in row:
+                stage["selected_step"] = row["selected_step"]
+                stage["validation_accuracy"] = next(e["score"] for e in evals if e["step"] == row["selected_step"])
+            curve += [{"step": (k - 1) * args.steps + e["step"], "skill": row["after"], "accuracy": e["score"],
+                       "split": "validation" if args.validation else "test", "loss": losses.get(e["step"])}
+                      for e in evals if e["step"] > 0]
+        stages.append(stage)
+        print(method, stage, flush=True)
     return {"stages": stages, "curve": curve, "method": method, "learning_rate": lr, "seed": args.seed}
 
 

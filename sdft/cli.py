@@ -106,6 +106,9 @@ def _build_parser():
     co.add_argument("--stages", nargs="+", required=True, metavar="FILE", help="jsonl per stage, in order")
     co.add_argument("--eval-stages", nargs="+", default=None, metavar="FILE",
                     help="a held-out jsonl per stage, scored after every stage")
+    co.add_argument("--validation-stages", nargs="+", default=None, metavar="FILE",
+                    help="a validation jsonl per stage, evaluated during that stage (every eval_steps); with "
+                         "--set load_best_model_at_end=true each stage ends on its best point")
     co.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
     co.add_argument("--baseline", choices=["sft"], default=None,
                     help="also run the same stages with plain SFT and put both matrices side by side")
@@ -132,7 +135,10 @@ def _continual(args, parser) -> int:
     config = SDFTConfig.from_strings(_overrides(parser, args.set))
     config.check_device()
     check_backends(config.report_to)
-    check_stages(args.stages, args.eval_stages)  # every file read and checked before the model loads
+    check_stages(args.stages, args.eval_stages, args.validation_stages)  # every file checked before the model loads
+    if config.load_best_model_at_end and args.validation_stages is None:
+        raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
+                         "give --validation-stages (one file per stage)")
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
     from sdft import models
@@ -147,7 +153,7 @@ def _continual(args, parser) -> int:
         model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         method_config = SDFTConfig.from_dict({**config.to_dict(), "output_dir": str(root / method)})
         result = train_sequence(model, args.stages, method_config, tokenizer, eval_stages=args.eval_stages,
-                                method=method, eval_scorer=args.scorer)
+                                method=method, eval_scorer=args.scorer, validation_stages=args.validation_stages)
         matrices[method] = result.matrix
     names = stage_names(args.stages)
     tables = "\n".join(matrix_markdown(m, names, f"{method.upper()}: score after each stage")

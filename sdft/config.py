@@ -185,6 +185,15 @@ class SDFTConfig:
     retention_scorer: str = _opt("contains", "scorer of retention_data: exact | normalized | json | contains "
                                  "(a |-separated alternative of the demonstration as a whole word) | regex:PATTERN")
     eval_steps: int = _opt(0, "also evaluate every this many steps (0: before and after only)", minimum=0)
+    eval_max_new_tokens: int = _opt(0, "tokens a greedy evaluation answer may take (0: max_completion_length)",
+                                    minimum=0)
+    load_best_model_at_end: bool = _opt(False, "end the run on the weights of its best evaluation on eval_data "
+                                        "(before training, every eval_steps, the last step; the earliest on ties), "
+                                        "kept in output_dir/best_weights.pt: the returned model and final_model "
+                                        "hold them (HF's load_best_model_at_end)")
+    metric_for_best_model: str = _opt("score", "what load_best_model_at_end ranks: score or retention_score (higher "
+                                      "is better), perplexity or retention_text_perplexity (lower is better)",
+                                      choices=("score", "perplexity", "retention_score", "retention_text_perplexity"))
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
                          "and all-reduces gradients; fsdp shards every block and the rest with FSDP2 (full "
@@ -224,8 +233,15 @@ class SDFTConfig:
         check_template(self.teacher_template)
         if self.parallel == "fsdp" and self.use_lora:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
+        if self.load_best_model_at_end and self.parallel == "fsdp":
+            raise ValueError("load_best_model_at_end keeps whole weights: not supported with parallel=fsdp")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
+
+    @property
+    def eval_tokens(self) -> int:
+        """Tokens a greedy evaluation answer may take."""
+        return self.eval_max_new_tokens or self.max_completion_length
 
     def check_device(self):
         """The device is here (a run-time check, kept out of ``__post_init__`` so that a config saved on a

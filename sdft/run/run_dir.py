@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdft.run.best import BEST_FILE, BEST_RECORD
 from sdft.run.checkpoint import (
     CheckpointError,
     checkpoint_step,
@@ -42,11 +43,14 @@ def report_line(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def run_outputs(config) -> list[str]:
-    """The entries (besides checkpoints) a run with ``config`` writes in its output_dir."""
+def run_outputs(config, evaluating: bool | None = None) -> list[str]:
+    """The entries (besides checkpoints) a run with ``config`` writes in its output_dir (``evaluating``:
+    whether it evaluates held-out rows; default: whether ``config.eval_data`` names some)."""
     names = [CONFIG_FILE, METRICS_FILE]
-    if config.eval_data:
+    if bool(config.eval_data) if evaluating is None else evaluating:
         names.append(EVAL_FILE)
+    if config.load_best_model_at_end:
+        names += [BEST_FILE, BEST_RECORD]
     if "tensorboard" in config.report_to:
         names.append("runs")
     if "wandb" in config.report_to:
@@ -82,8 +86,9 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
     return [n for n in names if (out / n).exists() and n not in owned]
 
 
-def plan_run(config, report=report_line) -> Path | None:
-    """Check ``config.output_dir`` (changing nothing); return the checkpoint to resume from, or None."""
+def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path | None:
+    """Check ``config.output_dir`` (changing nothing); return the checkpoint to resume from, or None.
+    ``evaluating``: as ``run_outputs``."""
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} exists and is not a folder")
@@ -91,7 +96,7 @@ def plan_run(config, report=report_line) -> Path | None:
     if busy is not None:
         raise RunLockedError(busy)
     found = list_checkpoints(out)
-    foreign = _foreign(out, run_outputs(config), _owned(out, found))
+    foreign = _foreign(out, run_outputs(config, evaluating), _owned(out, found))
     if foreign:
         raise ValueError(f"output_dir {out} holds {foreign[0]}, which no sdft run wrote there (it is not in "
                          f"{RECORD_FILE}) and which this run would write: move it, or choose another output_dir")
@@ -152,9 +157,20 @@ def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
             shutil.copy2(out / kept, branch / kept)
     if (out / FINAL_MODEL).is_dir():
         os.replace(out / FINAL_MODEL, branch / FINAL_MODEL)
+    if _best_step(out) > step:  # load_best_model_at_end's pick came later: it goes with that branch
+        for name in (BEST_FILE, BEST_RECORD):
+            if (out / name).is_file():
+                os.replace(out / name, branch / name)
     report(f"sdft: resuming from step {step}: the later checkpoints "
            f"({', '.join(str(folder_step(p)) for p in later)}) of the run that went on from there moved to {branch}")
     return name
+
+
+def _best_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / BEST_RECORD).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def replace_file(path: Path, text: str):
@@ -168,24 +184,24 @@ def _write_record(out: Path, names):
     replace_file(out / RECORD_FILE, json.dumps({"written_by": "sdft", "written": sorted(names)}, indent=1))
 
 
-def start_run(config, resume: Path | None, report=report_line):
+def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None):
     """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
     ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
     this run writes, say where a resume starts."""
     try:
-        _start(Path(config.output_dir), config, resume, report)
+        _start(Path(config.output_dir), config, resume, report, evaluating)
     except OSError as err:
         raise ValueError(f"cannot write in output_dir {config.output_dir}: {err.strerror or err} "
                          f"({getattr(err, 'filename', None) or config.output_dir})") from None
 
 
-def _start(out: Path, config, resume: Path | None, report):
+def _start(out: Path, config, resume: Path | None, report, evaluating: bool | None):
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
     if resume is None and config.overwrite_output_dir:
         _clear(out, report)
-    names = _owned(out, list_checkpoints(out)) | set(run_outputs(config))
+    names = _owned(out, list_checkpoints(out)) | set(run_outputs(config, evaluating))
     if resume is not None:
         step = checkpoint_step(resume)
         branch = _abandon_later(out, Path(resume), step, report)

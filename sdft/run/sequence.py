@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +45,15 @@ class SequenceResult:
     stages: list[str]  # the stages' names, in training order
     matrix: list[dict] = field(default_factory=list)  # {"after": "base" | stage, skill: score, ..., retention}
     output_dir: Path | None = None
+    train_seconds: list = field(default_factory=list)  # per stage, trained by this call (None: done before)
 
 
-def stage_names(stages) -> list[str]:
-    """A name per stage: its file's stem, else ``stage-K``; made unique."""
+def stage_names(stages, given=None) -> list[str]:
+    """A name per stage: ``given``'s, else its file's stem, else ``stage-K``; made unique."""
+    if given is not None:
+        if len(given) != len(stages):
+            raise ValueError(f"{len(given)} names for {len(stages)} stages: give one name per stage")
+        stages = [Path(str(name)).name + ".jsonl" for name in given]
     names = []
     for k, stage in enumerate(stages, 1):
         name = re.sub(r"[^\w.-]+", "-", Path(stage).stem) if isinstance(stage, (str, Path)) else f"stage-{k}"
@@ -55,21 +61,30 @@ def stage_names(stages) -> list[str]:
     return names
 
 
-def check_stages(stages, eval_stages) -> tuple[list, list]:
-    """Every stage's rows (and held-out rows) read and checked now, before any model loads."""
+def stage_dir(root: Path, k: int, name: str) -> Path:
+    """The output_dir of stage ``k`` (from 1) named ``name``: its checkpoints, eval.json, final_model."""
+    return Path(root) / f"stage-{k}-{name}"
+
+
+def check_stages(stages, eval_stages, validation_stages=None) -> tuple[list, list, list]:
+    """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads."""
     if not stages:
         raise ValueError("train_sequence needs at least one stage")
-    if eval_stages is not None and len(eval_stages) != len(stages):
-        raise ValueError(f"{len(eval_stages)} eval stages for {len(stages)} stages: give one held-out set per stage")
-    train_rows = [load_examples(s) for s in stages]
-    eval_rows = [load_examples(s) for s in eval_stages] if eval_stages is not None else [None] * len(stages)
-    return train_rows, eval_rows
+    found = []
+    for what, sets in (("eval", eval_stages), ("validation", validation_stages)):
+        if sets is not None and len(sets) != len(stages):
+            kind = "held-out" if what == "eval" else what
+            raise ValueError(f"{len(sets)} {what} stages for {len(stages)} stages: give one {kind} set per stage")
+        found.append([load_examples(s) for s in sets] if sets is not None else [None] * len(stages))
+    return [load_examples(s) for s in stages], *found
 
 
-def _stage_config(config: SDFTConfig, root: Path, k: int, name: str, resume: bool) -> SDFTConfig:
-    values = {**config.to_dict(), "output_dir": str(root / f"stage-{k}-{name}"), "eval_data": "",
+def _stage_config(config: SDFTConfig, root: Path, k: int, name: str, resume: bool, overrides: dict) -> SDFTConfig:
+    """Stage k's run: ``config`` and the stage's own ``overrides`` in its folder; the sequence scores
+    held-out sets and retention itself, so the stage evaluates only its validation rows."""
+    values = {**config.to_dict(), **overrides, "output_dir": str(stage_dir(root, k, name)), "eval_data": "",
               "retention_data": "", "retention_text": "", "resume_from_checkpoint": resume and
-              (root / f"stage-{k}-{name}").exists(), "save_final_model": True}
+              stage_dir(root, k, name).exists(), "save_final_model": True}
     return SDFTConfig.from_dict(values)
 
 
@@ -103,12 +118,18 @@ def score_row(model, tokenizer, after: str, names, eval_rows, scorers, kept, max
 
 
 def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = None, tokenizer=None, *,
-                   eval_stages=None, method: str = "sdft", eval_scorer=None) -> SequenceResult:
+                   eval_stages=None, method: str = "sdft", eval_scorer=None, validation_stages=None,
+                   stage_overrides=None, names=None) -> SequenceResult:
     """Train ``stages`` (datasets, as ``sdft.train`` takes them) one after another; see the module doc.
 
     ``eval_stages``: one held-out set per stage (None: only retention is scored). ``method``: ``sdft``
     or ``sft`` (the same stages with plain SFT: the paper's comparison). ``eval_scorer``: a scorer as
     ``sdft.train`` takes it, or a list of one per stage (default ``config.eval_scorer``).
+    ``validation_stages``: one set per stage that its run evaluates (before training, every
+    ``eval_steps``, at the end; the stage's ``eval.json``); with ``load_best_model_at_end`` each stage
+    ends on its best validation point and the next starts there (the paper's model selection).
+    ``stage_overrides``: one dict of config values per stage (a seed, steps, a learning rate).
+    ``names``: one name per stage, for the matrix and the stage folders (default: the files' stems).
     """
     from sdft.run.sft import train_sft
     from sdft.run.trainer import train
@@ -118,8 +139,14 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError(f"method={method!r}: expected sdft or sft")
     if config.use_lora:
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
-    names = stage_names(stages)
-    train_rows, eval_rows = check_stages(stages, eval_stages)
+    if config.load_best_model_at_end and validation_stages is None:
+        raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
+                         "give validation_stages (one set per stage)")
+    names = stage_names(stages, names)
+    train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages)
+    overrides = list(stage_overrides) if stage_overrides is not None else [{}] * len(names)
+    if len(overrides) != len(names) or not all(isinstance(o, dict) for o in overrides):
+        raise ValueError(f"stage_overrides: give one dict of config values per stage ({len(names)})")
     scorers = stage_scorers(eval_scorer if eval_scorer is not None else config.eval_scorer, len(names))
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer,
                              is_embedded(model), evaluating=True, report=report_line)
@@ -134,27 +161,32 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     done = max(0, len(matrix) - 1)  # row 0 is the base model
     dtype = getattr(torch, config.dtype)
     if done:
-        model, tokenizer = load_model(root / f"stage-{done}-{names[done - 1]}" / FINAL_MODEL, dtype)
+        model, tokenizer = load_model(stage_dir(root, done, names[done - 1]) / FINAL_MODEL, dtype)
     elif model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(model, dtype)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     root.mkdir(parents=True, exist_ok=True)
     if not matrix:
-        matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorers, kept,
-                            config.max_completion_length)]
+        matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorers, kept, config.eval_tokens)]
         _write(root, names, matrix, method)
     run = train if method == "sdft" else train_sft
+    seconds = [None] * len(names)
     for k in range(done + 1, len(stages) + 1):
-        stage_config = _stage_config(config, root, k, names[k - 1], resume)
+        stage_config = _stage_config(config, root, k, names[k - 1], resume, overrides[k - 1])
         report_line(f"sdft: stage {k}/{len(stages)} ({names[k - 1]}, {method}) in {stage_config.output_dir}")
-        result = run(model, train_rows[k - 1], stage_config, tokenizer=tokenizer)
+        t0 = time.perf_counter()  # kept beside the matrix: a resumed matrix equals an uninterrupted one
+        result = run(model, train_rows[k - 1], stage_config, tokenizer=tokenizer, eval_scorer=scorers[k - 1],
+                     eval_dataset=validation_rows[k - 1])
+        seconds[k - 1] = time.perf_counter() - t0
         model = result.model
-        matrix.append(score_row(model, tokenizer, names[k - 1], names, eval_rows, scorers, kept,
-                                config.max_completion_length))
+        row = score_row(model, tokenizer, names[k - 1], names, eval_rows, scorers, kept, config.eval_tokens)
+        if result.best_step is not None:
+            row["selected_step"] = result.best_step
+        matrix.append(row)
         _write(root, names, matrix, method)
         report_line("sdft: after " + names[k - 1] + ": " + format_row(matrix[-1], names))
-    return SequenceResult(model, tokenizer, names, matrix, root)
+    return SequenceResult(model, tokenizer, names, matrix, root, seconds)
 
 
 def stage_scorers(spec, count: int) -> list:

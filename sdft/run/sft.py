@@ -23,9 +23,9 @@ def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Te
 
 
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-              step_callback=None, eval_scorer=None) -> TrainResult:
+              step_callback=None, eval_scorer=None, eval_dataset=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
-    run = prepare(model, dataset, config, tokenizer, eval_scorer)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset)
     config, model, device = run.config, run.model, run.device
     limit = config.max_prompt_length + config.max_completion_length
     encoded = [demonstration_ids(run.tokenizer, ex, device, limit) for ex in run.examples]

@@ -32,6 +32,7 @@ from sdft.models.lora import apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
+from sdft.run.best import BestWeights
 from sdft.run.checkpoint import load_checkpoint, save_checkpoint
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
@@ -52,6 +53,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
     evaluations: list[dict] = field(default_factory=list)  # eval.json records (config.eval_data)
+    best_step: int | None = None  # load_best_model_at_end: the step whose weights the run ended on
 
 
 @dataclass
@@ -138,14 +140,21 @@ def start_runner(run: Run, teacher=None) -> Runner:
     return run.runner
 
 
-def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
-    """Validate config, data and output_dir (cheap, before any model loads), then load the model."""
+def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None) -> Run:
+    """Validate config, data and output_dir (cheap, before any model loads), then load the model.
+
+    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``."""
     config = as_config(config)
     check_backends(config.report_to)
-    eval_examples = load_examples(config.eval_data) if config.eval_data else None
+    if eval_dataset is not None:
+        eval_examples = load_examples(eval_dataset)
+    else:
+        eval_examples = load_examples(config.eval_data) if config.eval_data else None
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
-                             evaluating=bool(config.eval_data), report=report_line)
+                             evaluating=eval_examples is not None, report=report_line)
+    if config.load_best_model_at_end:
+        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:
@@ -153,7 +162,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
 
         dataset = load_skill("train")
     examples = load_examples(dataset)
-    resume = plan_run(config)
+    resume = plan_run(config, evaluating=eval_examples is not None)
     config.check_device()
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)
@@ -166,6 +175,16 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None) -> Run:
     except BaseException:
         _finish(on_end)
         raise
+
+
+def check_best_metric(metric: str, evaluating: bool, kept) -> None:
+    """``load_best_model_at_end`` needs an evaluation that yields ``metric``: one line before the model loads."""
+    if metric in ("score", "perplexity"):
+        if not evaluating:
+            raise ValueError(f"load_best_model_at_end ranks the evaluations on eval_data by {metric}: give eval_data")
+    elif not (kept is not None and (kept.examples if metric == "retention_score" else kept.texts)):
+        source = "retention_data" if metric == "retention_score" else "retention_text"
+        raise ValueError(f"metric_for_best_model={metric} needs {source} (and eval_data to evaluate at all)")
 
 
 def _finish(on_end: list):
@@ -266,7 +285,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
     out = Path(config.output_dir)
     main = world.is_main
     if main:
-        start_run(config, run.resume)
+        start_run(config, run.resume, evaluating=run.eval_examples is not None)
     barrier(world)
     optimizer = make_optimizer(model, config)
     log = MetricsLog(out / METRICS_FILE)
@@ -275,12 +294,23 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
         log.truncate(start)
     reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())
     evaluator = None  # under FSDP2 every process generates (the weights are sharded), process 0 writes
+    best = BestWeights(out, config.metric_for_best_model, write=main) if config.load_best_model_at_end else None
+
+    def evaluate_at(step: int):
+        record = runner(evaluator, run.tokenizer, step)
+        reporters.eval(record)
+        if best is not None:
+            best.offer(step, record, model)
+
     if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
-        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.max_completion_length, out, write=main,
+        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
                               retention=run.retention)
         evaluator.truncate(start)
         if start == 0:
-            reporters.eval(runner(evaluator, run.tokenizer, 0))
+            evaluate_at(0)
+        elif best is not None and best.step is None:  # resumed past a pick that was set aside: rank from here
+            for record in (r for r in evaluator.records if r["step"] == start):
+                best.offer(start, record, model)
     history = []
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not (config.progress_bar and main))
@@ -300,34 +330,50 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
                 barrier(world)
             last = step + 1 == config.max_steps
             if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
-                reporters.eval(runner(evaluator, run.tokenizer, step + 1))
+                evaluate_at(step + 1)
             if step_callback is not None and step_callback(step + 1, record) is True and not last:
-                _stop_early(run, runner, evaluator, reporters, optimizer, teacher, step + 1)
+                _stop_early(run, runner, optimizer, teacher, step + 1,
+                            evaluate_at if evaluator is not None else None)
                 break
     finally:
         reporters.close()
+    selected = _load_best(run, best, history[-1]["step"] if history else start)
     if config.save_final_model and (main or runner.sharded):
         plain = runner.full_model()  # sharded: gathered by every process, None except on process 0
         if main:
             export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora, force=True)  # ours: run_dir
     barrier(world)
     return TrainResult(model, run.tokenizer, history[-1]["step"] if history else start, history, out,
-                       evaluator.records if evaluator is not None else [])
+                       evaluator.records if evaluator is not None else [], selected)
 
 
-def _stop_early(run: Run, runner, evaluator, reporters, optimizer, teacher, step: int):
+def _load_best(run: Run, best: BestWeights | None, last_step: int) -> int | None:
+    """``load_best_model_at_end``: every process puts the best evaluation's weights into the model (read
+    from what process 0 wrote); the selected step."""
+    if best is None:
+        return None
+    barrier(run.world)
+    selected = best.restore(run.model, last_step)
+    if selected is not None and run.world.is_main:
+        report_line(f"sdft: ending on the weights of step {selected} (best {best.metric}"
+                    + (f" {best.value:.4g})" if best.value is not None else ")"))
+    return selected
+
+
+def _stop_early(run: Run, runner, optimizer, teacher, step: int, evaluate_at=None):
     """A step callback asked to stop after ``step``: its checkpoint and its evaluation, as at the end."""
     config, main = run.config, run.world.is_main
     if step % config.save_steps and (main or runner.sharded):
         save_checkpoint(Path(config.output_dir), step, run.model, optimizer, teacher, config,
                         config.save_total_limit, run.model_source, write=main)
     barrier(run.world)
-    if evaluator is not None and not (config.eval_steps and step % config.eval_steps == 0):
-        reporters.eval(runner(evaluator, run.tokenizer, step))
+    if evaluate_at is not None and not (config.eval_steps and step % config.eval_steps == 0):
+        evaluate_at(step)
 
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-          step_callback=None, engine: RolloutEngine | None = None, eval_scorer=None) -> TrainResult:
+          step_callback=None, engine: RolloutEngine | None = None, eval_scorer=None,
+          eval_dataset=None) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
@@ -336,11 +382,12 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     returns True the run ends there (checkpoint, evaluation and final model as at ``max_steps``).
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
-    for the evaluation on ``config.eval_data``.
+    for the evaluation on ``config.eval_data``. ``eval_dataset``: held-out rows (as ``dataset``) in place
+    of ``config.eval_data``.
     """
     if engine is not None:
         check_engine(engine)
-    run = prepare(model, dataset, config, tokenizer, eval_scorer)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset)
     encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)

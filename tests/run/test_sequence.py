@@ -134,6 +134,21 @@ def test_sdft_continual_refuses_a_bad_stage_before_the_model_loads(tmp_path, mon
     assert len(err) == 1 and "bad.jsonl" in err[0]
 
 
+def test_sdft_continual_refuses_selection_without_validation_stages_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import sdft.models
+    from sdft import cli
+
+    files, _, _ = _stages(tmp_path)
+    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    args = ["continual", "--stages", *files, "--set", f"output_dir={tmp_path / 'o'}", "load_best_model_at_end=true"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--validation-stages" in err[0]
+    assert cli.main(args[:3] + ["--validation-stages", files[0]] + args[3:]) == 2
+    assert "one validation set per stage" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["sequence.md", "sequence.png", "sequence.json"])
 def test_a_file_of_the_users_named_like_the_matrix_is_never_overwritten(tmp_path, name):
     files, _, _ = _stages(tmp_path)

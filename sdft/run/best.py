@@ -1,0 +1,81 @@
+"""``load_best_model_at_end``: the trainable weights of the run's best evaluation so far, kept on disk
+(``output_dir/best_weights.pt``, with its step and value in ``best_weights.json``) so that a crash
+or a resume keeps them, and put back into the model when the run ends.
+
+Ranking: the higher ``score`` / ``retention_score``, the lower ``perplexity`` /
+``retention_text_perplexity``; on a tie the earlier step (less drift for the same result), whatever
+order the steps are offered in (a resumed run offers again steps it had passed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BEST_FILE = "best_weights.pt"
+BEST_RECORD = "best_weights.json"
+LOWER_IS_BETTER = ("perplexity", "retention_text_perplexity")
+
+
+def trainable_state(model) -> dict:
+    """The weights a run changes (LoRA: the adapters only), as CPU copies."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+class BestWeights:
+    """The best evaluation's weights of a run in ``output_dir`` by ``metric`` (see the module doc)."""
+
+    def __init__(self, output_dir, metric: str, write: bool = True):
+        self.out, self.metric, self.write = Path(output_dir), metric, write
+        self.step, self.value = None, None
+        try:
+            record = json.loads((self.out / BEST_RECORD).read_text())
+            if record.get("metric") == metric and (self.out / BEST_FILE).is_file():
+                self.step, self.value = int(record["step"]), float(record["value"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet (or unreadable): the next evaluation starts the ranking
+
+    def better(self, step: int, value: float) -> bool:
+        if value != value:  # NaN never wins
+            return False
+        if self.step is None:
+            return True
+        if value == self.value:
+            return step < self.step
+        return value < self.value if self.metric in LOWER_IS_BETTER else value > self.value
+
+    def offer(self, step: int, record: dict, model) -> bool:
+        """Keep ``model``'s weights when ``record`` (an evaluation at ``step``) beats the best so far."""
+        if self.metric not in record:
+            raise ValueError(f"metric_for_best_model={self.metric} is not among this run's evaluation figures "
+                             f"({', '.join(k for k in record if k not in ('step', 'answers', 'retention_answers'))})")
+        value = float(record[self.metric])
+        if not self.better(step, value):
+            return False
+        self.step, self.value = step, value
+        if self.write:
+            tmp = self.out / (BEST_FILE + ".tmp")
+            torch.save(trainable_state(model), tmp)
+            os.replace(tmp, self.out / BEST_FILE)
+            tmp = self.out / (BEST_RECORD + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "value": value, "metric": self.metric}))
+            os.replace(tmp, self.out / BEST_RECORD)
+        return True
+
+    def restore(self, model, last_step: int) -> int | None:
+        """Put the best weights (read from disk: every process of a DDP run reads the same) into ``model``
+        unless they are the last step's; the selected step (None: nothing was evaluated)."""
+        try:
+            record = json.loads((self.out / BEST_RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        step = int(record["step"])
+        if step != last_step:
+            state = torch.load(self.out / BEST_FILE, map_location="cpu", weights_only=True)
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+            if missing:
+                raise ValueError(f"{self.out / BEST_FILE} lacks {missing[0]}: written by another model")
+            model.load_state_dict(state, strict=False)
+        return step
