@@ -95,12 +95,14 @@ def random_decoder(layers: int | None, device: torch.device):
     return AutoModel.from_config(config).to(device)
 
 
-def run_sweep(completions: list[int], prompts: int, group: int, system: int, layers: int | None, reps: int) -> list:
+def run_sweep(completions: list[int], prompts: int, group: int, system: int, layers: int | None, reps: int,
+              done=None) -> list:
     """Dense vs block mask at growing packed widths, on this machine's device: the measurement behind
     ``sdft.prefix.attention.FLEX_MIN_NODES``. One tree of ``prompts`` x ``group`` rollouts of each
     length in ``completions`` under a ``system``-token message; the student's pass (forward + backward)
     and the teacher's (forward), bf16 autocast on CUDA. ``max_rel_diff``: the flex hidden states against
-    the dense ones (same pass, same weights)."""
+    the dense ones (same pass, same weights). ``done(rows)`` is called after each width (to write what
+    is measured so far)."""
     from sdft.prefix.packed import tree_hidden
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,6 +152,8 @@ def run_sweep(completions: list[int], prompts: int, group: int, system: int, lay
         del hidden
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if done is not None:
+            done(rows)
     return rows
 
 
@@ -165,7 +169,6 @@ def sweep_main(argv=None):
     p.add_argument("--stem", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run_sweep(args.completions, *args.tree, args.layers, args.reps)
     env = environment(device)
     tag = "gpu_" + env["device"].split()[-1].lower() if device.type == "cuda" else "cpu"
     header = (f"# Prefix-tree attention by packed width: dense mask vs FlexAttention block mask\n\nEnvironment: "
@@ -175,8 +178,12 @@ def sweep_main(argv=None):
               f"call (compile included) and the median of {args.reps} more; max_rel_diff: flex hidden states vs "
               f"dense.\n\nCommand: `python benchmarks/bench_tree_attention.py {' '.join(argv or sys.argv[1:])}`\n\n")
     cols = ["width", "completion", "pass", "attention", "first_ms", "ms", "peak_extra_mib", "max_rel_diff", "note"]
-    write_results(args.out, args.stem or f"tree_attention_sweep_{tag}", {"environment": env, "rows": rows},
-                  header + markdown_table(rows, cols))
+
+    def write(rows):  # after every width: a run cut short keeps what it measured
+        write_results(args.out, args.stem or f"tree_attention_sweep_{tag}", {"environment": env, "rows": rows},
+                      header + markdown_table(rows, cols))
+
+    run_sweep(args.completions, *args.tree, args.layers, args.reps, done=write)
 
 
 def main(argv=None):

@@ -49,6 +49,7 @@ pack() { tar -czf "$OUT/results.tgz" -C "$(dirname "$RES")" results; }
 # section NAME SECONDS CMD...: runs CMD under a limit, logs it, appends its result tables to the summary
 section() {
   local name=$1 limit=$2; shift 2
+  [ -n "$DRY" ] && limit=$((limit * 3))  # the dry run's CPU is far slower than the GPU the limits are for
   local t0=$SECONDS
   say "=== $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -96,9 +97,11 @@ if [ -n "$DRY" ]; then
   TESTS=(tests/kernels/test_gpu_divergence.py tests/runtime/test_mixed_precision.py
          tests/prefix/test_tree_attention.py -k "cuda or bf16")
   PYTEST_FLAGS=()
-  DIV=(--shapes smollm2 --n 64 --reps 1 --impls sdft naive gemm_floor)
+  DIV=(--n 64 --reps 1 --impls sdft naive gemm_floor)
+  DIV_SHAPES=(smollm2)
   SWEEP=(--completions 4 --layers 1 --reps 1)
-  STEP=(--settings short_g4 --sides sdft trl --steps 2)
+  STEP=(--sides sdft trl --steps 2)
+  STEP_SETTINGS=(short_g4)
   STEP32=(--settings short_g4 --sides sdft --steps 2)
 else
   TESTS=(tests/kernels tests/prefix/test_tree_attention.py tests/runtime/test_mixed_precision.py)
@@ -106,29 +109,37 @@ else
   # pytest-xdist: the Triton compiles run on 12 CPU cores at once; pytest-timeout: no test hangs the run
   $PY -c "import xdist" 2>/dev/null && PYTEST_FLAGS+=(-n 12)
   $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_FLAGS+=(--timeout 150)
-  DIV=(--shapes smollm2 qwen --n 4096 16384 --reps 10)
+  DIV=(--n 4096 16384 --reps 10)
+  DIV_SHAPES=(smollm2 qwen)
   SWEEP=(--completions 8 24 56 120 248 504 --reps 5)
-  STEP=(--settings short_g8 long_g8 --sides trl sdft --steps 4)
+  STEP=(--sides trl sdft --steps 4)
+  STEP_SETTINGS=(short_g8 long_g8)
   STEP32=(--settings long_g8 --sides sdft --steps 4)
 fi
 
 # --- 1. correctness on the device: kernels vs float64, flex vs dense (values, gradients), bf16 runs --
-section "tests on the device" 150 $PY -m pytest -q -p no:cacheprovider "${PYTEST_FLAGS[@]}" "${TESTS[@]}"
+section "tests on the device" 130 $PY -m pytest -q -p no:cacheprovider "${PYTEST_FLAGS[@]}" "${TESTS[@]}"
 grep -E "passed|failed|error" "$LOG" | tail -3 | sed 's/^/    /' >>"$SUMMARY"; pack
 
 # --- 2. the fused op: sdft vs naive, TRL's loss helpers, liger, and the four GEMMs alone ----------
-section "fused divergence" 90 $PY benchmarks/bench_divergence.py "${DIV[@]}" --out "$RES" --stem divergence_suite
-tables "$RES/divergence_suite.md"
+for shape in "${DIV_SHAPES[@]}"; do  # a file per head shape: one cut short loses only itself
+  section "fused divergence, $shape head" $([ "$shape" = qwen ] && echo 60 || echo 45) $PY benchmarks/bench_divergence.py \
+    --shapes "$shape" "${DIV[@]}" --out "$RES" --stem "divergence_suite_$shape"
+  tables "$RES/divergence_suite_$shape.md"
+done
 
 # --- 3. the tree's attention by packed width: where the block mask starts to pay (FLEX_MIN_NODES) --
-section "tree attention sweep" 100 $PY benchmarks/bench_tree_attention.py --sweep "${SWEEP[@]}" --out "$RES" \
+# (the table is rewritten after every width)
+section "tree attention sweep" 90 $PY benchmarks/bench_tree_attention.py --sweep "${SWEEP[@]}" --out "$RES" \
   --stem tree_attention_sweep_suite
 tables "$RES/tree_attention_sweep_suite.md"
 
 # --- 4. whole steps against TRL at bf16 (TRL's default), and our step at fp32 for the record --------
-section "whole step vs TRL (bf16)" 110 $PY benchmarks/bench_trl.py "${STEP[@]}" --precision bf16 --out "$RES" \
-  --stem trl_step_suite_bf16
-tables "$RES/trl_step_suite_bf16.md"
+for setting in "${STEP_SETTINGS[@]}"; do
+  section "whole step vs TRL, $setting (bf16)" 60 $PY benchmarks/bench_trl.py --settings "$setting" "${STEP[@]}" \
+    --precision bf16 --out "$RES" --stem "trl_step_suite_bf16_$setting"
+  tables "$RES/trl_step_suite_bf16_$setting.md"
+done
 section "our step at fp32" 40 $PY benchmarks/bench_trl.py "${STEP32[@]}" --precision no --out "$RES" \
   --stem trl_step_suite_fp32
 tables "$RES/trl_step_suite_fp32.md"

@@ -103,8 +103,40 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         disable_dropout=bool(arg(args, "disable_dropout", True)),
         full_determinism=bool(arg(args, "full_determinism", False)),
         progress_bar=not arg(args, "disable_tqdm", False),
+        **evaluation_values(args, max_steps),
     )
     return SDFTConfig.from_dict(values)
+
+
+BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
+
+
+def evaluation_values(args, max_steps: int) -> dict:
+    """TRL's ``eval_strategy`` / ``eval_steps`` / ``load_best_model_at_end`` / ``metric_for_best_model`` /
+    ``greater_is_better`` as sdft's ``eval_steps`` (0: no evaluation during training) and selection keys."""
+    strategy = str(plain(arg(args, "eval_strategy", "no")))
+    if strategy not in ("no", "steps"):
+        raise ValueError(f"eval_strategy={strategy!r}: sdft does not implement evaluation each epoch; use "
+                         "eval_strategy='steps' with eval_steps")
+    every = 0
+    if strategy == "steps":
+        given = arg(args, "eval_steps", None)
+        given = float(arg(args, "logging_steps", 10) if given is None else given)  # HF: logging_steps when unset
+        every = max(1, math.ceil(given * max_steps)) if given < 1 else int(given)
+    load_best = bool(arg(args, "load_best_model_at_end", False))
+    if load_best and not every:
+        raise ValueError("load_best_model_at_end=True ranks the evaluations during training: set "
+                         "eval_strategy='steps' (and pass an eval_dataset)")
+    name = arg(args, "metric_for_best_model", None)
+    if name is not None and str(name) not in BEST_METRICS:
+        raise ValueError(f"metric_for_best_model={name!r}: sdft's evaluation gives eval_score and eval_perplexity "
+                         "(greedy answers scored; no held-out SDFT loss)")
+    metric = BEST_METRICS[str(name)] if name is not None else "score"
+    greater = arg(args, "greater_is_better", None)
+    if load_best and greater is not None and bool(greater) != (metric == "score"):
+        raise ValueError(f"greater_is_better={greater}: {metric} is better when "
+                         f"{'higher' if metric == 'score' else 'lower'}")
+    return dict(eval_steps=every, load_best_model_at_end=load_best, metric_for_best_model=metric)
 
 
 def _checkpointing(args) -> bool:
@@ -150,6 +182,10 @@ class SDFTTrainer:
     * ``evaluate(eval_dataset=None)`` answers the held-out prompts greedily and returns
       ``{"eval_score", "eval_perplexity", "eval_examples"}`` (``eval_scorer``: ``sdft.eval.scorers``'s
       names or a callable; default ``exact``). The SDFT loss on held-out data is not computed.
+      ``eval_strategy="steps"`` does the same during training every ``eval_steps`` (and before the
+      first step), each in ``log_history`` and through ``on_evaluate``; ``load_best_model_at_end``
+      ends the run on the best of them (``metric_for_best_model``: ``eval_score`` or
+      ``eval_perplexity``), with ``state.best_global_step`` and ``state.best_metric``.
     * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
     """
 
@@ -172,6 +208,8 @@ class SDFTTrainer:
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
         if eval_dataset is not None:
             load_examples(eval_dataset)  # a bad row is one line now, not after training
+        elif config.eval_steps:
+            raise ValueError("eval_strategy='steps' evaluates an eval_dataset during training: pass eval_dataset")
         self.result: TrainResult | None = None
         self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
                                   save_steps=config.save_steps, log_history=[],
@@ -212,8 +250,11 @@ class SDFTTrainer:
         self._event("on_train_begin")
         self._event("on_step_begin")
         t0 = time.perf_counter()
+        during = config.eval_steps > 0  # eval_strategy='steps': the run evaluates eval_dataset as it goes
         self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine,
-                            step_callback=self._on_step)
+                            step_callback=self._on_step, eval_scorer=self.eval_scorer if during else None,
+                            eval_dataset=self.eval_dataset if during else None,
+                            eval_callback=self._on_evaluate if during else None)
         runtime = time.perf_counter() - t0
         self.model = self.result.model
         self.callback_handler.model = self.model
@@ -225,9 +266,23 @@ class SDFTTrainer:
                    "total_flos": 0.0, "train_loss": sum(losses) / len(losses) if losses else float("nan"),
                    "epoch": self.state.epoch}
         self.state.global_step = self.result.step
+        if self.result.best_step is not None:  # load_best_model_at_end: the Trainer's record of its pick
+            self.state.best_global_step = self.result.best_step
+            picked = [r for r in self.result.evaluations if r["step"] == self.result.best_step]
+            self.state.best_metric = picked[0][config.metric_for_best_model] if picked else None
         self.state.log_history.append({**metrics, "step": self.result.step})
         self._event("on_train_end")
         return TrainOutput(self.result.step, metrics["train_loss"], metrics)
+
+    def _on_evaluate(self, step: int, record: dict):
+        """An evaluation during training (eval_strategy='steps'): the log history and ``on_evaluate``."""
+        self._report_evaluation(record, "eval", step)
+
+    def _report_evaluation(self, found: dict, prefix: str, step: int) -> dict:
+        metrics = {f"{prefix}_{k}": found[k] for k in ("score", "perplexity", "examples")}
+        self.state.log_history.append({**metrics, "step": step})
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """The held-out prompts answered greedily and scored against their demonstrations, and the
@@ -241,11 +296,8 @@ class SDFTTrainer:
         if model is None or self.processing_class is None:
             raise ValueError("evaluate() needs a loaded model and its processing_class: call train() first "
                              "or pass a model object")
-        found = evaluate(model, self.processing_class, dataset, self.eval_scorer, self.args.max_completion_length)
-        metrics = {f"{metric_key_prefix}_{k}": found[k] for k in ("score", "perplexity", "examples")}
-        self.state.log_history.append({**metrics, "step": self.state.global_step})
-        self._event("on_evaluate", metrics=metrics)
-        return metrics
+        found = evaluate(model, self.processing_class, dataset, self.eval_scorer, self.args.eval_tokens)
+        return self._report_evaluation(found, metric_key_prefix, self.state.global_step)
 
     def save_model(self, output_dir: str | None = None):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model

@@ -23,7 +23,7 @@ def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Te
 
 
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
-              step_callback=None, eval_scorer=None, eval_dataset=None) -> TrainResult:
+              step_callback=None, eval_scorer=None, eval_dataset=None, eval_callback=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
     run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset)
     config, model, device = run.config, run.model, run.device
@@ -53,4 +53,4 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
                 "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
 
-    return run_steps(run, step_fn, step_callback=step_callback, desc="sft")
+    return run_steps(run, step_fn, step_callback=step_callback, desc="sft", eval_callback=eval_callback)

@@ -267,19 +267,19 @@ def make_optimizer(model, config):
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
 
 
-def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft") -> TrainResult:
+def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft", eval_callback=None) -> TrainResult:
     """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
     (SDFT only; None for SFT) is checkpointed and restored with the model.
     """
     try:
-        return _run_steps(run, step_fn, teacher, step_callback, desc)
+        return _run_steps(run, step_fn, teacher, step_callback, desc, eval_callback)
     finally:
         _finish(run.on_end)
 
 
-def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
+def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -> TrainResult:
     config, model, world = run.config, run.model, run.world
     runner = run.runner or start_runner(run, teacher)
     out = Path(config.output_dir)
@@ -301,6 +301,8 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc) -> TrainResult:
         reporters.eval(record)
         if best is not None:
             best.offer(step, record, model)
+        if eval_callback is not None and main:
+            eval_callback(step, record)
 
     if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
         evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
@@ -373,7 +375,7 @@ def _stop_early(run: Run, runner, optimizer, teacher, step: int, evaluate_at=Non
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
           step_callback=None, engine: RolloutEngine | None = None, eval_scorer=None,
-          eval_dataset=None) -> TrainResult:
+          eval_dataset=None, eval_callback=None) -> TrainResult:
     """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
@@ -383,7 +385,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
     for the evaluation on ``config.eval_data``. ``eval_dataset``: held-out rows (as ``dataset``) in place
-    of ``config.eval_data``.
+    of ``config.eval_data``. ``eval_callback(step, record)`` is called after each evaluation (its
+    ``eval.json`` record).
     """
     if engine is not None:
         check_engine(engine)
@@ -397,7 +400,7 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     def step_fn(optimizer, step):
         return _train_step(run, teacher, engine, loss, optimizer, encoded, step)
 
-    return run_steps(run, step_fn, teacher, step_callback)
+    return run_steps(run, step_fn, teacher, step_callback, eval_callback=eval_callback)
 
 
 def terminated_lengths(lengths: list[int], limit: int) -> dict:

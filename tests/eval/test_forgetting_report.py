@@ -4,9 +4,8 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from benchmarks.bench_forgetting import BestOnValidation, choose_skills, plot_heatmap, seed_rows, split_validation
+from benchmarks.bench_forgetting import choose_skills, plot_heatmap, seed_rows, split_validation
 
 SKILLS = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
 
@@ -43,33 +42,6 @@ def test_validation_split_is_the_last_rows_and_never_trained_on():
     assert split_validation(rows, 0) == (rows, [])
     with pytest.raises(SystemExit, match="leaves no training rows"):
         split_validation(rows, 10)
-
-
-def test_best_on_validation_keeps_the_earliest_best_weights_and_restores_them():
-    model = torch.nn.Linear(2, 2)
-    best = BestOnValidation()
-    snapshots = {}
-    for step, acc in ((0, 0.0), (10, 0.5), (20, 0.5), (30, 0.25)):
-        with torch.no_grad():
-            model.weight.fill_(step)
-        snapshots[step] = model.weight.detach().clone()
-        best.offer(step, acc, model)
-    assert best.step == 10 and best.accuracy == 0.5  # ties keep the earlier point
-    assert best.restore(model, last_step=30) == 10
-    assert torch.equal(model.weight, snapshots[10])
-
-
-def test_best_on_validation_leaves_the_last_weights_when_they_are_the_best():
-    model = torch.nn.Linear(2, 2)
-    best = BestOnValidation()
-    best.offer(0, 0.0, model)
-    with torch.no_grad():
-        model.weight.fill_(7.0)
-    best.offer(40, 1.0, model)
-    with torch.no_grad():
-        model.weight.fill_(9.0)  # not a curve point: restore must not touch the model
-    assert best.restore(model, last_step=40) == 40
-    assert torch.all(model.weight == 9.0)
 
 
 def test_only_chooses_skills_by_name_in_order_and_refuses_unknown_ones():

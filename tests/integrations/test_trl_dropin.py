@@ -159,7 +159,11 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(generation_kwargs={"do_sample": False}), "generation_kwargs="),
     (dict(push_to_hub=True), "push_to_hub=True: sdft does not implement pushing to the Hub"),
     (dict(torch_compile=True), "torch_compile=True"),
-    (dict(eval_strategy="steps"), "eval_strategy='steps'"),
+    (dict(eval_strategy="epoch"), "eval_strategy='epoch'"),
+    (dict(load_best_model_at_end=True), "load_best_model_at_end=True ranks the evaluations during training"),
+    (dict(eval_strategy="steps", metric_for_best_model="eval_loss"), "metric_for_best_model='eval_loss'"),
+    (dict(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_perplexity",
+          greater_is_better=True), "greater_is_better=True: perplexity is better when lower"),
     (dict(report_to=["trackio"]), "report_to='trackio'"),
     (dict(model_init_kwargs={"attn_implementation": "eager"}), "model_init_kwargs 'attn_implementation'"),
     (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
@@ -237,6 +241,48 @@ def test_evaluate_scores_the_eval_dataset_and_calls_on_evaluate(tmp_path):
     assert set(metrics) == {"eval_score", "eval_perplexity", "eval_examples"} and metrics["eval_examples"] == 2
     assert 0.0 <= metrics["eval_score"] <= 1.0 and metrics["eval_perplexity"] > 1.0
     assert seen == [metrics] and trainer.state.log_history[-1]["eval_score"] == metrics["eval_score"]
+
+
+def _tiny_args(tmp_path, max_steps, **change):
+    return _args(tmp_path / "run", max_steps=max_steps, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, logging_steps=1,
+                 **change)
+
+
+def test_eval_strategy_steps_evaluates_during_training_and_load_best_ends_on_the_pick(tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class OnEvaluate(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append((state.global_step, metrics["eval_score"]))
+
+    scores = iter([0.1, 0.7, 0.7, 0.2])  # one eval row: before training and after steps 1, 2, 3; best step 1
+
+    tok = tiny_tokenizer()
+    args = _tiny_args(tmp_path, 3, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                      metric_for_best_model="eval_score", greater_is_better=True)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          eval_dataset=ROWS[:1], eval_scorer=lambda a, d: next(scores), callbacks=[OnEvaluate()])
+    trainer.train()
+    assert [score for _, score in seen] == [0.1, 0.7, 0.7, 0.2]
+    assert [h["eval_score"] for h in trainer.state.log_history if "eval_score" in h] == [0.1, 0.7, 0.7, 0.2]
+    assert trainer.state.best_global_step == 1 and trainer.state.best_metric == 0.7
+    assert trainer.result.best_step == 1
+
+
+def test_eval_strategy_steps_without_an_eval_dataset_is_one_line(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="pass eval_dataset"):
+        SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_tiny_args(tmp_path, 2, eval_strategy="steps"),
+                    train_dataset=ROWS, processing_class=tok)
+
+
+def test_eval_steps_below_one_is_a_fraction_of_max_steps(tmp_path):
+    assert config_from_trl(_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=0.25)).eval_steps == 10
+    assert config_from_trl(_args(tmp_path, max_steps=40, eval_strategy="steps", logging_steps=5)).eval_steps == 5
+    assert config_from_trl(_args(tmp_path, max_steps=40)).eval_steps == 0
 
 
 def test_an_optimizer_of_ones_own_is_refused(tmp_path):

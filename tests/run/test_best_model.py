@@ -100,3 +100,31 @@ def test_a_sequence_selects_each_stage_on_its_validation_rows(tmp_path):
     assert all(s is not None and s > 0 for s in result.train_seconds)
     with pytest.raises(ValueError, match="give validation_stages"):
         train_sequence(None, [ROWS], config)
+
+
+def test_best_weights_keep_the_earliest_best_and_restore_them(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    best = BestWeights(tmp_path, "score")
+    snapshots = {}
+    for step, score in ((0, 0.0), (10, 0.5), (20, 0.5), (30, 0.25)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        snapshots[step] = model.weight.detach().clone()
+        best.offer(step, {"score": score}, model)
+    assert best.step == 10 and best.value == 0.5  # ties keep the earlier point
+    assert BestWeights(tmp_path, "score").step == 10  # read back from disk, as a resumed run does
+    assert best.restore(model, last_step=30) == 10
+    assert torch.equal(model.weight, snapshots[10])
+
+
+def test_best_weights_leave_the_last_weights_when_they_are_the_best(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    best = BestWeights(tmp_path, "score")
+    best.offer(0, {"score": 0.0}, model)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    best.offer(40, {"score": 1.0}, model)
+    with torch.no_grad():
+        model.weight.fill_(9.0)  # changed after the last evaluation: restore must not touch the model
+    assert best.restore(model, last_step=40) == 40
+    assert torch.all(model.weight == 9.0)
