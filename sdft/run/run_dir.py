@@ -199,6 +199,9 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
+    for partial in (out / (BEST_FILE + ".tmp"), out / (BEST_RECORD + ".tmp")):  # a crash mid-write of the pick
+        if partial.is_file():
+            partial.unlink()
     if resume is None and config.overwrite_output_dir:
         _clear(out, report)
     names = _owned(out, list_checkpoints(out)) | set(run_outputs(config, evaluating))

@@ -56,9 +56,11 @@ def test_the_last_step_is_kept_when_it_is_the_best(tmp_path):
 def test_a_resumed_run_ends_on_the_same_best_weights(tmp_path):
     whole = _run(tmp_path / "whole", [0.2, 0.9, 0.5, 0.9, 0.1])
     _run(tmp_path / "cut", [0.2, 0.9, 0.5], steps=2)
+    (tmp_path / "cut" / "best_weights.pt.tmp").write_bytes(b"half written")  # a crash while writing a pick
     resumed = _run(tmp_path / "cut", [0.9, 0.1], resume_from_checkpoint=True)
     assert resumed.best_step == 1
     assert _same(resumed.model, whole.model)
+    assert not (tmp_path / "cut" / "best_weights.pt.tmp").exists()
 
 
 def test_perplexity_ranks_lowest_first_and_nan_never_wins(tmp_path):
