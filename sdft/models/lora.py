@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 
 def lora_targets(names: list[str]):
@@ -14,13 +15,26 @@ def lora_targets(names: list[str]):
     return list(names)
 
 
-def apply_lora(model, config):
-    """``model`` wrapped with peft adapters as ``config`` (lora_r, lora_alpha, lora_dropout,
-    lora_target_modules) asks."""
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapters a run trains: rank, alpha, dropout and target modules (the config's lora_* values)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple
+
+    @classmethod
+    def from_config(cls, config) -> "LoraSettings":
+        return cls(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(config.lora_target_modules))
+
+
+def apply_lora(model, settings: LoraSettings):
+    """``model`` wrapped with peft adapters as ``settings`` asks."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=lora_targets(config.lora_target_modules), task_type="CAUSAL_LM")
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=lora_targets(settings.target_modules), task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft reads transformers' old name; the user can do nothing about it
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, lora)

@@ -97,7 +97,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     from sdft.config import SDFTConfig
     from sdft.models import load_model
     from sdft.models.loading import SOURCE_UNKNOWN
-    from sdft.models.lora import apply_lora
+    from sdft.models.lora import LoraSettings, apply_lora
     from sdft.run.checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
 
     problem = damage(checkpoint)
@@ -115,6 +115,6 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     config = SDFTConfig.from_dict(state["config"])
     base, tokenizer = load_model(source)
     if config.use_lora:
-        base = apply_lora(base, config)
+        base = apply_lora(base, LoraSettings.from_config(config))
     load_trainable(checkpoint, base)
     return export_model(base, tokenizer, out, merge_lora, force)

@@ -7,7 +7,7 @@ from tiny_model import tiny_llama
 import sdft.loss.batch as batch_loss
 from sdft import SDFTConfig
 from sdft.loss.teacher import Teacher
-from sdft.models.lora import apply_lora
+from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import joint_pass_pays
 from sdft.rollout.engine import RolloutBatch
 
@@ -37,7 +37,8 @@ def _loss_and_grads(model, batch, contexts, joint, monkeypatch):
 def test_joint_pass_equals_separate_passes(lora, monkeypatch):
     model = tiny_llama().double()
     if lora:
-        model = apply_lora(model, SDFTConfig(use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+        model = apply_lora(model, LoraSettings.from_config(SDFTConfig(use_lora=True, lora_r=4,
+                                                                       lora_target_modules=["q_proj", "v_proj"])))
         with torch.no_grad():  # adapters that do something
             for name, p in model.named_parameters():
                 if "lora_B" in name:

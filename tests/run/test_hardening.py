@@ -186,8 +186,9 @@ def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path
         real(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_renaming_the_new_copy_in)
+    optimizer = make_optimizer(result.model, config.learning_rate, config.weight_decay)
     with pytest.raises(OSError, match="simulated crash"):
-        save_checkpoint(tmp_path, 2, result.model, make_optimizer(result.model, config), None, config, keep=2)
+        save_checkpoint(tmp_path, 2, result.model, optimizer, None, config, keep=2)
     monkeypatch.setattr(checkpoint.os, "replace", real)
     found = list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["checkpoint-1", ".checkpoint-2.old"] and damage(found[-1]) is None

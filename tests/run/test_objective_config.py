@@ -10,7 +10,7 @@ from sdft import SDFTConfig, train
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import HFRolloutEngine
-from sdft.run.trainer import learning_rate_at
+from sdft.run.trainer import LRSchedule
 from sdft_kernels import reference_linear_divergence
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
@@ -57,12 +57,12 @@ def test_bad_objective_options(values, message):
 
 def test_learning_rate_schedules():
     c = SDFTConfig(learning_rate=1.0, max_steps=10, warmup_ratio=0.2, lr_scheduler_type="cosine")
-    lrs = [learning_rate_at(c, s) for s in range(10)]
+    lrs = [LRSchedule.from_config(c).at(s) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     c = SDFTConfig(learning_rate=2.0, max_steps=4, lr_scheduler_type="linear")
-    assert [learning_rate_at(c, s) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
-    assert learning_rate_at(SDFTConfig(learning_rate=3.0), 7) == 3.0
+    assert [LRSchedule.from_config(c).at(s) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
+    assert LRSchedule.from_config(SDFTConfig(learning_rate=3.0)).at(7) == 3.0
 
 
 def _rollouts(seed=0, group=3):
@@ -139,4 +139,5 @@ def test_paper_preset_trains(tmp_path):
     config = SDFTConfig.paper(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                               max_completion_length=6, progress_bar=False, device="cpu", save_final_model=False)
     result = train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok)
-    assert [r["learning_rate"] for r in result.metrics] == [learning_rate_at(config, 0), learning_rate_at(config, 1)]
+    schedule = LRSchedule.from_config(config)
+    assert [r["learning_rate"] for r in result.metrics] == [schedule.at(0), schedule.at(1)]

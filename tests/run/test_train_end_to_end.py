@@ -122,9 +122,10 @@ def test_sft_baseline_learns_the_demonstrations(tmp_path):
 
 def test_lora_wrapping_says_nothing_the_user_cannot_act_on(recwarn):
     """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing``; sdft keeps that warning out."""
-    from sdft.models.lora import apply_lora
+    from sdft.models.lora import LoraSettings, apply_lora
 
-    apply_lora(tiny_llama(), SDFTConfig(use_lora=True, lora_target_modules=["q_proj", "v_proj"]))
+    settings = LoraSettings.from_config(SDFTConfig(use_lora=True, lora_target_modules=["q_proj", "v_proj"]))
+    apply_lora(tiny_llama(), settings)
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
 
