@@ -135,10 +135,8 @@ def _continual(args, parser) -> int:
     config = SDFTConfig.from_strings(_overrides(parser, args.set))
     config.check_device()
     check_backends(config.report_to)
-    check_stages(args.stages, args.eval_stages, args.validation_stages)  # every file checked before the model loads
-    if config.load_best_model_at_end and args.validation_stages is None:
-        raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
-                         "give --validation-stages (one file per stage)")
+    # every file checked before the model loads
+    check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end)
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
     from sdft import models

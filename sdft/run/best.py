@@ -14,14 +14,10 @@ from pathlib import Path
 
 import torch
 
-BEST_FILE = "best_weights.pt"
-BEST_RECORD = "best_weights.json"
+from sdft.run.checkpoint import copy_trainable, trainable_state
+from sdft.run.run_dir import BEST_FILE, BEST_RECORD, best_record, replace_file
+
 LOWER_IS_BETTER = ("perplexity", "retention_text_perplexity")
-
-
-def trainable_state(model) -> dict:
-    """The weights a run changes (LoRA: the adapters only), as CPU copies."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 class BestWeights:
@@ -29,13 +25,10 @@ class BestWeights:
 
     def __init__(self, output_dir, metric: str, write: bool = True):
         self.out, self.metric, self.write = Path(output_dir), metric, write
-        self.step, self.value = None, None
-        try:
-            record = json.loads((self.out / BEST_RECORD).read_text())
-            if record.get("metric") == metric and (self.out / BEST_FILE).is_file():
-                self.step, self.value = int(record["step"]), float(record["value"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # none yet (or unreadable): the next evaluation starts the ranking
+        self.step, self.value = None, None  # none yet (or unreadable): the next evaluation starts the ranking
+        record = best_record(self.out)
+        if record is not None and record["metric"] == metric and (self.out / BEST_FILE).is_file():
+            self.step, self.value = record["step"], record["value"]
 
     def better(self, step: int, value: float) -> bool:
         if value != value:  # NaN never wins
@@ -59,23 +52,16 @@ class BestWeights:
             tmp = self.out / (BEST_FILE + ".tmp")
             torch.save(trainable_state(model), tmp)
             os.replace(tmp, self.out / BEST_FILE)
-            tmp = self.out / (BEST_RECORD + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "value": value, "metric": self.metric}))
-            os.replace(tmp, self.out / BEST_RECORD)
+            replace_file(self.out / BEST_RECORD, json.dumps({"step": step, "value": value, "metric": self.metric}))
         return True
 
     def restore(self, model, last_step: int) -> int | None:
         """Put the best weights (read from disk: every process of a DDP run reads the same) into ``model``
         unless they are the last step's; the selected step (None: nothing was evaluated)."""
-        try:
-            record = json.loads((self.out / BEST_RECORD).read_text())
-        except (OSError, ValueError):
+        record = best_record(self.out)
+        if record is None:
             return None
-        step = int(record["step"])
-        if step != last_step:
+        if record["step"] != last_step:
             state = torch.load(self.out / BEST_FILE, map_location="cpu", weights_only=True)
-            missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
-            if missing:
-                raise ValueError(f"{self.out / BEST_FILE} lacks {missing[0]}: written by another model")
-            model.load_state_dict(state, strict=False)
-        return step
+            copy_trainable(state, model, str(self.out / BEST_FILE))
+        return record["step"]

@@ -242,11 +242,16 @@ def load_trainable(path, model):
     problem = damage(path)
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
-    state = load_file(str(path / "trainable.safetensors"))
+    copy_trainable(load_file(str(path / "trainable.safetensors")), model, f"checkpoint {path}")
+
+
+def copy_trainable(state: dict, model, source: str) -> None:
+    """Copy ``state`` (full tensors by name, as ``trainable_state`` gives them) into ``model``'s trainable
+    parameters; ``source`` names where it came from when the names do not match."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = set(params) - set(state), set(state) - set(params)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
+        raise CheckpointError(f"{source} does not match the model: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
     for name, value in state.items():
         load_full(params[name], value)

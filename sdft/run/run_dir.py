@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from sdft.run.best import BEST_FILE, BEST_RECORD
 from sdft.run.checkpoint import (
     CheckpointError,
     checkpoint_step,
@@ -34,6 +33,8 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
 FINAL_MODEL = "final_model"
+BEST_FILE = "best_weights.pt"  # load_best_model_at_end's pick (sdft.run.best) and its record
+BEST_RECORD = "best_weights.json"
 RECORD_FILE = ".sdft-run.json"
 ABANDONED = "abandoned-"
 
@@ -157,7 +158,8 @@ def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
             shutil.copy2(out / kept, branch / kept)
     if (out / FINAL_MODEL).is_dir():
         os.replace(out / FINAL_MODEL, branch / FINAL_MODEL)
-    if _best_step(out) > step:  # load_best_model_at_end's pick came later: it goes with that branch
+    picked = best_record(out)
+    if picked is not None and picked["step"] > step:  # load_best_model_at_end's pick came later: it goes too
         for name in (BEST_FILE, BEST_RECORD):
             if (out / name).is_file():
                 os.replace(out / name, branch / name)
@@ -166,11 +168,13 @@ def _abandon_later(out: Path, resume: Path, step: int, report) -> str | None:
     return name
 
 
-def _best_step(out: Path) -> int:
+def best_record(out: Path) -> dict | None:
+    """``load_best_model_at_end``'s record in ``out`` ({"step", "value", "metric"}), or None (none, unreadable)."""
     try:
-        return int(json.loads((out / BEST_RECORD).read_text())["step"])
+        record = json.loads((Path(out) / BEST_RECORD).read_text())
+        return {"step": int(record["step"]), "value": float(record["value"]), "metric": str(record["metric"])}
     except (OSError, ValueError, KeyError, TypeError):
-        return -1
+        return None
 
 
 def replace_file(path: Path, text: str):

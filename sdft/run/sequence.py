@@ -50,13 +50,15 @@ class SequenceResult:
 
 def stage_names(stages, given=None) -> list[str]:
     """A name per stage: ``given``'s, else its file's stem, else ``stage-K``; made unique."""
-    if given is not None:
-        if len(given) != len(stages):
-            raise ValueError(f"{len(given)} names for {len(stages)} stages: give one name per stage")
-        stages = [Path(str(name)).name + ".jsonl" for name in given]
+    if given is not None and len(given) != len(stages):
+        raise ValueError(f"{len(given)} names for {len(stages)} stages: give one name per stage")
     names = []
     for k, stage in enumerate(stages, 1):
-        name = re.sub(r"[^\w.-]+", "-", Path(stage).stem) if isinstance(stage, (str, Path)) else f"stage-{k}"
+        if given is not None:
+            raw = Path(str(given[k - 1])).name
+        else:
+            raw = Path(stage).stem if isinstance(stage, (str, Path)) else None
+        name = re.sub(r"[^\w.-]+", "-", raw) if raw is not None else f"stage-{k}"
         names.append(name if name not in names else f"{name}-{k}")
     return names
 
@@ -66,10 +68,14 @@ def stage_dir(root: Path, k: int, name: str) -> Path:
     return Path(root) / f"stage-{k}-{name}"
 
 
-def check_stages(stages, eval_stages, validation_stages=None) -> tuple[list, list, list]:
-    """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads."""
+def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = False) -> tuple[list, list, list]:
+    """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads;
+    ``load_best`` (``load_best_model_at_end``) needs the validation sets it ranks each stage on."""
     if not stages:
         raise ValueError("train_sequence needs at least one stage")
+    if load_best and validation_stages is None:
+        raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
+                         "give validation_stages (--validation-stages), one set per stage")
     found = []
     for what, sets in (("eval", eval_stages), ("validation", validation_stages)):
         if sets is not None and len(sets) != len(stages):
@@ -139,11 +145,9 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError(f"method={method!r}: expected sdft or sft")
     if config.use_lora:
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
-    if config.load_best_model_at_end and validation_stages is None:
-        raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
-                         "give validation_stages (one set per stage)")
     names = stage_names(stages, names)
-    train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages)
+    train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages,
+                                                          config.load_best_model_at_end)
     overrides = list(stage_overrides) if stage_overrides is not None else [{}] * len(names)
     if len(overrides) != len(names) or not all(isinstance(o, dict) for o in overrides):
         raise ValueError(f"stage_overrides: give one dict of config values per stage ({len(names)})")
