@@ -33,6 +33,7 @@ from sdft.integrations.trl_fields import arg, check_fields, load_dtype, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.run.reporting import train_scalars
 from sdft.run.trainer import TrainResult, train
+from sdft.runtime.distributed import launched_size
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
@@ -197,10 +198,7 @@ class SDFTTrainer:
             raise ValueError("optimizers=(optimizer, scheduler): sdft steps its own fused AdamW with the schedule "
                              "of args (learning_rate, lr_scheduler_type, warmup_*, weight_decay); pass (None, None)")
         self.examples = load_examples(train_dataset)
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        config = config_from_trl(args if args is not None else {}, len(self.examples), world)
+        config = config_from_trl(args if args is not None else {}, len(self.examples), launched_size())
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **_lora_values(peft_config)})
         self.args, self.trl_args = config, args

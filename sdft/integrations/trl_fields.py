@@ -10,7 +10,7 @@ test until it is classified here.
 """
 from __future__ import annotations
 
-import os
+from sdft.runtime.distributed import launched_size
 
 HONOURED = {
     "output_dir": "output_dir",
@@ -216,7 +216,7 @@ def derived_values(args) -> dict:
     """What TRL's ``__post_init__`` fills in from the batch when ``generation_batch_size`` and
     ``steps_per_generation`` are not given: one generation per optimizer step, as sdft does."""
     accumulation = int(arg(args, "gradient_accumulation_steps", 1))
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = launched_size()
     per_device = int(arg(args, "per_device_train_batch_size", 8))
     return {"steps_per_generation": accumulation, "generation_batch_size": per_device * processes * accumulation}
 

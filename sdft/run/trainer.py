@@ -327,6 +327,22 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
             for record in (r for r in evaluator.records if r["step"] == start):
                 best.offer(start, record, model)
     history = []
+    done = {"save": None, "eval": None}  # the last step checkpointed / evaluated
+
+    def settle(step: int, final: bool):
+        """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
+        stop asked by ``step_callback``) makes both due."""
+        if (final or step % config.save_steps == 0) and done["save"] != step:
+            if main or runner.sharded:  # sharded: every process gathers, process 0 writes
+                save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
+                                run.model_source, write=main)
+            barrier(world)
+            done["save"] = step
+        if evaluator is not None and done["eval"] != step and (
+                final or (config.eval_steps and step % config.eval_steps == 0)):
+            evaluate_at(step)
+            done["eval"] = step
+
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                disable=not (config.progress_bar and main))
     try:
@@ -338,17 +354,9 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
                 log.write(logged_record(record))
                 reporters.train(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if (step + 1) % config.save_steps == 0 or step + 1 == config.max_steps:
-                if main or runner.sharded:  # sharded: every process gathers, process 0 writes
-                    save_checkpoint(out, step + 1, model, optimizer, teacher, config, config.save_total_limit,
-                                    run.model_source, write=main)
-                barrier(world)
-            last = step + 1 == config.max_steps
-            if evaluator is not None and (last or (config.eval_steps and (step + 1) % config.eval_steps == 0)):
-                evaluate_at(step + 1)
-            if step_callback is not None and step_callback(step + 1, record) is True and not last:
-                _stop_early(run, runner, optimizer, teacher, step + 1,
-                            evaluate_at if evaluator is not None else None)
+            settle(step + 1, final=step + 1 == config.max_steps)
+            if step_callback is not None and step_callback(step + 1, record) is True:
+                settle(step + 1, final=True)
                 break
     finally:
         reporters.close()
@@ -373,17 +381,6 @@ def _load_best(run: Run, best: BestWeights | None, last_step: int) -> int | None
         report_line(f"sdft: ending on the weights of step {selected} (best {best.metric}"
                     + (f" {best.value:.4g})" if best.value is not None else ")"))
     return selected
-
-
-def _stop_early(run: Run, runner, optimizer, teacher, step: int, evaluate_at=None):
-    """A step callback asked to stop after ``step``: its checkpoint and its evaluation, as at the end."""
-    config, main = run.config, run.world.is_main
-    if step % config.save_steps and (main or runner.sharded):
-        save_checkpoint(Path(config.output_dir), step, run.model, optimizer, teacher, config,
-                        config.save_total_limit, run.model_source, write=main)
-    barrier(run.world)
-    if evaluate_at is not None and not (config.eval_steps and step % config.eval_steps == 0):
-        evaluate_at(step)
 
 
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,

@@ -57,6 +57,14 @@ def _parent_cmdline() -> list[str]:
         return []
 
 
+def launched_size() -> int:
+    """How many processes this run trains on: the process group's, or before it is joined, the number
+    torchrun / accelerate put in the environment (``WORLD_SIZE``), as ``setup`` will join."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def check_launcher() -> None:
     """Refuse, in one line, a launcher that asked for N processes and started this one alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -77,7 +85,7 @@ def setup(device_name: str) -> World:
     ``accelerate launch --num_processes N`` that started one process (on a machine where it does not
     run N without ``--multi_gpu``, or without GPUs) is refused in one line: it would train alone on
     1/N of the batch."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     if size <= 1:
         check_launcher()
         return World()

@@ -44,6 +44,14 @@ def test_trl_defaults_translate(tmp_path):
     assert c.distillation_is_clip is None and c.device == "cpu"
 
 
+def test_epochs_count_the_processes_torchrun_launched_before_the_group_is_joined(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    args = _args(tmp_path, per_device_train_batch_size=2, num_generations=2, num_train_epochs=1.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the trainer is built before train() joins
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    assert trainer.args.max_steps == 2  # one epoch of 4 prompts, 1 per process a step, 2 processes
+
+
 def test_trls_bf16_is_mixed_precision_not_a_warning(tmp_path, recwarn):
     """TRL's bf16=True (its default): autocast compute on fp32 master weights, as sdft's mixed_precision=bf16."""
     assert config_from_trl(_args(tmp_path, max_steps=3, bf16=True)).mixed_precision == "bf16"

@@ -44,6 +44,17 @@ def test_train_logs_metrics_and_checkpoints(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
 
 
+@pytest.mark.parametrize("stop_at, checkpoints", [(1, ["checkpoint-1"]), (2, ["checkpoint-2"])])
+def test_a_stop_asked_by_the_callback_checkpoints_and_evaluates_that_step_once(tmp_path, stop_at, checkpoints):
+    tok = tiny_tokenizer()
+    result = train(tiny_llama(vocab=len(tok)), ROWS, _config(tmp_path, max_steps=3, eval_steps=2,
+                                                               eval_max_new_tokens=2),
+                   tokenizer=tok, eval_dataset=ROWS[:1], step_callback=lambda step, record: step == stop_at)
+    assert result.step == stop_at and [r["step"] for r in result.metrics] == list(range(1, stop_at + 1))
+    assert [p.name for p in list_checkpoints(tmp_path)] == checkpoints
+    assert [r["step"] for r in result.evaluations] == [0, stop_at]  # due or not, once
+
+
 class Crash(RuntimeError):
     pass
 
