@@ -27,6 +27,7 @@ from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state,
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
 MANIFEST = "manifest.json"
+OWN_FILES = (MANIFEST, "state.json", "trainable.safetensors")  # any one marks a checkpoint-N folder as sdft's
 
 
 class CheckpointError(ValueError):
@@ -184,6 +185,10 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {_os_reason(err)}; {kept}") from None
     aside = _aside(out, step)
+    if final in foreign_checkpoints(out):  # appeared during the run (the start refuses one): never replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: a {final.name} that no sdft run "
+                                  "wrote is in the way; move it and resume")
     if final.exists():  # the same step saved again (a resumed run): keep the old copy until the new is in
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
@@ -195,19 +200,34 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     return final
 
 
-def list_checkpoints(output_dir) -> list[Path]:
-    """Checkpoint folders (intact or not), oldest first. A ``checkpoint-N`` that a crash left moved aside
-    (between the two renames of saving step N again) stands in for the missing ``checkpoint-N``."""
-    out = Path(output_dir)
+def _checkpoint_folders(out: Path) -> tuple[dict, dict, list[Path]]:
+    """``checkpoint-N`` folders of ``out`` by step: sdft's, the ones a crash left moved aside, and the
+    ones no sdft run wrote (a transformers Trainer's, say: none of ``OWN_FILES``)."""
+    found, aside, foreign = {}, {}, []
     if not out.is_dir():
-        return []
-    found, aside = {}, {}
+        return found, aside, foreign
     for p in out.iterdir():
         if p.is_dir() and (m := PATTERN.match(p.name)):
-            found[int(m.group(1))] = p
+            if any((p / name).exists() for name in OWN_FILES):
+                found[int(m.group(1))] = p
+            else:
+                foreign.append(p)
         elif p.is_dir() and (m := ASIDE.match(p.name)):
             aside[int(m.group(1))] = p
+    return found, aside, sorted(foreign, key=folder_step)
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """sdft's checkpoint folders (intact or not), oldest first. A ``checkpoint-N`` that a crash left moved
+    aside (between the two renames of saving step N again) stands in for the missing ``checkpoint-N``.
+    A ``checkpoint-N`` without any of sdft's files is not one of them (``foreign_checkpoints``)."""
+    found, aside, _ = _checkpoint_folders(Path(output_dir))
     return [p for _, p in sorted({**aside, **found}.items())]
+
+
+def foreign_checkpoints(output_dir) -> list[Path]:
+    """``checkpoint-N`` folders in ``output_dir`` that no sdft run wrote: never resumed, rotated or removed."""
+    return _checkpoint_folders(Path(output_dir))[2]
 
 
 def newest_intact(output_dir, report=print) -> Path | None:

@@ -3,7 +3,8 @@ what it may delete there.
 
 A run folder is owned: ``.sdft-run.json`` (the run record) lists every entry sdft wrote in it, and
 sdft deletes or replaces only those entries and its own ``checkpoint-N`` folders, never a user's file
-that happens to sit there (``output_dir=.`` in a project folder is safe). A rerun into a folder that
+that happens to sit there (``output_dir=.`` in a project folder is safe); a ``checkpoint-N`` folder
+without sdft's files (a transformers Trainer's) is refused, never resumed, rotated or cleared. A rerun into a folder that
 holds checkpoints never silently starts over: it resumes when asked to, starts afresh when
 ``overwrite_output_dir`` says so, and otherwise refuses with a message naming both options. Resuming
 from an older checkpoint moves the later ones (and the final model they led to) into a named
@@ -19,10 +20,12 @@ import time
 from pathlib import Path
 
 from sdft.run.checkpoint import (
+    OWN_FILES,
     CheckpointError,
     checkpoint_step,
     damage,
     folder_step,
+    foreign_checkpoints,
     list_checkpoints,
     newest_intact,
     plain_name,
@@ -96,6 +99,11 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
     busy = holder(out)
     if busy is not None:
         raise RunLockedError(busy)
+    strangers = foreign_checkpoints(out)
+    if strangers:
+        raise ValueError(f"output_dir {out} holds {strangers[0].name}, which is not an sdft checkpoint (it has none "
+                         f"of {', '.join(OWN_FILES)}; another trainer's?) and which this run could overwrite or "
+                         "rotate away: move it, or choose another output_dir")
     found = list_checkpoints(out)
     foreign = _foreign(out, run_outputs(config, evaluating), _owned(out, found))
     if foreign:

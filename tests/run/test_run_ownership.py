@@ -64,6 +64,34 @@ def test_a_users_file_with_a_run_files_name_is_refused_not_overwritten(tmp_path,
     assert (tmp_path / name).read_text() == "the user's own file\n"
 
 
+@pytest.mark.parametrize("flag", [[], ["overwrite_output_dir=true"], ["resume_from_checkpoint=true"]])
+def test_another_trainers_checkpoint_folders_are_refused_not_resumed_rotated_or_removed(
+        tmp_path, capsys, monkeypatch, flag):
+    hf = tmp_path / "checkpoint-2"  # what transformers' Trainer leaves: no file of sdft's
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"the user's weights")
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    assert cli(["train", "--no-eval", "--set", f"output_dir={tmp_path}", *flag]) == 2
+    assert "holds checkpoint-2, which is not an sdft checkpoint" in _one_line(capsys)
+    assert (hf / "model.safetensors").read_bytes() == b"the user's weights"
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_a_foreign_checkpoint_that_appears_mid_run_is_not_replaced(tmp_path):
+    def intruder(step, record):
+        if step == 1:
+            (tmp_path / "checkpoint-2").mkdir()
+            (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+
+    tok = tiny_tokenizer()
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path)})
+    with pytest.raises(CheckpointSaveError, match="a checkpoint-2 that no sdft run wrote is in the way"):
+        train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, step_callback=intruder)
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").read_text() == "{}"
+    assert damage(tmp_path / "checkpoint-1") is None
+
+
 def test_tensorboard_folder_of_the_user_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "runs").mkdir()
     monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
