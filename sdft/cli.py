@@ -81,7 +81,8 @@ def _build_parser():
     ex.add_argument("--model", default=None, help="the base model's path (default: the one the checkpoint records)")
     ex.add_argument("--merge", action="store_true", help="LoRA: write the merged full model, not the adapter")
     ex.add_argument("--force", action="store_true",
-                    help="replace OUT even when it holds files that are not an earlier export")
+                    help="write OUT even when it is not an earlier sdft export (the folder there is kept as "
+                         "OUT.replaced-DATE)")
     ge = sub.add_parser("generate", help="answer prompts with a (trained) model, greedy unless --temperature")
     ge.add_argument("model", nargs="?", default=None,
                     help="a model folder (e.g. OUTPUT_DIR/final_model), LoRA adapter folder or .gguf "

@@ -10,38 +10,54 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 EXPORT_MARK = "sdft_export.json"  # written into every export: a later export may replace the folder
+REPLACED = ".replaced-"  # a forced export keeps the folder it displaced as OUT.replaced-DATE
 _HF_FILE = re.compile(r"^(config\.json|generation_config\.json|.+\.safetensors|.+\.safetensors\.index\.json|"
                       r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
                       r"chat_template\.(jinja|json)|adapter_config\.json|adapter_model\.(safetensors|bin)|"
                       r"README\.md|" + re.escape(EXPORT_MARK) + r")$")
 
 
+def _not_ours(out: Path) -> str | None:
+    """The first entry that makes ``out`` more than an earlier sdft export (None: missing, empty, or
+    marked with ``EXPORT_MARK`` and holding nothing but model files). A model folder without the
+    mark is someone's model (a downloaded base, another tool's save), not ours to replace."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return None
+    foreign = [p.name for p in entries if not (p.is_file() and _HF_FILE.match(p.name))]
+    if foreign:
+        return f"it holds {foreign[0]}"
+    return None if (out / EXPORT_MARK).is_file() else f"no {EXPORT_MARK}: it is not an sdft export"
+
+
 def check_target(out, force: bool = False):
-    """Refuse (one line) to replace a folder that holds anything but an earlier model export: the user's
-    files are never wiped. ``force`` replaces it anyway."""
+    """Refuse (one line) to write over a folder that is not an earlier export: the user's files are
+    never wiped. ``force`` writes there anyway, the old folder moved aside, not deleted."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export target {out} exists and is not a folder")
-    if force or not out.is_dir():
-        return
-    entries = list(out.iterdir())
-    if not entries or (out / EXPORT_MARK).is_file():
-        return
-    foreign = [p.name for p in entries if not (p.is_file() and _HF_FILE.match(p.name))]
-    if foreign:
-        raise ValueError(f"export target {out} is not empty and not an earlier sdft export (it holds "
-                         f"{foreign[0]}): choose an empty or new folder, or pass --force (force=True) to replace it")
+    problem = None if force else _not_ours(out)
+    if problem is not None:
+        raise ValueError(f"export target {out} is not empty and not an earlier sdft export ({problem}): choose an "
+                         f"empty or new folder, or pass --force (force=True) to write there, the folder moved "
+                         f"aside to {out.name}{REPLACED}DATE")
 
 
 def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_options) -> Path:
     """Save into a temporary sibling and swap it in by renames: a crash never leaves a half-written
-    export under the final name, and the previous export stays whole until the new one is in."""
+    export under the final name, and the previous export stays whole until the new one is in. A forced
+    write over a folder that is not an earlier export keeps that folder as ``OUT.replaced-DATE``."""
     check_target(out, force)
+    keep = out.is_dir() and _not_ours(out) is not None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    old = out.with_name(out.name + f".old{os.getpid()}")
+    old = out.with_name(out.name + (f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}" if keep else f".old{os.getpid()}"))
+    while keep and old.exists():  # a second forced export within the same second
+        old = old.with_name(old.name + "-1")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, **save_options)
@@ -53,7 +69,11 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if keep:
+        print(f"sdft: {out} was not an sdft export: the folder that was there is now {old}", file=sys.stderr,
+              flush=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -4,8 +4,8 @@ what it may delete there.
 A run folder is owned: ``.sdft-run.json`` (the run record) lists every entry sdft wrote in it, and
 sdft deletes or replaces only those entries and its own ``checkpoint-N`` folders, never a user's file
 that happens to sit there (``output_dir=.`` in a project folder is safe); a ``checkpoint-N`` folder
-without sdft's files (a transformers Trainer's) is refused, never resumed, rotated or cleared. A rerun into a folder that
-holds checkpoints never silently starts over: it resumes when asked to, starts afresh when
+without sdft's files (a transformers Trainer's) is refused, never resumed, rotated or cleared. A
+rerun into a folder that holds checkpoints never silently starts over: it resumes when asked to, starts afresh when
 ``overwrite_output_dir`` says so, and otherwise refuses with a message naming both options. Resuming
 from an older checkpoint moves the later ones (and the final model they led to) into a named
 ``abandoned-...`` folder, so rotation and ``resume_from_checkpoint=true`` never pick them up again.

@@ -154,8 +154,31 @@ def test_export_refuses_a_folder_with_user_files_unless_forced(tmp_path, capsys)
     assert "not an earlier sdft export (it holds thesis.tex)" in _one_line(capsys)
     assert (target / "thesis.tex").read_text() == "mine"
     assert cli(args + ["--force"]) == 0 and (target / EXPORT_MARK).is_file() and not (target / "thesis.tex").exists()
-    assert cli(args) == 0  # an earlier export is replaced without --force
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("target.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "thesis.tex").read_text() == "mine"  # forced: moved, not deleted
+    assert f"the folder that was there is now {aside[0]}" in capsys.readouterr().err
+    assert cli(args) == 0  # an earlier export is replaced without --force, and without a copy kept
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
+    assert len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 1
+
+
+def test_export_onto_a_model_folder_that_is_not_an_export_is_refused(tmp_path, capsys):
+    _run(tmp_path / "run")
+    base = tmp_path / "base"  # a model the user has: the checkpoint's own base, in the worst case
+    save_hf_folder(tiny_llama(vocab=len(tiny_tokenizer())), tiny_tokenizer(), base)
+    (base / EXPORT_MARK).unlink()
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    capsys.readouterr()
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(base), "--model", str(base)]) == 2
+    assert f"no {EXPORT_MARK}: it is not an sdft export" in _one_line(capsys)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_files_a_user_added_to_an_export_keep_it_from_being_replaced(tmp_path):
+    out = save_hf_folder(tiny_llama(vocab=len(tiny_tokenizer())), tiny_tokenizer(), tmp_path / "export")
+    (out / "eval_results.txt").write_text("mine")
+    with pytest.raises(ValueError, match="it holds eval_results.txt"):
+        check_target(out)
 
 
 def test_a_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -174,10 +197,12 @@ def test_a_failed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
-def test_a_hugging_face_folder_of_an_older_export_counts_as_an_export(tmp_path):
+def test_a_hugging_face_folder_without_the_export_mark_is_someones_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
-    check_target(tmp_path)
+    with pytest.raises(ValueError, match="not an sdft export"):
+        check_target(tmp_path)
+    check_target(tmp_path, force=True)
 
 
 # -- checkpoints are self-contained ----------------------------------------------------------------------
