@@ -194,18 +194,25 @@ def _read_prompts(args) -> list[dict]:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            for i, line in enumerate(lines):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or "prompt" not in row:
-                    raise ValueError(f"{path}:{i + 1}: a row needs a 'prompt' field")
-                rows.append({"prompt": row["prompt"]})
-        else:
-            rows += [{"prompt": line} for line in lines]
+        from sdft.data.examples import read_text, to_messages
+
+        given = len(rows)
+        for i, line in enumerate(read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                rows.append({"prompt": line})
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(f"{path}:{i}: a row needs a 'prompt' field")
+            to_messages(row["prompt"], f"{path}:{i}")  # the same checks as training's prompts
+            rows.append({"prompt": row["prompt"]})
+        if len(rows) == given:
+            raise ValueError(f"--prompts {path} holds no prompts")
     if not rows:
         raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:  # nan fails both comparisons

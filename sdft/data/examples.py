@@ -22,7 +22,7 @@ class Example:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
 
-def _as_messages(value, where: str) -> tuple:
+def to_messages(value, where: str) -> tuple:
     if isinstance(value, str):
         if not value.strip():
             raise ValueError(f"{where}: 'prompt' is empty")
@@ -59,33 +59,37 @@ def to_example(row: dict, where: str) -> Example:
     if key is None:
         raise ValueError(f"{where}: missing field 'demonstration' (or TRL's 'privileged_context'); "
                          f"fields present: {sorted(row)}")
-    return Example(_as_messages(row["prompt"], where), _as_text(row[key], where))
+    return Example(to_messages(row["prompt"], where), _as_text(row[key], where))
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
 
 
-def _read_rows(path: Path) -> list:
-    """Rows of a data file: JSON lines, or one JSON list of rows (a pretty-printed file, any suffix)."""
-    text = _read_text(path)
+def _read_rows(path: Path) -> tuple[list, list[str]]:
+    """Rows of a data file, each with where it is for messages: JSON lines (``path:LINE``, as a
+    JSON error names it), or one JSON list of rows (``path row I``, any suffix)."""
+    text = read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
-        return _whole_json(path, text)
-    rows = []
+        rows = _whole_json(path, text)
+        return rows, [f"{path} row {i}" for i in range(len(rows))]
+    rows, wheres = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
+                wheres.append(f"{path}:{i}")
             except json.JSONDecodeError as err:
                 try:  # one pretty-printed object or list spread over lines
                     whole = json.loads(text)
                 except json.JSONDecodeError:
                     raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-                return whole if isinstance(whole, list) else [whole]
-    return rows
+                rows = whole if isinstance(whole, list) else [whole]
+                return rows, [f"{path} row {k}" for k in range(len(rows))]
+    return rows, wheres
 
 
 def _whole_json(path: Path, text: str) -> list:
@@ -117,17 +121,19 @@ def load_examples(data) -> list[Example]:
             raise FileNotFoundError(f"dataset file not found: {path}")
         if not path.is_file():
             raise ValueError(f"dataset {path} is not a file (give a .jsonl or .json file)")
-        rows = _read_rows(path)
+        rows, wheres = _read_rows(path)
         name = str(path)
     elif isinstance(data, dict):
         rows, name = _columns_to_rows(data), "dataset"
+        wheres = [f"dataset row {i}" for i in range(len(rows))]
     else:
         try:
             rows, name = list(data), "dataset"
+            wheres = [f"dataset row {i}" for i in range(len(rows))]
         except TypeError:
             raise TypeError(f"dataset must be a .jsonl/.json path, a list of rows, a mapping of columns or a "
                             f"HF Dataset, got {type(data).__name__}") from None
-    examples = [row if isinstance(row, Example) else to_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
+    examples = [row if isinstance(row, Example) else to_example(row, where) for row, where in zip(rows, wheres)]
     if not examples:
         raise ValueError(f"{name} holds no examples")
     return examples

@@ -199,6 +199,18 @@ def test_cli_generate_errors_are_one_line(argv, message, capsys):
     assert message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("text,message", [
+    ("\n\n", "p.jsonl holds no prompts"),
+    ('{"prompt": "a"}\n\n{"prompt": 5}\n', "p.jsonl:3: 'prompt' must be a string or a list of chat messages"),
+    ('{"text": "a"}\n', "p.jsonl:1: a row needs a 'prompt' field"),
+])
+def test_cli_generate_names_the_line_of_a_bad_prompts_file(tmp_path, capsys, text, message):
+    (tmp_path / "p.jsonl").write_text(text)
+    assert cli(["generate", "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_cli_train_with_eval_data_prints_the_table(tmp_path, capsys):
     from sdft.run.export import save_hf_folder
 

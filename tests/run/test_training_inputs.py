@@ -37,6 +37,17 @@ def test_accepts_a_mapping_of_columns():
     assert [(e.messages()[-1]["content"], e.demonstration) for e in ex] == [("q1", "a1"), ("q2", "a2")]
 
 
+def test_a_bad_row_of_a_file_is_named_by_its_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "demonstration": "b"}\n\n{"prompt": "c"}\n')  # a blank line between
+    with pytest.raises(ValueError, match=r"d.jsonl:3: missing field 'demonstration'"):
+        load_examples(data)
+    listed = tmp_path / "d.json"
+    listed.write_text('[{"prompt": "a", "demonstration": "b"}, {"prompt": "c"}]')
+    with pytest.raises(ValueError, match=r"d.json row 1: missing field 'demonstration'"):
+        load_examples(listed)
+
+
 def test_missing_file_and_bad_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset file not found"):
         load_examples(tmp_path / "nope.jsonl")
