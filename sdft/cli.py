@@ -23,7 +23,7 @@ from sdft.config import SDFTConfig, describe_fields
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
 from sdft.run.run_dir import CONFIG_FILE, plan_run
-from sdft.runtime.distributed import check_launcher
+from sdft.runtime.distributed import check_launcher, launched_size
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
@@ -285,7 +285,7 @@ def _train(args, parser) -> int:
     from sdft.run.trainer import train
 
     model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
-    processes, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    processes, rank = launched_size(), int(os.environ.get("RANK", "0"))
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:

@@ -69,13 +69,12 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
 
 
-def _read_rows(path: Path) -> tuple[list, list[str]]:
-    """Rows of a data file, each with where it is for messages: JSON lines (``path:LINE``, as a
-    JSON error names it), or one JSON list of rows (``path row I``, any suffix)."""
+def _read_rows(path: Path) -> tuple[list, list[str] | None]:
+    """Rows of a data file, and where each is for messages: JSON lines (``path:LINE``, as a JSON error
+    names it), or one JSON list of rows (any suffix; None: ``load_examples`` names them ``row I``)."""
     text = read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
-        rows = _whole_json(path, text)
-        return rows, [f"{path} row {i}" for i in range(len(rows))]
+        return _whole_json(path, text), None
     rows, wheres = [], []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -87,8 +86,7 @@ def _read_rows(path: Path) -> tuple[list, list[str]]:
                     whole = json.loads(text)
                 except json.JSONDecodeError:
                     raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-                rows = whole if isinstance(whole, list) else [whole]
-                return rows, [f"{path} row {k}" for k in range(len(rows))]
+                return (whole if isinstance(whole, list) else [whole]), None
     return rows, wheres
 
 
@@ -124,15 +122,15 @@ def load_examples(data) -> list[Example]:
         rows, wheres = _read_rows(path)
         name = str(path)
     elif isinstance(data, dict):
-        rows, name = _columns_to_rows(data), "dataset"
-        wheres = [f"dataset row {i}" for i in range(len(rows))]
+        rows, name, wheres = _columns_to_rows(data), "dataset", None
     else:
         try:
-            rows, name = list(data), "dataset"
-            wheres = [f"dataset row {i}" for i in range(len(rows))]
+            rows, name, wheres = list(data), "dataset", None
         except TypeError:
             raise TypeError(f"dataset must be a .jsonl/.json path, a list of rows, a mapping of columns or a "
                             f"HF Dataset, got {type(data).__name__}") from None
+    if wheres is None:
+        wheres = [f"{name} row {i}" for i in range(len(rows))]
     examples = [row if isinstance(row, Example) else to_example(row, where) for row, where in zip(rows, wheres)]
     if not examples:
         raise ValueError(f"{name} holds no examples")

@@ -185,7 +185,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {_os_reason(err)}; {kept}") from None
     aside = _aside(out, step)
-    if final in foreign_checkpoints(out):  # appeared during the run (the start refuses one): never replaced
+    if final.is_dir() and not is_ours(final):  # appeared during the run (the start refuses one): never replaced
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: a {final.name} that no sdft run "
                                   "wrote is in the way; move it and resume")
@@ -200,6 +200,11 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     return final
 
 
+def is_ours(folder: Path) -> bool:
+    """Whether a ``checkpoint-N`` folder is sdft's: it holds one of ``OWN_FILES`` (a damaged one still does)."""
+    return any((folder / name).exists() for name in OWN_FILES)
+
+
 def _checkpoint_folders(out: Path) -> tuple[dict, dict, list[Path]]:
     """``checkpoint-N`` folders of ``out`` by step: sdft's, the ones a crash left moved aside, and the
     ones no sdft run wrote (a transformers Trainer's, say: none of ``OWN_FILES``)."""
@@ -208,7 +213,7 @@ def _checkpoint_folders(out: Path) -> tuple[dict, dict, list[Path]]:
         return found, aside, foreign
     for p in out.iterdir():
         if p.is_dir() and (m := PATTERN.match(p.name)):
-            if any((p / name).exists() for name in OWN_FILES):
+            if is_ours(p):
                 found[int(m.group(1))] = p
             else:
                 foreign.append(p)

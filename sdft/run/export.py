@@ -35,25 +35,26 @@ def _not_ours(out: Path) -> str | None:
     return None if (out / EXPORT_MARK).is_file() else f"no {EXPORT_MARK}: it is not an sdft export"
 
 
-def check_target(out, force: bool = False):
+def check_target(out, force: bool = False) -> bool:
     """Refuse (one line) to write over a folder that is not an earlier export: the user's files are
-    never wiped. ``force`` writes there anyway, the old folder moved aside, not deleted."""
+    never wiped. ``force`` writes there anyway, the old folder moved aside, not deleted. True when the
+    folder there must be kept (forced over something not ours)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export target {out} exists and is not a folder")
-    problem = None if force else _not_ours(out)
-    if problem is not None:
+    problem = _not_ours(out)
+    if problem is not None and not force:
         raise ValueError(f"export target {out} is not empty and not an earlier sdft export ({problem}): choose an "
                          f"empty or new folder, or pass --force (force=True) to write there, the folder moved "
                          f"aside to {out.name}{REPLACED}DATE")
+    return problem is not None
 
 
 def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_options) -> Path:
     """Save into a temporary sibling and swap it in by renames: a crash never leaves a half-written
     export under the final name, and the previous export stays whole until the new one is in. A forced
     write over a folder that is not an earlier export keeps that folder as ``OUT.replaced-DATE``."""
-    check_target(out, force)
-    keep = out.is_dir() and _not_ours(out) is not None
+    keep = check_target(out, force)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     old = out.with_name(out.name + (f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}" if keep else f".old{os.getpid()}"))
     while keep and old.exists():  # a second forced export within the same second

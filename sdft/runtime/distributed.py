@@ -67,7 +67,7 @@ def launched_size() -> int:
 
 def check_launcher() -> None:
     """Refuse, in one line, a launcher that asked for N processes and started this one alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_size() > 1:
         return
     try:
         asked = launcher_processes(_parent_cmdline())
