@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
+from sdft.models.attention import FLASH, IMPLEMENTATIONS
 from sdft.prefix.attention import MODES as TREE_ATTENTION_MODES
 from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence import DIVERGENCES, make_spec
@@ -142,6 +143,11 @@ class SDFTConfig:
                                "for packed rows of 1024+ tokens, the dense mask elsewhere), dense (a [T, T] mask "
                                "through sdpa/eager), flex (the block mask wherever it runs: on CPU only the "
                                "passes without gradient); see sdft.prefix.attention", choices=TREE_ATTENTION_MODES)
+    attn_implementation: str = _opt("auto", "the model's attention: auto (the model's own; sdpa for what sdft "
+                                    "loads), sdpa, eager, or flash_attention_2 (the flash-attn package, CUDA, bf16: "
+                                    "no prefix tree there, prompts are shared through the KV cache and every pass "
+                                    "runs flash-attn's varlen kernels); see sdft.models.attention",
+                                    choices=IMPLEMENTATIONS)
     share_teacher_prefix: bool = _opt(False, "live teacher: score prompts and teacher contexts in ONE prefix tree "
                                       "where the node count says it pays (their common system message computed "
                                       "once). Off by default: at long prompts on the CPU it cut token passes 39% "
@@ -235,6 +241,14 @@ class SDFTConfig:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
         if self.load_best_model_at_end and self.parallel == "fsdp":
             raise ValueError("load_best_model_at_end keeps whole weights: not supported with parallel=fsdp")
+        if self.attn_implementation in FLASH:
+            if self.tree_attention != "auto":
+                raise ValueError(f"tree_attention={self.tree_attention} sets the prefix tree's mask, which "
+                                 f"{self.attn_implementation} does not take (prompts are shared through the KV cache "
+                                 "there): leave tree_attention=auto or use attn_implementation=sdpa")
+            if self.share_teacher_prefix:
+                raise ValueError("share_teacher_prefix packs prompts and teacher contexts into one prefix tree, which "
+                                 f"{self.attn_implementation} does not take: use attn_implementation=sdpa")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 
@@ -244,13 +258,19 @@ class SDFTConfig:
         return self.eval_max_new_tokens or self.max_completion_length
 
     def check_device(self):
-        """The device is here (a run-time check, kept out of ``__post_init__`` so that a config saved on a
-        GPU machine still reads, shows and exports on a CPU one)."""
+        """The device is here, and the attention implementation runs on it (run-time checks, kept out of
+        ``__post_init__`` so that a config saved on a GPU machine still reads, shows and exports on a CPU one)."""
         if self.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
+        from sdft.models.attention import check_implementation
+        from sdft.runtime.parallel import compute_precision, run_device
+
+        device = run_device(self.device)
+        check_implementation(self.attn_implementation, device.type, compute_precision(self.mixed_precision, device),
+                             self.dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)

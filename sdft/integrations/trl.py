@@ -29,7 +29,7 @@ from transformers.trainer_utils import TrainOutput
 
 from sdft.config import SDFTConfig
 from sdft.data.examples import load_examples
-from sdft.integrations.trl_fields import arg, check_fields, load_dtype, plain
+from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.run.reporting import train_scalars
 from sdft.run.trainer import TrainResult, train
@@ -100,7 +100,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         resume_from_checkpoint=arg(args, "resume_from_checkpoint", None) or False,
         overwrite_output_dir=bool(arg(args, "overwrite_output_dir", False)),
         mixed_precision=_precision(arg(args, "bf16", None)),
-        dtype=load_dtype(args) or "float32",
+        **model_init_values(args),
         disable_dropout=bool(arg(args, "disable_dropout", True)),
         full_determinism=bool(arg(args, "full_determinism", False)),
         progress_bar=not arg(args, "disable_tqdm", False),

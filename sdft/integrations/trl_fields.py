@@ -10,6 +10,7 @@ test until it is classified here.
 """
 from __future__ import annotations
 
+from sdft.models.attention import IMPLEMENTATIONS
 from sdft.runtime.distributed import launched_size
 
 HONOURED = {
@@ -41,7 +42,8 @@ HONOURED = {
     "seed": "seed",
     "use_cpu": "device=cpu",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
-    "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16); other keys refused",
+    "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16), attn_implementation; other keys "
+                         "refused",
     "disable_dropout": "disable_dropout",
     "max_prompt_length": "max_prompt_length",
     "num_generations": "num_generations",
@@ -259,18 +261,22 @@ def check_fields(args) -> None:
         if r not in REPORTERS:
             raise ValueError(f"report_to={r!r}: sdft logs to {', '.join(REPORTERS)}")
     kwargs = arg(args, "model_init_kwargs", None) or {}
-    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype"})
+    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype", "attn_implementation"})
     if unknown:
-        raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype")
+        raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype "
+                         "and attn_implementation")
 
 
-def load_dtype(args) -> str | None:
-    """``model_init_kwargs``'s dtype as sdft's ``dtype`` (float32 / bfloat16), or None when not given."""
+def model_init_values(args) -> dict:
+    """``model_init_kwargs`` as sdft's ``dtype`` (float32 / bfloat16; float32 when not given) and
+    ``attn_implementation`` (auto when not given)."""
     kwargs = arg(args, "model_init_kwargs", None) or {}
     value = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    if value is None or value == "auto":
-        return None
-    name = str(value).replace("torch.", "")
+    name = "float32" if value is None or value == "auto" else str(value).replace("torch.", "")
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"model_init_kwargs dtype={value!r}: sdft loads float32 or bfloat16 weights")
-    return name
+    attention = kwargs.get("attn_implementation") or "auto"
+    if attention not in IMPLEMENTATIONS:
+        raise ValueError(f"model_init_kwargs attn_implementation={attention!r}: sdft runs "
+                         f"{', '.join(IMPLEMENTATIONS[1:])}")
+    return {"dtype": name, "attn_implementation": attention}

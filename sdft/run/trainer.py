@@ -26,6 +26,7 @@ from sdft.eval.scorers import get_scorer
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
+from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
 from sdft.models.loading import is_embedded, model_source
 from sdft.models.lora import LoraSettings, apply_lora
@@ -42,7 +43,7 @@ from sdft.run.reporting import Reporters, check_backends, logged_record
 from sdft.run.run_dir import FINAL_MODEL, METRICS_FILE, plan_run, report_line, start_run
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, barrier, setup, step_seed
-from sdft.runtime.parallel import Runner, compute_precision, grad_norm_value
+from sdft.runtime.parallel import Runner, compute_precision, grad_norm_value, run_device
 
 
 @dataclass
@@ -60,12 +61,6 @@ class TrainResult:
 class EncodedExample:
     prompt_ids: torch.Tensor
     teacher_ids: torch.Tensor
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, device) -> list[EncodedExample]:
@@ -217,7 +212,7 @@ def _take_output_dir(output_dir, world: World) -> RunLock | None:
 
 def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end) -> Run:
     """The part of ``prepare`` after the checks: load and place the model."""
-    device = _device(config.device)
+    device = run_device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
@@ -227,6 +222,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
+    use_implementation(model, config.attn_implementation)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.disable_dropout:

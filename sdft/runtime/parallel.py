@@ -25,6 +25,13 @@ from sdft.runtime.distributed import World
 from sdft.runtime.heap_trim import trim_freed_memory
 
 
+def run_device(name: str) -> torch.device:
+    """The ``device`` setting as a device: ``auto`` is CUDA where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def compute_precision(setting: str, device: torch.device) -> str:
     """``mixed_precision`` resolved for ``device``: ``auto`` is bf16 on a CUDA device with bf16 support
     (what a GPU user of TRL or torchtune gets by default), fp32 ("no") on CPU."""

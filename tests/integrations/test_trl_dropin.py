@@ -173,7 +173,9 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_perplexity",
           greater_is_better=True), "greater_is_better=True: perplexity is better when lower"),
     (dict(report_to=["trackio"]), "report_to='trackio'"),
-    (dict(model_init_kwargs={"attn_implementation": "eager"}), "model_init_kwargs 'attn_implementation'"),
+    (dict(model_init_kwargs={"device_map": "auto"}), "model_init_kwargs 'device_map'"),
+    (dict(model_init_kwargs={"attn_implementation": "flash_attention_3"}),
+     "model_init_kwargs attn_implementation='flash_attention_3'"),
     (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
 ])
 def test_trl_fields_sdft_does_not_implement_are_one_line_errors(tmp_path, change, message):
@@ -184,10 +186,12 @@ def test_trl_fields_sdft_does_not_implement_are_one_line_errors(tmp_path, change
 def test_trl_fields_that_map_onto_sdft_keys(tmp_path):
     import torch
 
-    c = config_from_trl(_args(tmp_path, max_steps=3, model_init_kwargs={"torch_dtype": torch.bfloat16},
+    c = config_from_trl(_args(tmp_path, max_steps=3, model_init_kwargs={"torch_dtype": torch.bfloat16,
+                                                                        "attn_implementation": "eager"},
                               disable_dropout=True, full_determinism=True, activation_checkpointing=False,
                               dataloader_num_workers=4, vllm_server_port=1234))
     assert (c.dtype, c.disable_dropout, c.full_determinism, c.gradient_checkpointing) == ("bfloat16", True, True, False)
+    assert c.attn_implementation == "eager"
 
 
 def test_a_real_trl_config_with_a_field_sdft_lacks_is_refused(tmp_path):
