@@ -327,6 +327,10 @@ def main(argv=None):
     except (ValueError, OSError, CheckpointError, NonFiniteError, TypeError) as err:
         print(f"sdft: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a run's says what it leaves), no traceback
+        if not getattr(err, "sdft_reported", False):
+            print("sdft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

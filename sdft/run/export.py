@@ -6,6 +6,7 @@ peers such as TRL, vLLM or ``pipeline`` can build the model from the path alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,20 @@ def check_target(out, force: bool = False) -> bool:
     return problem is not None
 
 
+@contextlib.contextmanager
+def _no_shard_bar():
+    """transformers' "Writing model shards" bar off while saving (it printed even with progress_bar=false)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_options) -> Path:
     """Save into a temporary sibling and swap it in by renames: a crash never leaves a half-written
     export under the final name, and the previous export stays whole until the new one is in. A forced
@@ -61,7 +76,8 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
         old = old.with_name(old.name + "-1")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, **save_options)
+        with _no_shard_bar():
+            model.save_pretrained(tmp, **save_options)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft"}))
     except BaseException:

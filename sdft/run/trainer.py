@@ -34,7 +34,7 @@ from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
 from sdft.run.best import BestWeights
-from sdft.run.checkpoint import load_checkpoint, save_checkpoint
+from sdft.run.checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
 from sdft.run.lock import RunLock, RunLockedError
@@ -354,6 +354,11 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
             if step_callback is not None and step_callback(step + 1, record) is True:
                 settle(step + 1, final=True)
                 break
+    except KeyboardInterrupt as err:
+        if main:
+            report_line(interrupted_line(out))
+        err.sdft_reported = True  # the CLI adds no second line
+        raise
     finally:
         reporters.close()
     selected = _load_best(run, best, history[-1]["step"] if history else start)
@@ -364,6 +369,16 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     barrier(world)
     return TrainResult(model, run.tokenizer, history[-1]["step"] if history else start, history, out,
                        evaluator.records if evaluator is not None else [], selected)
+
+
+def interrupted_line(output_dir: Path) -> str:
+    """What a Ctrl-C leaves: the checkpoint a resume continues from (the steps after it are lost), or none."""
+    newest = newest_intact(output_dir, report=lambda message: None)
+    if newest is None:
+        return (f"sdft: interrupted before the first checkpoint of {output_dir}: nothing to resume, a rerun "
+                "starts afresh")
+    return (f"sdft: interrupted; {newest} is the newest checkpoint: resume_from_checkpoint=true continues from "
+            "it (the steps after it are lost)")
 
 
 def _load_best(run: Run, best: BestWeights | None, last_step: int) -> int | None:
