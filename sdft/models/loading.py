@@ -102,6 +102,16 @@ def _load_embedded(dtype):
     return model.to(dtype), tokenizer
 
 
+def source_of(model):
+    """What ``model_source`` says of ``model`` once loaded: None for the embedded model, a resolved path,
+    or a model object's own tag (``SOURCE_UNKNOWN`` when ``load_model`` did not build it)."""
+    if model is None:
+        return None
+    if isinstance(model, (str, Path)):
+        return str(Path(model).resolve())
+    return model_source(model)
+
+
 def model_source(model):
     """Where ``load_model`` loaded ``model`` from (a path, or None for the embedded model), or
     ``SOURCE_UNKNOWN`` for a model object built elsewhere."""
@@ -144,7 +154,7 @@ def load_model(model=None, dtype=torch.float32):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model._sdft_source = None if source is None else str(Path(source).resolve())
+    model._sdft_source = source_of(source)
     return model, tokenizer
 
 

@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from sdft.models.loading import SOURCE_UNKNOWN
 from sdft.run.checkpoint import (
     OWN_FILES,
     CheckpointError,
+    checkpoint_state,
     checkpoint_step,
     damage,
     folder_step,
@@ -196,6 +198,35 @@ def _write_record(out: Path, names):
     replace_file(out / RECORD_FILE, json.dumps({"written_by": "sdft", "written": sorted(names)}, indent=1))
 
 
+UNCOMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "progress_bar")
+
+
+def changed_settings(resume: Path, config) -> list[str]:
+    """The settings this resumed run gives differently from the run that wrote ``resume``: ``name old -> new``."""
+    before, now = checkpoint_state(resume)["config"], config.to_dict()
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
+            if k in before and k not in UNCOMPARED and before[k] != now[k]]
+
+
+def _named(source) -> str:
+    return "the embedded SmolLM2-135M-Instruct" if source is None else str(source)
+
+
+def check_resume_model(resume: Path | None, source) -> None:
+    """A checkpoint continues the model it was trained from: its trainable weights (LoRA adapters, or the
+    whole model) and the teacher's initial weights belong to that base. Another one is refused in one line.
+    ``source`` is what this run loads (``sdft.models.loading.source_of``); a model object of unknown origin,
+    or a recorded folder that no longer exists (moved), is not compared."""
+    if resume is None or source == SOURCE_UNKNOWN:
+        return
+    state = checkpoint_state(resume)
+    recorded = state.get("model", SOURCE_UNKNOWN)
+    if recorded == SOURCE_UNKNOWN or recorded == source or (recorded is not None and not Path(recorded).exists()):
+        return
+    raise ValueError(f"{resume} was trained from {_named(recorded)}, but this run loads {_named(source)}: "
+                     "resume with that model, or start afresh in another output_dir")
+
+
 def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None):
     """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
     ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
@@ -223,5 +254,9 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
         if branch is not None:
             names.add(branch)
         report(f"sdft: resuming from {resume} (step {step})")
+        changed = changed_settings(resume, config)
+        if changed:
+            report("sdft: resuming with changed settings: " + ", ".join(changed[:6])
+                   + (f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""))
     _write_record(out, names)
     (out / CONFIG_FILE).write_text(config.to_json())

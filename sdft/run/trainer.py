@@ -28,7 +28,7 @@ from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import is_embedded, model_source
+from sdft.models.loading import is_embedded, model_source, source_of
 from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -40,7 +40,7 @@ from sdft.run.export import export_model
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.metrics import MetricsLog, peak_memory_mib
 from sdft.run.reporting import Reporters, check_backends, logged_record
-from sdft.run.run_dir import FINAL_MODEL, METRICS_FILE, plan_run, report_line, start_run
+from sdft.run.run_dir import FINAL_MODEL, METRICS_FILE, check_resume_model, plan_run, report_line, start_run
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, barrier, setup, step_seed
 from sdft.runtime.parallel import Runner, compute_precision, grad_norm_value, run_device
@@ -158,6 +158,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config, evaluating=eval_examples is not None)
+    check_resume_model(resume, source_of(model))
     config.check_device()
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)

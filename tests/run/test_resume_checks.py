@@ -1,0 +1,60 @@
+"""A resume continues the model it was trained from (another base is one line, before the model loads), and
+says which settings it changes."""
+import json
+
+import pytest
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+from sdft import SDFTConfig, train
+from sdft.cli import main as cli
+from sdft.run.export import save_hf_folder
+
+ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
+BASE = dict(per_device_train_batch_size=2, num_generations=2, max_completion_length=4, save_steps=1,
+            progress_bar=False, device="cpu", save_final_model=False)
+
+
+@pytest.fixture
+def bases(tmp_path):
+    tok = tiny_tokenizer()
+    return [save_hf_folder(tiny_llama(vocab=len(tok), seed=s), tok, tmp_path / f"base{s}") for s in (0, 1)]
+
+
+def _train(out, model, **change):
+    return train(str(model), ROWS, SDFTConfig(output_dir=str(out), **{**BASE, **change}))
+
+
+def test_a_resume_onto_another_base_model_is_refused_in_one_line(tmp_path, bases):
+    _train(tmp_path / "run", bases[0], max_steps=1, use_lora=True)
+    with pytest.raises(ValueError, match=rf"checkpoint-1 was trained from {bases[0].resolve()}, but this run "
+                                         rf"loads {bases[1].resolve()}: resume with that model"):
+        _train(tmp_path / "run", bases[1], max_steps=2, use_lora=True, resume_from_checkpoint=True)
+    assert _train(tmp_path / "run", bases[0], max_steps=2, use_lora=True, resume_from_checkpoint=True).step == 2
+
+
+def test_a_base_model_folder_moved_since_is_not_compared(tmp_path, bases):
+    _train(tmp_path / "run", bases[0], max_steps=1)
+    moved = bases[0].rename(tmp_path / "moved")
+    assert _train(tmp_path / "run", moved, max_steps=2, resume_from_checkpoint=True).step == 2
+
+
+def test_the_cli_refuses_another_base_before_loading_it(tmp_path, bases, monkeypatch, capsys):
+    import sdft.models
+
+    _train(tmp_path / "run", bases[0], max_steps=1)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = cli(["train", "--model", str(bases[1]), "--data", str(data), "--no-eval", "--set",
+              f"output_dir={tmp_path / 'run'}", "--set", "resume_from_checkpoint=true", "--set", "device=cpu"])
+    assert rc == 2
+    assert "was trained from" in capsys.readouterr().err
+
+
+def test_a_resume_names_the_settings_it_changes(tmp_path, bases, capsys):
+    _train(tmp_path / "run", bases[0], max_steps=1, learning_rate=1e-5)
+    capsys.readouterr()
+    _train(tmp_path / "run", bases[0], max_steps=2, learning_rate=1e-4, resume_from_checkpoint=True)
+    err = capsys.readouterr().err
+    assert "sdft: resuming with changed settings: learning_rate 1e-05 -> 0.0001, max_steps 1 -> 2\n" in err
