@@ -133,9 +133,10 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     """
     from sdft.config import SDFTConfig
     from sdft.models import load_model
-    from sdft.models.loading import SOURCE_UNKNOWN
+    from sdft.models.loading import SOURCE_UNKNOWN, source_of
     from sdft.models.lora import LoraSettings, apply_lora
     from sdft.run.checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
+    from sdft.run.run_dir import other_base
 
     problem = damage(checkpoint)
     if problem is not None:
@@ -149,6 +150,10 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     if source is not None and not Path(source).exists():
         raise FileNotFoundError(f"{checkpoint} was trained from {source}, which is not here: pass the base "
                                 "model's path on this machine (--model)")
+    trained_from = other_base(Path(checkpoint), source_of(source))
+    if trained_from is not None:
+        raise ValueError(f"{checkpoint} was trained from {trained_from}, which is still here, not from {source}: "
+                         "drop --model to export onto its own base")
     config = SDFTConfig.from_dict(state["config"])
     base, tokenizer = load_model(source)
     if config.use_lora:

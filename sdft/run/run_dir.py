@@ -212,19 +212,24 @@ def _named(source) -> str:
     return "the embedded SmolLM2-135M-Instruct" if source is None else str(source)
 
 
+def other_base(checkpoint: Path, source) -> str | None:
+    """The base model ``checkpoint`` was trained from, named, where ``source`` (what is about to load, as
+    ``sdft.models.loading.source_of`` gives it) is another one; else None. Its trainable weights (LoRA
+    adapters, or the whole model) and the teacher's initial weights belong to that base. A model object
+    of unknown origin, or a recorded folder that no longer exists (moved), is not compared."""
+    recorded = checkpoint_state(checkpoint).get("model", SOURCE_UNKNOWN)
+    if SOURCE_UNKNOWN in (source, recorded) or recorded == source or (
+            recorded is not None and not Path(recorded).exists()):
+        return None
+    return _named(recorded)
+
+
 def check_resume_model(resume: Path | None, source) -> None:
-    """A checkpoint continues the model it was trained from: its trainable weights (LoRA adapters, or the
-    whole model) and the teacher's initial weights belong to that base. Another one is refused in one line.
-    ``source`` is what this run loads (``sdft.models.loading.source_of``); a model object of unknown origin,
-    or a recorded folder that no longer exists (moved), is not compared."""
-    if resume is None or source == SOURCE_UNKNOWN:
-        return
-    state = checkpoint_state(resume)
-    recorded = state.get("model", SOURCE_UNKNOWN)
-    if recorded == SOURCE_UNKNOWN or recorded == source or (recorded is not None and not Path(recorded).exists()):
-        return
-    raise ValueError(f"{resume} was trained from {_named(recorded)}, but this run loads {_named(source)}: "
-                     "resume with that model, or start afresh in another output_dir")
+    """A resume continues the model its checkpoint was trained from: another base is one line."""
+    trained_from = None if resume is None else other_base(resume, source)
+    if trained_from is not None:
+        raise ValueError(f"{resume} was trained from {trained_from}, but this run loads {_named(source)}: "
+                         "resume with that model, or start afresh in another output_dir")
 
 
 def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None):

@@ -58,3 +58,15 @@ def test_a_resume_names_the_settings_it_changes(tmp_path, bases, capsys):
     _train(tmp_path / "run", bases[0], max_steps=2, learning_rate=1e-4, resume_from_checkpoint=True)
     err = capsys.readouterr().err
     assert "sdft: resuming with changed settings: learning_rate 1e-05 -> 0.0001, max_steps 1 -> 2\n" in err
+
+
+def test_export_onto_another_base_than_the_checkpoint_s_is_refused(tmp_path, bases):
+    from sdft.run.export import export_checkpoint
+
+    _train(tmp_path / "run", bases[0], max_steps=1, use_lora=True)
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    with pytest.raises(ValueError, match=r"was trained from .*base0, which is still here, not from .*base1: drop "
+                                         r"--model"):
+        export_checkpoint(checkpoint, tmp_path / "out", str(bases[1]))
+    assert not (tmp_path / "out").exists()
+    assert (export_checkpoint(checkpoint, tmp_path / "out", str(bases[0])) / "adapter_config.json").is_file()
