@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 from flash_reference import as_flash, stand_in_flash_attn
+from rollout_groups import each_row_alone as _alone
+from rollout_groups import random_groups
 from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 
@@ -22,28 +24,8 @@ from sdft.prefix.packed import batched_unshared_hidden, shared_prefix_hidden
 from sdft.rollout.engine import HFRolloutEngine
 from sdft_kernels import fused_linear_divergence
 
-PAD, G = 0, 3
+PAD = 0
 ROTARY_TOL = 16 * 2.0 ** -24  # float32 rotary tables, as in tests/prefix/test_batch_prefix.py
-
-
-def _batch(seed=1, context_lengths=(7, 2, 11), width=6):
-    gen = torch.Generator().manual_seed(seed)
-    contexts = [torch.randint(1, 97, (n,), generator=gen) for n in context_lengths]
-    completions = torch.randint(1, 97, (G * len(contexts), width), generator=gen)
-    lengths = torch.randint(1, width + 1, (completions.shape[0],), generator=gen)
-    lengths[0] = width
-    mask = torch.arange(width)[None] < lengths[:, None]
-    return contexts, torch.where(mask, completions, PAD), mask
-
-
-def _alone(decoder, contexts, completions, mask):
-    """Each rollout alone under sdpa: its whole context, no padding, no cache."""
-    out = []
-    for r in range(completions.shape[0]):
-        ctx, n = contexts[r // G], int(mask[r].sum())
-        hidden = decoder(input_ids=torch.cat([ctx, completions[r, : n - 1]])[None]).last_hidden_state[0]
-        out.append(torch.nn.functional.pad(hidden[ctx.numel() - 1:], (0, 0, 0, completions.shape[1] - n)))
-    return torch.stack(out)
 
 
 def _grads(model, hidden_fn, batch, teacher):
@@ -75,7 +57,7 @@ def flash_calls(monkeypatch):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kv_cache_shared", "checkpointed_unshared"])
 def test_flash_scoring_equals_every_row_alone_values_and_gradients_float64(flash_calls, checkpointing, recwarn):
-    batch = _batch()
+    batch = random_groups(1)
     model = tiny_llama().double()
     teacher = torch.randn(*batch[1].shape, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     ref_hidden, ref = _grads(model, _alone, batch, teacher)
@@ -93,7 +75,7 @@ def test_flash_scoring_equals_every_row_alone_values_and_gradients_float64(flash
 
 
 def test_flash_unshared_pass_equals_every_row_alone(flash_calls):
-    batch = _batch(2)
+    batch = random_groups(2)
     model = tiny_llama().double().eval()
     with torch.no_grad():
         ref = _alone(model.get_decoder(), *batch)

@@ -10,6 +10,8 @@ this machine's SIMD width or thread count.
 """
 import pytest
 import torch
+from rollout_groups import each_row_alone as _one_row_at_a_time
+from rollout_groups import random_groups as _batch
 from tiny_model import tiny_llama
 
 from sdft.models import enable_checkpointing
@@ -25,29 +27,6 @@ from sdft_kernels import fused_linear_divergence
 PAD = 0
 G = 3
 ROTARY_TOL = 16 * 2.0 ** -24  # see the module docstring
-
-
-def _batch(seed, context_lengths=(7, 2, 11), width=6):
-    gen = torch.Generator().manual_seed(seed)
-    contexts = [torch.randint(1, 97, (n,), generator=gen) for n in context_lengths]
-    rows = G * len(contexts)
-    completions = torch.randint(1, 97, (rows, width), generator=gen)
-    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
-    lengths[0] = width
-    mask = torch.arange(width)[None] < lengths[:, None]
-    return contexts, torch.where(mask, completions, PAD), mask
-
-
-def _one_row_at_a_time(decoder, contexts, completions, mask):
-    """Reference: each rollout alone, its whole context, no padding, no cache."""
-    out = []
-    for r in range(completions.shape[0]):
-        ctx = contexts[r // G]
-        n = int(mask[r].sum())
-        ids = torch.cat([ctx, completions[r, : n - 1]])[None]
-        hidden = decoder(input_ids=ids).last_hidden_state[0, ctx.numel() - 1:]
-        out.append(torch.nn.functional.pad(hidden, (0, 0, 0, completions.shape[1] - n)))
-    return torch.stack(out)
 
 
 def _loss(model, hidden_fn, contexts, completions, mask, teacher_hidden):
