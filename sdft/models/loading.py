@@ -158,6 +158,20 @@ def load_model(model=None, dtype=torch.float32):
     return model, tokenizer
 
 
+def adapter_base(adapter, base):
+    """The base model a LoRA adapter folder names (``base_model_name_or_path``) as ``load_model`` takes it:
+    None for the embedded model (no base named, or its cache folder, wherever that was), else a folder
+    that must be here. A named base that is not here is one line, never the embedded model instead (its
+    adapters would not fit it, or fit and answer wrongly)."""
+    if not base or Path(base).name == EMBEDDED_NAME and not Path(base).exists():
+        return None
+    if not Path(base).exists():
+        raise FileNotFoundError(f"{adapter} is a LoRA adapter of {base}, which is not here: put that base model "
+                                f"there, or set base_model_name_or_path in {Path(adapter) / 'adapter_config.json'} "
+                                "to its folder")
+    return base
+
+
 def load_trained(path=None, dtype=torch.float32):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
     a peft LoRA adapter folder (its base: the path in ``adapter_config.json``, or the embedded model
@@ -170,6 +184,6 @@ def load_trained(path=None, dtype=torch.float32):
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        model, tokenizer = load_model(base if base and Path(base).exists() else None, dtype)
+        model, tokenizer = load_model(adapter_base(path, base), dtype)
         return PeftModel.from_pretrained(model, str(path)), tokenizer
     return load_model(path, dtype)

@@ -122,7 +122,19 @@ def export_model(model, tokenizer, out, merge_lora: bool = False, force: bool = 
         import copy
 
         return save_hf_folder(copy.deepcopy(model).merge_and_unload(), tokenizer, out, force)
+    _name_base(model)
     return _write_folder(out, model, tokenizer, force)
+
+
+def _name_base(model) -> None:
+    """The adapter names its base by the absolute path sdft loaded it from (peft writes the path as it was
+    given, which a relative one makes wrong from any other folder)."""
+    from sdft.models.loading import SOURCE_UNKNOWN, model_source
+
+    source = model_source(model.get_base_model())
+    if source is not None and source != SOURCE_UNKNOWN:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = source
 
 
 def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, force: bool = False) -> Path:

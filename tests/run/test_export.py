@@ -61,6 +61,24 @@ def test_lora_exports_the_adapter_or_the_merged_model(tmp_path, model_dir):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_names_its_base_by_absolute_path_and_a_missing_base_is_one_line(tmp_path, model_dir,
+                                                                                  monkeypatch):
+    import json
+
+    from sdft.models import load_trained
+
+    monkeypatch.chdir(tmp_path)
+    _train(tmp_path, model_dir.relative_to(tmp_path), use_lora=True)  # a relative path, as a user types it
+    adapter = tmp_path / "run" / "final_model"
+    named = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(model_dir.resolve())
+    monkeypatch.chdir(adapter)  # from any folder the adapter finds its base
+    load_trained(adapter)
+    model_dir.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"is a LoRA adapter of {model_dir.resolve()}, which is not here"):
+        load_trained(adapter)  # never the embedded model in its place
+
+
 def test_export_of_a_damaged_checkpoint_is_a_one_line_error(tmp_path, model_dir, capsys):
     _train(tmp_path, model_dir)
     (tmp_path / "run" / "checkpoint-2" / "trainable.safetensors").write_bytes(b"x")
