@@ -28,7 +28,7 @@ from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import is_embedded, model_source, source_of
+from sdft.models.loading import check_chat_template, is_embedded, model_source, source_of
 from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -150,8 +150,10 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
                              evaluating=eval_examples is not None, report=report_line)
     if config.load_best_model_at_end:
         check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
-    if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
-        raise ValueError("pass the tokenizer together with a model object")
+    if model is not None and not isinstance(model, (str, Path)):
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with a model object")
+        check_chat_template(tokenizer, "the model object")
     if dataset is None:
         from sdft.data.skill import load_skill
 

@@ -127,6 +127,27 @@ def test_model_folder_with_broken_config_json(tmp_path, capsys):
     assert err.count("\n") == 0 and "config.json is not valid JSON" in err
 
 
+def test_a_tokenizer_without_a_chat_template_is_one_line_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None  # a base model's tokenizer
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights were loaded"))
+    assert cli(["train", "--no-eval", "--model", str(folder), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sdft: error: the tokenizer of {folder} has no chat template: sdft formats prompts and "
+                   "demonstrations as chats; use an instruct model, or give the tokenizer a chat_template "
+                   "(tokenizer_config.json)")
+    with pytest.raises(ValueError, match="the tokenizer of the model object has no chat template"):
+        train(tiny_llama(vocab=len(tok)), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "o2")}),
+              tokenizer=tok)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
+
+
 # -- 2. reruns never silently start over ---------------------------------------------------------------
 
 def test_rerun_into_a_used_output_dir_refuses_then_resumes_or_overwrites(tmp_path, capsys):
