@@ -22,6 +22,16 @@ class Example:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
 
+def data_fingerprint(examples: list[Example]) -> dict:
+    """The rows a run trains on, as a checkpoint records them: their count and a digest of their text
+    (a resume on other data says so)."""
+    import hashlib
+    import json
+
+    text = json.dumps([[list(map(list, ex.prompt)), ex.demonstration] for ex in examples], ensure_ascii=False)
+    return {"rows": len(examples), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
 def to_messages(value, where: str) -> tuple:
     if isinstance(value, str):
         if not value.strip():

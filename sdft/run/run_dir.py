@@ -232,18 +232,20 @@ def check_resume_model(resume: Path | None, source) -> None:
                          "resume with that model, or start afresh in another output_dir")
 
 
-def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None):
+def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None,
+              data: dict | None = None):
     """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
     ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
-    this run writes, say where a resume starts."""
+    this run writes, say where a resume starts and what it changes (settings, and the training rows
+    against ``data``, their ``data_fingerprint``)."""
     try:
-        _start(Path(config.output_dir), config, resume, report, evaluating)
+        _start(Path(config.output_dir), config, resume, report, evaluating, data)
     except OSError as err:
         raise ValueError(f"cannot write in output_dir {config.output_dir}: {err.strerror or err} "
                          f"({getattr(err, 'filename', None) or config.output_dir})") from None
 
 
-def _start(out: Path, config, resume: Path | None, report, evaluating: bool | None):
+def _start(out: Path, config, resume: Path | None, report, evaluating: bool | None, data: dict | None):
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
@@ -263,5 +265,9 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
         if changed:
             report("sdft: resuming with changed settings: " + ", ".join(changed[:6])
                    + (f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""))
+        before = checkpoint_state(resume).get("data")
+        if data is not None and before is not None and before != data:
+            report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on ({before['rows']} rows "
+                   f"then, {data['rows']} now): the steps from here draw from the new rows")
     _write_record(out, names)
     (out / CONFIG_FILE).write_text(config.to_json())

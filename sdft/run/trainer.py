@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sdft.config import SDFTConfig
 from sdft.data.chat import chat_ids
-from sdft.data.examples import Example, load_examples
+from sdft.data.examples import Example, data_fingerprint, load_examples
 from sdft.data.templates import teacher_messages
 from sdft.eval import retention
 from sdft.eval.scorers import get_scorer
@@ -294,9 +294,10 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     config, model, world = run.config, run.model, run.world
     runner = run.runner or start_runner(run, teacher)
     out = Path(config.output_dir)
+    data = data_fingerprint(run.examples)
     main = world.is_main
     if main:
-        start_run(config, run.resume, evaluating=run.eval_examples is not None)
+        start_run(config, run.resume, evaluating=run.eval_examples is not None, data=data)
     barrier(world)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     schedule = LRSchedule.from_config(config)
@@ -334,7 +335,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
         if (final or step % config.save_steps == 0) and done["save"] != step:
             if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                 save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
-                                run.model_source, write=main)
+                                run.model_source, write=main, data=data)
             barrier(world)
             done["save"] = step
         if evaluator is not None and done["eval"] != step and (

@@ -21,8 +21,8 @@ def bases(tmp_path):
     return [save_hf_folder(tiny_llama(vocab=len(tok), seed=s), tok, tmp_path / f"base{s}") for s in (0, 1)]
 
 
-def _train(out, model, **change):
-    return train(str(model), ROWS, SDFTConfig(output_dir=str(out), **{**BASE, **change}))
+def _train(out, model, rows=ROWS, **change):
+    return train(str(model), rows, SDFTConfig(output_dir=str(out), **{**BASE, **change}))
 
 
 def test_a_resume_onto_another_base_model_is_refused_in_one_line(tmp_path, bases):
@@ -70,3 +70,13 @@ def test_export_onto_another_base_than_the_checkpoint_s_is_refused(tmp_path, bas
         export_checkpoint(checkpoint, tmp_path / "out", str(bases[1]))
     assert not (tmp_path / "out").exists()
     assert (export_checkpoint(checkpoint, tmp_path / "out", str(bases[0])) / "adapter_config.json").is_file()
+
+
+def test_a_resume_on_other_rows_says_so_and_on_the_same_rows_says_nothing(tmp_path, bases, capsys):
+    _train(tmp_path / "run", bases[0], max_steps=1)
+    _train(tmp_path / "run", bases[0], max_steps=2, resume_from_checkpoint=True)
+    assert "other training rows" not in capsys.readouterr().err
+    more = ROWS + [{"prompt": "add 5 5", "demonstration": "10"}]
+    _train(tmp_path / "run", bases[0], more, max_steps=3, resume_from_checkpoint=True)
+    assert ("sdft: resuming on other training rows than checkpoint-2 was trained on (2 rows then, 3 now): the steps "
+            "from here draw from the new rows\n") in capsys.readouterr().err
