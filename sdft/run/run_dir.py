@@ -224,6 +224,26 @@ def other_base(checkpoint: Path, source) -> str | None:
     return _named(recorded)
 
 
+def check_model_outside_run(config, source, evaluating: bool | None = None) -> None:
+    """The model a run loads (``source``, as ``sdft.models.loading.source_of`` gives it) must not lie in what
+    the run writes, replaces or may clear in its output_dir (its final_model, a checkpoint, a set-aside
+    branch, an entry sdft wrote there): the checkpoints name it as their base, and the run would replace
+    it under them (a resume's teacher, an export's base would then be the trained model)."""
+    if not isinstance(source, str) or source == SOURCE_UNKNOWN:
+        return
+    out = Path(config.output_dir).resolve()
+    try:
+        inside = Path(source).resolve().relative_to(out).parts
+    except ValueError:
+        return
+    top = inside[0] if inside else ""
+    ours = set(run_outputs(config, evaluating)) | _owned(out, list_checkpoints(out))
+    if not inside or top in ours or folder_step(top) >= 0 or top.startswith(ABANDONED):
+        where = f"{config.output_dir}'s {top}" if top else f"output_dir {config.output_dir} itself"
+        raise ValueError(f"the model {source} is in {where}, which this run writes or may replace: copy it out "
+                         f"of {config.output_dir} first, or choose another output_dir")
+
+
 def check_resume_model(resume: Path | None, source) -> None:
     """A resume continues the model its checkpoint was trained from: another base is one line."""
     trained_from = None if resume is None else other_base(resume, source)
@@ -267,7 +287,7 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
                    + (f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""))
         before = checkpoint_state(resume).get("data")
         if data is not None and before is not None and before != data:
-            report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on ({before['rows']} rows "
-                   f"then, {data['rows']} now): the steps from here draw from the new rows")
+            report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on "
+                   f"({before['rows']} rows then, {data['rows']} now): the steps from here draw from the new rows")
     _write_record(out, names)
     (out / CONFIG_FILE).write_text(config.to_json())

@@ -40,7 +40,15 @@ from sdft.run.export import export_model
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.metrics import MetricsLog, peak_memory_mib
 from sdft.run.reporting import Reporters, check_backends, logged_record
-from sdft.run.run_dir import FINAL_MODEL, METRICS_FILE, check_resume_model, plan_run, report_line, start_run
+from sdft.run.run_dir import (
+    FINAL_MODEL,
+    METRICS_FILE,
+    check_model_outside_run,
+    check_resume_model,
+    plan_run,
+    report_line,
+    start_run,
+)
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, barrier, setup, step_seed
 from sdft.runtime.parallel import Runner, compute_precision, grad_norm_value, run_device
@@ -161,6 +169,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     examples = load_examples(dataset)
     resume = plan_run(config, evaluating=eval_examples is not None)
     check_resume_model(resume, source_of(model))
+    check_model_outside_run(config, source_of(model), evaluating=eval_examples is not None)
     config.check_device()
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)

@@ -80,3 +80,19 @@ def test_a_resume_on_other_rows_says_so_and_on_the_same_rows_says_nothing(tmp_pa
     _train(tmp_path / "run", bases[0], more, max_steps=3, resume_from_checkpoint=True)
     assert ("sdft: resuming on other training rows than checkpoint-2 was trained on (2 rows then, 3 now): the steps "
             "from here draw from the new rows\n") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["final_model", "checkpoint-1"])
+def test_a_model_in_what_the_run_replaces_is_refused(tmp_path, bases, entry):
+    import shutil
+
+    _train(tmp_path / "run", bases[0], max_steps=1, save_final_model=True)
+    inside = tmp_path / "run" / entry
+    if entry != "final_model":  # a model folder where a checkpoint of the run lies (or will)
+        shutil.copytree(tmp_path / "run" / "final_model", inside / "model")
+        inside = inside / "model"
+    with pytest.raises(ValueError, match=rf"the model .* is in .*run's {entry}, which this run writes or may "
+                                         "replace: copy it out"):
+        _train(tmp_path / "run", inside, max_steps=2, overwrite_output_dir=True)
+    assert (tmp_path / "run" / entry).is_dir()
+    assert _train(tmp_path / "other", tmp_path / "run" / "final_model", max_steps=1).step == 1
