@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +147,20 @@ def _checkpointing(args) -> bool:
     return arg(args, "gradient_checkpointing", True) if value is None else value
 
 
+def _handler(callbacks: list, model, processing_class) -> CallbackHandler:
+    """The Trainer's ``CallbackHandler`` over the user's callbacks. transformers warns when it lacks its
+    ``DefaultFlowCallback``, which decides when a Trainer logs, saves and evaluates: here sdft's loop
+    decides that, so the warning would only be noise."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return CallbackHandler(callbacks, model, processing_class, None, None)
+    finally:
+        logging.set_verbosity(level)
+
+
 def _precision(bf16) -> str:
     """TRL's ``bf16`` as sdft's ``mixed_precision``: True is autocast bf16 on fp32 master weights (TRL's
     meaning), False fp32; not given: sdft's ``auto`` (bf16 on a CUDA device with bf16, fp32 on CPU)."""
@@ -213,7 +228,7 @@ class SDFTTrainer:
                                   save_steps=config.save_steps, log_history=[],
                                   is_world_process_zero=int(os.environ.get("RANK", "0")) == 0)
         self.control = TrainerControl()
-        self.callback_handler = CallbackHandler(list(callbacks or []), model, processing_class, None, None)
+        self.callback_handler = _handler(list(callbacks or []), model, processing_class)
         self._event("on_init_end")
 
     def _event(self, name: str, **kwargs):
@@ -300,13 +315,20 @@ class SDFTTrainer:
     def save_model(self, output_dir: str | None = None):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model
         (TRL writes into output_dir itself, but sdft's run folder holds its own config.json, checkpoints and
-        metrics, which a model folder written over it would destroy)."""
+        metrics, which a model folder written over it would destroy). ``save_model(args.output_dir)``, the
+        last line of TRL's scripts, writes there too and says so."""
         from sdft.run.export import export_model
         from sdft.run.run_dir import FINAL_MODEL
 
         if self.result is None:
             raise ValueError("call train() before save_model()")
-        target = Path(output_dir or Path(self.args.output_dir) / FINAL_MODEL)
+        run_dir = Path(self.args.output_dir)
+        target = Path(output_dir or run_dir / FINAL_MODEL)
+        if target.resolve() == run_dir.resolve():
+            target = run_dir / FINAL_MODEL
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"sdft: {run_dir} holds the run (checkpoints, metrics, sdft's config.json): the model goes "
+                      f"to {target}; load it from there", file=sys.stderr, flush=True)
         if any(type(p).__name__ == "DTensor" for p in self.result.model.parameters()):
             written = Path(self.args.output_dir) / FINAL_MODEL
             if target == written and self.args.save_final_model:

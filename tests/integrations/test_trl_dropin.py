@@ -95,6 +95,27 @@ def test_dropin_trains_with_trl_columns_and_saves(tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_save_model_into_output_dir_as_trl_scripts_end_goes_to_final_model(tmp_path, capfd, recwarn):
+    import logging
+
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, gradient_checkpointing=False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "DefaultFlowCallback" in r.getMessage()]  # sdft's loop is the flow here
+    trainer.train()
+    out = trainer.save_model(args.output_dir)
+    assert out == tmp_path / "run" / "final_model" and (out / "config.json").is_file()
+    assert f"the model goes to {out}; load it from there" in capfd.readouterr().err
+
+
 def test_real_trl_config_when_installed(tmp_path):
     trl_sdft = pytest.importorskip("trl.experimental.sdft")
     args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=7,
