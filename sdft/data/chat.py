@@ -1,14 +1,36 @@
-"""Token ids of chats: a prompt with the assistant turn opened, or a prompt plus its demonstration."""
+"""Token ids of chats: a prompt with the assistant turn opened, or a prompt plus its demonstration.
+
+A tokenizer without a chat template (a base model's) gets plain text, as TRL tokenizes its string
+prompts: the turns' text joined by blank lines, nothing added for the answer to start; a demonstration
+follows its prompt's ids directly and ends with EOS (ids joined, not text, so the prompt's tokens stay
+a prefix whatever the tokenizer merges).
+"""
 from __future__ import annotations
 
 import torch
 
+SEPARATOR = "\n\n"
+
+
+def has_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
 
 def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
     """Token ids [P] of chat messages, by default with the assistant turn opened."""
+    if not has_chat_template(tokenizer):
+        return torch.tensor(text_ids(tokenizer, messages, add_generation_prompt), device=device)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     return ids[0].to(device)
+
+
+def text_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Plain-text token ids of chat messages (no chat template): see the module docstring."""
+    if not add_generation_prompt and messages[-1]["role"] == "assistant":
+        answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        return text_ids(tokenizer, messages[:-1]) + answer + [tokenizer.eos_token_id]
+    return tokenizer(SEPARATOR.join(m["content"] for m in messages))["input_ids"]
 
 
 def demonstration_ids(tokenizer, example, device, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:

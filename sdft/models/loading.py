@@ -127,18 +127,8 @@ def is_embedded(model) -> bool:
     return model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
 
 
-def check_chat_template(tokenizer, where: str) -> None:
-    """sdft formats prompts and demonstrations as chats: a tokenizer without a chat template (a base
-    model's) is one line, before its model loads."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the tokenizer of {where} has no chat template: sdft formats prompts and demonstrations as "
-                         "chats; use an instruct model, or give the tokenizer a chat_template "
-                         "(tokenizer_config.json)")
-
-
-def load_model(model=None, dtype=torch.float32, chat: bool = True):
-    """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None. ``chat``: the
-    tokenizer must have a chat template (checked before the weights load; exports do not need one)."""
+def load_model(model=None, dtype=torch.float32):
+    """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model
@@ -151,8 +141,6 @@ def load_model(model=None, dtype=torch.float32, chat: bool = True):
                                     "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
         if path.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            if chat:
-                check_chat_template(tokenizer, str(path))
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         else:
             if not (path / "config.json").exists():
@@ -163,8 +151,6 @@ def load_model(model=None, dtype=torch.float32, chat: bool = True):
                 raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
             check_model_type(config.get("model_type", ""), str(path))  # before the slow load
             tokenizer = AutoTokenizer.from_pretrained(path)
-            if chat:
-                check_chat_template(tokenizer, str(path))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -167,7 +167,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
         raise ValueError(f"{checkpoint} was trained from {trained_from}, which is still here, not from {source}: "
                          "drop --model to export onto its own base")
     config = SDFTConfig.from_dict(state["config"])
-    base, tokenizer = load_model(source, chat=False)
+    base, tokenizer = load_model(source)
     if config.use_lora:
         base = apply_lora(base, LoraSettings.from_config(config))
     load_trainable(checkpoint, base)

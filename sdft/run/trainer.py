@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdft.config import SDFTConfig
-from sdft.data.chat import chat_ids
+from sdft.data.chat import chat_ids, has_chat_template
 from sdft.data.examples import Example, data_fingerprint, load_examples
 from sdft.data.templates import teacher_messages
 from sdft.eval import retention
@@ -28,7 +28,7 @@ from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import check_chat_template, is_embedded, model_source, source_of
+from sdft.models.loading import is_embedded, model_source, source_of
 from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -158,10 +158,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
                              evaluating=eval_examples is not None, report=report_line)
     if config.load_best_model_at_end:
         check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
-    if model is not None and not isinstance(model, (str, Path)):
-        if tokenizer is None:
-            raise ValueError("pass the tokenizer together with a model object")
-        check_chat_template(tokenizer, "the model object")
+    if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
+        raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:
         from sdft.data.skill import load_skill
 
@@ -233,6 +231,9 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not has_chat_template(tokenizer) and world.is_main:
+        report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
+                    "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
     model.to(device)
     use_implementation(model, config.attn_implementation)
     if config.gradient_checkpointing:

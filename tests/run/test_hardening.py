@@ -1,6 +1,7 @@
 """Typed config, one-line CLI errors before the model loads, crash-safe reruns, verified
 checkpoints, loud non-finite steps."""
 import json
+import math
 
 import pytest
 import torch
@@ -127,25 +128,25 @@ def test_model_folder_with_broken_config_json(tmp_path, capsys):
     assert err.count("\n") == 0 and "config.json is not valid JSON" in err
 
 
-def test_a_tokenizer_without_a_chat_template_is_one_line_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import transformers
-
-    from sdft.run.export import save_hf_folder
+def test_a_base_model_without_a_chat_template_trains_on_plain_text(tmp_path, capsys):
+    from sdft.data.chat import chat_ids, demonstration_ids
+    from sdft.data.examples import load_examples
+    from sdft.data.templates import teacher_messages
 
     tok = tiny_tokenizer()
     tok.chat_template = None  # a base model's tokenizer
-    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("the weights were loaded"))
-    assert cli(["train", "--no-eval", "--model", str(folder), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (f"sdft: error: the tokenizer of {folder} has no chat template: sdft formats prompts and "
-                   "demonstrations as chats; use an instruct model, or give the tokenizer a chat_template "
-                   "(tokenizer_config.json)")
-    with pytest.raises(ValueError, match="the tokenizer of the model object has no chat template"):
-        train(tiny_llama(vocab=len(tok)), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "o2")}),
-              tokenizer=tok)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
+    ex = load_examples([{"prompt": "add 1 2", "demonstration": "3"}])[0]
+    assert tok.decode(chat_ids(tok, ex.messages(), "cpu")) == "add 1 2"  # TRL's plain-text prompt
+    teacher = chat_ids(tok, teacher_messages(ex.messages(), ex.demonstration, "fewshot"), "cpu")
+    assert tok.decode(teacher) == "add 1 2\n\n3\n\nadd 1 2"
+    full, prompt = demonstration_ids(tok, ex, "cpu")
+    assert prompt == 7 and full[prompt:].tolist() == tok("3", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
+    result = train(tiny_llama(vocab=len(tok)), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path)}),
+                   tokenizer=tok)
+    assert result.step == 3 and all(math.isfinite(r["loss"]) for r in result.metrics)
+    assert "the tokenizer has no chat template (a base model's): prompts and demonstrations are plain text" in (
+        capsys.readouterr().err)
 
 
 # -- 2. reruns never silently start over ---------------------------------------------------------------
