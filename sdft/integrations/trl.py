@@ -15,6 +15,11 @@ one-line error when set, or irrelevant with its reason), so none is silently ign
 engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never
 reuses, so it is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
 master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
+
+Prompts: TRL applies the chat template to conversational prompts (message lists) and tokenizes string
+prompts as plain text. sdft applies the template to both (a string is one user turn) wherever the
+tokenizer has one, and uses plain text only for a tokenizer without one (a base model). Give prompts
+as message lists for the same tokens under both.
 """
 from __future__ import annotations
 
