@@ -13,21 +13,27 @@ import os
 
 import torch
 
+# What transformers' enable_full_determinism sets too: cuBLAS's deterministic workspace, and flash-attn's
+# deterministic backward (attn_implementation=flash_attention_2 reads it; its default backward sums with atomics).
+ENVIRONMENT = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "FLASH_ATTENTION_DETERMINISTIC": "1"}
+
 
 def deterministic_algorithms(on: bool):
     """Switch deterministic algorithms on (when ``on``); returns a function that restores the old state."""
     if not on:
         return lambda: None
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+              torch.backends.cudnn.benchmark, {name: os.environ.get(name) for name in ENVIRONMENT})
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     def restore():
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
-        if before[3] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        for name, value in before[3].items():
+            if value is None:
+                os.environ.pop(name, None)
 
     return restore

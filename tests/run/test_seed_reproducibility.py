@@ -42,7 +42,17 @@ def test_the_same_seed_gives_the_same_numbers_on_a_busy_machine(tmp_path):
     assert {r["tokens"] for r in idle_metrics} and all(r["loss"] == r["loss"] for r in idle_metrics)
 
 
-def test_full_determinism_runs_and_restores_the_switches(tmp_path):
+def test_full_determinism_runs_and_restores_the_switches(tmp_path, monkeypatch):
+    import os
+
+    from sdft.runtime.determinism import deterministic_algorithms
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)
+    restore = deterministic_algorithms(True)  # as transformers' enable_full_determinism: flash-attn's too
+    assert os.environ["FLASH_ATTENTION_DETERMINISTIC"] == "1" and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    restore()
+    assert "FLASH_ATTENTION_DETERMINISTIC" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     before = torch.are_deterministic_algorithms_enabled()
     plain, _ = _train(tmp_path / "plain")
     strict, _ = _train(tmp_path / "strict", full_determinism=True)
