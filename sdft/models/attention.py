@@ -6,7 +6,9 @@
 * ``flash_attention_2`` (the ``flash-attn`` package, ``pip install 'sdft[flash]'``; CUDA, bf16/fp16):
   flash-attn takes no tree mask, so prompts are shared through the KV cache instead: each context runs
   once, its cache is expanded over the G rollouts, and transformers unpads every pass into flash-attn's
-  varlen kernels (no attention on padding). Rollouts decode on the same expanded cache.
+  varlen kernels (no attention on padding). Rollouts decode on the same expanded cache. Under
+  gradient checkpointing transformers turns the cache off, so the student's pass there runs every
+  rollout with its whole prompt (``sdft.prefix.packed`` warns); the sdpa tree shares prompts either way.
 
 The package imports and runs without flash-attn; asking for it where it cannot run is one line.
 """
