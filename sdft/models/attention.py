@@ -3,7 +3,7 @@
 * ``auto``: the model's own (transformers loads ``sdpa``; a model object keeps what it was built with);
 * ``sdpa`` / ``eager``: the prefix tree's passes run (``sdft.prefix.packed``), with its mask as
   ``tree_attention`` says;
-* ``flash_attention_2`` (the ``flash-attn`` package, ``pip install 'sdft[flash]'``; CUDA, bf16/fp16):
+* ``flash_attention_2`` (the ``flash-attn`` package, ``pip install 'sdft[flash]'``; CUDA, bf16 compute):
   flash-attn takes no tree mask, so prompts are shared through the KV cache instead: each context runs
   once, its cache is expanded over the G rollouts, and transformers unpads every pass into flash-attn's
   varlen kernels (no attention on padding). Rollouts decode on the same expanded cache. Under
