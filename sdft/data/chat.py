@@ -1,6 +1,7 @@
 """Token ids of chats: a prompt with the assistant turn opened, or a prompt plus its demonstration.
 
-A tokenizer without a chat template (a base model's) gets plain text, as TRL tokenizes its string
+A tokenizer without a chat template (a base model's), or a prompt given as plain text (role ``plain``:
+TRL's standard format, ``sdft.data.examples.as_plain``), gets plain text, as TRL tokenizes its string
 prompts: the turns' text joined by blank lines, nothing added for the answer to start; a demonstration
 follows its prompt's ids directly and ends with EOS (ids joined, not text, so the prompt's tokens stay
 a prefix whatever the tokenizer merges).
@@ -8,6 +9,8 @@ a prefix whatever the tokenizer merges).
 from __future__ import annotations
 
 import torch
+
+from sdft.data.examples import PLAIN
 
 SEPARATOR = "\n\n"
 
@@ -18,7 +21,7 @@ def has_chat_template(tokenizer) -> bool:
 
 def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
     """Token ids [P] of chat messages, by default with the assistant turn opened."""
-    if not has_chat_template(tokenizer):
+    if not has_chat_template(tokenizer) or messages[0]["role"] == PLAIN:
         return torch.tensor(text_ids(tokenizer, messages, add_generation_prompt), device=device)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         return_tensors="pt", return_dict=True)["input_ids"]

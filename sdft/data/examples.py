@@ -11,6 +11,7 @@ from pathlib import Path
 
 DEMO_KEYS = ("demonstration", "privileged_context", "completion")
 ROLES = ("system", "user", "assistant", "tool")
+PLAIN = "plain"  # the role of a prompt given as plain text (TRL's standard format): tokenized without a template
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,12 @@ class Example:
 
     def messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt]
+
+
+def as_plain(example: Example) -> Example:
+    """``example`` with its prompt as plain text (TRL's standard format: no chat template), from one user turn."""
+    (role, text), = example.prompt
+    return Example(((PLAIN, text),), example.demonstration)
 
 
 def data_fingerprint(examples: list[Example]) -> dict:

@@ -5,6 +5,8 @@ on the same question. Any other string is a format with {prompt} and {demonstrat
 """
 from __future__ import annotations
 
+from sdft.data.examples import PLAIN
+
 PAPER = (
     "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
     "Now answer with a response of your own, including the thinking process."
@@ -12,10 +14,13 @@ PAPER = (
 TEMPLATES = ("paper", "fewshot")
 
 
-def _last_user_text(messages: list[dict]) -> str:
-    for message in reversed(messages):
-        if message["role"] == "user":
-            return message["content"]
+ASKING = ("user", PLAIN)  # the roles a question comes in (PLAIN: a plain-text prompt, sdft.data.examples)
+
+
+def _last_question(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] in ASKING:
+            return i
     raise ValueError("prompt messages hold no user turn")
 
 
@@ -38,11 +43,11 @@ def check_template(template: str) -> str:
 
 def teacher_messages(prompt: list[dict], demonstration: str, template: str = "paper") -> list[dict]:
     """Chat messages the teacher sees for ``prompt`` (chat messages) with ``demonstration``."""
-    question = _last_user_text(prompt)
-    head = prompt[: max(i for i, m in enumerate(prompt) if m["role"] == "user")]
+    last = _last_question(prompt)
+    head, question, role = prompt[:last], prompt[last]["content"], prompt[last]["role"]
     if template == "fewshot":
-        return head + [{"role": "user", "content": question},
+        return head + [{"role": role, "content": question},
                        {"role": "assistant", "content": demonstration},
-                       {"role": "user", "content": question}]
+                       {"role": role, "content": question}]
     fmt = PAPER if template == "paper" else check_template(template)
-    return head + [{"role": "user", "content": fmt.format(prompt=question, demonstration=demonstration)}]
+    return head + [{"role": role, "content": fmt.format(prompt=question, demonstration=demonstration)}]

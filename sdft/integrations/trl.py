@@ -16,10 +16,10 @@ engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reuse
 reuses, so it is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
 master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
 
-Prompts: TRL applies the chat template to conversational prompts (message lists) and tokenizes string
-prompts as plain text. sdft applies the template to both (a string is one user turn) wherever the
-tokenizer has one, and uses plain text only for a tokenizer without one (a base model). Give prompts
-as message lists for the same tokens under both.
+Prompts as TRL reads them (``trl_examples``): a list of messages (conversational) goes through the chat
+template, a string (TRL's standard format) is plain text, the teacher's context too
+(``teacher_prompt_template`` formatted as text). sdft's own API and CLI differ there: a string prompt is
+one user turn of a chat, wherever the tokenizer has a template.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import TrainOutput
 
 from sdft.config import SDFTConfig
-from sdft.data.examples import load_examples
+from sdft.data.examples import as_plain, load_examples
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.run.reporting import train_scalars
@@ -152,6 +152,19 @@ def _checkpointing(args) -> bool:
     return arg(args, "gradient_checkpointing", True) if value is None else value
 
 
+def trl_examples(dataset) -> list:
+    """``load_examples`` under TRL's rule for prompts: a string (TRL's standard format) is plain text, a list
+    of messages (conversational) goes through the chat template. A path is read as sdft reads it."""
+    examples = load_examples(dataset)
+    if isinstance(dataset, (str, Path)):
+        return examples
+    if isinstance(dataset, dict):
+        prompts = list(dataset.get("prompt", []))
+    else:
+        prompts = [row.get("prompt") if isinstance(row, dict) else None for row in dataset]
+    return [as_plain(ex) if isinstance(prompt, str) else ex for ex, prompt in zip(examples, prompts)]
+
+
 def _handler(callbacks: list, model, processing_class) -> CallbackHandler:
     """The Trainer's ``CallbackHandler`` over the user's callbacks. transformers warns when it lacks its
     ``DefaultFlowCallback``, which decides when a Trainer logs, saves and evaluates: here sdft's loop
@@ -217,7 +230,7 @@ class SDFTTrainer:
         if tuple(optimizers or (None, None)) != (None, None):
             raise ValueError("optimizers=(optimizer, scheduler): sdft steps its own fused AdamW with the schedule "
                              "of args (learning_rate, lr_scheduler_type, warmup_*, weight_decay); pass (None, None)")
-        self.examples = load_examples(train_dataset)
+        self.examples = trl_examples(train_dataset)
         config = config_from_trl(args if args is not None else {}, len(self.examples), launched_size())
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **_lora_values(peft_config)})
@@ -225,7 +238,7 @@ class SDFTTrainer:
         self.model, self.processing_class = model, processing_class
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
         if eval_dataset is not None:
-            load_examples(eval_dataset)  # a bad row is one line now, not after training
+            eval_dataset = trl_examples(eval_dataset)  # a bad row is one line now, not after training
         elif config.eval_steps:
             raise ValueError("eval_strategy='steps' evaluates an eval_dataset during training: pass eval_dataset")
         self.result: TrainResult | None = None
@@ -307,7 +320,7 @@ class SDFTTrainer:
         demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``."""
         from sdft.eval.evaluation import evaluate
 
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        dataset = trl_examples(eval_dataset) if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
         model = self.model if not isinstance(self.model, (str, Path)) else None

@@ -116,6 +116,41 @@ def test_save_model_into_output_dir_as_trl_scripts_end_goes_to_final_model(tmp_p
     assert f"the model goes to {out}; load it from there" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard_strings", "conversational"])
+def test_prompts_and_teacher_contexts_tokenize_as_trl_does(tmp_path, conversational):
+    """TRL's own tokenization (its _tokenize_prompts and teacher-context builder, called on a stand-in trainer):
+    a string prompt is plain text there even with a chat template, a message list goes through it."""
+    trl_sdft = pytest.importorskip("trl.experimental.sdft.sdft_trainer")
+    from sdft.integrations.trl import trl_examples
+    from sdft.run.trainer import encode_examples
+
+    tok = tiny_tokenizer()
+    questions = ["add 1 2", "what is 3 plus 4?"]
+    rows = [{"prompt": [{"role": "user", "content": q}] if conversational else q, "privileged_context": d}
+            for q, d in zip(questions, ["3", "7"])]
+    template = "{prompt}\n\nExample: {privileged_context}"
+    args = _args(tmp_path, teacher_prompt_template=template)
+    ours = encode_examples(trl_examples(rows), tok, config_from_trl(args, len(rows)), "cpu")
+    trainer = types.SimpleNamespace(processing_class=tok, chat_template_kwargs={}, max_prompt_length=None,
+                                    args=types.SimpleNamespace(teacher_prompt_template=template))
+    teacher_prompts = [trl_sdft.DemonstrationTeacherContextBuilder(trainer)._compose_teacher_prompt(
+        r["prompt"], r["privileged_context"]) for r in rows]
+    assert [e.prompt_ids.tolist() for e in ours] == trl_sdft.SDFTTrainer._tokenize_prompts(
+        trainer, [r["prompt"] for r in rows])
+    assert [e.teacher_ids.tolist() for e in ours] == trl_sdft.SDFTTrainer._tokenize_prompts(trainer, teacher_prompts)
+
+
+def test_standard_format_rows_train_and_evaluate(tmp_path):
+    tok = tiny_tokenizer()
+    rows = [{"prompt": r["prompt"][0]["content"], "privileged_context": r["privileged_context"]} for r in ROWS]
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                 max_completion_length=4, gradient_checkpointing=False)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=rows, eval_dataset=rows[:2],
+                          processing_class=tok)
+    assert trainer.train().global_step == 1
+    assert trainer.evaluate()["eval_examples"] == 2
+
+
 def test_real_trl_config_when_installed(tmp_path):
     trl_sdft = pytest.importorskip("trl.experimental.sdft")
     args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=7,
