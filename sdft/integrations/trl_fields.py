@@ -277,6 +277,7 @@ def model_init_values(args) -> dict:
         raise ValueError(f"model_init_kwargs dtype={value!r}: sdft loads float32 or bfloat16 weights")
     attention = kwargs.get("attn_implementation") or "auto"
     if attention not in IMPLEMENTATIONS:
+        hub = " (hub kernels are not fetched: install flash-attn for flash_attention_2)" if "/" in attention else ""
         raise ValueError(f"model_init_kwargs attn_implementation={attention!r}: sdft runs "
-                         f"{', '.join(IMPLEMENTATIONS[1:])}")
+                         f"{', '.join(IMPLEMENTATIONS[1:])}{hub}")
     return {"dtype": name, "attn_implementation": attention}

@@ -232,6 +232,8 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(model_init_kwargs={"device_map": "auto"}), "model_init_kwargs 'device_map'"),
     (dict(model_init_kwargs={"attn_implementation": "flash_attention_3"}),
      "model_init_kwargs attn_implementation='flash_attention_3'"),
+    (dict(model_init_kwargs={"attn_implementation": "kernels-community/flash-attn2"}),
+     "hub kernels are not fetched: install flash-attn for flash_attention_2"),
     (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
 ])
 def test_trl_fields_sdft_does_not_implement_are_one_line_errors(tmp_path, change, message):
