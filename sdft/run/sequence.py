@@ -154,6 +154,9 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     scorers = stage_scorers(eval_scorer if eval_scorer is not None else config.eval_scorer, len(names))
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer,
                              is_embedded(model), evaluating=True, report=report_line)
+    if eval_stages is None and kept is None:
+        report_line("sdft: no eval_stages and no retention check: nothing is scored between the stages, so the "
+                    "matrix holds no scores; give a held-out set per stage (--eval-stages) to see what each kept")
     root = Path(config.output_dir)
     matrix_path = root / SEQUENCE_FILE
     resume = bool(config.resume_from_checkpoint)
@@ -189,7 +192,9 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
             row["selected_step"] = result.best_step
         matrix.append(row)
         _write(root, names, matrix, method)
-        report_line("sdft: after " + names[k - 1] + ": " + format_row(matrix[-1], names))
+        scores = format_row(matrix[-1], names)
+        if scores:
+            report_line("sdft: after " + names[k - 1] + ": " + scores)
     return SequenceResult(model, tokenizer, names, matrix, root, seconds)
 
 

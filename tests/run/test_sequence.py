@@ -43,6 +43,17 @@ def _sequence(tmp_path, method="sdft", **change):
     return train_sequence(model, files, config, tok, eval_stages=files, method=method), tok, files
 
 
+def test_a_sequence_that_scores_nothing_says_so_before_it_trains(tmp_path, capsys):
+    files, _, _ = _stages(tmp_path)
+    tok = tiny_tokenizer()
+    config = _config(tmp_path, max_steps=1, retention_data="", retention_text="")
+    result = train_sequence(tiny_llama(vocab=len(tok)), files, config, tok)
+    err = capsys.readouterr().err
+    note = "no eval_stages and no retention check: nothing is scored between the stages"
+    assert note in err and err.index(note) < err.index("stage 1/2")
+    assert "sdft: after add" not in err and result.matrix[-1] == {"after": "sub"}
+
+
 @pytest.mark.parametrize("method", ["sdft", "sft"])
 def test_the_matrix_has_a_row_per_stage_and_a_column_per_skill(tmp_path, method):
     result, tok, files = _sequence(tmp_path, method)
