@@ -23,7 +23,13 @@ from sdft.config import SDFTConfig, describe_fields
 from sdft.models.loading import source_of
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
-from sdft.run.run_dir import CONFIG_FILE, check_model_outside_run, check_resume_model, plan_run
+from sdft.run.run_dir import (
+    CONFIG_FILE,
+    check_model_folder,
+    check_model_outside_run,
+    check_resume_model,
+    plan_run,
+)
 from sdft.runtime.distributed import check_launcher, launched_size
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -324,6 +330,7 @@ def main(argv=None):
     from sdft.run.trainer import NonFiniteError
 
     try:
+        check_model_folder(getattr(args, "model", None))
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)

@@ -28,6 +28,7 @@ from sdft.run.checkpoint import (
     damage,
     folder_step,
     foreign_checkpoints,
+    is_ours,
     list_checkpoints,
     newest_intact,
     plain_name,
@@ -222,6 +223,20 @@ def other_base(checkpoint: Path, source) -> str | None:
             recorded is not None and not Path(recorded).exists()):
         return None
     return _named(recorded)
+
+
+def check_model_folder(model) -> None:
+    """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
+    instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
+    if model is None or not Path(model).is_dir():
+        return
+    path = Path(model)
+    if is_ours(path) and not (path / "config.json").exists():  # a model folder has its config.json
+        raise ValueError(f"{path} is an sdft checkpoint, not a model folder: `sdft export {path} OUT` writes one "
+                         "from it")
+    if (path / RECORD_FILE).is_file():
+        raise ValueError(f"{path} is an sdft run folder, not a model folder: its model is {path / FINAL_MODEL} "
+                         "(or export one of its checkpoints with `sdft export`)")
 
 
 def check_model_outside_run(config, source, evaluating: bool | None = None) -> None:

@@ -43,6 +43,7 @@ from sdft.run.reporting import Reporters, check_backends, logged_record
 from sdft.run.run_dir import (
     FINAL_MODEL,
     METRICS_FILE,
+    check_model_folder,
     check_model_outside_run,
     check_resume_model,
     plan_run,
@@ -166,6 +167,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config, evaluating=eval_examples is not None)
+    if isinstance(model, (str, Path)):
+        check_model_folder(model)
     check_resume_model(resume, source_of(model))
     check_model_outside_run(config, source_of(model), evaluating=eval_examples is not None)
     config.check_device()

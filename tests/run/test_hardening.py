@@ -121,6 +121,18 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
         assert err.count("\n") == 0 and message in err, err
 
 
+def test_a_checkpoint_or_run_folder_given_as_the_model_says_what_to_pass(tmp_path, capsys):
+    _run(tmp_path / "run", max_steps=1)
+    cases = [(tmp_path / "run" / "checkpoint-1", "is an sdft checkpoint, not a model folder: `sdft export"),
+             (tmp_path / "run", f"is an sdft run folder, not a model folder: its model is {tmp_path / 'run'}"
+                                f"/final_model")]
+    for folder, message in cases:
+        for argv in (["generate", str(folder), "--prompt", "hi"], ["train", "--no-eval", "--model", str(folder)]):
+            assert cli(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and message in err, err
+
+
 def test_model_folder_with_broken_config_json(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{not json")
     assert cli(["train", "--no-eval", "--model", str(tmp_path), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
