@@ -316,6 +316,9 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     schedule = LRSchedule.from_config(config)
     log = MetricsLog(out / METRICS_FILE)
     start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher)
+    if start >= config.max_steps and main:
+        report_line(f"sdft: {run.resume} is at step {start}, max_steps={config.max_steps}: nothing left to train "
+                    "(raise max_steps to continue)")
     if main:
         log.truncate(start)
     reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())

@@ -96,3 +96,10 @@ def test_a_model_in_what_the_run_replaces_is_refused(tmp_path, bases, entry):
         _train(tmp_path / "run", inside, max_steps=2, overwrite_output_dir=True)
     assert (tmp_path / "run" / entry).is_dir()
     assert _train(tmp_path / "other", tmp_path / "run" / "final_model", max_steps=1).step == 1
+
+
+def test_a_resume_past_max_steps_says_nothing_is_left_to_train(tmp_path, bases, capsys):
+    _train(tmp_path / "run", bases[0], max_steps=2)
+    capsys.readouterr()
+    assert _train(tmp_path / "run", bases[0], max_steps=1, resume_from_checkpoint=True).metrics == []
+    assert "checkpoint-2 is at step 2, max_steps=1: nothing left to train (raise max_steps" in capsys.readouterr().err
