@@ -14,6 +14,7 @@ The package imports and runs without flash-attn; asking for it where it cannot r
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 from sdft.models.parts import base_model
@@ -38,10 +39,27 @@ def check_implementation(name: str, device_type: str, precision: str, dtype: str
 
 
 def use_implementation(model, name: str):
-    """``model`` running attention ``name`` (``auto``: as it is); a peft wrapper switches its base model."""
-    if name == "auto":
-        return model
+    """Switch ``model`` to attention ``name`` for a run (``auto``: as it is; a peft wrapper: its base model).
+    Returns the function that switches it back: after the run the model attends as before, so code that
+    runs it outside the run's autocast (an fp32 evaluation) never meets flash-attn's bf16-only kernels."""
     base = base_model(model)
-    if base.config._attn_implementation != name:
-        base.set_attn_implementation(name)
-    return model
+    before = base.config._attn_implementation
+    if name == "auto" or before == name:
+        return lambda: None
+    base.set_attn_implementation(name)
+    return lambda: base.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def attention_as(model, name: str):
+    """Run ``model``'s attention through transformers' ``name`` implementation for the duration (its
+    config and a multimodal model's text config), restored afterwards: no weights or modules change."""
+    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl

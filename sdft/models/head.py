@@ -8,11 +8,13 @@ something else is refused with a clear error instead of being trained on a silen
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from sdft.models import base_model, decoder_of, eval_mode, output_layer
+from sdft.models.attention import attention_as
 
 
 @dataclass
@@ -62,7 +64,10 @@ def verify_head(model, head: Head | None = None, tokens: int = 8) -> Head:
     device = head.weight.device
     vocab = head.weight.shape[0]
     ids = (torch.arange(tokens, device=device) * 7919 % vocab)[None]
-    with eval_mode(model):
+    # flash-attn refuses fp32 weights outside autocast (a bf16 mixed-precision run keeps them fp32), and the
+    # head does not depend on the attention: sdpa here
+    flash = "flash" in str(base.config._attn_implementation)
+    with eval_mode(model), attention_as(base, "sdpa") if flash else contextlib.nullcontext():
         logits = model(input_ids=ids).logits[0].double()
         hidden = decoder_of(model)(input_ids=ids).last_hidden_state[0]
     check_logits(head, hidden, logits, f"{type(base).__name__}: its logits are not what sdft computes from the "

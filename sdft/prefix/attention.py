@@ -21,9 +21,9 @@ Which attention a tree pass takes (``tree_attention`` in the config):
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from sdft.models.attention import attention_as
 
 MODES = ("auto", "dense", "flex")
 FLEX_MIN_NODES = 1024
@@ -94,16 +94,7 @@ def block_mask(ends: torch.Tensor, block: int = BLOCK):
                                     seq_lengths=(width, width))
 
 
-@contextlib.contextmanager
 def flex_attention_of(model):
     """Run ``model``'s attention through transformers' flex_attention for the duration (the block mask
     is a ``BlockMask``, which only that implementation reads); restored afterwards."""
-    configs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
-    saved = [c._attn_implementation for c in configs]
-    try:
-        for c in configs:
-            c._attn_implementation = "flex_attention"
-        yield
-    finally:
-        for c, impl in zip(configs, saved):
-            c._attn_implementation = impl
+    return attention_as(model, "flex_attention")

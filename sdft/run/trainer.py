@@ -238,7 +238,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
         report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
                     "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
     model.to(device)
-    use_implementation(model, config.attn_implementation)
+    on_end.append(use_implementation(model, config.attn_implementation))  # for the run only
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.disable_dropout:

@@ -114,6 +114,24 @@ def test_a_run_on_a_flash_model_takes_the_same_first_step_as_sdpa(tmp_path, flas
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)  # float64 but for the float32 rotary tables
 
 
+def test_a_bf16_run_on_a_flash_model_computes_attention_in_bf16(tmp_path, flash_calls, monkeypatch):
+    """mixed_precision=bf16 (autocast on fp32 weights): transformers hands flash-attn bf16 queries, as its
+    kernels need, and the run trains."""
+    import flash_reference
+
+    tok = tiny_tokenizer()
+    dtypes = []
+    attend = flash_reference._attend
+    monkeypatch.setattr(flash_reference, "_attend", lambda q, *a: dtypes.append(q.dtype) or attend(q, *a))
+    rows = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                        max_completion_length=4, save_steps=100, progress_bar=False, device="cpu",
+                        save_final_model=False, mixed_precision="bf16")
+    result = train(as_flash(tiny_llama(vocab=len(tok))), rows, config, tokenizer=tok)
+    assert flash_calls and set(dtypes) == {torch.bfloat16}  # the load-time head check too (on sdpa)
+    assert result.metrics[0]["loss"] == result.metrics[0]["loss"]  # finite, not NaN
+
+
 def test_flash_where_it_cannot_run_is_one_line(monkeypatch):
     import importlib.util
 
@@ -143,7 +161,22 @@ def test_auto_keeps_the_model_s_attention_and_a_name_switches_it_under_lora():
     from sdft.models.lora import LoraSettings, apply_lora
 
     model = tiny_llama()
-    assert use_implementation(model, "auto").config._attn_implementation == "sdpa"
+    use_implementation(model, "auto")()
+    assert model.config._attn_implementation == "sdpa"
     wrapped = apply_lora(model, LoraSettings.from_config(SDFTConfig(use_lora=True)))
-    use_implementation(wrapped, "eager")
+    restore = use_implementation(wrapped, "eager")
     assert wrapped.get_base_model().config._attn_implementation == "eager"
+    restore()
+    assert wrapped.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_the_run_s_attention_holds_for_the_run_only(tmp_path):
+    tok = tiny_tokenizer()
+    model, seen = tiny_llama(vocab=len(tok)), []
+    rows = [{"prompt": "add 1 2", "demonstration": "3"}]
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, num_generations=2,
+                        max_completion_length=4, progress_bar=False, device="cpu", save_final_model=False,
+                        attn_implementation="eager")
+    result = train(model, rows, config, tokenizer=tok,
+                   step_callback=lambda step, record: seen.append(model.config._attn_implementation))
+    assert seen == ["eager"] and result.model.config._attn_implementation == "sdpa"
