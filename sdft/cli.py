@@ -94,6 +94,8 @@ def _build_parser():
     ge.add_argument("model", nargs="?", default=None,
                     help="a model folder (e.g. OUTPUT_DIR/final_model), LoRA adapter folder or .gguf "
                          "(default: the embedded SmolLM2)")
+    ge.add_argument("--base", default=None, metavar="PATH",
+                    help="a LoRA adapter's base model folder (default: the one its adapter_config.json names)")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ge.add_argument("--prompts", default=None, metavar="FILE",
                     help="a jsonl with a 'prompt' column (e.g. your eval data), or a text file, one prompt a line")
@@ -238,7 +240,9 @@ def _generate(args, parser) -> int:
     from sdft.models import load_trained
 
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
-    model, tokenizer = load_trained(args.model)
+    if args.base is not None and not (args.model and (Path(args.model) / "adapter_config.json").is_file()):
+        raise ValueError("--base is the base model of a LoRA adapter folder; the model given is not one")
+    model, tokenizer = load_trained(args.model, base=args.base)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature)
     else:

@@ -166,16 +166,16 @@ def adapter_base(adapter, base):
     if not base or Path(base).name == EMBEDDED_NAME and not Path(base).exists():
         return None
     if not Path(base).exists():
-        raise FileNotFoundError(f"{adapter} is a LoRA adapter of {base}, which is not here: put that base model "
-                                f"there, or set base_model_name_or_path in {Path(adapter) / 'adapter_config.json'} "
-                                "to its folder")
+        raise FileNotFoundError(f"{adapter} is a LoRA adapter of {base}, which is not here: pass its folder on "
+                                f"this machine (sdft generate --base PATH), or set base_model_name_or_path in "
+                                f"{Path(adapter) / 'adapter_config.json'}")
     return base
 
 
-def load_trained(path=None, dtype=torch.float32):
+def load_trained(path=None, dtype=torch.float32, base=None):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
-    a peft LoRA adapter folder (its base: the path in ``adapter_config.json``, or the embedded model
-    when that is not a local folder), or the embedded model when ``path`` is None."""
+    a peft LoRA adapter folder (its base: ``base`` when given, else the one ``adapter_config.json``
+    names, or the embedded model when it names none), or the embedded model when ``path`` is None."""
     if (
         path is not None
         and (Path(path) / "adapter_config.json").is_file()
@@ -183,7 +183,9 @@ def load_trained(path=None, dtype=torch.float32):
     ):
         from peft import PeftModel
 
-        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        model, tokenizer = load_model(adapter_base(path, base), dtype)
+        if base is None:
+            named = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base = adapter_base(path, named)
+        model, tokenizer = load_model(base, dtype)
         return PeftModel.from_pretrained(model, str(path)), tokenizer
     return load_model(path, dtype)

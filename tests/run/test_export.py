@@ -74,9 +74,12 @@ def test_an_adapter_names_its_base_by_absolute_path_and_a_missing_base_is_one_li
     assert named == str(model_dir.resolve())
     monkeypatch.chdir(adapter)  # from any folder the adapter finds its base
     load_trained(adapter)
-    model_dir.rename(tmp_path / "moved")
-    with pytest.raises(FileNotFoundError, match=rf"is a LoRA adapter of {model_dir.resolve()}, which is not here"):
+    moved = model_dir.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"is a LoRA adapter of {model_dir.resolve()}, which is not here: "
+                                                r"pass its folder on this machine \(sdft generate --base PATH\)"):
         load_trained(adapter)  # never the embedded model in its place
+    assert cli(["generate", str(adapter), "--base", str(moved), "--prompt", "add 1 2", "--max-new-tokens", "2"]) == 0
+    assert cli(["generate", str(moved), "--base", str(moved), "--prompt", "x"]) == 2  # not an adapter
 
 
 def test_export_of_a_damaged_checkpoint_is_a_one_line_error(tmp_path, model_dir, capsys):
