@@ -20,16 +20,9 @@ import sys
 from pathlib import Path
 
 from sdft.config import SDFTConfig, describe_fields
-from sdft.models.loading import source_of
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
-from sdft.run.run_dir import (
-    CONFIG_FILE,
-    check_model_folder,
-    check_model_outside_run,
-    check_resume_model,
-    plan_run,
-)
+from sdft.run.run_dir import CONFIG_FILE, check_model_folder, check_run_model, plan_run
 from sdft.runtime.distributed import check_launcher, launched_size
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -285,9 +278,7 @@ def _train(args, parser) -> int:
 
     resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
             bool(config.eval_data), report=lambda message: None)  # reads and checks the files, before the model
-    resume = plan_run(config, report=lambda message: None)
-    check_resume_model(resume, source_of(args.model))
-    check_model_outside_run(config, source_of(args.model))
+    check_run_model(config, plan_run(config, report=lambda message: None), args.model)
     check_launcher()  # before the model loads
 
     import torch

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdft.models.loading import SOURCE_UNKNOWN
+from sdft.models.loading import SOURCE_UNKNOWN, source_of
 from sdft.run.checkpoint import (
     OWN_FILES,
     CheckpointError,
@@ -228,7 +228,7 @@ def other_base(checkpoint: Path, source) -> str | None:
 def check_model_folder(model) -> None:
     """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
     instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
-    if model is None or not Path(model).is_dir():
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
         return
     path = Path(model)
     if is_ours(path) and not (path / "config.json").exists():  # a model folder has its config.json
@@ -265,6 +265,14 @@ def check_resume_model(resume: Path | None, source) -> None:
     if trained_from is not None:
         raise ValueError(f"{resume} was trained from {trained_from}, but this run loads {_named(source)}: "
                          "resume with that model, or start afresh in another output_dir")
+
+
+def check_run_model(config, resume: Path | None, model, evaluating: bool | None = None) -> None:
+    """The model a run loads (None, a path or a model object), against its output_dir, before it loads:
+    the base its resume checkpoint was trained from, and outside what the run replaces."""
+    source = source_of(model)
+    check_resume_model(resume, source)
+    check_model_outside_run(config, source, evaluating)
 
 
 def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None,

@@ -28,7 +28,7 @@ from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import is_embedded, model_source, source_of
+from sdft.models.loading import is_embedded, model_source
 from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -44,8 +44,7 @@ from sdft.run.run_dir import (
     FINAL_MODEL,
     METRICS_FILE,
     check_model_folder,
-    check_model_outside_run,
-    check_resume_model,
+    check_run_model,
     plan_run,
     report_line,
     start_run,
@@ -167,10 +166,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config, evaluating=eval_examples is not None)
-    if isinstance(model, (str, Path)):
-        check_model_folder(model)
-    check_resume_model(resume, source_of(model))
-    check_model_outside_run(config, source_of(model), evaluating=eval_examples is not None)
+    check_model_folder(model)
+    check_run_model(config, resume, model, evaluating=eval_examples is not None)
     config.check_device()
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)
