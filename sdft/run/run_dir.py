@@ -202,9 +202,10 @@ def _write_record(out: Path, names):
 UNCOMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "progress_bar")
 
 
-def changed_settings(resume: Path, config) -> list[str]:
-    """The settings this resumed run gives differently from the run that wrote ``resume``: ``name old -> new``."""
-    before, now = checkpoint_state(resume)["config"], config.to_dict()
+def changed_settings(before: dict, config) -> list[str]:
+    """The settings this resumed run gives differently from ``before`` (the config of the run that wrote its
+    checkpoint): ``name old -> new``."""
+    now = config.to_dict()
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now
             if k in before and k not in UNCOMPARED and before[k] != now[k]]
 
@@ -304,11 +305,12 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
         if branch is not None:
             names.add(branch)
         report(f"sdft: resuming from {resume} (step {step})")
-        changed = changed_settings(resume, config)
+        state = checkpoint_state(resume)
+        changed = changed_settings(state["config"], config)
         if changed:
             report("sdft: resuming with changed settings: " + ", ".join(changed[:6])
                    + (f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""))
-        before = checkpoint_state(resume).get("data")
+        before = state.get("data")
         if data is not None and before is not None and before != data:
             report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on "
                    f"({before['rows']} rows then, {data['rows']} now): the steps from here draw from the new rows")
