@@ -233,8 +233,6 @@ def _generate(args, parser) -> int:
     from sdft.models import load_trained
 
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
-    if args.base is not None and not (args.model and (Path(args.model) / "adapter_config.json").is_file()):
-        raise ValueError("--base is the base model of a LoRA adapter folder; the model given is not one")
     model, tokenizer = load_trained(args.model, base=args.base)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature)

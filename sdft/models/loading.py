@@ -176,11 +176,11 @@ def load_trained(path=None, dtype=torch.float32, base=None):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
     a peft LoRA adapter folder (its base: ``base`` when given, else the one ``adapter_config.json``
     names, or the embedded model when it names none), or the embedded model when ``path`` is None."""
-    if (
-        path is not None
-        and (Path(path) / "adapter_config.json").is_file()
-        and not (Path(path) / "config.json").exists()
-    ):
+    adapter = (path is not None and (Path(path) / "adapter_config.json").is_file()
+               and not (Path(path) / "config.json").exists())
+    if base is not None and not adapter:
+        raise ValueError(f"a base model is given for {path}, which is not a LoRA adapter folder")
+    if adapter:
         from peft import PeftModel
 
         if base is None:
