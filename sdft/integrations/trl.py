@@ -348,7 +348,7 @@ class SDFTTrainer:
                 print(f"sdft: {run_dir} holds the run (checkpoints, metrics, sdft's config.json): the model goes "
                       f"to {target}; load it from there", file=sys.stderr, flush=True)
         if any(type(p).__name__ == "DTensor" for p in self.result.model.parameters()):
-            written = Path(self.args.output_dir) / FINAL_MODEL
+            written = run_dir / FINAL_MODEL
             if target == written and self.args.save_final_model:
                 return target  # the run gathered the shards and wrote it at its end
             raise ValueError(f"under parallel=fsdp the model is sharded: its gathered copy is {written}, "
