@@ -22,7 +22,7 @@ from pathlib import Path
 from sdft.config import SDFTConfig, describe_fields
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
-from sdft.run.run_dir import CONFIG_FILE, check_model_folder, check_run_model, plan_run
+from sdft.run.run_dir import CONFIG_FILE, check_model_folder, check_run_model, plan_run, replace_file
 from sdft.runtime.distributed import check_launcher, launched_size
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -161,7 +161,7 @@ def _continual(args, parser) -> int:
                         for method, m in matrices.items())
     print(tables, flush=True)
     if len(matrices) > 1:
-        compared[0].write_text(tables)
+        replace_file(compared[0], tables)
         plot_matrices(matrices, names, compared[1])
     print(f"matrices in {', '.join(str(root / m / 'sequence.json') for m in matrices)}", flush=True)
     return 0

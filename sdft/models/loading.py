@@ -73,6 +73,7 @@ def _untied(state: dict) -> dict:
 
 
 def _load_embedded(dtype):
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +98,7 @@ def _load_embedded(dtype):
             os.replace(cache, old)
         os.replace(tmp, cache)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, SafetensorError):  # sdft.run.writes.WRITE_ERRORS, from below that layer
         shutil.rmtree(tmp, ignore_errors=True)  # a read-only or full home only costs the next load its de-quantization
     return model.to(dtype), tokenizer
 

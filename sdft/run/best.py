@@ -16,6 +16,7 @@ import torch
 
 from sdft.run.checkpoint import copy_trainable, trainable_state
 from sdft.run.run_dir import BEST_FILE, BEST_RECORD, best_record, replace_file
+from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
 
 LOWER_IS_BETTER = ("perplexity", "retention_text_perplexity")
 
@@ -47,12 +48,18 @@ class BestWeights:
         value = float(record[self.metric])
         if not self.better(step, value):
             return False
-        self.step, self.value = step, value
         if self.write:
             tmp = self.out / (BEST_FILE + ".tmp")
-            torch.save(trainable_state(model), tmp)
+            try:
+                torch.save(trainable_state(model), tmp)
+            except WRITE_ERRORS as err:
+                tmp.unlink(missing_ok=True)
+                kept = f"the pick of step {self.step} is kept" if self.step is not None else "nothing was picked yet"
+                raise WriteError(f"could not write {self.out / BEST_FILE}: {write_reason(err, self.out)}; "
+                                 f"{kept}") from None
             os.replace(tmp, self.out / BEST_FILE)
             replace_file(self.out / BEST_RECORD, json.dumps({"step": step, "value": value, "metric": self.metric}))
+        self.step, self.value = step, value
         return True
 
     def restore(self, model, last_step: int) -> int | None:

@@ -10,7 +10,6 @@ the previous one intact; the manifest catches files damaged afterwards (truncate
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdft.run.writes import WRITE_ERRORS, write_reason
 from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -36,12 +36,6 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(CheckpointError):
     """Saving a checkpoint failed (full disk, read-only or forbidden folder); the older ones are intact."""
-
-
-def _os_reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno is not None:
-        return f"{os.strerror(err.errno)} ({errno.errorcode.get(err.errno, err.errno)})"
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def trainable_state(model) -> dict:
@@ -180,11 +174,13 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         _write_manifest(tmp)
         _fsync_folder(tmp)
-    except (OSError, RuntimeError) as err:  # ENOSPC, EROFS, EACCES (torch.save wraps some as RuntimeError)
+    except WRITE_ERRORS as err:  # a full disk, a file-size limit, a read-only or forbidden folder
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(out)]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {_os_reason(err)}; {kept}") from None
+        kept = (f"the previous checkpoint {previous[-1]} is intact (resume_from_checkpoint=true continues from it)"
+                if previous else "no earlier checkpoint exists")
+        raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {write_reason(err, out)}; "
+                                  f"{kept}") from None
     aside = _aside(out, step)
     if final.is_dir() and not is_ours(final):  # appeared during the run (the start refuses one): never replaced
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
+
 EXPORT_MARK = "sdft_export.json"  # written into every export: a later export may replace the folder
 REPLACED = ".replaced-"  # a forced export keeps the folder it displaced as OUT.replaced-DATE
 _HF_FILE = re.compile(r"^(config\.json|generation_config\.json|.+\.safetensors|.+\.safetensors\.index\.json|"
@@ -80,8 +82,11 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
             model.save_pretrained(tmp, **save_options)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft"}))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WRITE_ERRORS):
+            kept = f"{out} is as it was" if out.exists() else "nothing was left there"
+            raise WriteError(f"could not write {out}: {write_reason(err, out.parent)}; {kept}") from None
         raise
     if out.exists():
         os.replace(out, old)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from sdft.run.run_dir import replace_file
+from sdft.run.writes import WriteError, write_reason
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -25,8 +26,11 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict):
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a line cut short is left out by ``read``
+            raise WriteError(f"could not write {self.path}: {write_reason(err)}") from None
 
     def read(self) -> list[dict]:
         """The records; a line cut short by a crash is left out."""

@@ -34,6 +34,7 @@ from sdft.run.checkpoint import (
     plain_name,
 )
 from sdft.run.lock import LOCK_FILE, RunLockedError, holder
+from sdft.run.writes import WriteError, write_reason
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -191,7 +192,11 @@ def best_record(out: Path) -> dict | None:
 def replace_file(path: Path, text: str):
     """Write ``path`` through ``path.tmp`` and a rename: a reader (or a crash) sees the old or the new text."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {write_reason(err)}") from None
     os.replace(tmp, path)
 
 
@@ -315,4 +320,4 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
             report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on "
                    f"({before['rows']} rows then, {data['rows']} now): the steps from here draw from the new rows")
     _write_record(out, names)
-    (out / CONFIG_FILE).write_text(config.to_json())
+    replace_file(out / CONFIG_FILE, config.to_json())

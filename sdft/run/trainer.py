@@ -49,6 +49,7 @@ from sdft.run.run_dir import (
     report_line,
     start_run,
 )
+from sdft.run.writes import WriteError
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, barrier, setup, step_seed
 from sdft.runtime.parallel import Runner, compute_precision, grad_norm_value, run_device
@@ -382,10 +383,24 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     if config.save_final_model and (main or runner.sharded):
         plain = runner.full_model()  # sharded: gathered by every process, None except on process 0
         if main:
-            export_model(plain, run.tokenizer, out / FINAL_MODEL, config.merge_lora, force=True)  # ours: run_dir
+            _write_final(plain, run.tokenizer, out, config.merge_lora, selected)
     barrier(world)
     return TrainResult(model, run.tokenizer, history[-1]["step"] if history else start, history, out,
                        evaluator.records if evaluator is not None else [], selected)
+
+
+def _write_final(model, tokenizer, out: Path, merge_lora: bool, selected: int | None):
+    """``final_model/`` (ours: run_dir owns it); a failed write names the checkpoint that holds the weights."""
+    try:
+        export_model(model, tokenizer, out / FINAL_MODEL, merge_lora, force=True)
+    except WriteError as err:
+        newest = newest_intact(out, report=lambda message: None)
+        if newest is None:
+            raise
+        which = "the last step's weights, not the best evaluation's" if selected is not None else "the trained weights"
+        merge = " --merge" if merge_lora else ""
+        raise WriteError(f"{err}. {newest} holds {which}: `sdft export {newest} {out / FINAL_MODEL}{merge}` writes "
+                         "the model once there is room") from None
 
 
 def interrupted_line(output_dir: Path) -> str:
