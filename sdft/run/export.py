@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
+from sdft.run.writes import WriteError, refused_write, write_reason
 
 EXPORT_MARK = "sdft_export.json"  # written into every export: a later export may replace the folder
 REPLACED = ".replaced-"  # a forced export keeps the folder it displaced as OUT.replaced-DATE
@@ -84,7 +84,7 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
         (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft"}))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, WRITE_ERRORS):
+        if refused_write(err):
             kept = f"{out} is as it was" if out.exists() else "nothing was left there"
             raise WriteError(f"could not write {out}: {write_reason(err, out.parent)}; {kept}") from None
         raise

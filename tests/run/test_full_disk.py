@@ -93,13 +93,15 @@ def test_the_disk_reason_is_read_from_each_writers_own_error():
 
     from safetensors import SafetensorError
 
-    from sdft.run.writes import write_reason
+    from sdft.run.writes import refused_write, write_reason
 
     assert write_reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device (ENOSPC)"
     assert write_reason(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
                         ) == "No space left on device (ENOSPC)"
     assert write_reason(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 12\nmore")
                         ) == "[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 12"
+    assert refused_write(Exception("File too large (os error 27)"))  # tokenizers' save
+    assert not refused_write(Exception("no such key")) and not refused_write(ValueError("os error 2"))
 
 
 def test_a_best_pick_the_disk_refuses_is_one_line_with_the_free_space(base, tmp_path):
@@ -111,3 +113,20 @@ def test_a_best_pick_the_disk_refuses_is_one_line_with_the_free_space(base, tmp_
     assert line.startswith(f"sdft: error: could not write {out / 'best_weights.pt'}: ")  # torch.save's own words,
     assert line.endswith(" MiB free on that disk); nothing was picked yet")  # which name no errno
     assert not [p.name for p in out.iterdir() if p.name.startswith("best_weights")]
+
+
+@pytest.mark.slow
+def test_the_embedded_model_loads_where_its_cache_cannot_be_written(tmp_path):
+    from sdft.models.loading import embedded_model_dir
+
+    try:
+        embedded_model_dir()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    cache = tmp_path / "cache"
+    code = "from sdft.models.loading import load_model; print(type(load_model()[0]).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)),
+                          env={**os.environ, "SDFT_CACHE": str(cache), "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "LlamaForCausalLM", proc.stderr
+    assert not any(cache.rglob("*")), sorted(cache.rglob("*"))  # its half-written copy was removed
