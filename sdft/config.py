@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -27,6 +28,7 @@ MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
 NONFINITE_ACTIONS = ("stop", "skip")
 REPORT_BACKENDS = ("none", "tensorboard", "wandb")  # sdft.run.reporting writes each
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PATH_FIELDS = ("output_dir", "eval_data", "retention_data", "retention_text", "resume_from_checkpoint")
 
 
 def _template_from_trl(template: str) -> str:
@@ -225,6 +227,10 @@ class SDFTConfig:
         self.distillation_mode = MODE_ALIASES.get(self.distillation_mode, self.distillation_mode)
         for f in fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        for name in PATH_FIELDS:  # as TrainingArguments does: "~/runs" is never a folder named "~"
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         if not DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         spec = make_spec(self.divergence, self.distillation_alpha, self.distillation_temperature)

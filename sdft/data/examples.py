@@ -131,7 +131,7 @@ def load_examples(data) -> list[Example]:
     """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), a mapping of columns, or
     anything iterable of dicts (HF Dataset)."""
     if isinstance(data, (str, Path)):
-        path = Path(data)
+        path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"dataset file not found: {path}")
         if not path.is_file():

@@ -108,7 +108,7 @@ def source_of(model):
     if model is None:
         return None
     if isinstance(model, (str, Path)):
-        return str(Path(model).resolve())
+        return str(Path(model).expanduser().resolve())
     return model_source(model)
 
 
@@ -135,7 +135,7 @@ def load_model(model=None, dtype=torch.float32):
     if model is None:
         model, tokenizer = _load_embedded(dtype)
     else:
-        path = Path(model)
+        path = Path(model).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, "
                                     "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
@@ -176,6 +176,7 @@ def load_trained(path=None, dtype=torch.float32, base=None):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
     a peft LoRA adapter folder (its base: ``base`` when given, else the one ``adapter_config.json``
     names, or the embedded model when it names none), or the embedded model when ``path`` is None."""
+    path = Path(path).expanduser() if path is not None else None
     adapter = (path is not None and (Path(path) / "adapter_config.json").is_file()
                and not (Path(path) / "config.json").exists())
     if base is not None and not adapter:

@@ -155,6 +155,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     from sdft.run.checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
     from sdft.run.run_dir import other_base
 
+    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     problem = damage(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")

@@ -234,9 +234,9 @@ def other_base(checkpoint: Path, source) -> str | None:
 def check_model_folder(model) -> None:
     """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
     instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
-    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+    if not isinstance(model, (str, Path)) or not Path(model).expanduser().is_dir():
         return
-    path = Path(model)
+    path = Path(model).expanduser()
     if is_ours(path) and not (path / "config.json").exists():  # a model folder has its config.json
         raise ValueError(f"{path} is an sdft checkpoint, not a model folder: `sdft export {path} OUT` writes one "
                          "from it")

@@ -139,6 +139,27 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, monkeypatch):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_path_under_the_home_folder_is_never_a_folder_named_tilde(tmp_path, monkeypatch):
+    """``output_dir="~/runs/a"`` (quoted in a shell, or from Python) lands in the home folder, as with
+    TrainingArguments: a ``./~`` folder would be one ``rm -rf ~`` away from the user's home."""
+    from sdft.run.export import export_checkpoint
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    tok = tiny_tokenizer()
+    save_hf_folder(tiny_llama(vocab=len(tok)), tok, home / "base")
+    (home / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = SDFTConfig(**{**BASE, "output_dir": "~/runs/a", "eval_data": "~/rows.jsonl"})
+    assert config.output_dir == str(home / "runs" / "a") and config.eval_data == str(home / "rows.jsonl")
+    train("~/base", "~/rows.jsonl", config)
+    export_checkpoint("~/runs/a/checkpoint-2", "~/export")
+    assert (home / "export" / "model.safetensors").is_file()
+    assert json.loads((home / "runs" / "a" / "checkpoint-2" / "state.json").read_text())["model"] == str(home / "base")
+    assert list(work.iterdir()) == []
+
+
 # -- export never wipes a user's folder -------------------------------------------------------------------
 
 def test_export_refuses_a_folder_with_user_files_unless_forced(tmp_path, capsys):
