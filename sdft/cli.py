@@ -127,6 +127,7 @@ def _continual(args, parser) -> int:
     import torch
 
     from sdft.run.sequence import (
+        check_sequence_folder,
         check_stages,
         matrix_markdown,
         plot_matrices,
@@ -150,6 +151,8 @@ def _continual(args, parser) -> int:
     if len(methods) > 1 and not config.resume_from_checkpoint and any(p.exists() for p in compared):
         raise ValueError(f"{compared[0]} exists: set resume_from_checkpoint=true to continue that comparison, "
                          "or choose another output_dir")
+    for method in methods:
+        check_sequence_folder(root / method, bool(config.resume_from_checkpoint))
     for method in methods:
         model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         method_config = SDFTConfig.from_dict({**config.to_dict(), "output_dir": str(root / method)})

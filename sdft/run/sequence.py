@@ -123,6 +123,15 @@ def score_row(model, tokenizer, after: str, names, eval_rows, scorers, kept, max
     return row
 
 
+def check_sequence_folder(root: Path, resume: bool) -> None:
+    """A sequence that does not resume never writes over an earlier sequence's files (or a user's of the
+    same names) in ``root``; ``sdft continual`` asks this before the model loads."""
+    for name in OUTPUTS if not resume else ():
+        if (root / name).exists():
+            raise ValueError(f"{root / name} exists: set resume_from_checkpoint=true to continue that sequence, "
+                             "or choose another output_dir")
+
+
 def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = None, tokenizer=None, *,
                    eval_stages=None, method: str = "sdft", eval_scorer=None, validation_stages=None,
                    stage_overrides=None, names=None) -> SequenceResult:
@@ -161,10 +170,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     matrix_path = root / SEQUENCE_FILE
     resume = bool(config.resume_from_checkpoint)
     matrix = _read_matrix(matrix_path) if resume else []
-    for name in OUTPUTS if not resume else ():
-        if (root / name).exists():  # an earlier sequence's, or a file of the user's: never overwritten
-            raise ValueError(f"{root / name} exists: set resume_from_checkpoint=true to continue that sequence, "
-                             "or choose another output_dir")
+    check_sequence_folder(root, resume)
     done = max(0, len(matrix) - 1)  # row 0 is the base model
     dtype = getattr(torch, config.dtype)
     if done:

@@ -173,3 +173,18 @@ def test_a_file_of_the_users_named_like_the_matrix_is_never_overwritten(tmp_path
             train_sequence(tiny_llama(vocab=40), files, _config(tmp_path, resume_from_checkpoint=True),
                            tiny_tokenizer())
     assert mine.read_text() == "my notes"
+
+
+def test_sdft_continual_run_again_refuses_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import sdft.models
+    from sdft import cli
+
+    files, _, _ = _stages(tmp_path)
+    (tmp_path / "o" / "sft").mkdir(parents=True)
+    (tmp_path / "o" / "sft" / "sequence.json").write_text("{}")  # the baseline's, from an earlier call
+    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    args = ["continual", "--stages", *files, "--baseline", "sft", "--set", f"output_dir={tmp_path / 'o'}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sdft: error: {tmp_path / 'o' / 'sft' / 'sequence.json'} exists: set resume_from_checkpoint=true "
+                   "to continue that sequence, or choose another output_dir"]
