@@ -277,9 +277,12 @@ def _train(args, parser) -> int:
         load_examples(config.eval_data)
     from sdft.eval.retention import resolve
 
+    def quiet(message):  # the run itself says these things once it starts
+        return None
+
     resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
-            bool(config.eval_data), report=lambda message: None)  # reads and checks the files, before the model
-    check_run_model(config, plan_run(config, report=lambda message: None), args.model)
+            bool(config.eval_data), report=quiet)  # reads and checks the files, before the model
+    check_run_model(config, plan_run(config, report=quiet), args.model, report=quiet)
     check_launcher()  # before the model loads
 
     import torch
@@ -320,6 +323,11 @@ def _config(args, parser) -> int:
     return 0
 
 
+def one_line(err: BaseException) -> str:
+    """An error's text on one line (a library's message may span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -331,7 +339,7 @@ def main(argv=None):
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)
     except (ValueError, OSError, CheckpointError, NonFiniteError, TypeError) as err:
-        print(f"sdft: error: {err}", file=sys.stderr)
+        print(f"sdft: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line (a run's says what it leaves), no traceback
         if not getattr(err, "sdft_reported", False):

@@ -37,6 +37,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft")) / EMBEDDED_NAME
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
 CACHE_WEIGHTS = "model.safetensors"  # safetensors, never a pickle: reading the cache cannot run code
 
 
@@ -150,6 +151,9 @@ def load_model(model=None, dtype=torch.float32):
             except (ValueError, UnicodeDecodeError) as err:
                 raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
             check_model_type(config.get("model_type", ""), str(path))  # before the slow load
+            if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+                raise FileNotFoundError(f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save "
+                                        f"the model's tokenizer beside it (tokenizer.save_pretrained('{path}'))")
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token is None:

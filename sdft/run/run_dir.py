@@ -265,19 +265,24 @@ def check_model_outside_run(config, source, evaluating: bool | None = None) -> N
                          f"of {config.output_dir} first, or choose another output_dir")
 
 
-def check_resume_model(resume: Path | None, source) -> None:
-    """A resume continues the model its checkpoint was trained from: another base is one line."""
+def check_resume_model(resume: Path | None, source, report=report_line) -> None:
+    """A resume continues the model its checkpoint was trained from: another base is one line; a base
+    that is no longer where it was (moved) cannot be compared, and a note says which model stands in."""
     trained_from = None if resume is None else other_base(resume, source)
     if trained_from is not None:
         raise ValueError(f"{resume} was trained from {trained_from}, but this run loads {_named(source)}: "
                          "resume with that model, or start afresh in another output_dir")
+    recorded = None if resume is None else checkpoint_state(resume).get("model")
+    if isinstance(recorded, str) and recorded not in (source, SOURCE_UNKNOWN) and not Path(recorded).exists():
+        report(f"sdft: {resume} was trained from {recorded}, which is not there any more: resuming on "
+               f"{_named(source)} as its base (the frozen teacher's weights, LoRA's base)")
 
 
-def check_run_model(config, resume: Path | None, model, evaluating: bool | None = None) -> None:
+def check_run_model(config, resume: Path | None, model, evaluating: bool | None = None, report=report_line) -> None:
     """The model a run loads (None, a path or a model object), against its output_dir, before it loads:
     the base its resume checkpoint was trained from, and outside what the run replaces."""
     source = source_of(model)
-    check_resume_model(resume, source)
+    check_resume_model(resume, source, report)
     check_model_outside_run(config, source, evaluating)
 
 

@@ -140,6 +140,31 @@ def test_model_folder_with_broken_config_json(tmp_path, capsys):
     assert err.count("\n") == 0 and "config.json is not valid JSON" in err
 
 
+def test_a_model_folder_without_its_tokenizer_is_one_line_before_the_weights_load(tmp_path, capsys):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    assert cli(["train", "--no-eval", "--model", str(folder), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sdft: error: {folder} holds no tokenizer (tokenizer.json, tokenizer.model, ...): save the "
+                   f"model's tokenizer beside it (tokenizer.save_pretrained('{folder}'))")
+
+
+def test_a_library_error_of_several_lines_is_printed_on_one(capsys, monkeypatch):
+    import sdft.cli
+
+    def several_lines(args, parser):
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a file, \n(2) another")
+
+    monkeypatch.setattr(sdft.cli, "_generate", several_lines)
+    assert cli(["generate", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == ("sdft: error: Couldn't instantiate the backend tokenizer from one of: "
+                                       "(1) a file, (2) another\n")
+
+
 def test_a_base_model_without_a_chat_template_trains_on_plain_text(tmp_path, capsys):
     from sdft.data.chat import chat_ids, demonstration_ids
     from sdft.data.examples import load_examples

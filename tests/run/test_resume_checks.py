@@ -33,10 +33,12 @@ def test_a_resume_onto_another_base_model_is_refused_in_one_line(tmp_path, bases
     assert _train(tmp_path / "run", bases[0], max_steps=2, use_lora=True, resume_from_checkpoint=True).step == 2
 
 
-def test_a_base_model_folder_moved_since_is_not_compared(tmp_path, bases):
+def test_a_base_model_folder_moved_since_is_not_compared_and_a_note_names_the_stand_in(tmp_path, bases, capsys):
     _train(tmp_path / "run", bases[0], max_steps=1)
     moved = bases[0].rename(tmp_path / "moved")
     assert _train(tmp_path / "run", moved, max_steps=2, resume_from_checkpoint=True).step == 2
+    assert (f"checkpoint-1 was trained from {bases[0].resolve()}, which is not there any more: resuming on "
+            f"{moved.resolve()} as its base") in capsys.readouterr().err
 
 
 def test_the_cli_refuses_another_base_before_loading_it(tmp_path, bases, monkeypatch, capsys):
