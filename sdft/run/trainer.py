@@ -159,6 +159,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
                              evaluating=eval_examples is not None, report=report_line)
     if config.load_best_model_at_end:
         check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
+    if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
+        raise TypeError(f"model must be None (the embedded model), a local path or a transformers model, "
+                        f"got {type(model).__name__}")
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
     if dataset is None:

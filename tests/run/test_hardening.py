@@ -65,6 +65,11 @@ def test_api_config_checks_types(change, message):
         SDFTConfig(**change)
 
 
+def test_a_model_of_the_wrong_type_is_named_by_its_type(tmp_path):
+    with pytest.raises(TypeError, match="model must be None .*, a local path or a transformers model, got int"):
+        train(5, [{"prompt": "q", "demonstration": "a"}], SDFTConfig(output_dir=str(tmp_path)))
+
+
 def test_cli_lists_and_parses_typed_values(capsys):
     config = SDFTConfig.from_strings({"lora_target_modules": "q_proj, v_proj", "max_steps": "7",
                                       "learning_rate": "3e-4", "use_lora": "true", "output_dir": "123"})
