@@ -46,9 +46,9 @@ def right_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 def group_size(contexts: list[torch.Tensor], completions: torch.Tensor) -> int:
-    """G, after checking that every context has a token to share and the rows split into groups."""
-    if any(c.dim() != 1 or c.numel() < 2 for c in contexts):
-        raise ValueError("every context must be a 1-D tensor of at least 2 token ids")
+    """G, after checking that every context has a token and the rows split into groups."""
+    if any(c.dim() != 1 or c.numel() < 1 for c in contexts):
+        raise ValueError("every context must be a 1-D tensor of at least 1 token id")
     if completions.shape[0] % len(contexts):
         raise ValueError(f"{completions.shape[0]} completion rows do not split into {len(contexts)} groups")
     return completions.shape[0] // len(contexts)
@@ -73,6 +73,8 @@ def batched_prefix_hidden(decoder, contexts: list[torch.Tensor], completions: to
     group = group_size(contexts, completions)
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training:  # no KV cache there
         _warn_no_cache(decoder)
+        return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
+    if min(c.numel() for c in contexts) < 2:  # a one-token prompt (TRL's plain text "hi"): no prefix to cache
         return batched_unshared_hidden(decoder, contexts, completions, completion_mask, pad_id, passes)
     prefix_ids, prefix_mask = right_pad([c[:-1] for c in contexts], pad_id)
     cont_ids, cont_mask = continuations(contexts, completions, completion_mask)

@@ -5,6 +5,7 @@ import pytest
 from tiny_model import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 
+from sdft import SDFTConfig
 from sdft.integrations.trl import SDFTTrainer, config_from_trl
 
 ROWS = [{"prompt": [{"role": "user", "content": f"add {a} {b}"}], "privileged_context": str(a + b)}
@@ -149,6 +150,18 @@ def test_standard_format_rows_train_and_evaluate(tmp_path):
                           processing_class=tok)
     assert trainer.train().global_step == 1
     assert trainer.evaluate()["eval_examples"] == 2
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_standard_format_prompts_of_one_token_train(tmp_path, share_prefix):
+    """TRL's plain text has no template around it: "7" is one token, and a prefix of nothing to share."""
+    tok = tiny_tokenizer()
+    rows = [{"prompt": str(a), "privileged_context": str(a + 1)} for a in range(4)]
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                 max_completion_length=4, gradient_checkpointing=False)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=rows, processing_class=tok)
+    trainer.args = SDFTConfig.from_dict({**trainer.args.to_dict(), "share_prefix": share_prefix})
+    assert trainer.train().global_step == 1
 
 
 def test_real_trl_config_when_installed(tmp_path):

@@ -50,7 +50,7 @@ FNS = {
 }
 
 
-@pytest.mark.parametrize("lengths", [(7, 2, 11), (5,), (3, 3)])
+@pytest.mark.parametrize("lengths", [(7, 2, 11), (5,), (3, 3), (1, 4), (1,)])  # 1: a one-token prompt
 def test_hidden_states_match_one_row_at_a_time(lengths):
     model = tiny_llama().double().eval()
     contexts, completions, mask = _batch(1, lengths)
@@ -121,10 +121,11 @@ def test_fp32_shared_and_unshared_gradients_agree_within_rounding():
 
 
 @pytest.mark.parametrize("fn", [batched_prefix_hidden, tree_hidden])
-def test_contexts_of_one_token_are_refused(fn):
+def test_empty_contexts_are_refused(fn):
     model = tiny_llama()
     contexts, completions, mask = _batch(5, (4, 1))
-    with pytest.raises(ValueError, match="at least 2 token ids"):
+    contexts[1] = contexts[1][:0]
+    with pytest.raises(ValueError, match="at least 1 token id"):
         fn(model.get_decoder(), contexts, completions, mask, PAD)
 
 
