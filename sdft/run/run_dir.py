@@ -278,10 +278,30 @@ def check_resume_model(resume: Path | None, source, report=report_line) -> None:
                f"{_named(source)} as its base (the frozen teacher's weights, LoRA's base)")
 
 
+LORA_SHAPE = ("lora_r", "lora_target_modules")  # with use_lora: the shapes of the adapters a checkpoint holds
+
+
+def check_resume_weights(resume: Path | None, config) -> None:
+    """A resume keeps the settings that shape the trainable weights its checkpoint holds (full weights or
+    LoRA adapters of a rank on some modules): another value is one line before the model loads, never a
+    shape error after it."""
+    if resume is None:
+        return
+    before = checkpoint_state(resume)["config"]
+    names = ["use_lora"] + (list(LORA_SHAPE) if config.use_lora and before.get("use_lora") else [])
+    changed = [f"{n} {before[n]!r} -> {getattr(config, n)!r}" for n in names
+               if n in before and before[n] != getattr(config, n)]
+    if changed:
+        raise ValueError(f"{resume} holds weights these settings no longer fit ({', '.join(changed)}): resume "
+                         "with the checkpoint's values, or start afresh (another output_dir, or "
+                         "overwrite_output_dir=true)")
+
+
 def check_run_model(config, resume: Path | None, model, evaluating: bool | None = None, report=report_line) -> None:
     """The model a run loads (None, a path or a model object), against its output_dir, before it loads:
-    the base its resume checkpoint was trained from, and outside what the run replaces."""
+    the weights and the base its resume checkpoint was trained with, and outside what the run replaces."""
     source = source_of(model)
+    check_resume_weights(resume, config)
     check_resume_model(resume, source, report)
     check_model_outside_run(config, source, evaluating)
 

@@ -1,6 +1,7 @@
 """A resume continues the model it was trained from (another base is one line, before the model loads), and
 says which settings it changes."""
 import json
+import re
 
 import pytest
 from tiny_model import tiny_llama
@@ -105,3 +106,20 @@ def test_a_resume_past_max_steps_says_nothing_is_left_to_train(tmp_path, bases, 
     capsys.readouterr()
     assert _train(tmp_path / "run", bases[0], max_steps=1, resume_from_checkpoint=True).metrics == []
     assert "checkpoint-2 is at step 2, max_steps=1: nothing left to train (raise max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(use_lora=True, lora_r=4), "lora_r 16 -> 4"),
+    (dict(use_lora=True, lora_target_modules=["q_proj"]), "lora_target_modules ['q_proj', 'k_proj', 'v_proj', "
+                                                          "'o_proj'] -> ['q_proj']"),
+    (dict(use_lora=False), "use_lora True -> False"),
+])
+def test_a_resume_whose_settings_no_longer_fit_the_weights_is_one_line_before_the_model_loads(
+        tmp_path, bases, monkeypatch, change, named):
+    import sdft.models
+
+    _train(tmp_path / "run", bases[0], max_steps=1, use_lora=True)
+    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    message = rf"checkpoint-1 holds weights these settings no longer fit \({re.escape(named)}\): resume with the"
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path / "run", bases[0], max_steps=2, resume_from_checkpoint=True, **change)
