@@ -45,6 +45,6 @@ def demonstration_ids(tokenizer, example, device, max_tokens: int | None = None)
         raise ValueError("the chat template does not extend the prompt with the assistant turn; "
                          "scoring a demonstration needs the prompt tokens to be a prefix of the full chat")
     if max_tokens is not None and full.numel() > max_tokens:
-        raise ValueError(f"an example with its demonstration has {full.numel()} tokens, over max_prompt_length + "
-                         f"max_completion_length = {max_tokens}")
+        raise ValueError(f"{example.where or 'an example'}: the prompt with its demonstration has {full.numel()} "
+                         f"tokens, over max_prompt_length + max_completion_length = {max_tokens}")
     return full, prompt.numel()

@@ -6,7 +6,7 @@ Accepted columns: ``prompt`` (a string or chat messages) and ``demonstration`` (
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEMO_KEYS = ("demonstration", "privileged_context", "completion")
@@ -18,6 +18,7 @@ PLAIN = "plain"  # the role of a prompt given as plain text (TRL's standard form
 class Example:
     prompt: tuple  # chat messages, each a (role, content) pair
     demonstration: str
+    where: str = field(default="", compare=False)  # the row it came from (``file.jsonl:LINE``), for messages
 
     def messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt]
@@ -26,7 +27,7 @@ class Example:
 def as_plain(example: Example) -> Example:
     """``example`` with its prompt as plain text (TRL's standard format: no chat template), from one user turn."""
     (role, text), = example.prompt
-    return Example(((PLAIN, text),), example.demonstration)
+    return Example(((PLAIN, text),), example.demonstration, example.where)
 
 
 def data_fingerprint(examples: list[Example]) -> dict:
@@ -76,7 +77,7 @@ def to_example(row: dict, where: str) -> Example:
     if key is None:
         raise ValueError(f"{where}: missing field 'demonstration' (or TRL's 'privileged_context'); "
                          f"fields present: {sorted(row)}")
-    return Example(to_messages(row["prompt"], where), _as_text(row[key], where))
+    return Example(to_messages(row["prompt"], where), _as_text(row[key], where), where)
 
 
 def read_text(path: Path) -> str:

@@ -128,34 +128,64 @@ def is_embedded(model) -> bool:
     return model is None or (not isinstance(model, (str, Path)) and model_source(model) is None)
 
 
-def load_model(model=None, dtype=torch.float32):
-    """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _model_path(model) -> Path:
+    """The local model ``model`` names, checked as far as can be without loading it."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, "
+                                "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
+    if path.suffix == ".gguf":
+        return path
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    check_model_type(config.get("model_type", ""), str(path))  # before the slow load
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save "
+                                f"the model's tokenizer beside it (tokenizer.save_pretrained('{path}'))")
+    return path
+
+
+def load_tokenizer(model=None):
+    """The tokenizer of what ``load_model(model)`` would load, without its weights (rows are measured with it
+    before a large model loads); None for the embedded model before its first load (the GGUF's tokenizer
+    alone takes as long as the whole model from its cache)."""
+    from transformers import AutoTokenizer
+
+    if model is None:
+        cache = _cache_dir()
+        if not (cache / CACHE_WEIGHTS).is_file():
+            return None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cache)
+        except Exception:  # noqa: BLE001  # a damaged cache: load_model rebuilds it and says so
+            return None
+    else:
+        path = _model_path(model)
+        tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
+                     else AutoTokenizer.from_pretrained(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model=None, dtype=torch.float32, tokenizer=None):
+    """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None; ``tokenizer``:
+    the one ``load_tokenizer(model)`` gave, not read again."""
+    from transformers import AutoModelForCausalLM
 
     source = model
     if model is None:
-        model, tokenizer = _load_embedded(dtype)
+        model, own = _load_embedded(dtype)
+        tokenizer = own if tokenizer is None else tokenizer
     else:
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, "
-                                    "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
-        if path.suffix == ".gguf":
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        else:
-            if not (path / "config.json").exists():
-                raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
-            try:
-                config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-            check_model_type(config.get("model_type", ""), str(path))  # before the slow load
-            if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
-                raise FileNotFoundError(f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save "
-                                        f"the model's tokenizer beside it (tokenizer.save_pretrained('{path}'))")
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        path = _model_path(model)
+        tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+        model = (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+                 if path.suffix == ".gguf" else AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model._sdft_source = source_of(source)

@@ -22,13 +22,18 @@ def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, ids[prompt_length:], reduction="sum")
 
 
+def _encode(examples, tokenizer, config) -> list[tuple[torch.Tensor, int]]:
+    """Each row's chat with its demonstration, on the CPU; a row over the two length limits is an error."""
+    limit = config.max_prompt_length + config.max_completion_length
+    return [demonstration_ids(tokenizer, ex, "cpu", limit) for ex in examples]
+
+
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
               step_callback=None, eval_scorer=None, eval_dataset=None, eval_callback=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
-    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset, encode=_encode)
     config, model, device = run.config, run.model, run.device
-    limit = config.max_prompt_length + config.max_completion_length
-    encoded = [demonstration_ids(run.tokenizer, ex, device, limit) for ex in run.examples]
+    encoded = [(ids.to(device), prompt_length) for ids, prompt_length in run.encoded]
     runner = start_runner(run)
 
     def step_fn(optimizer, step):

@@ -28,7 +28,7 @@ from sdft.loss.teacher import Teacher
 from sdft.models import enable_checkpointing, load_model, output_layer
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import is_embedded, model_source
+from sdft.models.loading import is_embedded, load_tokenizer, model_source
 from sdft.models.lora import LoraSettings, apply_lora
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
@@ -72,7 +72,7 @@ class EncodedExample:
     teacher_ids: torch.Tensor
 
 
-def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, device) -> list[EncodedExample]:
+def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, device="cpu") -> list[EncodedExample]:
     """Token ids of every prompt and teacher context; too long ones are an error naming the example."""
     encoded = []
     for i, ex in enumerate(examples):
@@ -81,8 +81,8 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
                            device)
         for what, ids in (("prompt", prompt), ("teacher context (prompt + demonstration)", teacher)):
             if ids.numel() > config.max_prompt_length:
-                raise ValueError(f"example {i}: the {what} has {ids.numel()} tokens, over "
-                                 f"max_prompt_length={config.max_prompt_length}")
+                raise ValueError(f"{ex.where or f'example {i}'}: the {what} has {ids.numel()} tokens, over "
+                                 f"max_prompt_length={config.max_prompt_length} (raise it, or shorten the row)")
         encoded.append(EncodedExample(prompt, teacher))
     return encoded
 
@@ -132,6 +132,7 @@ class Run:
     runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
     on_end: list = field(default_factory=list)  # called when run_steps ends: release the lock, restore switches
     retention: object = None  # what the run must keep (sdft.eval.retention.Retention), scored with each evaluation
+    encoded: list | None = None  # the rows' token ids on the CPU, as ``prepare``'s ``encode`` gave them
 
 
 def start_runner(run: Run, teacher=None) -> Runner:
@@ -144,10 +145,12 @@ def start_runner(run: Run, teacher=None) -> Runner:
     return run.runner
 
 
-def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None) -> Run:
+def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None, encode=None) -> Run:
     """Validate config, data and output_dir (cheap, before any model loads), then load the model.
 
-    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``."""
+    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
+    tokenizer, config)``: the rows' token ids on the CPU (``Run.encoded``), taken before the weights load,
+    so that a row over the length limits is one line before a large model loads."""
     config = as_config(config)
     check_backends(config.report_to)
     if eval_dataset is not None:
@@ -178,7 +181,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     on_end = [lock.release] if lock is not None else []
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
-        run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end)
+        run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)
         run.retention = kept
         return run
     except BaseException:
@@ -224,14 +227,20 @@ def _take_output_dir(output_dir, world: World) -> RunLock | None:
     return lock
 
 
-def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end) -> Run:
-    """The part of ``prepare`` after the checks: load and place the model."""
+def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode) -> Run:
+    """The part of ``prepare`` after the checks: the rows' token ids, then load and place the model."""
     device = run_device(config.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
+    encoded = None
     if model is None or isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model, getattr(torch, config.dtype))
+        tokenizer = load_tokenizer(model)  # None: the embedded model's first load (its rows are measured after)
+        if tokenizer is not None and encode is not None:
+            encoded = encode(examples, tokenizer, config)
+        model, tokenizer = load_model(model, getattr(torch, config.dtype), tokenizer)
+    if encoded is None and encode is not None:
+        encoded = encode(examples, tokenizer, config)
     source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -249,7 +258,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     verify_head(model)  # a head sdft cannot express is refused here, before any step
     model.train()
     return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world,
-               on_end=on_end)
+               on_end=on_end, encoded=encoded)
 
 
 @dataclass(frozen=True)
@@ -446,8 +455,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     """
     if engine is not None:
         check_engine(engine)
-    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset)
-    encoded = encode_examples(run.examples, run.tokenizer, run.config, run.device)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset, encode=encode_examples)
+    encoded = [EncodedExample(e.prompt_ids.to(run.device), e.teacher_ids.to(run.device)) for e in run.encoded]
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
     engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention)

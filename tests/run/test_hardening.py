@@ -2,6 +2,7 @@
 checkpoints, loud non-finite steps."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -156,6 +157,30 @@ def test_a_model_folder_without_its_tokenizer_is_one_line_before_the_weights_loa
     err = capsys.readouterr().err.strip()
     assert err == (f"sdft: error: {folder} holds no tokenizer (tokenizer.json, tokenizer.model, ...): save the "
                    f"model's tokenizer beside it (tokenizer.save_pretrained('{folder}'))")
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_a_row_over_the_length_limit_is_named_by_its_line_before_the_weights_load(tmp_path, monkeypatch, method):
+    import transformers
+
+    from sdft import train_sft
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "add 1 2", "demonstration": "3"}] * 2 + [{"prompt": "add 1 2", "demonstration": "9" * 80}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the rows were measured")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    config = SDFTConfig(output_dir=str(tmp_path / "out"), max_prompt_length=60, max_completion_length=8)
+    message = {"sdft": "the teacher context (prompt + demonstration) has",
+               "sft": "the prompt with its demonstration has"}
+    with pytest.raises(ValueError, match=rf"{data}:3: {re.escape(message[method])} \d+ tokens, over "):
+        (train if method == "sdft" else train_sft)(str(folder), str(data), config)
 
 
 def test_a_library_error_of_several_lines_is_printed_on_one(capsys, monkeypatch):

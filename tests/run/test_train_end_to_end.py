@@ -116,7 +116,7 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path):
 
 
 def test_too_long_prompt_names_the_example(tmp_path):
-    with pytest.raises(ValueError, match="example 0: the prompt has .* over max_prompt_length=5"):
+    with pytest.raises(ValueError, match="dataset row 0: the prompt has .* over max_prompt_length=5 \\(raise it"):
         _run(tmp_path, max_prompt_length=5)
 
 
