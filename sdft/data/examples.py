@@ -1,7 +1,8 @@
 """Loading SDFT examples: a prompt and a demonstration, from jsonl, a list or a HF Dataset.
 
 Accepted columns: ``prompt`` (a string or chat messages) and ``demonstration`` (TRL's
-``privileged_context`` and ``completion`` are accepted too; a messages-form completion is joined).
+``privileged_context`` and ``completion`` are accepted too; a messages-form completion is joined), or
+TRL's conversational SFT column ``messages``: its last (assistant) turn is the demonstration.
 """
 from __future__ import annotations
 
@@ -68,9 +69,21 @@ def _as_text(value, where: str) -> str:
     return value
 
 
+def _split_messages(messages, where: str) -> dict:
+    """TRL's conversational SFT row (``messages``, ending in the assistant's answer) as a prompt (the turns
+    before that answer) and its demonstration (the answer)."""
+    if not (isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant"):
+        raise ValueError(f"{where}: 'messages' must be a list of chat messages, a user turn and then the "
+                         "assistant's answer (the answer becomes the demonstration; the turns before it, the prompt)")
+    return {"prompt": messages[:-1], "demonstration": messages[-1].get("content")}
+
+
 def to_example(row: dict, where: str) -> Example:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a mapping with 'prompt' and 'demonstration', got {type(row).__name__}")
+    if "prompt" not in row and "messages" in row:
+        row = _split_messages(row["messages"], where)
     if "prompt" not in row:
         raise ValueError(f"{where}: missing field 'prompt' (fields present: {sorted(row)})")
     key = next((k for k in DEMO_KEYS if row.get(k) is not None), None)

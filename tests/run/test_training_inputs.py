@@ -88,3 +88,14 @@ def test_bundled_skill_and_scorer():
     assert score(demo, demo) == {"format": 1.0, "exact": 1.0}
     assert score("sure!", demo) == {"format": 0.0, "exact": 0.0}
     assert score(json.dumps({"tool": "x"}), demo) == {"format": 1.0, "exact": 0.0}
+
+
+def test_trls_conversational_sft_rows_split_into_prompt_and_demonstration():
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    (ex,) = load_examples([{"messages": turns}])
+    assert ex.messages() == turns[:2] and ex.demonstration == "a"
+    for bad in (turns[:2], turns[2:], "q"):
+        with pytest.raises(ValueError, match="row 0: 'messages' must be a list of chat messages, a user turn and "
+                                             "then the assistant's answer"):
+            load_examples([{"messages": bad}])
