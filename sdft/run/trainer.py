@@ -179,6 +179,11 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
+    if per_step > len(examples) and world.is_main:
+        report_line(f"sdft: a step takes {per_step} prompts (per_device_train_batch_size x "
+                    f"gradient_accumulation_steps x processes) from {len(examples)} rows: each step sees some rows "
+                    "more than once")
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
         run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)

@@ -66,6 +66,14 @@ def test_api_config_checks_types(change, message):
         SDFTConfig(**change)
 
 
+def test_a_step_larger_than_the_data_says_rows_repeat(tmp_path, capsys):
+    _run(tmp_path / "a", max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert ("sdft: a step takes 4 prompts (per_device_train_batch_size x gradient_accumulation_steps x processes) "
+            "from 3 rows: each step sees some rows more than once") in capsys.readouterr().err
+    _run(tmp_path / "b", max_steps=1, per_device_train_batch_size=3)
+    assert "each step sees some rows" not in capsys.readouterr().err
+
+
 def test_a_model_of_the_wrong_type_is_named_by_its_type(tmp_path):
     with pytest.raises(TypeError, match="model must be None .*, a local path or a transformers model, got int"):
         train(5, [{"prompt": "q", "demonstration": "a"}], SDFTConfig(output_dir=str(tmp_path)))
