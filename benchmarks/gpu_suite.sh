@@ -61,6 +61,10 @@ section() {
 tables() { for f in "$@"; do [ -f "$f" ] && { cat "$f"; echo; } >>"$SUMMARY"; done; pack; }
 
 # --- set-up: the wheels, the model --------------------------------------------------------------
+if [ ! -f .gpu_model/config.json ]; then  # fail in seconds, not after every section failed on it
+  say "no .gpu_model/ here: run 'bash benchmarks/gpu_suite.sh prepare' first, and carry .whl and .gpu_model"
+  exit 1
+fi
 if [ -d .whl ]; then
   for whl in .whl/*.whl; do   # one at a time: a wheel this Python cannot take costs only itself
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$whl" \
