@@ -331,7 +331,7 @@ def one_line(err: BaseException) -> str:
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from sdft.run.trainer import NonFiniteError
+    from sdft.run.loop import NonFiniteError
 
     try:
         check_model_folder(getattr(args, "model", None))

@@ -37,8 +37,9 @@ from sdft.config import SDFTConfig
 from sdft.data.examples import as_plain, load_examples
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
+from sdft.run.loop import TrainResult
 from sdft.run.reporting import train_scalars
-from sdft.run.trainer import TrainResult, train
+from sdft.run.trainer import train
 from sdft.runtime.distributed import launched_size
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}

@@ -30,8 +30,8 @@ from sdft.eval.evaluation import evaluate
 from sdft.eval.scorers import get_scorer
 from sdft.models import load_model
 from sdft.models.loading import is_embedded
+from sdft.run.prepare import as_config
 from sdft.run.run_dir import FINAL_MODEL, replace_file, report_line
-from sdft.run.trainer import as_config
 
 SEQUENCE_FILE = "sequence.json"
 OUTPUTS = (SEQUENCE_FILE, "sequence.md", "sequence.png")  # what a sequence writes in output_dir, beside its stages

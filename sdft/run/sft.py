@@ -11,8 +11,9 @@ import torch
 
 from sdft.config import SDFTConfig
 from sdft.data.chat import demonstration_ids
+from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
-from sdft.run.trainer import TrainResult, batch_indices, clip_and_step, prepare, run_steps, start_runner
+from sdft.run.prepare import prepare, start_runner
 from sdft.runtime.distributed import all_reduce_sum
 
 

@@ -65,7 +65,7 @@ def test_bad_report_to_is_a_config_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     calls = []
-    monkeypatch.setattr("sdft.run.trainer.load_model", lambda *a: calls.append(a))
+    monkeypatch.setattr("sdft.run.prepare.load_model", lambda *a: calls.append(a))
     with pytest.raises(ValueError, match="report_to=wandb needs the wandb package: pip install wandb"):
         train(None, ROWS, SDFTConfig(report_to=["wandb"], output_dir="unused", device="cpu"))
     assert not calls  # refused before any model loads
@@ -121,7 +121,7 @@ def test_eval_data_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     calls = []
-    monkeypatch.setattr("sdft.run.trainer.load_model", lambda *a: calls.append(a))
+    monkeypatch.setattr("sdft.run.prepare.load_model", lambda *a: calls.append(a))
     with pytest.raises(ValueError, match="missing field 'demonstration'"):
         train(None, ROWS, _config(tmp_path, eval_data=str(bad)))
     assert not calls
@@ -161,7 +161,7 @@ def test_wandb_gets_offline_mode_and_trl_names(tmp_path, monkeypatch):
     fake.init = lambda **kw: inits.append(kw) or Run()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr("sdft.run.reporting.check_backends", lambda report_to: None)
-    monkeypatch.setattr("sdft.run.trainer.check_backends", lambda report_to: None)
+    monkeypatch.setattr("sdft.run.prepare.check_backends", lambda report_to: None)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     _train(tmp_path, report_to=["wandb"])
     assert inits[0]["mode"] == "offline" and inits[0]["config"]["report_to"] == ["wandb"]

@@ -271,7 +271,7 @@ def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path
     that step usable."""
     from sdft.run import checkpoint
     from sdft.run.checkpoint import damage, save_checkpoint
-    from sdft.run.trainer import make_optimizer
+    from sdft.run.loop import make_optimizer
 
     result = _run(tmp_path, max_steps=2)
     config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path)})
@@ -326,7 +326,7 @@ def test_checkpoint_pickles_load_with_weights_only(tmp_path):
 
 def test_nonfinite_step_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import sdft.run.trainer as trainer
-    from sdft.run.trainer import NonFiniteError
+    from sdft.run.loop import NonFiniteError
 
     real = trainer.BatchLoss.__call__
     calls = {"n": 0}

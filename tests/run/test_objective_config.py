@@ -10,7 +10,7 @@ from sdft import SDFTConfig, train
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import HFRolloutEngine
-from sdft.run.trainer import LRSchedule
+from sdft.run.loop import LRSchedule
 from sdft_kernels import reference_linear_divergence
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]

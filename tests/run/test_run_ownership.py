@@ -127,12 +127,12 @@ def test_a_second_run_on_a_locked_folder_refuses_in_one_line(tmp_path, capsys, m
 
 
 def test_the_lock_is_released_when_a_run_fails(tmp_path, monkeypatch):
-    import sdft.run.trainer
+    import sdft.run.prepare
 
     def refuse(model):
         raise ValueError("a head sdft cannot express")
 
-    monkeypatch.setattr(sdft.run.trainer, "verify_head", refuse)  # fails after the lock, while loading
+    monkeypatch.setattr(sdft.run.prepare, "verify_head", refuse)  # fails after the lock, while loading
     with pytest.raises(ValueError, match="cannot express"):
         _run(tmp_path)
     assert not (tmp_path / LOCK_FILE).exists()

@@ -1,0 +1,191 @@
+"""Setting a run up: config, data and output_dir checked before any model loads, then the model loaded and
+placed (``prepare`` gives the ``Run`` that ``sdft.run.loop`` trains), shared by SDFT and the SFT baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdft.config import SDFTConfig
+from sdft.data.chat import has_chat_template
+from sdft.data.examples import Example, load_examples
+from sdft.eval import retention
+from sdft.eval.scorers import get_scorer
+from sdft.models import enable_checkpointing, load_model
+from sdft.models.attention import use_implementation
+from sdft.models.head import verify_head
+from sdft.models.loading import is_embedded, load_tokenizer, model_source
+from sdft.models.lora import LoraSettings, apply_lora
+from sdft.run.lock import RunLock, RunLockedError
+from sdft.run.reporting import check_backends
+from sdft.run.run_dir import (
+    check_model_folder,
+    check_run_model,
+    plan_run,
+    report_line,
+)
+from sdft.runtime.determinism import deterministic_algorithms
+from sdft.runtime.distributed import World, all_reduce_sum, setup
+from sdft.runtime.parallel import Runner, compute_precision, run_device
+
+
+def as_config(config) -> SDFTConfig:
+    if config is None:
+        return SDFTConfig()
+    if isinstance(config, dict):
+        return SDFTConfig.from_dict(config)
+    if not isinstance(config, SDFTConfig):
+        raise TypeError(f"config must be an SDFTConfig, a dict or None, got {type(config).__name__}")
+    return config
+
+
+@dataclass
+class Run:
+    """What ``prepare`` sets up for a training loop."""
+
+    config: SDFTConfig
+    model: object
+    tokenizer: object
+    examples: list[Example]
+    device: torch.device
+    resume: Path | None
+    model_source: str | None  # the base model's path; None: the embedded model (see sdft.run.export)
+    eval_examples: list[Example] | None = None  # config.eval_data, loaded and checked before the model
+    eval_scorer: object = None  # a scorer callable (sdft.eval.scorers)
+    world: World = World()  # this process's place under torchrun / accelerate (sdft.runtime.distributed)
+    runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
+    on_end: list = field(default_factory=list)  # called when run_steps ends: release the lock, restore switches
+    retention: object = None  # what the run must keep (sdft.eval.retention.Retention), scored with each evaluation
+    encoded: list | None = None  # the rows' token ids on the CPU, as ``prepare``'s ``encode`` gave them
+
+
+def start_runner(run: Run, teacher=None) -> Runner:
+    """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
+    the full weights; a sharded student gets a teacher copy sharded the same way."""
+    run.runner = Runner(run.model, run.world, run.config.parallel,
+                        compute_precision(run.config.mixed_precision, run.device), run.config.cpu_trim_memory)
+    if teacher is not None:
+        teacher.distribute(run.runner)
+    return run.runner
+
+
+def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None, encode=None) -> Run:
+    """Validate config, data and output_dir (cheap, before any model loads), then load the model.
+
+    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
+    tokenizer, config)``: the rows' token ids on the CPU (``Run.encoded``), taken before the weights load,
+    so that a row over the length limits is one line before a large model loads."""
+    config = as_config(config)
+    check_backends(config.report_to)
+    if eval_dataset is not None:
+        eval_examples = load_examples(eval_dataset)
+    else:
+        eval_examples = load_examples(config.eval_data) if config.eval_data else None
+    eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
+                             evaluating=eval_examples is not None, report=report_line)
+    if config.load_best_model_at_end:
+        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
+    if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
+        raise TypeError(f"model must be None (the embedded model), a local path or a transformers model, "
+                        f"got {type(model).__name__}")
+    if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
+        raise ValueError("pass the tokenizer together with a model object")
+    if dataset is None:
+        from sdft.data.skill import load_skill
+
+        dataset = load_skill("train")
+    examples = load_examples(dataset)
+    resume = plan_run(config, evaluating=eval_examples is not None)
+    check_model_folder(model)
+    check_run_model(config, resume, model, evaluating=eval_examples is not None)
+    config.check_device()
+    world = setup(config.device)
+    lock = _take_output_dir(config.output_dir, world)
+    on_end = [lock.release] if lock is not None else []
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
+    if per_step > len(examples) and world.is_main:
+        report_line(f"sdft: a step takes {per_step} prompts (per_device_train_batch_size x "
+                    f"gradient_accumulation_steps x processes) from {len(examples)} rows: each step sees some rows "
+                    "more than once")
+    try:
+        on_end.append(deterministic_algorithms(config.full_determinism))
+        run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)
+        run.retention = kept
+        return run
+    except BaseException:
+        end_run(on_end)
+        raise
+
+
+def check_best_metric(metric: str, evaluating: bool, kept) -> None:
+    """``load_best_model_at_end`` needs an evaluation that yields ``metric``: one line before the model loads."""
+    if metric in ("score", "perplexity"):
+        if not evaluating:
+            raise ValueError(f"load_best_model_at_end ranks the evaluations on eval_data by {metric}: give eval_data")
+    elif not (kept is not None and (kept.examples if metric == "retention_score" else kept.texts)):
+        source = "retention_data" if metric == "retention_score" else "retention_text"
+        raise ValueError(f"metric_for_best_model={metric} needs {source} (and eval_data to evaluate at all)")
+
+
+def end_run(on_end: list):
+    for fn in reversed(on_end):
+        fn()
+
+
+def disable_dropout(model):
+    """Every ``nn.Dropout`` of ``model`` to p=0 (TRL's ``disable_dropout``): the student's log-probs
+    then match what the teacher and the rollouts saw."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _take_output_dir(output_dir, world: World) -> RunLock | None:
+    """Process 0 locks the output_dir; every process learns whether it could (one line if not)."""
+    lock, refusal = None, ""
+    if world.is_main:
+        try:
+            lock = RunLock(output_dir, report=report_line).acquire()
+        except RunLockedError as err:
+            refusal = str(err)
+        except OSError as err:
+            refusal = f"cannot write in output_dir {output_dir}: {err.strerror or err}"
+    if all_reduce_sum(0.0 if lock is not None or not world.is_main else 1.0, world):
+        raise RunLockedError(refusal or f"output_dir {output_dir} is in use by another sdft run")
+    return lock
+
+
+def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode) -> Run:
+    """The part of ``prepare`` after the checks: the rows' token ids, then load and place the model."""
+    device = run_device(config.device)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    torch.manual_seed(config.seed)
+    encoded = None
+    if model is None or isinstance(model, (str, Path)):
+        tokenizer = load_tokenizer(model)  # None: the embedded model's first load (its rows are measured after)
+        if tokenizer is not None and encode is not None:
+            encoded = encode(examples, tokenizer, config)
+        model, tokenizer = load_model(model, getattr(torch, config.dtype), tokenizer)
+    if encoded is None and encode is not None:
+        encoded = encode(examples, tokenizer, config)
+    source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not has_chat_template(tokenizer) and world.is_main:
+        report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
+                    "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
+    model.to(device)
+    on_end.append(use_implementation(model, config.attn_implementation))  # for the run only
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    if config.disable_dropout:
+        disable_dropout(model)
+    if config.use_lora:
+        model = apply_lora(model, LoraSettings.from_config(config))
+    verify_head(model)  # a head sdft cannot express is refused here, before any step
+    model.train()
+    return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world,
+               on_end=on_end, encoded=encoded)
