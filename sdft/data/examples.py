@@ -41,6 +41,18 @@ def data_fingerprint(examples: list[Example]) -> dict:
     return {"rows": len(examples), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
+def _text_parts(content, where: str):
+    """A message's content as text: a string, or the chat format's list of parts when every part is
+    ``{"type": "text", "text": ...}`` (joined); anything else is returned as it is, for the caller's check."""
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = sorted({str(p.get("type")) for p in content} - {"text"})
+        if kinds:
+            raise ValueError(f"{where} has {', '.join(kinds)} content: sdft trains on text only")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+    return content
+
+
 def to_messages(value, where: str) -> tuple:
     if isinstance(value, str):
         if not value.strip():
@@ -50,17 +62,20 @@ def to_messages(value, where: str) -> tuple:
         for k, m in enumerate(value):
             if "role" not in m or "content" not in m:
                 raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {sorted(map(str, m))}")
-            if m["role"] not in ROLES or not isinstance(m["content"], str):
+            content = _text_parts(m["content"], f"{where}: prompt message {k}")
+            if m["role"] not in ROLES or not isinstance(content, str):
                 raise ValueError(f"{where}: prompt message {k} needs a role of {', '.join(ROLES)} and text content, "
                                  f"got role {m['role']!r} and {type(m['content']).__name__} content")
         if not any(m["role"] == "user" for m in value):
             raise ValueError(f"{where}: prompt messages hold no user turn")
-        return tuple((m["role"], m["content"]) for m in value)
+        return tuple((m["role"], _text_parts(m["content"], where)) for m in value)
     raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(value).__name__}")
 
 
 def _as_text(value, where: str) -> str:
     if isinstance(value, list):
+        value = [{**m, "content": _text_parts(m.get("content"), f"{where}: the demonstration")}
+                 if isinstance(m, dict) else m for m in value]
         if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
             raise ValueError(f"{where}: a demonstration given as messages needs dicts with text 'content'")
         value = "".join(m["content"] for m in value if m.get("role", "assistant") == "assistant")

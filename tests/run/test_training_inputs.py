@@ -99,3 +99,12 @@ def test_trls_conversational_sft_rows_split_into_prompt_and_demonstration():
         with pytest.raises(ValueError, match="row 0: 'messages' must be a list of chat messages, a user turn and "
                                              "then the assistant's answer"):
             load_examples([{"messages": bad}])
+
+
+def test_content_given_as_text_parts_is_joined_and_other_parts_are_refused():
+    parts = [{"type": "text", "text": "add 1 "}, {"type": "text", "text": "2"}]
+    (ex,) = load_examples([{"prompt": [{"role": "user", "content": parts}],
+                            "completion": [{"role": "assistant", "content": [{"type": "text", "text": "3"}]}]}])
+    assert ex.messages() == [{"role": "user", "content": "add 1 2"}] and ex.demonstration == "3"
+    with pytest.raises(ValueError, match="row 0: prompt message 0 has image content: sdft trains on text only"):
+        load_examples([{"prompt": [{"role": "user", "content": [{"type": "image"}, *parts]}], "demonstration": "3"}])
