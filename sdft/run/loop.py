@@ -157,35 +157,35 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
         if eval_callback is not None and main:
             eval_callback(step, record)
 
-    if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
-        evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
-                              retention=run.retention)
-        evaluator.truncate(start)
-        if start == 0:
-            evaluate_at(0)
-        elif best is not None and best.step is None:  # resumed past a pick that was set aside: rank from here
-            for record in (r for r in evaluator.records if r["step"] == start):
-                best.offer(start, record, model)
-    history = []
-    done = {"save": None, "eval": None}  # the last step checkpointed / evaluated
+    try:  # a Ctrl-C from the first evaluation on is reported alike
+        if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
+            evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
+                                  retention=run.retention)
+            evaluator.truncate(start)
+            if start == 0:
+                evaluate_at(0)
+            elif best is not None and best.step is None:  # resumed past a pick that was set aside: rank from here
+                for record in (r for r in evaluator.records if r["step"] == start):
+                    best.offer(start, record, model)
+        history = []
+        done = {"save": None, "eval": None}  # the last step checkpointed / evaluated
 
-    def settle(step: int, final: bool):
-        """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
-        stop asked by ``step_callback``) makes both due."""
-        if (final or step % config.save_steps == 0) and done["save"] != step:
-            if main or runner.sharded:  # sharded: every process gathers, process 0 writes
-                save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
-                                run.model_source, write=main, data=data)
-            barrier(world)
-            done["save"] = step
-        if evaluator is not None and done["eval"] != step and (
-                final or (config.eval_steps and step % config.eval_steps == 0)):
-            evaluate_at(step)
-            done["eval"] = step
+        def settle(step: int, final: bool):
+            """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
+            stop asked by ``step_callback``) makes both due."""
+            if (final or step % config.save_steps == 0) and done["save"] != step:
+                if main or runner.sharded:  # sharded: every process gathers, process 0 writes
+                    save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
+                                    run.model_source, write=main, data=data)
+                barrier(world)
+                done["save"] = step
+            if evaluator is not None and done["eval"] != step and (
+                    final or (config.eval_steps and step % config.eval_steps == 0)):
+                evaluate_at(step)
+                done["eval"] = step
 
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
-               disable=not (config.progress_bar and main))
-    try:
+        bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
+                   disable=not (config.progress_bar and main))
         for step in bar:
             schedule.apply(optimizer, step)
             record = step_fn(optimizer, step)

@@ -50,6 +50,19 @@ def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_afresh(tmp_path,
     assert _train(tmp_path, max_steps=1).step == 1  # no refusal: nothing of a run to resume or overwrite
 
 
+def test_ctrl_c_in_the_first_evaluation_is_reported_like_any_other(tmp_path, capsys):
+    def ctrl_c_in_evaluation(step, record):
+        raise KeyboardInterrupt
+
+    tok = tiny_tokenizer()
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=2, **BASE)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS[:1],
+              eval_callback=ctrl_c_in_evaluation)
+    assert caught.value.sdft_reported
+    assert "interrupted before the first checkpoint" in capsys.readouterr().err
+
+
 def test_sigint_to_the_cli_is_one_line_and_exit_130(tmp_path):
     from sdft.run.export import save_hf_folder
 
