@@ -22,7 +22,14 @@ from pathlib import Path
 from sdft.config import SDFTConfig, describe_fields
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
-from sdft.run.run_dir import CONFIG_FILE, check_model_folder, check_run_model, plan_run, replace_file
+from sdft.run.run_dir import (
+    CONFIG_FILE,
+    check_model_folder,
+    check_run_model,
+    is_checkpoint_folder,
+    plan_run,
+    replace_file,
+)
 from sdft.runtime.distributed import check_launcher, launched_size
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -85,10 +92,10 @@ def _build_parser():
                          "OUT.replaced-DATE)")
     ge = sub.add_parser("generate", help="answer prompts with a (trained) model, greedy unless --temperature")
     ge.add_argument("model", nargs="?", default=None,
-                    help="a model folder (e.g. OUTPUT_DIR/final_model), LoRA adapter folder or .gguf "
-                         "(default: the embedded SmolLM2)")
+                    help="a model folder (e.g. OUTPUT_DIR/final_model), an sdft checkpoint (OUTPUT_DIR/checkpoint-N), "
+                         "a LoRA adapter folder or a .gguf (default: the embedded SmolLM2)")
     ge.add_argument("--base", default=None, metavar="PATH",
-                    help="a LoRA adapter's base model folder (default: the one its adapter_config.json names)")
+                    help="the base model folder of a LoRA adapter or a checkpoint (default: the one it names)")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ge.add_argument("--prompts", default=None, metavar="FILE",
                     help="a jsonl with a 'prompt' column (e.g. your eval data), or a text file, one prompt a line")
@@ -236,7 +243,12 @@ def _generate(args, parser) -> int:
     from sdft.models import load_trained
 
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
-    model, tokenizer = load_trained(args.model, base=args.base)
+    if is_checkpoint_folder(args.model):
+        from sdft.run.export import load_checkpoint_model
+
+        model, tokenizer = load_checkpoint_model(args.model, args.base)
+    else:
+        model, tokenizer = load_trained(args.model, base=args.base)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature)
     else:
@@ -334,7 +346,8 @@ def main(argv=None):
     from sdft.run.loop import NonFiniteError
 
     try:
-        check_model_folder(getattr(args, "model", None))
+        if not (args.command == "generate" and is_checkpoint_folder(args.model)):  # generate reads checkpoints
+            check_model_folder(getattr(args, "model", None))
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)

@@ -148,33 +148,50 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     ``model``: the base model's path (default: the one the checkpoint records; None there means the
     embedded SmolLM2). Every check (checkpoint, target, recorded source) runs before the model loads.
     """
+    out = Path(out).expanduser()
+    check_checkpoint(checkpoint)
+    check_target(out, force)
+    base, tokenizer = load_checkpoint_model(checkpoint, model)
+    return export_model(base, tokenizer, out, merge_lora, force)
+
+
+def check_checkpoint(checkpoint) -> None:
+    """``checkpoint`` is a whole sdft checkpoint, or one line says what is wrong with it."""
+    from sdft.run.checkpoint import CheckpointError, damage
+
+    problem = damage(Path(checkpoint).expanduser())
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")
+
+
+def load_checkpoint_model(checkpoint, model=None):
+    """(model, tokenizer) a checkpoint holds: its base (``model``, or the one it records; None there means
+    the embedded SmolLM2) with its trained weights (LoRA adapters applied as it was trained). The base is
+    checked before it loads."""
     from sdft.config import SDFTConfig
     from sdft.models import load_model
     from sdft.models.loading import SOURCE_UNKNOWN, source_of
     from sdft.models.lora import LoraSettings, apply_lora
-    from sdft.run.checkpoint import CheckpointError, checkpoint_state, damage, load_trainable
+    from sdft.run.checkpoint import checkpoint_state, load_trainable
     from sdft.run.run_dir import other_base
 
-    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
-    problem = damage(checkpoint)
-    if problem is not None:
-        raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")
-    check_target(out, force)
+    checkpoint = Path(checkpoint).expanduser()
+    check_checkpoint(checkpoint)
     state = checkpoint_state(checkpoint)
     source = model if model is not None else state.get("model")
     if source == SOURCE_UNKNOWN:
         raise ValueError(f"{checkpoint} was trained from a model object built outside sdft.load_model, so it "
                          "does not say which base model it needs: pass the base model's path (--model)")
-    if source is not None and not Path(source).exists():
+    if source is not None and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"{checkpoint} was trained from {source}, which is not here: pass the base "
                                 "model's path on this machine (--model)")
-    trained_from = other_base(Path(checkpoint), source_of(source))
+    trained_from = other_base(checkpoint, source_of(source))
     if trained_from is not None:
         raise ValueError(f"{checkpoint} was trained from {trained_from}, which is still here, not from {source}: "
-                         "drop --model to export onto its own base")
+                         "drop --model to use its own base")
     config = SDFTConfig.from_dict(state["config"])
     base, tokenizer = load_model(source)
     if config.use_lora:
         base = apply_lora(base, LoraSettings.from_config(config))
     load_trainable(checkpoint, base)
-    return export_model(base, tokenizer, out, merge_lora, force)
+    return base, tokenizer

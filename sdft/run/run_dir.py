@@ -231,13 +231,21 @@ def other_base(checkpoint: Path, source) -> str | None:
     return _named(recorded)
 
 
+def is_checkpoint_folder(model) -> bool:
+    """Whether ``model`` (a path, or anything else) is an sdft checkpoint folder rather than a model folder."""
+    if not isinstance(model, (str, Path)) or not Path(model).expanduser().is_dir():
+        return False
+    path = Path(model).expanduser()
+    return is_ours(path) and not (path / "config.json").exists()  # a model folder has its config.json
+
+
 def check_model_folder(model) -> None:
     """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
     instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
     if not isinstance(model, (str, Path)) or not Path(model).expanduser().is_dir():
         return
     path = Path(model).expanduser()
-    if is_ours(path) and not (path / "config.json").exists():  # a model folder has its config.json
+    if is_checkpoint_folder(path):
         raise ValueError(f"{path} is an sdft checkpoint, not a model folder: `sdft export {path} OUT` writes one "
                          "from it")
     if (path / RECORD_FILE).is_file():

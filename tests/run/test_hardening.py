@@ -137,14 +137,33 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
 
 def test_a_checkpoint_or_run_folder_given_as_the_model_says_what_to_pass(tmp_path, capsys):
     _run(tmp_path / "run", max_steps=1)
-    cases = [(tmp_path / "run" / "checkpoint-1", "is an sdft checkpoint, not a model folder: `sdft export"),
-             (tmp_path / "run", f"is an sdft run folder, not a model folder: its model is {tmp_path / 'run'}"
-                                f"/final_model")]
-    for folder, message in cases:
-        for argv in (["generate", str(folder), "--prompt", "hi"], ["train", "--no-eval", "--model", str(folder)]):
-            assert cli(argv) == 2
-            err = capsys.readouterr().err.strip()
-            assert err.count("\n") == 0 and message in err, err
+    cases = [(["train", "--no-eval", "--model", str(tmp_path / "run" / "checkpoint-1")],
+              "is an sdft checkpoint, not a model folder: `sdft export"),
+             (["generate", str(tmp_path / "run"), "--prompt", "hi"],
+              f"is an sdft run folder, not a model folder: its model is {tmp_path / 'run'}/final_model"),
+             (["train", "--no-eval", "--model", str(tmp_path / "run")], "is an sdft run folder")]
+    for argv, message in cases:
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_generate_answers_from_a_checkpoint_as_from_its_export(tmp_path, capsys, lora):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    base = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    train(str(base), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "run"), "max_steps": 1,
+                                         "learning_rate": 1e-2, "use_lora": lora}))
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert cli(["export", str(checkpoint), str(tmp_path / "export"), *(["--merge"] if lora else [])]) == 0
+    capsys.readouterr()
+    answers = []
+    for model in (checkpoint, tmp_path / "export"):
+        assert cli(["generate", str(model), "--prompt", "add 1 2", "--max-new-tokens", "6"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].startswith("> add 1 2\n")
 
 
 def test_model_folder_with_broken_config_json(tmp_path, capsys):
