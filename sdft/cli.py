@@ -343,7 +343,7 @@ def one_line(err: BaseException) -> str:
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from sdft.run.loop import NonFiniteError
+    from sdft.run.errors import NonFiniteError, OutOfMemory
 
     try:
         if not (args.command == "generate" and is_checkpoint_folder(args.model)):  # generate reads checkpoints
@@ -351,7 +351,7 @@ def main(argv=None):
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)
-    except (ValueError, OSError, CheckpointError, NonFiniteError, TypeError) as err:
+    except (ValueError, OSError, CheckpointError, NonFiniteError, OutOfMemory, TypeError) as err:
         print(f"sdft: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line (a run's says what it leaves), no traceback

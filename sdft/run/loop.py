@@ -14,6 +14,7 @@ from sdft.config import SDFTConfig
 from sdft.data.examples import data_fingerprint
 from sdft.run.best import BestWeights
 from sdft.run.checkpoint import load_checkpoint, newest_intact, save_checkpoint
+from sdft.run.errors import NonFiniteError, OutOfMemory
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
 from sdft.run.metrics import MetricsLog
@@ -27,7 +28,7 @@ from sdft.run.run_dir import (
 )
 from sdft.run.writes import WriteError
 from sdft.runtime.distributed import World, barrier
-from sdft.runtime.parallel import grad_norm_value
+from sdft.runtime.parallel import compute_precision, grad_norm_value
 
 
 @dataclass
@@ -41,8 +42,18 @@ class TrainResult:
     best_step: int | None = None  # load_best_model_at_end: the step whose weights the run ended on
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm of a step was NaN or infinite; the run stopped before updating."""
+def out_of_memory_line(err: BaseException, step: int, config, output_dir, bf16: bool) -> str:
+    """What a step's ``torch.OutOfMemoryError`` says to a user: the step, the sizes that set its memory, the
+    switches that cut it, and the checkpoint a resume continues from."""
+    newest = newest_intact(output_dir, report=lambda message: None)
+    kept = (f"{newest} is the newest checkpoint (resume_from_checkpoint=true)" if newest is not None
+            else "no checkpoint was written yet")
+    cuts = [f"per_device_train_batch_size={config.per_device_train_batch_size}",
+            f"num_generations={config.num_generations}", f"max_completion_length={config.max_completion_length}"]
+    switches = [s for s, on in (("gradient_checkpointing=true", config.gradient_checkpointing),
+                                ("mixed_precision=bf16", bf16)) if not on]
+    return (f"out of memory in step {step}: lower {', '.join(cuts)}" + (f", or set {' / '.join(switches)}"
+            if switches else "") + f"; {kept} ({str(err).splitlines()[0][:160]})")
 
 
 def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: World = World()) -> list[int]:
@@ -188,7 +199,11 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
                    disable=not (config.progress_bar and main))
         for step in bar:
             schedule.apply(optimizer, step)
-            record = step_fn(optimizer, step)
+            try:
+                record = step_fn(optimizer, step)
+            except torch.OutOfMemoryError as err:
+                bf16 = compute_precision(config.mixed_precision, run.device) == "bf16"
+                raise OutOfMemory(out_of_memory_line(err, step + 1, config, out, bf16)) from err
             history.append(record)
             if main and (step + 1) % config.logging_steps == 0:
                 log.write(logged_record(record))

@@ -17,6 +17,7 @@ from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
 from sdft.models.loading import is_embedded, load_tokenizer, model_source
 from sdft.models.lora import LoraSettings, apply_lora
+from sdft.run.errors import OutOfMemory
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.reporting import check_backends
 from sdft.run.run_dir import (
@@ -177,7 +178,14 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if not has_chat_template(tokenizer) and world.is_main:
         report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
                     "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
-    model.to(device)
+    try:
+        model.to(device)
+    except torch.OutOfMemoryError:
+        count = sum(p.numel() for p in model.parameters())
+        size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+        raise OutOfMemory(f"the model does not fit on {device} in {config.dtype} ({size} parameters): "
+                          "dtype=bfloat16 halves its weights, a device with more memory or "
+                          "parallel=fsdp over several shards them") from None
     on_end.append(use_implementation(model, config.attn_implementation))  # for the run only
     if config.gradient_checkpointing:
         enable_checkpointing(model)

@@ -74,6 +74,42 @@ def test_a_step_larger_than_the_data_says_rows_repeat(tmp_path, capsys):
     assert "each step sees some rows" not in capsys.readouterr().err
 
 
+def test_a_step_out_of_memory_names_the_knobs_and_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import sdft.run.trainer as trainer
+    from sdft.run.errors import OutOfMemory
+
+    real, calls = trainer._train_step, {"n": 0}
+
+    def runs_out_in_step_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_train_step", runs_out_in_step_two)
+    with pytest.raises(OutOfMemory) as caught:
+        _run(tmp_path)
+    assert str(caught.value) == (
+        "out of memory in step 2: lower per_device_train_batch_size=1, num_generations=2, max_completion_length=4, "
+        f"or set gradient_checkpointing=true / mixed_precision=bf16; {tmp_path / 'checkpoint-1'} is the newest "
+        "checkpoint (resume_from_checkpoint=true) (CUDA out of memory. Tried to allocate 2.00 GiB)")
+
+
+def test_a_model_too_large_for_the_device_is_one_line(tmp_path):
+    from sdft.run.errors import OutOfMemory
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+
+    def does_not_fit(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    model.to = does_not_fit
+    with pytest.raises(OutOfMemory, match=r"the model does not fit on cpu in float32 \(0.0M parameters\): "
+                                          "dtype=bfloat16 halves its weights"):
+        train(model, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path)}), tokenizer=tok)
+
+
 def test_a_model_of_the_wrong_type_is_named_by_its_type(tmp_path):
     with pytest.raises(TypeError, match="model must be None .*, a local path or a transformers model, got int"):
         train(5, [{"prompt": "q", "demonstration": "a"}], SDFTConfig(output_dir=str(tmp_path)))
@@ -345,7 +381,7 @@ def test_checkpoint_pickles_load_with_weights_only(tmp_path):
 
 def test_nonfinite_step_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import sdft.run.trainer as trainer
-    from sdft.run.loop import NonFiniteError
+    from sdft.run.errors import NonFiniteError
 
     real = trainer.BatchLoss.__call__
     calls = {"n": 0}
