@@ -203,7 +203,7 @@ def _read_prompts(args) -> list[dict]:
     """Rows {"prompt": ...} from --prompt and --prompts (jsonl rows, or plain lines)."""
     rows = [{"prompt": p} for p in args.prompt]
     if args.prompts is not None:
-        path = Path(args.prompts)
+        path = Path(args.prompts).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
         from sdft.data.examples import read_text, to_messages

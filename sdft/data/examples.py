@@ -110,7 +110,7 @@ def to_example(row: dict, where: str) -> Example:
 
 def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
 

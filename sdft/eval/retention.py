@@ -40,7 +40,7 @@ def read_texts(path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"retention_text {path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"retention_text {path}: not UTF-8 text (byte {err.start})") from None
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]

@@ -108,3 +108,10 @@ def test_content_given_as_text_parts_is_joined_and_other_parts_are_refused():
     assert ex.messages() == [{"role": "user", "content": "add 1 2"}] and ex.demonstration == "3"
     with pytest.raises(ValueError, match="row 0: prompt message 0 has image content: sdft trains on text only"):
         load_examples([{"prompt": [{"role": "user", "content": [{"type": "image"}, *parts]}], "demonstration": "3"}])
+
+
+def test_a_file_saved_with_a_byte_order_mark_and_crlf_reads_as_its_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "q1", "demonstration": "a1"}\r\n'
+                     b'{"prompt": "q2", "demonstration": "a2"}\r\n')
+    assert [(e.messages()[0]["content"], e.demonstration) for e in load_examples(path)] == [("q1", "a1"), ("q2", "a2")]
