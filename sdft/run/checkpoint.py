@@ -148,11 +148,13 @@ def folder_step(path) -> int:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
-                    model_source: str | None = None, write: bool = True, data: dict | None = None) -> Path | None:
+                    model_source: str | None = None, write: bool = True, data: dict | None = None,
+                    processes: int = 1) -> Path | None:
     """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
     embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone; ``data`` (the
     training rows' ``data_fingerprint``) lets a resume say when it trains on other rows. Tensors are
-    stored full, so any number of processes can resume from it; under FSDP2 every process calls this
+    stored full, so any number of processes can resume from it (``processes``, the number that wrote it, lets
+    the resume say when that changes the step's size); under FSDP2 every process calls this
     (the gathers are collective) and only the one with ``write`` writes."""
     trainable, optimizer_full = trainable_state(model), optimizer_state(optimizer)
     teacher_state = teacher.state_dict() if teacher is not None else None
@@ -170,7 +172,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         torch.save(rng_state(), tmp / "rng.pt")
         if teacher_state is not None:
             save_file(teacher_state, str(tmp / "teacher.safetensors"))
-        state = {"step": step, "config": config.to_dict(), "model": model_source, "data": data}
+        state = {"step": step, "config": config.to_dict(), "model": model_source, "data": data,
+                 "processes": processes}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         _write_manifest(tmp)
         _fsync_folder(tmp)

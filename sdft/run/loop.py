@@ -145,7 +145,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     data = data_fingerprint(run.examples)
     main = world.is_main
     if main:
-        start_run(config, run.resume, evaluating=run.eval_examples is not None, data=data)
+        start_run(config, run.resume, evaluating=run.eval_examples is not None, data=data, processes=world.size)
     barrier(world)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     schedule = LRSchedule.from_config(config)
@@ -187,7 +187,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
             if (final or step % config.save_steps == 0) and done["save"] != step:
                 if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
-                                    run.model_source, write=main, data=data)
+                                    run.model_source, write=main, data=data, processes=world.size)
                 barrier(world)
                 done["save"] = step
             if evaluator is not None and done["eval"] != step and (

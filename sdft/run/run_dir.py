@@ -315,19 +315,20 @@ def check_run_model(config, resume: Path | None, model, evaluating: bool | None 
 
 
 def start_run(config, resume: Path | None, report=report_line, evaluating: bool | None = None,
-              data: dict | None = None):
+              data: dict | None = None, processes: int | None = None):
     """Make the output_dir ready: drop checkpoints a crash left half written, clear what sdft wrote for
     ``overwrite_output_dir``, set later checkpoints aside when resuming from an older one, record what
-    this run writes, say where a resume starts and what it changes (settings, and the training rows
-    against ``data``, their ``data_fingerprint``)."""
+    this run writes, say where a resume starts and what it changes (settings, the training rows against
+    ``data``, their ``data_fingerprint``, and the number of ``processes``)."""
     try:
-        _start(Path(config.output_dir), config, resume, report, evaluating, data)
+        _start(Path(config.output_dir), config, resume, report, evaluating, data, processes)
     except OSError as err:
         raise ValueError(f"cannot write in output_dir {config.output_dir}: {err.strerror or err} "
                          f"({getattr(err, 'filename', None) or config.output_dir})") from None
 
 
-def _start(out: Path, config, resume: Path | None, report, evaluating: bool | None, data: dict | None):
+def _start(out: Path, config, resume: Path | None, report, evaluating: bool | None, data: dict | None,
+           processes: int | None):
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
@@ -352,5 +353,10 @@ def _start(out: Path, config, resume: Path | None, report, evaluating: bool | No
         if data is not None and before is not None and before != data:
             report(f"sdft: resuming on other training rows than {Path(resume).name} was trained on "
                    f"({before['rows']} rows then, {data['rows']} now): the steps from here draw from the new rows")
+        then = state.get("processes")
+        if processes is not None and then is not None and then != processes:
+            per = config.per_device_train_batch_size * config.gradient_accumulation_steps
+            report(f"sdft: resuming on {processes} processes, {Path(resume).name} was written by {then}: a step "
+                   f"now takes {per * processes} prompts instead of {per * then}, in another order")
     _write_record(out, names)
     replace_file(out / CONFIG_FILE, config.to_json())

@@ -123,3 +123,16 @@ def test_a_resume_whose_settings_no_longer_fit_the_weights_is_one_line_before_th
     message = rf"checkpoint-1 holds weights these settings no longer fit \({re.escape(named)}\): resume with the"
     with pytest.raises(ValueError, match=message):
         _train(tmp_path / "run", bases[0], max_steps=2, resume_from_checkpoint=True, **change)
+
+
+def test_a_resume_on_another_number_of_processes_says_the_step_changes(tmp_path, bases, capsys):
+    from sdft.run.run_dir import plan_run, start_run
+
+    _train(tmp_path / "run", bases[0], max_steps=1)
+    config = SDFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, resume_from_checkpoint=True, **BASE)
+    capsys.readouterr()
+    start_run(config, plan_run(config), processes=1)
+    assert "processes" not in capsys.readouterr().err
+    start_run(config, plan_run(config), processes=4)
+    assert ("resuming on 4 processes, checkpoint-1 was written by 1: a step now takes 8 prompts instead of 2, "
+            "in another order") in capsys.readouterr().err
