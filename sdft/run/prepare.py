@@ -105,11 +105,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world.size
-    if per_step > len(examples) and world.is_main:
-        report_line(f"sdft: a step takes {per_step} prompts (per_device_train_batch_size x "
-                    f"gradient_accumulation_steps x processes) from {len(examples)} rows: each step sees some rows "
-                    "more than once")
+    if world.is_main:
+        for note in data_notes(examples, eval_examples, config, world.size):
+            report_line(note)
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
         run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)
@@ -118,6 +116,24 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     except BaseException:
         end_run(on_end)
         raise
+
+
+def data_notes(examples, eval_examples, config, processes: int) -> list[str]:
+    """What a user may not have meant, said once: a step that takes more prompts than the data holds, and
+    held-out rows that are training rows (their score then measures recall, not the skill)."""
+    notes = []
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
+    if per_step > len(examples):
+        notes.append(f"sdft: a step takes {per_step} prompts (per_device_train_batch_size x "
+                     f"gradient_accumulation_steps x processes) from {len(examples)} rows: each step sees some "
+                     "rows more than once")
+    if eval_examples:
+        trained = set(examples)
+        shared = sum(ex in trained for ex in eval_examples)
+        if shared:
+            notes.append(f"sdft: {shared} of the {len(eval_examples)} evaluation rows are also training rows: "
+                         "their score measures recall of what was trained, not the skill on new prompts")
+    return notes
 
 
 def check_best_metric(metric: str, evaluating: bool, kept) -> None:

@@ -109,7 +109,7 @@ def test_a_best_pick_the_disk_refuses_is_one_line_with_the_free_space(base, tmp_
     out = tmp_path / "run"
     proc = _cli(["train", "--model", model, "--data", data, "--eval-data", data, "--set", f"output_dir={out}",
                  *SETTINGS, "load_best_model_at_end=true"], max_file_bytes=WEIGHTS // 2)
-    line = _one_line(proc, notes=1)  # the note: no retention check for this model
+    line = _one_line(proc, notes=2)  # the notes: no retention check for this model; eval rows are training rows
     assert line.startswith(f"sdft: error: could not write {out / 'best_weights.pt'}: ")  # torch.save's own words,
     assert line.endswith(" MiB free on that disk); nothing was picked yet")  # which name no errno
     assert not [p.name for p in out.iterdir() if p.name.startswith("best_weights")]

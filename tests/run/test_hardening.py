@@ -110,6 +110,15 @@ def test_a_model_too_large_for_the_device_is_one_line(tmp_path):
         train(model, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path)}), tokenizer=tok)
 
 
+def test_evaluation_rows_that_are_training_rows_are_named(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path), "max_steps": 1})
+    train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS[:2] + [{"prompt": "new",
+                                                                                            "demonstration": "x"}])
+    assert ("sdft: 2 of the 3 evaluation rows are also training rows: their score measures recall of what was "
+            "trained, not the skill on new prompts") in capsys.readouterr().err
+
+
 def test_a_model_of_the_wrong_type_is_named_by_its_type(tmp_path):
     with pytest.raises(TypeError, match="model must be None .*, a local path or a transformers model, got int"):
         train(5, [{"prompt": "q", "demonstration": "a"}], SDFTConfig(output_dir=str(tmp_path)))
