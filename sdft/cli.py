@@ -242,8 +242,11 @@ def _generate(args, parser) -> int:
     from sdft.eval.evaluation import generate_answers, sample_answers
     from sdft.models import load_trained
 
+    checkpoint = is_checkpoint_folder(args.model)
+    if not checkpoint:
+        check_model_folder(args.model)
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
-    if is_checkpoint_folder(args.model):
+    if checkpoint:
         from sdft.run.export import load_checkpoint_model
 
         model, tokenizer = load_checkpoint_model(args.model, args.base)
@@ -346,7 +349,7 @@ def main(argv=None):
     from sdft.run.errors import NonFiniteError, OutOfMemory
 
     try:
-        if not (args.command == "generate" and is_checkpoint_folder(args.model)):  # generate reads checkpoints
+        if args.command != "generate":  # generate also reads checkpoints: it checks its own model
             check_model_folder(getattr(args, "model", None))
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]

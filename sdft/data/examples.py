@@ -59,6 +59,7 @@ def to_messages(value, where: str) -> tuple:
             raise ValueError(f"{where}: 'prompt' is empty")
         return (("user", value),)
     if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        turns = []
         for k, m in enumerate(value):
             if "role" not in m or "content" not in m:
                 raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {sorted(map(str, m))}")
@@ -66,9 +67,10 @@ def to_messages(value, where: str) -> tuple:
             if m["role"] not in ROLES or not isinstance(content, str):
                 raise ValueError(f"{where}: prompt message {k} needs a role of {', '.join(ROLES)} and text content, "
                                  f"got role {m['role']!r} and {type(m['content']).__name__} content")
-        if not any(m["role"] == "user" for m in value):
+            turns.append((m["role"], content))
+        if not any(role == "user" for role, _ in turns):
             raise ValueError(f"{where}: prompt messages hold no user turn")
-        return tuple((m["role"], _text_parts(m["content"], where)) for m in value)
+        return tuple(turns)
     raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(value).__name__}")
 
 

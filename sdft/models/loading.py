@@ -164,12 +164,18 @@ def load_tokenizer(model=None):
         except Exception:  # noqa: BLE001  # a damaged cache: load_model rebuilds it and says so
             return None
     else:
-        path = _model_path(model)
-        tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
-                     else AutoTokenizer.from_pretrained(path))
+        tokenizer = _tokenizer_at(_model_path(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_at(path: Path):
+    """The tokenizer of the local model at ``path``, a path ``_model_path`` checked."""
+    from transformers import AutoTokenizer
+
+    return (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
+            else AutoTokenizer.from_pretrained(path))
 
 
 def load_model(model=None, dtype=torch.float32, tokenizer=None):
@@ -183,7 +189,7 @@ def load_model(model=None, dtype=torch.float32, tokenizer=None):
         tokenizer = own if tokenizer is None else tokenizer
     else:
         path = _model_path(model)
-        tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+        tokenizer = _tokenizer_at(path) if tokenizer is None else tokenizer
         model = (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
                  if path.suffix == ".gguf" else AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     if tokenizer.pad_token is None:

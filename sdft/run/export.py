@@ -151,7 +151,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     out = Path(out).expanduser()
     check_checkpoint(checkpoint)
     check_target(out, force)
-    base, tokenizer = load_checkpoint_model(checkpoint, model)
+    base, tokenizer = _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
     return export_model(base, tokenizer, out, merge_lora, force)
 
 
@@ -166,8 +166,14 @@ def check_checkpoint(checkpoint) -> None:
 
 def load_checkpoint_model(checkpoint, model=None):
     """(model, tokenizer) a checkpoint holds: its base (``model``, or the one it records; None there means
-    the embedded SmolLM2) with its trained weights (LoRA adapters applied as it was trained). The base is
-    checked before it loads."""
+    the embedded SmolLM2) with its trained weights (LoRA adapters applied as it was trained). The checkpoint
+    and the base are checked before the base loads."""
+    check_checkpoint(checkpoint)
+    return _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
+
+
+def _checked_checkpoint_model(checkpoint: Path, model):
+    """``load_checkpoint_model`` for a checkpoint ``check_checkpoint`` passed (its files are hashed once)."""
     from sdft.config import SDFTConfig
     from sdft.models import load_model
     from sdft.models.loading import SOURCE_UNKNOWN, source_of
@@ -175,8 +181,6 @@ def load_checkpoint_model(checkpoint, model=None):
     from sdft.run.checkpoint import checkpoint_state, load_trainable
     from sdft.run.run_dir import other_base
 
-    checkpoint = Path(checkpoint).expanduser()
-    check_checkpoint(checkpoint)
     state = checkpoint_state(checkpoint)
     source = model if model is not None else state.get("model")
     if source == SOURCE_UNKNOWN:

@@ -42,10 +42,15 @@ class TrainResult:
     best_step: int | None = None  # load_best_model_at_end: the step whose weights the run ended on
 
 
+def _newest(output_dir) -> Path | None:
+    """The checkpoint a resume would continue from, for the line a stopped run prints (damage unreported)."""
+    return newest_intact(output_dir, report=lambda message: None)
+
+
 def out_of_memory_line(err: BaseException, step: int, config, output_dir, bf16: bool) -> str:
     """What a step's ``torch.OutOfMemoryError`` says to a user: the step, the sizes that set its memory, the
     switches that cut it, and the checkpoint a resume continues from."""
-    newest = newest_intact(output_dir, report=lambda message: None)
+    newest = _newest(output_dir)
     kept = (f"{newest} is the newest checkpoint (resume_from_checkpoint=true)" if newest is not None
             else "no checkpoint was written yet")
     cuts = [f"per_device_train_batch_size={config.per_device_train_batch_size}",
@@ -235,7 +240,7 @@ def _write_final(model, tokenizer, out: Path, merge_lora: bool, selected: int | 
     try:
         export_model(model, tokenizer, out / FINAL_MODEL, merge_lora, force=True)
     except WriteError as err:
-        newest = newest_intact(out, report=lambda message: None)
+        newest = _newest(out)
         if newest is None:
             raise
         which = "the last step's weights, not the best evaluation's" if selected is not None else "the trained weights"
@@ -246,7 +251,7 @@ def _write_final(model, tokenizer, out: Path, merge_lora: bool, selected: int | 
 
 def interrupted_line(output_dir: Path) -> str:
     """What a Ctrl-C leaves: the checkpoint a resume continues from (the steps after it are lost), or none."""
-    newest = newest_intact(output_dir, report=lambda message: None)
+    newest = _newest(output_dir)
     if newest is None:
         return (f"sdft: interrupted before the first checkpoint of {output_dir}: nothing to resume, a rerun "
                 "starts afresh")

@@ -224,9 +224,17 @@ def other_base(checkpoint: Path, source) -> str | None:
     ``sdft.models.loading.source_of`` gives it) is another one; else None. Its trainable weights (LoRA
     adapters, or the whole model) and the teacher's initial weights belong to that base. A model object
     of unknown origin, or a recorded folder that no longer exists (moved), is not compared."""
-    recorded = checkpoint_state(checkpoint).get("model", SOURCE_UNKNOWN)
-    if SOURCE_UNKNOWN in (source, recorded) or recorded == source or (
-            recorded is not None and not Path(recorded).exists()):
+    return _other(checkpoint_state(checkpoint).get("model", SOURCE_UNKNOWN), source)
+
+
+def _moved(recorded, source) -> bool:
+    """Whether the base folder a checkpoint records is no longer where it was (and is not what loads now)."""
+    return recorded not in (None, SOURCE_UNKNOWN, source) and not Path(recorded).exists()
+
+
+def _other(recorded, source) -> str | None:
+    """``other_base`` for the ``recorded`` base of a checkpoint's state."""
+    if SOURCE_UNKNOWN in (source, recorded) or recorded == source or _moved(recorded, source):
         return None
     return _named(recorded)
 
@@ -242,7 +250,7 @@ def is_checkpoint_folder(model) -> bool:
 def check_model_folder(model) -> None:
     """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
     instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
-    if not isinstance(model, (str, Path)) or not Path(model).expanduser().is_dir():
+    if not isinstance(model, (str, Path)):
         return
     path = Path(model).expanduser()
     if is_checkpoint_folder(path):
@@ -273,29 +281,27 @@ def check_model_outside_run(config, source, evaluating: bool | None = None) -> N
                          f"of {config.output_dir} first, or choose another output_dir")
 
 
-def check_resume_model(resume: Path | None, source, report=report_line) -> None:
-    """A resume continues the model its checkpoint was trained from: another base is one line; a base
-    that is no longer where it was (moved) cannot be compared, and a note says which model stands in."""
-    trained_from = None if resume is None else other_base(resume, source)
+def check_resume_model(resume: Path, state: dict, source, report=report_line) -> None:
+    """A resume continues the model its checkpoint (``resume``, whose ``state`` this is) was trained from:
+    another base is one line; a base that is no longer where it was (moved) cannot be compared, and a note
+    says which model stands in."""
+    trained_from = _other(state.get("model", SOURCE_UNKNOWN), source)
     if trained_from is not None:
         raise ValueError(f"{resume} was trained from {trained_from}, but this run loads {_named(source)}: "
                          "resume with that model, or start afresh in another output_dir")
-    recorded = None if resume is None else checkpoint_state(resume).get("model")
-    if isinstance(recorded, str) and recorded not in (source, SOURCE_UNKNOWN) and not Path(recorded).exists():
-        report(f"sdft: {resume} was trained from {recorded}, which is not there any more: resuming on "
+    if _moved(state.get("model"), source):
+        report(f"sdft: {resume} was trained from {state['model']}, which is not there any more: resuming on "
                f"{_named(source)} as its base (the frozen teacher's weights, LoRA's base)")
 
 
 LORA_SHAPE = ("lora_r", "lora_target_modules")  # with use_lora: the shapes of the adapters a checkpoint holds
 
 
-def check_resume_weights(resume: Path | None, config) -> None:
-    """A resume keeps the settings that shape the trainable weights its checkpoint holds (full weights or
-    LoRA adapters of a rank on some modules): another value is one line before the model loads, never a
-    shape error after it."""
-    if resume is None:
-        return
-    before = checkpoint_state(resume)["config"]
+def check_resume_weights(resume: Path, state: dict, config) -> None:
+    """A resume keeps the settings that shape the trainable weights its checkpoint (``resume``, whose
+    ``state`` this is) holds (full weights or LoRA adapters of a rank on some modules): another value is one
+    line before the model loads, never a shape error after it."""
+    before = state["config"]
     names = ["use_lora"] + (list(LORA_SHAPE) if config.use_lora and before.get("use_lora") else [])
     changed = [f"{n} {before[n]!r} -> {getattr(config, n)!r}" for n in names
                if n in before and before[n] != getattr(config, n)]
@@ -309,8 +315,10 @@ def check_run_model(config, resume: Path | None, model, evaluating: bool | None 
     """The model a run loads (None, a path or a model object), against its output_dir, before it loads:
     the weights and the base its resume checkpoint was trained with, and outside what the run replaces."""
     source = source_of(model)
-    check_resume_weights(resume, config)
-    check_resume_model(resume, source, report)
+    if resume is not None:
+        state = checkpoint_state(resume)
+        check_resume_weights(resume, state, config)
+        check_resume_model(resume, state, source, report)
     check_model_outside_run(config, source, evaluating)
 
 
