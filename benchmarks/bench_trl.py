@@ -187,6 +187,7 @@ def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | st
         logging_steps=1,
         use_cpu=not torch.cuda.is_available(),
         bf16=precision == "bf16",
+        fp16=precision == "fp16",
         seed=0,
         disable_tqdm=True,
     )
@@ -223,8 +224,9 @@ def main(argv=None):
     p.add_argument("--teacher", choices=["frozen", "live"], default="frozen",
                    help="frozen: TRL's base <-> our frozen; live: the current weights on both sides")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not counted)")
-    p.add_argument("--precision", choices=["no", "bf16"], default="bf16" if torch.cuda.is_available() else "no",
-                   help="every side's: TRL's bf16=True <-> our mixed_precision=bf16 (default: bf16 on CUDA)")
+    p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="bf16" if torch.cuda.is_available() else "no",
+                   help="every side's: TRL's bf16=True (fp16=True) <-> our mixed_precision=bf16 (fp16) (default: bf16 "
+                   "on CUDA)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default=None)
     args = p.parse_args(argv)

@@ -11,8 +11,9 @@ which sums in another order: how far the figures move from one machine to anothe
     python benchmarks/main_job.py --eval --repeat-busy 2 --stem main_job_cpu
     python benchmarks/main_job.py --threads 1 --compare benchmarks/results/main_job_cpu.json --stem main_job_cpu_1thread
 
-``--precision`` runs the main command twice instead, with ``mixed_precision=no`` (fp32) and ``bf16``
-(autocast on fp32 master weights): step time, peak memory and how far the losses move.
+``--precision`` runs the main command three times instead, with ``mixed_precision=no`` (fp32), ``bf16``
+and ``fp16`` (autocast on fp32 master weights; fp16 with loss scaling): step time, peak memory, how far
+the losses move and how many steps fp16's loss scale skipped.
 
     python benchmarks/main_job.py --precision --stem main_job_cpu_precision
 """
@@ -63,7 +64,8 @@ def run_job(args: list[str], busy: int = 0, threads: int | None = None) -> dict:
     summary = {"args": " ".join(args), "busy_processes": busy, "threads": threads, "seconds": round(seconds, 1),
                "losses": [round(r["loss"], 6) for r in metrics], "tokens": [r["sdft/tokens"] for r in metrics],
                "median_step_s": round(sorted(r["sdft/step_seconds"] for r in metrics)[len(metrics) // 2], 2),
-               "peak_memory_mib": round(max((r.get("sdft/peak_memory_mib", 0) for r in metrics), default=0))}
+               "peak_memory_mib": round(max((r.get("sdft/peak_memory_mib", 0) for r in metrics), default=0)),
+               "skipped_steps": sum(bool(r.get("sdft/skipped")) for r in metrics)}
     for line in done.stdout.splitlines():
         m = re.match(r"skill accuracy (before|after): (\{.*\})$", line)
         if m:
@@ -86,14 +88,15 @@ def main(argv=None):
                         help="run the main command only, with OMP_NUM_THREADS=N (how far figures move with threads)")
     parser.add_argument("--compare", default=None, metavar="JSON", help="an earlier result to compare figures with")
     parser.add_argument("--precision", action="store_true",
-                        help="run the main command with mixed_precision=no and =bf16 (nothing else)")
+                        help="run the main command with mixed_precision=no, =bf16 and =fp16 (nothing else)")
     parser.add_argument("--stem", default="main_job_cpu")
     args = parser.parse_args(argv)
     import torch
 
     if args.precision:
-        runs = [run_job(MAIN + [f"mixed_precision={p}"]) for p in ("no", "bf16")]
-        runs[1]["max_loss_difference"] = max(abs(a - b) for a, b in zip(runs[0]["losses"], runs[1]["losses"]))
+        runs = [run_job(MAIN + [f"mixed_precision={p}"]) for p in ("no", "bf16", "fp16")]
+        for r in runs[1:]:
+            r["max_loss_difference"] = max(abs(a - b) for a, b in zip(runs[0]["losses"], r["losses"]))
     else:
         runs = [run_job(MAIN, threads=args.threads)]
     if args.compare:
@@ -128,6 +131,7 @@ def main(argv=None):
                 "total_s": r["seconds"],
                 "peak_mib": r["peak_memory_mib"],
                 "final_loss": r["losses"][-1] if r["losses"] else "-",
+                "skipped": r["skipped_steps"],
                 "same_as_idle": r.get("same_numbers_as_idle", "-"),
             }
         )

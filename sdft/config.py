@@ -209,8 +209,10 @@ class SDFTConfig:
     mixed_precision: str = _opt("auto", "bf16: compute in bfloat16 on fp32 master weights and optimizer state (TRL's "
                                 "bf16=True): autocast on one process and under DDP, FSDP2's MixedPrecisionPolicy "
                                 "(gradients reduced in fp32) under parallel=fsdp; the fused loss reads bf16 hidden "
-                                "states and head and accumulates in fp32. no: the weights' dtype. auto: bf16 on a "
-                                "CUDA device that supports it, no on CPU", choices=("auto", "no", "bf16"))
+                                "states and head and accumulates in fp32. fp16: the same in float16 with dynamic "
+                                "loss scaling (TRL's fp16=True; for GPUs without bf16: a step whose gradients "
+                                "overflow is skipped and the scale halved). no: the weights' dtype. auto: bf16 on a "
+                                "CUDA device that supports it, else no", choices=("auto", "no", "bf16", "fp16"))
     disable_dropout: bool = _opt(False, "set every dropout of the model to 0 for training (TRL's disable_dropout, "
                                  "True there); LoRA's own lora_dropout is kept")
     dtype: str = _opt("float32", "dtype the weights are loaded in (a model path or the embedded model; a model "
@@ -255,6 +257,9 @@ class SDFTConfig:
             if self.share_teacher_prefix:
                 raise ValueError("share_teacher_prefix packs prompts and teacher contexts into one prefix tree, which "
                                  f"{self.attn_implementation} does not take: use attn_implementation=sdpa")
+        if self.mixed_precision == "fp16" and self.dtype != "float32":
+            raise ValueError(f"mixed_precision=fp16 scales the loss for fp32 master weights; with dtype={self.dtype} "
+                             "use mixed_precision=no (or bf16)")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 
@@ -272,7 +277,8 @@ class SDFTConfig:
             if not torch.cuda.is_available():
                 raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         from sdft.models.attention import check_implementation
-        from sdft.runtime.parallel import compute_precision, run_device
+        from sdft.runtime.parallel import run_device
+        from sdft.runtime.precision import compute_precision
 
         device = run_device(self.device)
         check_implementation(self.attn_implementation, device.type, compute_precision(self.mixed_precision, device),

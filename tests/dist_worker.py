@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--kill-rank1-after", type=int, default=0, help="rank 1 dies after this step (0: never)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--lora", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="mixed_precision=bf16 (FSDP2)")
+    p.add_argument("--precision", default="no", help="mixed_precision (no, bf16, fp16)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     captured = {}
@@ -58,12 +58,13 @@ def main(argv=None):
     def full(t):
         return t.full_tensor() if type(t).__name__ == "DTensor" else t
 
-    def capture(model, optimizer, config, step, loss):
+    def capture(model, optimizer, config, step, loss, scaler=None):
         captured.clear()
         captured["loss"] = loss
         captured["step"] = step + 1
-        captured.update({n: full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real(model, optimizer, config, step, loss)
+        scale = scaler.get_scale() if scaler is not None else 1.0  # fp16: the gradients of the scaled loss
+        captured.update({n: full(p.grad).detach() / scale for n, p in model.named_parameters() if p.grad is not None})
+        return real(model, optimizer, config, step, loss, scaler)
 
     def maybe_die(step, record):
         if rank == 1 and step == args.kill_rank1_after:
@@ -92,7 +93,7 @@ def main(argv=None):
         save_steps=1,
         use_lora=args.lora,
         lora_r=4,
-        mixed_precision="bf16" if args.bf16 else "no",
+        mixed_precision=args.precision,
         parallel=args.parallel,
         resume_from_checkpoint=args.resume,
         loss_normalization="sequence_mean" if args.method == "sdft_seq" else "token_mean",

@@ -14,7 +14,8 @@ schedule and bookkeeping. Every TRL field is classified in ``trl_fields`` (honou
 one-line error when set, or irrelevant with its reason), so none is silently ignored; pass a rollout
 engine (``engine=``) for vLLM. TRL's ``distillation_is_clip`` only acts on reused rollouts, which sdft never
 reuses, so it is not carried over. ``bf16=True`` (TRL's default) is ``mixed_precision=bf16``: autocast compute on fp32
-master weights and optimizer state, as in TRL; ``fp16`` is refused (no loss scaling here).
+master weights and optimizer state, as in TRL; ``fp16=True`` is ``mixed_precision=fp16``, the same with dynamic loss
+scaling (the HF Trainer's GradScaler defaults).
 
 Prompts as TRL reads them (``trl_examples``): a list of messages (conversational) goes through the chat
 template, a string (TRL's standard format) is plain text, the teacher's context too
@@ -106,7 +107,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         device="cpu" if arg(args, "use_cpu", False) else "auto",
         resume_from_checkpoint=arg(args, "resume_from_checkpoint", None) or False,
         overwrite_output_dir=bool(arg(args, "overwrite_output_dir", False)),
-        mixed_precision=_precision(arg(args, "bf16", None)),
+        mixed_precision=_precision(arg(args, "bf16", None), arg(args, "fp16", False)),
         **model_init_values(args),
         disable_dropout=bool(arg(args, "disable_dropout", True)),
         full_determinism=bool(arg(args, "full_determinism", False)),
@@ -180,9 +181,14 @@ def _handler(callbacks: list, model, processing_class) -> CallbackHandler:
         logging.set_verbosity(level)
 
 
-def _precision(bf16) -> str:
-    """TRL's ``bf16`` as sdft's ``mixed_precision``: True is autocast bf16 on fp32 master weights (TRL's
-    meaning), False fp32; not given: sdft's ``auto`` (bf16 on a CUDA device with bf16, fp32 on CPU)."""
+def _precision(bf16, fp16) -> str:
+    """TRL's ``bf16`` / ``fp16`` as sdft's ``mixed_precision``: bf16=True is autocast bf16 on fp32 master
+    weights (TRL's meaning), fp16=True the same in fp16 with loss scaling, both False fp32; bf16 not given
+    (and no fp16): sdft's ``auto`` (bf16 on a CUDA device with bf16, fp32 elsewhere)."""
+    if fp16 and bf16:
+        raise ValueError("bf16=True and fp16=True: set one of them (as the transformers Trainer requires)")
+    if fp16:
+        return "fp16"
     return "auto" if bf16 is None else "bf16" if bf16 else "no"
 
 

@@ -29,7 +29,7 @@ HONOURED = {
     "gradient_accumulation_steps": "gradient_accumulation_steps",
     "max_grad_norm": "max_grad_norm",
     "bf16": "mixed_precision (True: bf16 autocast on fp32 master weights; None: auto)",
-    "fp16": "refused when True (sdft's mixed precision is bf16, no loss scaling)",
+    "fp16": "mixed_precision=fp16 when True (fp16 autocast on fp32 master weights, dynamic loss scaling)",
     "activation_checkpointing": "gradient_checkpointing (transformers 5's name, when set)",
     "gradient_checkpointing": "gradient_checkpointing",
     "logging_steps": "logging_steps",
@@ -245,11 +245,6 @@ def check_fields(args) -> None:
             "train_sampling_strategy",
             plain(arg(args, "train_sampling_strategy", "random")) == "random",
             "sdft samples in a seeded shuffle",
-        ),
-        (
-            "fp16",
-            not arg(args, "fp16", False),
-            "sdft's mixed precision is bf16 (no loss scaling): set bf16=True, fp16=False",
         ),
     ]
     checks += [(k, float(arg(args, k, v)) == v, f"sdft's AdamW keeps {k}={v}") for k, v in ADAM.items()]

@@ -33,9 +33,9 @@ def check_implementation(name: str, device_type: str, precision: str, dtype: str
                          "pip install 'sdft[flash]', or use attn_implementation=sdpa")
     if device_type != "cuda":
         raise ValueError(f"attn_implementation={name} runs on CUDA only; this run's device is {device_type}")
-    if precision != "bf16" and dtype != "bfloat16":
-        raise ValueError(f"attn_implementation={name} computes in bf16: set mixed_precision=bf16 (or auto on a "
-                         "GPU with bf16) or dtype=bfloat16")
+    if precision not in ("bf16", "fp16") and dtype != "bfloat16":
+        raise ValueError(f"attn_implementation={name} computes in bf16 or fp16: set mixed_precision=bf16 (or auto "
+                         "on a GPU with bf16, fp16 on one without) or dtype=bfloat16")
 
 
 def use_implementation(model, name: str):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from sdft.run.writes import WRITE_ERRORS, write_reason
 from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
+from sdft.runtime.precision import restore_scale, scale_state
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
@@ -149,12 +150,13 @@ def folder_step(path) -> int:
 
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
                     model_source: str | None = None, write: bool = True, data: dict | None = None,
-                    processes: int = 1) -> Path | None:
+                    processes: int = 1, scaler=None) -> Path | None:
     """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
     embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone; ``data`` (the
     training rows' ``data_fingerprint``) lets a resume say when it trains on other rows. Tensors are
     stored full, so any number of processes can resume from it (``processes``, the number that wrote it, lets
-    the resume say when that changes the step's size); under FSDP2 every process calls this
+    the resume say when that changes the step's size; ``scaler``, an fp16 run's loss scale, is continued
+    by the resume); under FSDP2 every process calls this
     (the gathers are collective) and only the one with ``write`` writes."""
     trainable, optimizer_full = trainable_state(model), optimizer_state(optimizer)
     teacher_state = teacher.state_dict() if teacher is not None else None
@@ -173,7 +175,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         if teacher_state is not None:
             save_file(teacher_state, str(tmp / "teacher.safetensors"))
         state = {"step": step, "config": config.to_dict(), "model": model_source, "data": data,
-                 "processes": processes}
+                 "processes": processes, "loss_scale": scale_state(scaler)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         _write_manifest(tmp)
         _fsync_folder(tmp)
@@ -282,12 +284,15 @@ def copy_trainable(state: dict, model, source: str) -> None:
         load_full(params[name], value)
 
 
-def load_checkpoint(path, model, optimizer, teacher) -> int:
-    """Restore a verified checkpoint into model, optimizer and teacher (None: no teacher); returns its step."""
+def load_checkpoint(path, model, optimizer, teacher, scaler=None) -> int:
+    """Restore a verified checkpoint into model, optimizer, teacher (None: no teacher) and an fp16 run's
+    loss scaler; returns its step."""
     path = Path(path)
     load_trainable(path, model)
     load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if teacher is not None and (path / "teacher.safetensors").exists():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return checkpoint_step(path)
+    state = checkpoint_state(path)
+    restore_scale(scaler, state.get("loss_scale"))
+    return int(state["step"])

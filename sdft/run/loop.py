@@ -28,7 +28,8 @@ from sdft.run.run_dir import (
 )
 from sdft.run.writes import WriteError
 from sdft.runtime.distributed import World, barrier
-from sdft.runtime.parallel import compute_precision, grad_norm_value
+from sdft.runtime.parallel import grad_norm_value
+from sdft.runtime.precision import compute_precision
 
 
 @dataclass
@@ -47,16 +48,16 @@ def _newest(output_dir) -> Path | None:
     return newest_intact(output_dir, report=lambda message: None)
 
 
-def out_of_memory_line(err: BaseException, step: int, config, output_dir, bf16: bool) -> str:
+def out_of_memory_line(err: BaseException, step: int, config, output_dir, reduced: bool) -> str:
     """What a step's ``torch.OutOfMemoryError`` says to a user: the step, the sizes that set its memory, the
-    switches that cut it, and the checkpoint a resume continues from."""
+    switches that cut it (``reduced``: mixed precision is on already), and the checkpoint a resume continues from."""
     newest = _newest(output_dir)
     kept = (f"{newest} is the newest checkpoint (resume_from_checkpoint=true)" if newest is not None
             else "no checkpoint was written yet")
     cuts = [f"per_device_train_batch_size={config.per_device_train_batch_size}",
             f"num_generations={config.num_generations}", f"max_completion_length={config.max_completion_length}"]
     switches = [s for s, on in (("gradient_checkpointing=true", config.gradient_checkpointing),
-                                ("mixed_precision=bf16", bf16)) if not on]
+                                ("mixed_precision=bf16", reduced)) if not on]
     return (f"out of memory in step {step}: lower {', '.join(cuts)}" + (f", or set {' / '.join(switches)}"
             if switches else "") + f"; {kept} ({str(err).splitlines()[0][:160]})")
 
@@ -115,20 +116,33 @@ def make_optimizer(model, learning_rate: float, weight_decay: float):
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
-def clip_and_step(model, optimizer, config, step: int, loss: float) -> tuple[float, bool]:
-    """Clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the weights."""
+def clip_and_step(model, optimizer, config, step: int, loss: float, scaler=None) -> tuple[float, bool]:
+    """Unscale, clip, check, update: (grad norm, skipped). A non-finite loss or norm never reaches the
+    weights. ``scaler``: the run's loss scaler (``Runner.scaler``; None or disabled outside fp16); under
+    fp16 a finite loss whose gradients overflow is the scale's doing, not the model's: the step is skipped
+    and the scale halved, as the HF Trainer does, until the scale is down to 1."""
+    scaler = scaler if scaler is not None else _NO_SCALER
+    scaler.unscale_(optimizer)  # the clip, the norm and the check see the true gradients
     grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                                config.max_grad_norm))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:
+    scale = scaler.get_scale()  # 1.0 when disabled
+    overflow = not finite and math.isfinite(loss) and scaler.is_enabled() and scale > 1
+    if finite:  # checked here already: the optimizer steps on the unscaled gradients without the scaler's check
         optimizer.step()
+    scaler.update()  # fp16: halves the scale after an overflow (recorded by unscale_), else counts to its growth
     optimizer.zero_grad(set_to_none=True)  # frees the gradients before rollouts and checkpoints
     if finite:
         return grad_norm, False
-    if config.nonfinite == "skip":
+    if overflow or config.nonfinite == "skip":
         return grad_norm, True
+    fp16 = (f"; under fp16 they overflow even at loss scale {scale:g}: mixed_precision=bf16 or no "
+            "keeps fp32's range") if scaler.is_enabled() and math.isfinite(loss) else ""
     raise NonFiniteError(f"step {step + 1}: loss {loss} and gradient norm {grad_norm} must be finite; stopped "
-                         "before the update, the last checkpoint is intact (nonfinite=skip skips such steps)")
+                         f"before the update, the last checkpoint is intact (nonfinite=skip skips such steps){fp16}")
+
+
+_NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft", eval_callback=None) -> TrainResult:
@@ -155,7 +169,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     schedule = LRSchedule.from_config(config)
     log = MetricsLog(out / METRICS_FILE)
-    start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher)
+    start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher, runner.scaler)
     if start >= config.max_steps and main:
         report_line(f"sdft: {run.resume} is at step {start}, max_steps={config.max_steps}: nothing left to train "
                     "(raise max_steps to continue)")
@@ -192,7 +206,8 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
             if (final or step % config.save_steps == 0) and done["save"] != step:
                 if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
-                                    run.model_source, write=main, data=data, processes=world.size)
+                                    run.model_source, write=main, data=data, processes=world.size,
+                                    scaler=runner.scaler)
                 barrier(world)
                 done["save"] = step
             if evaluator is not None and done["eval"] != step and (
@@ -207,8 +222,8 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
             try:
                 record = step_fn(optimizer, step)
             except torch.OutOfMemoryError as err:
-                bf16 = compute_precision(config.mixed_precision, run.device) == "bf16"
-                raise OutOfMemory(out_of_memory_line(err, step + 1, config, out, bf16)) from err
+                reduced = compute_precision(config.mixed_precision, run.device) != "no"
+                raise OutOfMemory(out_of_memory_line(err, step + 1, config, out, reduced)) from err
             history.append(record)
             if main and (step + 1) % config.logging_steps == 0:
                 log.write(logged_record(record))

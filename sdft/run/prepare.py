@@ -28,7 +28,8 @@ from sdft.run.run_dir import (
 )
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, setup
-from sdft.runtime.parallel import Runner, compute_precision, run_device
+from sdft.runtime.parallel import Runner, run_device
+from sdft.runtime.precision import compute_precision
 
 
 def as_config(config) -> SDFTConfig:

@@ -15,6 +15,7 @@ from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import prepare, start_runner
 from sdft.runtime.distributed import all_reduce_sum
+from sdft.runtime.precision import scale_record
 
 
 def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
@@ -50,13 +51,14 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
             loss_sum += float(runner.backward(demonstration_loss, *encoded[i], divisor=tokens,
                                               sync=k == len(order) - 1))
         loss_sum = all_reduce_sum(loss_sum, run.world)
-        grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens)
+        scale = scale_record(runner.scaler)
+        grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss_sum / tokens, runner.scaler)
         elapsed = time.perf_counter() - t0
         seen = (step + 1) * config.per_device_train_batch_size * config.gradient_accumulation_steps * run.world.size
         return {"step": step + 1, "epoch": seen / len(encoded), "loss": loss_sum / tokens,
                 "divergence": "sft_cross_entropy",
                 "grad_norm": grad_norm, "skipped": skipped, "learning_rate": optimizer.param_groups[0]["lr"],
                 "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed}
+                "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed, **scale}
 
     return run_steps(run, step_fn, step_callback=step_callback, desc="sft", eval_callback=eval_callback)

@@ -27,6 +27,7 @@ from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import Run, prepare, start_runner
 from sdft.runtime.distributed import all_reduce_sum, step_seed
+from sdft.runtime.precision import scale_record
 
 
 @dataclass
@@ -125,7 +126,8 @@ def _train_step(run: Run, teacher, engine, batch_loss: BatchLoss, optimizer, enc
     loss = all_reduce_sum(loss_sum, world) / divisor
     tokens = int(all_reduce_sum(tokens, world))
     t_loss = time.perf_counter()
-    grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss)
+    scale = scale_record(run.runner.scaler)
+    grad_norm, skipped = clip_and_step(model, optimizer, config, step, loss, run.runner.scaler)
     if not skipped and (step + 1) % config.teacher_sync_steps == 0:
         teacher.update()
     elapsed = time.perf_counter() - t0
@@ -152,4 +154,5 @@ def _train_step(run: Run, teacher, engine, batch_loss: BatchLoss, optimizer, enc
         "seconds": elapsed,
         "rollout_seconds": t_rollouts - t0,  # generation
         "loss_seconds": t_loss - t_rollouts,  # student and teacher passes, the fused loss, the backward
+        **scale,
     }

@@ -23,6 +23,7 @@ import torch
 from sdft.models import blocks_of
 from sdft.runtime.distributed import World
 from sdft.runtime.heap_trim import trim_freed_memory
+from sdft.runtime.precision import autocast_dtype, loss_scaler
 
 
 def run_device(name: str) -> torch.device:
@@ -30,14 +31,6 @@ def run_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def compute_precision(setting: str, device: torch.device) -> str:
-    """``mixed_precision`` resolved for ``device``: ``auto`` is bf16 on a CUDA device with bf16 support
-    (what a GPU user of TRL or torchtune gets by default), fp32 ("no") on CPU."""
-    if setting != "auto":
-        return setting
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
 class Whole(torch.nn.Module):
@@ -57,13 +50,13 @@ def _is_dtensor(t) -> bool:
 
 def shard(model, mixed_precision: str = "no") -> Whole:
     """FSDP2: each transformer block one unit, the rest (embeddings, norm, head) in the root.
-    ``mixed_precision="bf16"``: parameters gathered in bfloat16 for compute (the fused op then reads a
-    bf16 head and accumulates in fp32), gradients reduced and kept in fp32."""
+    ``mixed_precision="bf16"`` (or ``"fp16"``): parameters gathered in that dtype for compute (the fused op
+    then reads a bf16 head and accumulates in fp32), gradients reduced and kept in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if autocast_dtype(mixed_precision) is not None:
+        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype(mixed_precision), reduce_dtype=torch.float32)
     for block in blocks_of(model):
         fully_shard(block, mp_policy=policy)
     return fully_shard(Whole(model), mp_policy=policy)
@@ -71,7 +64,8 @@ def shard(model, mixed_precision: str = "no") -> Whole:
 
 class Runner:
     """Runs functions of the model on this process (``mode``: single, ddp or fsdp). ``trim``: give
-    freed CPU heap memory back to the OS before each backward (``cpu_trim_memory``)."""
+    freed CPU heap memory back to the OS before each backward (``cpu_trim_memory``). ``scaler``: the
+    loss scaler (``sdft.runtime.precision``; a pass-through except under fp16)."""
 
     def __init__(self, model, world: World = World(), mode: str = "ddp", mixed_precision: str = "no",
                  trim: bool = False):
@@ -86,17 +80,19 @@ class Runner:
             self.root = DistributedDataParallel(Whole(model), broadcast_buffers=False)
         else:
             self.root = Whole(model)
+        self.scaler = loss_scaler(mixed_precision, self.device_type, self.sharded)
 
     @property
     def sharded(self) -> bool:
         return self.mode == "fsdp"
 
     def _autocast(self):
-        """bf16 autocast around every computation with the weights (one process, DDP); FSDP2 casts the
-        gathered parameters itself (``shard``). Master weights and optimizer state stay fp32."""
-        if self.mixed_precision != "bf16" or self.sharded:
+        """bf16 (fp16) autocast around every computation with the weights (one process, DDP); FSDP2 casts
+        the gathered parameters itself (``shard``). Master weights and optimizer state stay fp32."""
+        dtype = autocast_dtype(self.mixed_precision)
+        if dtype is None or self.sharded:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return torch.autocast(self.device_type, dtype=dtype)
 
     def __call__(self, fn, *args, **kwargs):
         """``fn(model, *args)`` with no gradient to reduce (rollouts, teacher scoring, evaluation):
@@ -112,6 +108,7 @@ class Runner:
     def backward(self, fn, *args, divisor: float, sync: bool = True, **kwargs) -> torch.Tensor:
         """Run ``loss = fn(model, *args)`` and backpropagate ``loss / divisor``; across processes the
         gradients are summed when ``sync`` (the last micro-batch of a step), else accumulated locally.
+        Under fp16 the gradients are the loss scale times that (``clip_and_step`` unscales them).
         Returns the detached loss."""
         scale = self.world.size / divisor if self.mode != "single" else 1.0 / divisor
         context = contextlib.nullcontext()
@@ -124,7 +121,7 @@ class Runner:
                 loss = self.root(fn, *args, **kwargs)
             if self.trim:  # what the rollouts and the forward freed, before the gradients arrive
                 trim_freed_memory(loss.device)
-            (loss * scale).backward()
+            self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
     def full_model(self):

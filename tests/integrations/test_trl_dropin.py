@@ -60,6 +60,12 @@ def test_trls_bf16_is_mixed_precision_not_a_warning(tmp_path, recwarn):
     assert not [w for w in recwarn if "not applied" in str(w.message)]
 
 
+def test_trls_fp16_is_loss_scaled_mixed_precision(tmp_path):
+    """TRL's fp16=True (its bf16 then False): fp16 autocast on fp32 master weights with dynamic loss scaling."""
+    assert config_from_trl(_args(tmp_path, max_steps=3, fp16=True)).mixed_precision == "fp16"
+    assert config_from_trl(_args(tmp_path, max_steps=3, fp16=True, bf16=None)).mixed_precision == "fp16"
+
+
 @pytest.mark.parametrize("alpha,divergence", [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.3, "jsd")])
 def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
     c = config_from_trl(_args(tmp_path, distillation_alpha=alpha, max_steps=5, distillation_mode="full_logits"))
@@ -73,7 +79,7 @@ def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
     (dict(per_device_train_batch_size=6), "must be a multiple of num_generations=8"),
     (dict(lr_scheduler_type="polynomial"), "lr_scheduler_type='polynomial'"),
     (dict(teacher_model_kind="server"), "unknown teacher_model_kind"),
-    (dict(fp16=True), "fp16=True: sdft's mixed precision is bf16"),
+    (dict(fp16=True, bf16=True), "bf16=True and fp16=True: set one of them"),
 ])
 def test_unsupported_options_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

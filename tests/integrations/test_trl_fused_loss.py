@@ -93,16 +93,19 @@ def test_fused_trainer_runs_two_processes_like_the_stock_one(tmp_path):
     assert moved > 5
 
 
-def test_fused_loss_under_trls_bf16_autocast_stays_within_bf16_rounding(tmp_path):
-    """TRL's bf16=True runs compute_loss under autocast: the fused op then reads bf16 hidden states and
-    head (accumulating in fp32) and lands within bf16 rounding of the fp32 loss. TRL's own loss under the
-    same autocast takes bf16 logits' log-softmax and, with teacher ~ student (a loss of ~1e-3), is
-    further off (measured: a negative forward KL, -6e-4 against 1.09e-3)."""
+@pytest.mark.parametrize("precision,dtype,eps", [("bf16", torch.bfloat16, 2.0 ** -8), ("fp16", torch.float16, 2.0 ** -11)])
+def test_fused_loss_under_trls_autocast_stays_within_its_rounding(tmp_path, precision, dtype, eps):
+    """TRL's bf16=True (fp16=True) runs compute_loss under autocast: the fused op then reads bf16 (fp16)
+    hidden states and head (accumulating in fp32) and lands within that rounding of the fp32 loss. TRL's
+    own loss under the same autocast takes reduced-precision logits' log-softmax and, with teacher ~
+    student (a loss of ~1e-3), is further off (measured under bf16: a negative forward KL, -6e-4 against
+    1.09e-3)."""
     from sdft.run.export import save_hf_folder
 
     tok = tiny_tokenizer()
     path = save_hf_folder(tiny_llama(vocab=len(tok), hidden=64), tok, tmp_path / "model")
-    args = SDFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=True, report_to="none", max_steps=1,
+    args = SDFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=precision == "bf16",
+                      fp16=precision == "fp16", report_to="none", max_steps=1,
                       per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
                       max_prompt_length=64, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
                       gradient_checkpointing=False, distillation_mode="full_logits", distillation_alpha=0.0)
@@ -111,10 +114,9 @@ def test_fused_loss_under_trls_bf16_autocast_stays_within_bf16_rounding(tmp_path
     inputs = trainer._prepare_training_batch(ROWS[:2] * 2)
     model = trainer.model
     fp32 = float(trainer.compute_loss(model, inputs).detach())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         stock = float(StockTrainer.compute_loss(trainer, model, inputs))
         fused = float(trainer.compute_loss(model, inputs))
-    eps = 2.0 ** -8
-    assert fused != fp32  # bf16 really ran
+    assert fused != fp32  # the reduced precision really ran
     assert abs(fused - fp32) <= 32 * eps * abs(fp32)
     assert abs(fused - fp32) <= abs(stock - fp32)

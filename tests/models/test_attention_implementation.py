@@ -142,10 +142,11 @@ def test_flash_where_it_cannot_run_is_one_line(monkeypatch):
                         real(name, *a))
     with pytest.raises(ValueError, match="runs on CUDA only; this run's device is cpu"):
         SDFTConfig(attn_implementation="flash_attention_2", device="cpu").check_device()
-    with pytest.raises(ValueError, match="computes in bf16: set mixed_precision=bf16"):
+    with pytest.raises(ValueError, match="computes in bf16 or fp16: set mixed_precision=bf16"):
         check_implementation("flash_attention_2", "cuda", "no", "float32")
     check_implementation("flash_attention_2", "cuda", "no", "bfloat16")  # bf16 weights run
     check_implementation("flash_attention_2", "cuda", "bf16", "float32")
+    check_implementation("flash_attention_2", "cuda", "fp16", "float32")
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,6 +1,8 @@
-"""bf16 mixed precision on one process: autocast compute, fp32 master weights and optimizer state; the
-loss and its gradients stay within bf16 rounding of the fp32 step."""
+"""bf16 and fp16 mixed precision on one process: autocast compute, fp32 master weights and optimizer
+state; the loss and its gradients stay within bf16 (fp16) rounding of the fp32 step; fp16's loss scale
+skips the steps that overflow and resumes where it was."""
 import json
+import math
 
 import pytest
 import torch
@@ -12,12 +14,13 @@ from sdft.loss.batch import BatchLoss
 from sdft.loss.spec import compute_dtype
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import RolloutBatch
-from sdft.runtime.parallel import Runner, compute_precision
+from sdft.runtime.parallel import Runner
+from sdft.runtime.precision import compute_precision
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                       reason="needs a CUDA GPU")])
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
-BF16_EPS = 2.0 ** -8
+EPS = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}  # relative rounding of 8 and 11 significant bits
 
 
 def _batch(seed=0, group=3):
@@ -40,25 +43,29 @@ def _loss_and_grads(precision, teacher_mode, divergence, device="cpu"):
     runner = Runner(model, mixed_precision=compute_precision(precision, torch.device(device)))
     loss = runner.backward(BatchLoss.from_config(config), Teacher(model, teacher_mode), batch, contexts, 0,
                            divisor=1.0)
-    return float(loss), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}, model
+    scale = runner.scaler.get_scale()  # fp16: the backward ran on the scaled loss
+    return float(loss), {n: p.grad.cpu() / scale for n, p in model.named_parameters() if p.grad is not None}, model
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("teacher_mode", ["frozen", "live"])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
-def test_bf16_loss_and_gradients_are_within_bf16_rounding_of_fp32(teacher_mode, divergence, device):
-    """On CUDA the bf16 step (Triton kernels, GPU attention) is held to the CPU's fp32 step."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_loss_and_gradients_are_within_its_rounding_of_fp32(precision, teacher_mode, divergence,
+                                                                              device):
+    """On CUDA the reduced-precision step (Triton kernels, GPU attention) is held to the CPU's fp32 step."""
     loss32, grads32, _ = _loss_and_grads("no", teacher_mode, divergence)
-    loss16, grads16, model = _loss_and_grads("bf16", teacher_mode, divergence, device)
+    loss16, grads16, model = _loss_and_grads(precision, teacher_mode, divergence, device)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert all(g.dtype == torch.float32 for g in grads16.values())
-    # every matrix product rounds its inputs to bf16 (relative 2^-8) through 2 layers and the head: a few
-    # dozen eps on the loss, and on whole-tensor gradient norms
-    assert abs(loss16 - loss32) <= 32 * BF16_EPS * abs(loss32)
+    # every matrix product rounds its inputs to 8 (11) significant bits through 2 layers and the head: a
+    # few dozen eps on the loss, and on whole-tensor gradient norms
+    eps = EPS[precision]
+    assert abs(loss16 - loss32) <= 32 * eps * abs(loss32)
     flat32 = torch.cat([grads32[n].flatten() for n in grads32])
     flat16 = torch.cat([grads16[n].flatten() for n in grads32])
-    assert (flat16 - flat32).norm() <= 32 * BF16_EPS * flat32.norm()
-    assert loss16 != loss32  # bf16 really ran
+    assert (flat16 - flat32).norm() <= 32 * eps * flat32.norm()
+    assert loss16 != loss32  # the reduced precision really ran
 
 
 def test_the_fused_op_computes_in_autocasts_dtype():
@@ -96,6 +103,66 @@ def test_a_bf16_run_trains_and_resumes_bit_identically(tmp_path, device):
     wanted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["loss"], r["sdft/tokens"]) for r in steps] == [(r["loss"], r["sdft/tokens"]) for r in wanted]
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters()))
+
+
+def _start_at(scale, monkeypatch):
+    """fp16 runs start their loss scale at ``scale`` (2^16 by default, which never overflows this model)."""
+    import sdft.runtime.parallel as parallel
+
+    monkeypatch.setattr(parallel, "loss_scaler", lambda precision, device_type, sharded: torch.amp.GradScaler(
+        device_type, init_scale=scale, enabled=precision == "fp16"))
+
+
+def test_fp16_skips_the_steps_whose_scaled_gradients_overflow_and_halves_the_scale(tmp_path, monkeypatch):
+    """At a loss scale of 2^30 this model's gradients (~1e-3) overflow fp16's 65504: those steps leave the
+    weights as they were and halve the scale, until one fits and trains."""
+    _start_at(2.0 ** 30, monkeypatch)
+    result = _run(tmp_path, max_steps=4, mixed_precision="fp16")
+    records = result.metrics
+    assert [r["skipped"] for r in records] == [True, True, True, False]
+    assert [r["loss_scale"] for r in records] == [2.0 ** 30, 2.0 ** 29, 2.0 ** 28, 2.0 ** 27]
+    assert all(math.isfinite(r["loss"]) for r in records) and math.isfinite(records[-1]["grad_norm"])
+    from safetensors.torch import load_file
+
+    initial = dict(tiny_llama(vocab=len(tiny_tokenizer())).named_parameters())
+    for step, same in ((3, True), (4, False)):
+        saved = load_file(str(tmp_path / f"checkpoint-{step}" / "trainable.safetensors"))
+        assert all(torch.equal(v, initial[n]) for n, v in saved.items()) is same
+    assert json.loads((tmp_path / "checkpoint-4" / "state.json").read_text())["loss_scale"]["scale"] == 2.0 ** 27
+
+
+def test_an_fp16_run_resumes_its_loss_scale_bit_identically(tmp_path, monkeypatch):
+    """Cut while the scale is still falling: the resumed steps start at the checkpoint's scale, not afresh."""
+    _start_at(2.0 ** 30, monkeypatch)
+    whole = _run(tmp_path / "whole", max_steps=5, mixed_precision="fp16")
+    _run(tmp_path / "cut", max_steps=2, mixed_precision="fp16")
+    resumed = _run(tmp_path / "cut", max_steps=5, mixed_precision="fp16", resume_from_checkpoint=True)
+    assert [r["loss_scale"] for r in resumed.metrics] == [r["loss_scale"] for r in whole.metrics[2:]]
+    steps = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    wanted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["sdft/loss_scale"]) for r in steps] == [(r["loss"], r["sdft/loss_scale"]) for r in wanted]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters()))
+
+
+def test_fp16_gradients_that_overflow_at_scale_one_stop_the_run(tmp_path):
+    """Below a scale of 1 an overflow is the gradients' own: the nonfinite rule applies, naming fp16."""
+    from sdft.run.errors import NonFiniteError
+    from sdft.run.loop import clip_and_step
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")  # what an fp16 backward's overflow leaves
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteError, match="under fp16 they overflow even at loss scale 1: mixed_precision=bf16"):
+        clip_and_step(model, optimizer, SDFTConfig(mixed_precision="fp16"), 0, 1.0, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fp16_refuses_bf16_weights():
+    with pytest.raises(ValueError, match="mixed_precision=fp16 scales the loss for fp32 master weights"):
+        SDFTConfig(mixed_precision="fp16", dtype="bfloat16")
 
 
 def test_dtype_bfloat16_loads_the_weights_in_bf16(tmp_path):

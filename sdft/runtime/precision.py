@@ -1,0 +1,56 @@
+"""What ``mixed_precision`` means on this process: the dtype autocast computes in and, for fp16, the
+loss scaler. Master weights and optimizer state stay in the weights' dtype (fp32) either way.
+
+bf16 keeps fp32's exponent range and needs no scaling. fp16 keeps more significant bits (11 against 8)
+but five exponent bits: gradients below 2^-24 flush to zero and values above 65504 overflow. So an
+fp16 run scales its loss as the HF Trainer's ``fp16=True`` does (``torch.amp.GradScaler``'s defaults):
+the loss is multiplied by the scale (2^16 at first) before the backward and the gradients divided by
+it before clipping; a step whose gradients overflow is skipped and the scale halved, and after 2000
+steps without an overflow it doubles. The scale is checkpointed, so a resumed run continues it.
+"""
+from __future__ import annotations
+
+import torch
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_precision(setting: str, device: torch.device) -> str:
+    """``mixed_precision`` resolved for ``device``: ``auto`` is bf16 on a CUDA device with bf16 support
+    (what a GPU user of TRL or torchtune gets by default), fp32 ("no") elsewhere: fp16 is never chosen
+    for a user, since a model trained in bf16 can overflow fp16's range in its activations."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast computes in for a resolved precision (None: no autocast)."""
+    return AUTOCAST_DTYPES.get(precision)
+
+
+def loss_scaler(precision: str, device_type: str, sharded: bool) -> torch.amp.GradScaler:
+    """The loss scaler of a run: enabled for fp16 only (disabled, every call is a pass-through). Under
+    FSDP2 the sharded one, which agrees on an overflow across processes before any of them steps."""
+    enabled = precision == "fp16"
+    if sharded and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device_type)
+    return torch.amp.GradScaler(device_type, enabled=enabled)
+
+
+def scale_state(scaler) -> dict | None:
+    """The scaler's state for a checkpoint (JSON: a float and four numbers), None when disabled."""
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+
+
+def restore_scale(scaler, state: dict | None) -> None:
+    """Continue a checkpoint's loss scale (an fp16 run resumed as fp16; anything else starts afresh)."""
+    if scaler is not None and scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
+def scale_record(scaler) -> dict:
+    """A step record's ``loss_scale`` (the scale its backward ran at) under fp16; nothing otherwise."""
+    return {"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}
