@@ -93,7 +93,8 @@ def test_fused_trainer_runs_two_processes_like_the_stock_one(tmp_path):
     assert moved > 5
 
 
-@pytest.mark.parametrize("precision,dtype,eps", [("bf16", torch.bfloat16, 2.0 ** -8), ("fp16", torch.float16, 2.0 ** -11)])
+@pytest.mark.parametrize("precision,dtype,eps", [("bf16", torch.bfloat16, 2.0 ** -8),
+                                                 ("fp16", torch.float16, 2.0 ** -11)])
 def test_fused_loss_under_trls_autocast_stays_within_its_rounding(tmp_path, precision, dtype, eps):
     """TRL's bf16=True (fp16=True) runs compute_loss under autocast: the fused op then reads bf16 (fp16)
     hidden states and head (accumulating in fp32) and lands within that rounding of the fp32 loss. TRL's
