@@ -38,6 +38,27 @@ def _not_ours(out: Path) -> str | None:
     return None if (out / EXPORT_MARK).is_file() else f"no {EXPORT_MARK}: it is not an sdft export"
 
 
+def _run_part(out: Path) -> str | None:
+    """What of an sdft run ``out`` is (its output_dir, a checkpoint), None when it is neither: forced
+    exports never displace these, since the run's checkpoints and resume live there."""
+    from sdft.run.checkpoint import ASIDE, PATTERN, is_ours
+    from sdft.run.run_dir import RECORD_FILE
+
+    if (out / RECORD_FILE).is_file():
+        return "an sdft run's output_dir"
+    if out.is_dir() and (PATTERN.match(out.name) or ASIDE.match(out.name)) and is_ours(out):
+        return "an sdft checkpoint"
+    return None
+
+
+def _check_apart(checkpoint: Path, out: Path) -> None:
+    """The export is written beside the checkpoint it reads, never over it, into it or around it."""
+    src, dst = checkpoint.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        where = "is" if dst == src else "holds" if dst in src.parents else "is inside"
+        raise ValueError(f"export target {out} {where} the checkpoint {checkpoint}: choose a folder outside it")
+
+
 def check_target(out, force: bool = False) -> bool:
     """Refuse (one line) to write over a folder that is not an earlier export: the user's files are
     never wiped. ``force`` writes there anyway, the old folder moved aside, not deleted. True when the
@@ -45,6 +66,10 @@ def check_target(out, force: bool = False) -> bool:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export target {out} exists and is not a folder")
+    run_part = _run_part(out)
+    if run_part is not None:
+        raise ValueError(f"export target {out} is {run_part}, which a resume reads (--force does not move it "
+                         "aside): choose another folder, e.g. a new one beside the checkpoints")
     problem = _not_ours(out)
     if problem is not None and not force:
         raise ValueError(f"export target {out} is not empty and not an earlier sdft export ({problem}): choose an "
@@ -150,6 +175,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     """
     out = Path(out).expanduser()
     check_checkpoint(checkpoint)
+    _check_apart(Path(checkpoint).expanduser(), out)
     check_target(out, force)
     base, tokenizer = _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
     return export_model(base, tokenizer, out, merge_lora, force)

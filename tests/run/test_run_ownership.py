@@ -183,6 +183,33 @@ def test_export_refuses_a_folder_with_user_files_unless_forced(tmp_path, capsys)
     assert len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 1
 
 
+@pytest.mark.parametrize("where, message", [
+    ("run/checkpoint-2", "is the checkpoint"),
+    ("run/checkpoint-2/hf", "is inside the checkpoint"),
+    ("run", "holds the checkpoint"),
+    (".", "holds the checkpoint"),
+    ("run/checkpoint-1", "is an sdft checkpoint, which a resume reads"),
+])
+def test_a_forced_export_never_displaces_the_run_it_reads_from(tmp_path, capsys, where, message):
+    _run(tmp_path / "run")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    target = tmp_path / where
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(target), "--force"]) == 2
+    assert message in _one_line(capsys)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert damage(tmp_path / "run" / "checkpoint-2") is None
+
+
+def test_a_forced_export_never_displaces_another_runs_folder(tmp_path, capsys):
+    _run(tmp_path / "run")
+    _run(tmp_path / "other")
+    capsys.readouterr()
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "other"), "--force"]) == 2
+    assert "is an sdft run's output_dir" in _one_line(capsys)
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+
+
 def test_export_onto_a_model_folder_that_is_not_an_export_is_refused(tmp_path, capsys):
     _run(tmp_path / "run")
     base = tmp_path / "base"  # a model the user has: the checkpoint's own base, in the worst case
