@@ -84,7 +84,8 @@ class SDFTConfig:
     # Optimisation
     learning_rate: float = _opt(1e-5, "AdamW learning rate", positive=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay", minimum=0.0)
-    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value", positive=True)
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value (0: no clipping, the norm still "
+                                     "logged, as the HF Trainer)", minimum=0)
     max_steps: int = _opt(40, "optimizer steps in the run", positive=True)
     per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)

@@ -76,7 +76,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         output_dir=str(arg(args, "output_dir", "sdft-output")),
         learning_rate=float(arg(args, "learning_rate", 5e-5)),
         weight_decay=float(arg(args, "weight_decay", 0.0)),
-        max_grad_norm=float(arg(args, "max_grad_norm", 1.0)),
+        max_grad_norm=float(arg(args, "max_grad_norm", 1.0) or 0.0),  # None or 0: no clipping, as the Trainer
         max_steps=max_steps,
         per_device_train_batch_size=prompts,
         gradient_accumulation_steps=accumulation,

@@ -27,7 +27,7 @@ HONOURED = {
     "adam_beta2": "AdamW's beta2, TRL's 0.999; other values refused",
     "adam_epsilon": "AdamW's eps, TRL's 1e-8; other values refused",
     "gradient_accumulation_steps": "gradient_accumulation_steps",
-    "max_grad_norm": "max_grad_norm",
+    "max_grad_norm": "max_grad_norm (None or 0: no clipping, as the Trainer)",
     "bf16": "mixed_precision (True: bf16 autocast on fp32 master weights; None: auto)",
     "fp16": "mixed_precision=fp16 when True (fp16 autocast on fp32 master weights, dynamic loss scaling)",
     "activation_checkpointing": "gradient_checkpointing (transformers 5's name, when set)",

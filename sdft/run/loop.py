@@ -124,7 +124,7 @@ def clip_and_step(model, optimizer, config, step: int, loss: float, scaler=None)
     scaler = scaler if scaler is not None else _NO_SCALER
     scaler.unscale_(optimizer)  # the clip, the norm and the check see the true gradients
     grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                               config.max_grad_norm))
+                                                               config.max_grad_norm or math.inf))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     scale = scaler.get_scale()  # 1.0 when disabled
     overflow = not finite and math.isfinite(loss) and scaler.is_enabled() and scale > 1

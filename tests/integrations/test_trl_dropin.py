@@ -271,6 +271,11 @@ def test_trl_fields_that_map_onto_sdft_keys(tmp_path):
     assert c.attn_implementation == "eager"
 
 
+@pytest.mark.parametrize("value, clip", [(None, 0.0), (0, 0.0), (0.5, 0.5)])
+def test_trls_max_grad_norm_none_or_zero_turns_clipping_off(tmp_path, value, clip):
+    assert config_from_trl(_args(tmp_path, max_steps=3, max_grad_norm=value)).max_grad_norm == clip
+
+
 def test_a_real_trl_config_with_a_field_sdft_lacks_is_refused(tmp_path):
     trl_sdft = pytest.importorskip("trl.experimental.sdft")
     args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, save_strategy="no")

@@ -408,3 +408,27 @@ def test_nonfinite_step_stops_loudly_and_keeps_the_last_checkpoint(tmp_path, mon
     result = _run(tmp_path / "skip", max_steps=3, nonfinite="skip")
     assert [r["skipped"] for r in result.metrics] == [False, True, False]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_max_grad_norm_zero_turns_clipping_off_and_still_logs_the_norm():
+    """As the HF Trainer's ``max_grad_norm=0``: the gradients reach AdamW as they are."""
+    from sdft.run.loop import clip_and_step
+
+    def step(max_grad_norm):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        (100 * model(torch.ones(2, 4)).square().sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm, skipped = clip_and_step(model, optimizer, SDFTConfig(max_grad_norm=max_grad_norm), 0, 1.0)
+        return norm, skipped, grads, [p.detach() for p in model.parameters()]
+
+    norm, skipped, grads, weights = step(0.0)
+    assert not skipped and norm == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item()) and norm > 1
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in torch.nn.Linear(4, 3).parameters()]
+    assert all(torch.equal(w, s - g) for w, s, g in zip(weights, start, grads))  # SGD, lr 1, unclipped
+    clipped = step(1.0)[3]
+    assert not torch.equal(clipped[0], weights[0])
+    with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
+        SDFTConfig(max_grad_norm=-1.0)
