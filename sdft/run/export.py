@@ -39,16 +39,15 @@ def _not_ours(out: Path) -> str | None:
 
 
 def _run_part(out: Path) -> str | None:
-    """What of an sdft run ``out`` is (its output_dir, a checkpoint), None when it is neither: forced
-    exports never displace these, since the run's checkpoints and resume live there."""
-    from sdft.run.checkpoint import ASIDE, PATTERN, is_ours
-    from sdft.run.run_dir import RECORD_FILE
+    """What of an sdft run ``out`` is or lies inside (its output_dir, a checkpoint, inside an entry its run
+    replaces), None when nothing: forced exports never displace these, nor are they written where a run
+    would later replace or delete them."""
+    from sdft.run.run_dir import RECORD_FILE, run_entry_holding
 
     if (out / RECORD_FILE).is_file():
         return "an sdft run's output_dir"
-    if out.is_dir() and (PATTERN.match(out.name) or ASIDE.match(out.name)) and is_ours(out):
-        return "an sdft checkpoint"
-    return None
+    inside = run_entry_holding(out)
+    return None if inside is None else f"or lies inside {inside}"
 
 
 def _check_apart(checkpoint: Path, out: Path) -> None:
@@ -68,8 +67,8 @@ def check_target(out, force: bool = False) -> bool:
         raise ValueError(f"export target {out} exists and is not a folder")
     run_part = _run_part(out)
     if run_part is not None:
-        raise ValueError(f"export target {out} is {run_part}, which a resume reads (--force does not move it "
-                         "aside): choose another folder, e.g. a new one beside the checkpoints")
+        raise ValueError(f"export target {out} is {run_part} (--force does not move it aside): choose another "
+                         "folder, e.g. a new one beside the checkpoints")
     problem = _not_ours(out)
     if problem is not None and not force:
         raise ValueError(f"export target {out} is not empty and not an earlier sdft export ({problem}): choose an "

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from sdft.models.loading import SOURCE_UNKNOWN, source_of
 from sdft.run.checkpoint import (
+    ASIDE,
     OWN_FILES,
+    PATTERN,
     CheckpointError,
     checkpoint_state,
     checkpoint_step,
@@ -94,12 +96,28 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
     return [n for n in names if (out / n).exists() and n not in owned]
 
 
+def run_entry_holding(path) -> str | None:
+    """What of an sdft run ``path`` is or lies inside, as a phrase; None when nothing: an sdft checkpoint
+    (its run rotates it away), or inside an entry a run's record lists (``final_model/``, ``runs/``, ...:
+    its run replaces or deletes it). A run or an export written there would go with it."""
+    path = Path(path).expanduser().resolve()
+    for above in (path, *path.parents):
+        if (PATTERN.match(above.name) or ASIDE.match(above.name)) and above.is_dir() and is_ours(above):
+            return f"{above}, an sdft checkpoint"
+        if above != path and above.name in (_recorded(above.parent) or ()):
+            return f"{above}, which the run in {above.parent} replaces or deletes"
+    return None
+
+
 def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path | None:
     """Check ``config.output_dir`` (changing nothing); return the checkpoint to resume from, or None.
     ``evaluating``: as ``run_outputs``."""
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} exists and is not a folder")
+    inside = run_entry_holding(out)
+    if inside is not None:
+        raise ValueError(f"output_dir {out} is or lies inside {inside}: choose a folder outside it")
     busy = holder(out)
     if busy is not None:
         raise RunLockedError(busy)

@@ -188,10 +188,11 @@ def test_export_refuses_a_folder_with_user_files_unless_forced(tmp_path, capsys)
     ("run/checkpoint-2/hf", "is inside the checkpoint"),
     ("run", "holds the checkpoint"),
     (".", "holds the checkpoint"),
-    ("run/checkpoint-1", "is an sdft checkpoint, which a resume reads"),
+    ("run/checkpoint-1", "an sdft checkpoint (--force does not move it aside)"),
+    ("run/final_model/hf", "final_model, which the run in"),
 ])
 def test_a_forced_export_never_displaces_the_run_it_reads_from(tmp_path, capsys, where, message):
-    _run(tmp_path / "run")
+    _run(tmp_path / "run", save_final_model=True)
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     capsys.readouterr()
     target = tmp_path / where
@@ -199,6 +200,20 @@ def test_a_forced_export_never_displaces_the_run_it_reads_from(tmp_path, capsys,
     assert message in _one_line(capsys)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     assert damage(tmp_path / "run" / "checkpoint-2") is None
+
+
+@pytest.mark.parametrize("where", ["run/checkpoint-2", "run/checkpoint-2/nested", "run/final_model/nested"])
+def test_a_run_inside_another_runs_checkpoint_or_final_model_is_refused(tmp_path, capsys, monkeypatch, where):
+    """The other run rotates its checkpoints away and replaces its final_model: a run in there would go too."""
+    _run(tmp_path / "run", save_final_model=True)
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    capsys.readouterr()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    assert cli(["train", "--model", "unused", "--data", str(data), "--no-eval",
+                "--set", f"output_dir={tmp_path / where}"]) == 2
+    assert "is or lies inside" in _one_line(capsys) and not (tmp_path / where / ".sdft-run.json").exists()
+    assert _run(tmp_path / "run" / "beside").metrics  # a new folder in a run's folder is not the run's
 
 
 def test_a_forced_export_never_displaces_another_runs_folder(tmp_path, capsys):
