@@ -202,6 +202,10 @@ def _teacher_check(args, parser) -> int:
 def _read_prompts(args) -> list[dict]:
     """Rows {"prompt": ...} from --prompt and --prompts (jsonl rows, or plain lines)."""
     rows = [{"prompt": p} for p in args.prompt]
+    for k, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            raise ValueError(f"--prompt {k} of {len(args.prompt)} is empty" if len(args.prompt) > 1 else
+                             "--prompt is empty")
     if args.prompts is not None:
         path = Path(args.prompts).expanduser()
         if not path.is_file():

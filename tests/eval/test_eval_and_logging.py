@@ -191,6 +191,8 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
         (["generate", "--prompt", "x", "--temperature", "-1"], "finite number >= 0"),
         (["generate", "--prompt", "x", "--temperature", "nan"], "finite number >= 0"),
         (["generate", "--prompt", "x", "--temperature", "inf"], "finite number >= 0"),
+        (["generate", "--prompt", " "], "--prompt is empty"),
+        (["generate", "--prompt", "x", "--prompt", ""], "--prompt 2 of 2 is empty"),
     ],
 )
 def test_cli_generate_errors_are_one_line(argv, message, capsys):
