@@ -86,7 +86,22 @@ def environment(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        info["cpu"] = cpu_model()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ...
+        info["cpu_bf16"] = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (machines sold under one name differ)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or "unknown"
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def write_results(out_dir: Path, stem: str, payload: dict, table: str):

@@ -29,7 +29,7 @@ from sdft.run.run_dir import (
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, setup
 from sdft.runtime.parallel import Runner, run_device
-from sdft.runtime.precision import compute_precision
+from sdft.runtime.precision import compute_precision, cpu_precision_note
 
 
 def as_config(config) -> SDFTConfig:
@@ -107,8 +107,10 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
     if world.is_main:
-        for note in data_notes(examples, eval_examples, config, world.size):
-            report_line(note)
+        notes = data_notes(examples, eval_examples, config, world.size)
+        for note in notes + [cpu_precision_note(config.mixed_precision, run_device(config.device))]:
+            if note is not None:
+                report_line(note)
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
         run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)

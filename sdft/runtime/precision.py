@@ -24,6 +24,28 @@ def compute_precision(setting: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
+def _native_16bit(precision: str) -> bool:
+    """Whether this CPU multiplies ``precision``'s numbers in hardware (bf16: AVX512-BF16 or AMX; fp16:
+    AMX-FP16); True when this torch cannot tell."""
+    cpu = torch.cpu
+    probes = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"), "fp16": ("_is_amx_fp16_supported",)}
+    known = [getattr(cpu, name) for name in probes[precision] if hasattr(cpu, name)]
+    return not known or any(probe() for probe in known)
+
+
+def cpu_precision_note(setting: str, device: torch.device) -> str | None:
+    """One line when a 16-bit ``mixed_precision`` asked for on the CPU has no hardware there: the matrix
+    products are then emulated (on this project's AVX2 CPU a bf16 step took 7x fp32's time, fp16 8x,
+    ``benchmarks/results/precision_cpu_avx2.md``)."""
+    precision = compute_precision(setting, device)
+    if device.type != "cpu" or precision not in AUTOCAST_DTYPES or _native_16bit(precision):
+        return None
+    return (f"sdft: mixed_precision={precision} on a CPU without {precision} matrix instructions "
+            f"({torch.backends.cpu.get_cpu_capability()}): its products are emulated, several times slower than "
+            "fp32; mixed_precision=no is faster here (16-bit pays on GPUs and on CPUs with "
+            f"{'AVX512-BF16 or AMX' if precision == 'bf16' else 'AMX-FP16'})")
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The dtype autocast computes in for a resolved precision (None: no autocast)."""
     return AUTOCAST_DTYPES.get(precision)

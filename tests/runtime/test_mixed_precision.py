@@ -176,3 +176,19 @@ def test_dtype_bfloat16_loads_the_weights_in_bf16(tmp_path):
     result = train(str(base), ROWS, config)
     assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
     assert result.metrics[0]["loss"] == result.metrics[0]["loss"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_16bit_on_a_cpu_without_its_instructions_says_fp32_is_faster(monkeypatch, native):
+    """bf16 / fp16 products are emulated on an AVX2 CPU (7x fp32's step on this project's): one line says so."""
+    from sdft.runtime.precision import cpu_precision_note
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native)
+    cpu = torch.device("cpu")
+    for precision in ("bf16", "fp16"):
+        note = cpu_precision_note(precision, cpu)
+        assert (note is None) == native
+        assert native or f"mixed_precision={precision} on a CPU without {precision}" in note and "\n" not in note
+    assert cpu_precision_note("no", cpu) is None and cpu_precision_note("auto", cpu) is None
+    assert cpu_precision_note("bf16", torch.device("cuda")) is None
