@@ -48,10 +48,10 @@ def _batch(prompts: int, group: int):
 
 
 def scoring_step(way: str, prompts: int, group: int, checkpointing: bool = False, grad: bool = True,
-                 attention: str = "auto"):
+                 attention: str = "auto", loss: bool = True):
     """(step, passes): one micro-batch's scoring pass the ``way`` given (``attention``: the tree's, see
-    ``sdft.prefix.attention``) with the fused loss on top and, with ``grad``, its backward; ``passes``
-    holds the token passes of the last call."""
+    ``sdft.prefix.attention``) with the fused loss on top (unless not ``loss``: the decoder's pass alone)
+    and, with ``grad``, its backward; ``passes`` holds the token passes of the last call."""
     from sdft.models import decoder_of, enable_checkpointing
     from sdft.prefix import packed as bp
     from sdft_kernels import fused_linear_divergence
@@ -72,10 +72,12 @@ def scoring_step(way: str, prompts: int, group: int, checkpointing: bool = False
         passes.clear()
         with torch.set_grad_enabled(grad):
             hidden = fn(decoder, contexts, completions, mask, pad, passes)
-            loss = fused_linear_divergence(hidden, teacher, weight, mask=mask, divergence="forward_kl",
-                                           reduction="sum")
+            if not loss:
+                return
+            value = fused_linear_divergence(hidden, teacher, weight, mask=mask, divergence="forward_kl",
+                                            reduction="sum")
             if grad:
-                loss.backward()
+                value.backward()
                 model.zero_grad(set_to_none=True)
 
     return step, passes

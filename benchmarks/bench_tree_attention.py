@@ -4,7 +4,9 @@ Two settings, each way in its own process:
 
 * ``8x8``: bench_prefix_memory's micro-batch (8 prompts under one ~530-token system message, G=8
   rollouts of 12-24 tokens, the embedded SmolLM2-135M-Instruct in fp32), the teacher's scoring pass
-  (forward without gradient, the fused loss's forward on top). FlexAttention has no backward on CPU
+  (forward without gradient, the fused loss's forward on top; "tree alone": the decoder's pass without
+  it, where the attention's share of the memory shows: the loss's [256, V] logit blocks are the same
+  either way). FlexAttention has no backward on CPU
   (torch 2.13), so the student's pass (forward + backward) runs only with the dense mask here; its row
   is the reference "tree path today".
 * ``large``: a packed row the dense mask cannot hold in this machine's 24 GiB (P prompts x G rollouts
@@ -12,8 +14,8 @@ Two settings, each way in its own process:
   truncated to ``--layers`` layers of the same shape with random weights (the mask, not the model, is
   what is measured); the dense mask's bytes are computed, not allocated.
 
-Reports peak memory above the loaded model (resident set), the first call's ms (FlexAttention
-compiles then) and the median ms of ``--reps`` more calls.
+Reports peak memory above the loaded model (resident set; the 8x8 rows: the median of 3 calls after
+the first), the first call's ms (FlexAttention compiles then) and the median ms of ``--reps`` more calls.
 
     python benchmarks/bench_tree_attention.py
     python benchmarks/bench_tree_attention.py --sweep      # by packed width, on CUDA where there is one
@@ -24,6 +26,7 @@ the measurement behind the ``auto`` rule's threshold (``sdft.prefix.attention.FL
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,21 +45,22 @@ from benchmarks.measure import (  # noqa: E402
 )
 
 
-def _timed(step, reps: int, device: torch.device = torch.device("cpu")) -> dict:
+def _timed(step, reps: int, device: torch.device = torch.device("cpu"), peaks: int = 1) -> dict:
+    """The first call's ms and peak, the median peak of ``peaks`` later calls, the median ms of ``reps`` more."""
     t0 = time.perf_counter()
     first_peak = peak_extra_mib(step, device)
     sync(device)
     first = (time.perf_counter() - t0) * 1e3
-    peak = peak_extra_mib(step, device)
+    peak = statistics.median(peak_extra_mib(step, device) for _ in range(peaks))
     return {"first_ms": first, "first_peak_extra_mib": first_peak, "peak_extra_mib": peak,
             "ms": median_ms(step, device, warmup=0, reps=reps)}
 
 
-def run_8x8(attention: str, grad: bool, prompts: int, group: int, reps: int) -> dict:
+def run_8x8(attention: str, grad: bool, prompts: int, group: int, reps: int, loss: bool = True) -> dict:
     from benchmarks.bench_prefix_memory import scoring_step
 
-    step, passes = scoring_step("tree", prompts, group, grad=grad, attention=attention)
-    return {**_timed(step, reps), "token_passes": sum(passes)}
+    step, passes = scoring_step("tree", prompts, group, grad=grad, attention=attention, loss=loss)
+    return {**_timed(step, reps, peaks=3), "token_passes": sum(passes)}
 
 
 def large_tree(prompts: int, group: int, system: int, completion: int):
@@ -200,11 +204,12 @@ def main(argv=None):
     p.add_argument("--stem", default="tree_attention_cpu")
     args = p.parse_args(argv)
     rows = []
-    for attention, grad in (("dense", True), ("dense", False), ("flex", False)):
+    passes = {(True, True): "student fwd+bwd", (False, True): "teacher fwd", (False, False): "teacher fwd, tree alone"}
+    for attention, grad, loss in (("dense", True, True), ("dense", False, True), ("flex", False, True),
+                                  ("dense", False, False), ("flex", False, False)):
         out = run_in_subprocess("benchmarks.bench_tree_attention", "run_8x8", attention, grad, args.prompts,
-                                args.group, args.reps)
-        row = {"setting": f"{args.prompts}x{args.group}", "pass": "student fwd+bwd" if grad else "teacher fwd",
-               "attention": attention, **out}
+                                args.group, args.reps, loss)
+        row = {"setting": f"{args.prompts}x{args.group}", "pass": passes[grad, loss], "attention": attention, **out}
         print(row, flush=True)
         rows.append(row)
     if not args.skip_large:
@@ -225,7 +230,8 @@ def main(argv=None):
     env = environment(torch.device("cpu"))
     header = (f"# Prefix-tree attention: dense mask vs FlexAttention block mask\n\nEnvironment: {env}. "
               f"See the docstring of benchmarks/bench_tree_attention.py for the settings. Peak resident memory "
-              f"above the loaded model (first call, then a later one), ms of the first call (compile included) "
+              f"above the loaded model (first call, then the median of 3 later ones; the large row: one), "
+              f"freed heap pages returned before each; ms of the first call (compile included) "
               f"and the median of {args.reps} more (the large row: 1 more).\n\n"
               f"Command: `python benchmarks/bench_tree_attention.py {' '.join(argv or sys.argv[1:])}`\n\n")
     cols = ["setting", "pass", "attention", "first_ms", "ms", "first_peak_extra_mib", "peak_extra_mib",

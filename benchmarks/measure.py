@@ -46,7 +46,8 @@ def _rss_kib(field: str) -> int:
 
 
 def peak_extra_mib(fn, device: torch.device) -> float | None:
-    """Peak memory fn() needs above what was held before it (GPU: allocator; CPU: resident set)."""
+    """Peak memory fn() needs above what was held before it (GPU: allocator; CPU: resident set, after the
+    freed heap pages are returned, so that the pages fn touches count the same on every call)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -54,6 +55,9 @@ def peak_extra_mib(fn, device: torch.device) -> float | None:
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from sdft.runtime.heap_trim import trim_freed_memory
+
+    trim_freed_memory("cpu")  # freed heap pages out first: fn's pages count whether or not glibc kept old ones
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
     except OSError:
