@@ -261,6 +261,14 @@ class SDFTConfig:
         if self.mixed_precision == "fp16" and self.dtype != "float32":
             raise ValueError(f"mixed_precision=fp16 scales the loss for fp32 master weights; with dtype={self.dtype} "
                              "use mixed_precision=no (or bf16)")
+        if self.num_loss_tokens_to_skip >= self.max_completion_length:
+            raise ValueError(f"num_loss_tokens_to_skip={self.num_loss_tokens_to_skip} leaves no token of a "
+                             f"max_completion_length={self.max_completion_length} rollout in the loss: nothing would "
+                             "train; set it below max_completion_length")
+        if self.distillation_mode == "topk_logits" and self.distillation_topk == 1 and not self.distillation_add_tail:
+            raise ValueError("distillation_topk=1 without distillation_add_tail: over a one-token support both "
+                             "distributions are 1 and every divergence is 0, so nothing would train; set "
+                             "distillation_add_tail=true or a larger distillation_topk")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 

@@ -62,6 +62,8 @@ def test_missing_file_and_bad_json(tmp_path):
     (dict(teacher_mode="old"), "unknown teacher_mode"),
     (dict(num_generations=0), "num_generations must be positive"),
     (dict(teacher_template="{prompt} only"), "neither one of"),
+    (dict(num_loss_tokens_to_skip=8, max_completion_length=8), "leaves no token of a max_completion_length=8"),
+    (dict(distillation_mode="topk_logits", distillation_topk=1), "every divergence is 0"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=message):
