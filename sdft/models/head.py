@@ -43,6 +43,10 @@ def head_of(model) -> Head:
     """The student's (or a teacher copy's) head: weight, bias, scale and cap from the model and its config."""
     base = base_model(model)
     linear = output_layer(model)
+    if hasattr(linear, "base_layer") and hasattr(linear, "lora_A"):  # peft's LoRA wrapper of the head
+        raise ValueError("lora_target_modules adapts the LM head: sdft fuses the head into the loss as a plain "
+                         "weight, so adapters go on the layers below it; leave it out of lora_target_modules "
+                         "(peft's all-linear does)")
     if not isinstance(linear, torch.nn.Linear):
         raise ValueError(f"{type(base).__name__}: its output layer is a {type(linear).__name__}, not a linear "
                          "LM head; sdft cannot fuse it")

@@ -140,6 +140,14 @@ def test_lora_wrapping_says_nothing_the_user_cannot_act_on(recwarn):
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
 
+def test_lora_on_the_lm_head_is_one_line_naming_the_option(tmp_path):
+    """The fused loss reads the head as a plain weight: adapters on it would be trained by nothing."""
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="lora_target_modules adapts the LM head"):
+        train(tiny_llama(vocab=len(tok)), ROWS, _config(tmp_path, use_lora=True, lora_target_modules=["lm_head"]),
+              tokenizer=tok)
+
+
 def test_terminated_lengths_count_only_rollouts_that_ended_as_trl_does():
     from sdft.run.trainer import terminated_lengths
 
