@@ -100,8 +100,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         teacher_sync_steps=int(arg(args, "teacher_sync_steps", 1)),
         teacher_prompt_template=str(arg(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")),
         generate_from_teacher=bool(arg(args, "generate_from_teacher", False)),
-        logging_steps=max(1, int(arg(args, "logging_steps", 10))),
-        save_steps=max(1, int(arg(args, "save_steps", 500))),
+        logging_steps=every_steps(arg(args, "logging_steps", 10), max_steps),
+        save_steps=every_steps(arg(args, "save_steps", 500), max_steps),
         save_total_limit=int(arg(args, "save_total_limit", None) or 0),
         report_to=report_to,
         device="cpu" if arg(args, "use_cpu", False) else "auto",
@@ -120,6 +120,12 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
 BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
 
 
+def every_steps(value, max_steps: int) -> int:
+    """A ``*_steps`` field as the Trainer reads it: below 1, a fraction of max_steps (rounded up)."""
+    value = float(value)
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
+
+
 def evaluation_values(args, max_steps: int) -> dict:
     """TRL's ``eval_strategy`` / ``eval_steps`` / ``load_best_model_at_end`` / ``metric_for_best_model`` /
     ``greater_is_better`` as sdft's ``eval_steps`` (0: no evaluation during training) and selection keys."""
@@ -131,7 +137,7 @@ def evaluation_values(args, max_steps: int) -> dict:
     if strategy == "steps":
         given = arg(args, "eval_steps", None)
         given = float(arg(args, "logging_steps", 10) if given is None else given)  # HF: logging_steps when unset
-        every = max(1, math.ceil(given * max_steps)) if given < 1 else int(given)
+        every = every_steps(given, max_steps)
     load_best = bool(arg(args, "load_best_model_at_end", False))
     if load_best and not every:
         raise ValueError("load_best_model_at_end=True ranks the evaluations during training: set "

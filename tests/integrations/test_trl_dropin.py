@@ -379,6 +379,12 @@ def test_eval_steps_below_one_is_a_fraction_of_max_steps(tmp_path):
     assert config_from_trl(_args(tmp_path, max_steps=40)).eval_steps == 0
 
 
+def test_logging_and_save_steps_below_one_are_fractions_of_max_steps_as_in_the_trainer(tmp_path):
+    c = config_from_trl(_args(tmp_path, max_steps=40, logging_steps=0.1, save_steps=0.25))
+    assert (c.logging_steps, c.save_steps) == (4, 10)
+    assert config_from_trl(_args(tmp_path, max_steps=40, logging_steps=5, save_steps=20)).save_steps == 20
+
+
 def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     import torch
 
