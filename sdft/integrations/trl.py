@@ -40,6 +40,7 @@ from sdft.integrations.trl_fields import arg, check_fields, model_init_values, p
 from sdft.loss.spec import divergence_from_alpha
 from sdft.run.loop import TrainResult
 from sdft.run.reporting import train_scalars
+from sdft.run.run_dir import OutputDirInUse
 from sdft.run.trainer import train
 from sdft.runtime.distributed import launched_size
 
@@ -295,10 +296,16 @@ class SDFTTrainer:
         self._event("on_step_begin")
         t0 = time.perf_counter()
         during = config.eval_steps > 0  # eval_strategy='steps': the run evaluates eval_dataset as it goes
-        self.result = train(self.model, self.examples, config, tokenizer=self.processing_class, engine=self.engine,
-                            step_callback=self._on_step, eval_scorer=self.eval_scorer if during else None,
-                            eval_dataset=self.eval_dataset if during else None,
-                            eval_callback=self._on_evaluate if during else None)
+        try:
+            self.result = train(self.model, self.examples, config, tokenizer=self.processing_class,
+                                engine=self.engine, step_callback=self._on_step,
+                                eval_scorer=self.eval_scorer if during else None,
+                                eval_dataset=self.eval_dataset if during else None,
+                                eval_callback=self._on_evaluate if during else None)
+        except OutputDirInUse as err:  # in the Trainer's terms: TRL's config has no overwrite_output_dir
+            raise ValueError(f"output_dir {err.out} already holds checkpoints (newest {err.newest}): "
+                             "trainer.train(resume_from_checkpoint=True) continues that run; to start afresh, "
+                             "give a new output_dir (sdft never trains over a run's checkpoints)") from None
         runtime = time.perf_counter() - t0
         self.model = self.result.model
         self.callback_handler.model = self.model

@@ -96,6 +96,14 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
     return [n for n in names if (out / n).exists() and n not in owned]
 
 
+class OutputDirInUse(ValueError):
+    """A fresh run asked for in an output_dir that holds a run's checkpoints (``newest``: the last one's name)."""
+
+    def __init__(self, out: Path, newest: str, message: str):
+        super().__init__(message)
+        self.out, self.newest = out, newest
+
+
 def run_entry_holding(path) -> str | None:
     """What of an sdft run ``path`` is or lies inside, as a phrase; None when nothing: an sdft checkpoint
     (its run rotates it away), or inside an entry a run's record lists (``final_model/``, ``runs/``, ...:
@@ -133,9 +141,10 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
                          f"{RECORD_FILE}) and which this run would write: move it, or choose another output_dir")
     if config.resume_from_checkpoint is False:
         if found and not config.overwrite_output_dir:
-            raise ValueError(f"output_dir {out} already holds checkpoints (newest {found[-1].name}): set "
-                             "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to "
-                             "start afresh, or choose a fresh output_dir")
+            raise OutputDirInUse(out, found[-1].name,
+                                 f"output_dir {out} already holds checkpoints (newest {found[-1].name}): set "
+                                 "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to "
+                                 "start afresh, or choose a fresh output_dir")
         return None
     if config.resume_from_checkpoint is True:
         path = newest_intact(out, report)

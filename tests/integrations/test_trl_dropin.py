@@ -215,7 +215,8 @@ def test_a_rerun_resumes_through_trainers_own_argument(tmp_path):
     again = SDFTTrainer(model=tiny_llama(vocab=len(tok)),
                         args=_args(tmp_path / "run", **{**vars(args), "max_steps": 2}),
                         train_dataset=ROWS, processing_class=tok)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match=r"already holds checkpoints .*: trainer.train\(resume_from_checkpoint=True\) "
+                                         "continues that run; to start afresh, give a new output_dir"):
         again.train()
     again.train(resume_from_checkpoint=True)
     assert [h["step"] for h in again.state.log_history if "loss" in h] == [2]
