@@ -216,6 +216,45 @@ def _lora_values(peft_config) -> dict:
                 lora_dropout=float(peft_config.lora_dropout), lora_target_modules=targets)
 
 
+class ProcessView:
+    """The part of ``accelerate.Accelerator`` that TRL's scripts use after training, for sdft's own launch
+    (torchrun / accelerate environment variables; no accelerate state is created)."""
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", "0"))
+
+    @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def num_processes(self) -> int:
+        return launched_size()
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_process_index == 0
+
+    def print(self, *args, **kwargs):
+        """Print once per machine, as ``Accelerator.print``."""
+        if self.is_local_main_process:
+            print(*args, **kwargs)
+
+    def wait_for_everyone(self):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def end_training(self):
+        """Nothing to finish: sdft's loggers close at the end of train()."""
+
+
 class SDFTTrainer:
     """``trl.experimental.sdft.SDFTTrainer`` as a user drives it (constructor, ``train``, ``evaluate``,
     ``save_model``, ``state``, callbacks), with each step run by ``sdft.train``.
@@ -235,7 +274,20 @@ class SDFTTrainer:
       ends the run on the best of them (``metric_for_best_model``: ``eval_score`` or
       ``eval_perplexity``), with ``state.best_global_step`` and ``state.best_metric``.
     * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
+    * The rest of TRL's scripts (``trl/scripts/*.py``) runs as there: ``accelerator.print`` (and the
+      process facts a script reads from ``accelerator``, ``ProcessView``) and ``end()``.
     """
+
+    @property
+    def accelerator(self) -> "ProcessView":
+        """What TRL's scripts ask of ``trainer.accelerator``: this process's place and a print on one process."""
+        return ProcessView()
+
+    def end(self):
+        """As ``Trainer.end`` (transformers 5.18+, the last line of TRL's scripts): the process group goes."""
+        from sdft.runtime.distributed import _destroy_group
+
+        _destroy_group()
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  callbacks=None, peft_config=None, optimizers=(None, None), engine=None, eval_scorer="exact"):

@@ -123,6 +123,29 @@ def test_save_model_into_output_dir_as_trl_scripts_end_goes_to_final_model(tmp_p
     assert f"the model goes to {out}; load it from there" in capfd.readouterr().err
 
 
+def test_the_tail_of_trls_scripts_runs_as_there(tmp_path, capfd):
+    """trl/scripts/*.py end with accelerator.print, save_model(output_dir) and end() (transformers 5.18+)."""
+    import accelerate
+
+    from sdft.integrations.trl import ProcessView
+
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, gradient_checkpointing=False)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.train(resume_from_checkpoint=None)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(args.output_dir)
+    trainer.accelerator.print(f"Model saved to {args.output_dir}.")
+    trainer.end()
+    out = capfd.readouterr().out
+    assert "Training completed." in out and f"Model saved to {args.output_dir}." in out
+    view = trainer.accelerator
+    assert (view.is_main_process, view.process_index, view.num_processes) == (True, 0, 1)
+    names = [n for n in vars(ProcessView) if not n.startswith("_")]
+    assert names and all(hasattr(accelerate.Accelerator, n) for n in names)  # accelerate's own names
+
+
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard_strings", "conversational"])
 def test_prompts_and_teacher_contexts_tokenize_as_trl_does(tmp_path, conversational):
     """TRL's own tokenization (its _tokenize_prompts and teacher-context builder, called on a stand-in trainer):
