@@ -50,12 +50,22 @@ def _run_part(out: Path) -> str | None:
     return None if inside is None else f"or lies inside {inside}"
 
 
-def _check_apart(checkpoint: Path, out: Path) -> None:
-    """The export is written beside the checkpoint it reads, never over it, into it or around it."""
+def _check_apart(checkpoint: Path, out: Path, base) -> None:
+    """The export is written beside the checkpoint it reads, never over it, into it or around it, and
+    never in place of the base model it builds on (``base``: its path, None for the embedded one): a forced
+    export there would become the base the checkpoint's weights are read onto."""
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or dst in src.parents or src in dst.parents:
         where = "is" if dst == src else "holds" if dst in src.parents else "is inside"
         raise ValueError(f"export target {out} {where} the checkpoint {checkpoint}: choose a folder outside it")
+    from sdft.models.loading import SOURCE_UNKNOWN
+
+    if base not in (None, SOURCE_UNKNOWN):
+        model = Path(base).expanduser().resolve()
+        if dst == model or dst in model.parents:
+            raise ValueError(f"export target {out} {'is' if dst == model else 'holds'} the base model {base} that "
+                             f"{checkpoint}'s weights build on (even --force would put the export in its place, "
+                             "and the checkpoint would read it as its base): choose another folder")
 
 
 def check_target(out, force: bool = False) -> bool:
@@ -173,8 +183,11 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     embedded SmolLM2). Every check (checkpoint, target, recorded source) runs before the model loads.
     """
     out = Path(out).expanduser()
+    from sdft.run.checkpoint import checkpoint_state
+
     check_checkpoint(checkpoint)
-    _check_apart(Path(checkpoint).expanduser(), out)
+    base = model if model is not None else checkpoint_state(Path(checkpoint).expanduser()).get("model")
+    _check_apart(Path(checkpoint).expanduser(), out, base)
     check_target(out, force)
     base, tokenizer = _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
     return export_model(base, tokenizer, out, merge_lora, force)

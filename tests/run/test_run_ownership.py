@@ -233,8 +233,11 @@ def test_export_onto_a_model_folder_that_is_not_an_export_is_refused(tmp_path, c
     before = {p.name: p.read_bytes() for p in base.iterdir()}
     capsys.readouterr()
     assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(base), "--model", str(base)]) == 2
-    assert f"no {EXPORT_MARK}: it is not an sdft export" in _one_line(capsys)
+    assert "the base model" in _one_line(capsys)
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(base), "--model", str(base), "--force"]) == 2
+    assert "even --force would put the export in its place" in _one_line(capsys)
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
 
 
 def test_files_a_user_added_to_an_export_keep_it_from_being_replaced(tmp_path):
