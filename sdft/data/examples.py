@@ -151,6 +151,10 @@ def _whole_json(path: Path, text: str) -> list:
 def _columns_to_rows(columns: dict) -> list[dict]:
     """Rows of a column mapping (``{"prompt": [...], "demonstration": [...]}``, as ``Dataset.from_dict``
     takes); a mapping of single values (one row) is refused, since iterating it would yield its keys."""
+    splits = [k for k, v in columns.items() if hasattr(v, "column_names")]  # a DatasetDict: splits, not columns
+    if splits:
+        raise ValueError(f"dataset: a mapping of splits ({', '.join(map(str, splits))}), such as load_dataset "
+                         f"returns: pass one split, e.g. dataset[{splits[0]!r}]")
     lengths = {len(v) if isinstance(v, (list, tuple)) else None for v in columns.values()}
     if None in lengths or len(lengths) != 1:
         raise ValueError("dataset: a mapping must hold columns, lists of equal length, e.g. "

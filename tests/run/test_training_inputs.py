@@ -31,6 +31,16 @@ def test_bad_rows_name_the_problem(rows, message):
         load_examples(rows)
 
 
+def test_a_mapping_of_splits_names_the_split_to_pass():
+    from datasets import Dataset, DatasetDict
+
+    splits = DatasetDict({"train": Dataset.from_list([{"prompt": "q", "demonstration": "a"}])})
+    with pytest.raises(ValueError, match=r"a mapping of splits \(train\), such as load_dataset returns: pass one "
+                                         r"split, e.g. dataset\['train'\]"):
+        load_examples(splits)
+    assert len(load_examples(splits["train"])) == 1
+
+
 def test_accepts_a_mapping_of_columns():
     """The shape ``Dataset.from_dict`` takes, without needing the datasets package."""
     ex = load_examples({"prompt": ["q1", "q2"], "demonstration": ["a1", "a2"]})
