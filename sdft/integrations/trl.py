@@ -38,6 +38,7 @@ from sdft.config import SDFTConfig
 from sdft.data.examples import as_plain, load_examples
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
+from sdft.models.lora import lora_values
 from sdft.run.loop import TrainResult
 from sdft.run.reporting import train_scalars
 from sdft.run.run_dir import OutputDirInUse
@@ -199,23 +200,6 @@ def _precision(bf16, fp16) -> str:
     return "auto" if bf16 is None else "bf16" if bf16 else "no"
 
 
-def _lora_values(peft_config) -> dict:
-    """A peft ``LoraConfig`` as sdft's LoRA keys; what sdft's adapters cannot honour is refused."""
-    if peft_config is None:
-        return {}
-    if getattr(peft_config, "use_dora", False):
-        raise ValueError("LoraConfig(use_dora=True): sdft trains plain LoRA adapters; drop use_dora")
-    if getattr(peft_config, "modules_to_save", None):
-        raise ValueError(f"LoraConfig(modules_to_save={peft_config.modules_to_save!r}): sdft trains the adapters "
-                         "only; train those modules fully with use_lora off, or drop modules_to_save")
-    if getattr(peft_config, "bias", "none") != "none":
-        raise ValueError(f"LoraConfig(bias={peft_config.bias!r}): sdft trains no biases; use bias='none'")
-    modules = peft_config.target_modules
-    targets = ["auto"] if modules is None else [modules] if isinstance(modules, str) else sorted(modules)
-    return dict(use_lora=True, lora_r=int(peft_config.r), lora_alpha=int(peft_config.lora_alpha),
-                lora_dropout=float(peft_config.lora_dropout), lora_target_modules=targets)
-
-
 class ProcessView:
     """The part of ``accelerate.Accelerator`` that TRL's scripts use after training, for sdft's own launch
     (torchrun / accelerate environment variables; no accelerate state is created)."""
@@ -299,7 +283,7 @@ class SDFTTrainer:
         self.examples = trl_examples(train_dataset)
         config = config_from_trl(args if args is not None else {}, len(self.examples), launched_size())
         if peft_config is not None:
-            config = SDFTConfig.from_dict({**config.to_dict(), **_lora_values(peft_config)})
+            config = SDFTConfig.from_dict({**config.to_dict(), **lora_values(peft_config)})
         self.args, self.trl_args = config, args
         self.model, self.processing_class = model, processing_class
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer

@@ -38,3 +38,37 @@ def apply_lora(model, settings: LoraSettings):
     with warnings.catch_warnings():  # peft reads transformers' old name; the user can do nothing about it
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def lora_values(peft_config) -> dict:
+    """A peft ``LoraConfig`` as sdft's LoRA keys ({} for None); what sdft's adapters cannot honour is refused."""
+    if peft_config is None:
+        return {}
+    if getattr(peft_config, "use_dora", False):
+        raise ValueError("LoraConfig(use_dora=True): sdft trains plain LoRA adapters; drop use_dora")
+    if getattr(peft_config, "modules_to_save", None):
+        raise ValueError(f"LoraConfig(modules_to_save={peft_config.modules_to_save!r}): sdft trains the adapters "
+                         "only; train those modules fully with use_lora off, or drop modules_to_save")
+    if getattr(peft_config, "bias", "none") != "none":
+        raise ValueError(f"LoraConfig(bias={peft_config.bias!r}): sdft trains no biases; use bias='none'")
+    modules = peft_config.target_modules
+    targets = ["auto"] if modules is None else [modules] if isinstance(modules, str) else sorted(modules)
+    return dict(use_lora=True, lora_r=int(peft_config.r), lora_alpha=int(peft_config.lora_alpha),
+                lora_dropout=float(peft_config.lora_dropout), lora_target_modules=targets)
+
+
+def adapters_of(model) -> dict:
+    """The LoRA keys of a model that already carries peft adapters ({} for any other model): a run trains
+    those adapters and records them, so its checkpoints rebuild the same model (``sdft export``, resume).
+    One adapter, named ``default`` (what ``get_peft_model`` makes), and a LoRA one; else one line."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return {}
+    if list(configs) != ["default"]:
+        raise ValueError(f"the model carries peft adapters {sorted(configs)}: sdft trains one, named 'default' "
+                         "(get_peft_model's); pass the base model with use_lora=true, or a model with one adapter")
+    config = configs["default"]
+    if type(config).__name__ != "LoraConfig":
+        raise ValueError(f"the model carries a {type(config).__name__} adapter: sdft trains LoRA adapters")
+    return lora_values(config)
+

@@ -2,6 +2,7 @@
 placed (``prepare`` gives the ``Run`` that ``sdft.run.loop`` trains), shared by SDFT and the SFT baseline."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sdft.models import enable_checkpointing, load_model
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
 from sdft.models.loading import is_embedded, load_tokenizer, model_source
-from sdft.models.lora import LoraSettings, apply_lora
+from sdft.models.lora import LoraSettings, adapters_of, apply_lora
 from sdft.run.errors import OutOfMemory
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.reporting import check_backends
@@ -62,6 +63,19 @@ class Run:
     encoded: list | None = None  # the rows' token ids on the CPU, as ``prepare``'s ``encode`` gave them
 
 
+def with_model_adapters(config: SDFTConfig, model) -> SDFTConfig:
+    """``config`` with the LoRA keys of a model object that already carries peft adapters (said in one line
+    where they differ from the config's): its checkpoints then name the adapters they hold."""
+    values = adapters_of(model) if isinstance(model, torch.nn.Module) else {}
+    changed = {k: v for k, v in values.items() if getattr(config, k) != v}
+    if not changed:
+        return config
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        report_line("sdft: the model carries peft LoRA adapters, which train as "
+                    + " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in values.items()))
+    return SDFTConfig.from_dict({**config.to_dict(), **values})
+
+
 def start_runner(run: Run, teacher=None) -> Runner:
     """Wrap the model for this process (DDP, FSDP2 or alone) once any teacher copy has been made from
     the full weights; a sharded student gets a teacher copy sharded the same way."""
@@ -78,7 +92,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
     tokenizer, config)``: the rows' token ids on the CPU (``Run.encoded``), taken before the weights load,
     so that a row over the length limits is one line before a large model loads."""
-    config = as_config(config)
+    config = with_model_adapters(as_config(config), model)
     check_backends(config.report_to)
     if eval_dataset is not None:
         eval_examples = load_examples(eval_dataset)
@@ -210,7 +224,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
         enable_checkpointing(model)
     if config.disable_dropout:
         disable_dropout(model)
-    if config.use_lora:
+    if config.use_lora and not adapters_of(model):  # a peft model's own adapters train as they are
         model = apply_lora(model, LoraSettings.from_config(config))
     verify_head(model)  # a head sdft cannot express is refused here, before any step
     model.train()

@@ -61,6 +61,25 @@ def test_lora_exports_the_adapter_or_the_merged_model(tmp_path, model_dir):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_peft_model_object_trains_its_own_adapters_and_its_checkpoints_export(tmp_path, model_dir, capsys):
+    """A model passed with get_peft_model's adapters: the run records them, so a checkpoint rebuilds it."""
+    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer()
+    adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), adapters)
+    config = SDFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=1,
+                        num_generations=2, max_completion_length=4, learning_rate=1e-2, progress_bar=False,
+                        device="cpu")  # use_lora not set: the model's adapters are what trains
+    result = train(peft_model, ROWS, config, tokenizer=tok)
+    assert "peft LoRA adapters, which train as use_lora=True lora_r=4 lora_alpha=8" in capsys.readouterr().err
+    assert sum(p.numel() for p in result.model.parameters() if p.requires_grad) == sum(
+        p.numel() for n, p in result.model.named_parameters() if "lora_" in n)
+    out = export_checkpoint(tmp_path / "run" / "checkpoint-2", tmp_path / "exported", model=str(model_dir))
+    torch.testing.assert_close(_logits(AutoPeftModelForCausalLM.from_pretrained(out)), _logits(result.model),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_an_adapter_names_its_base_by_absolute_path_and_a_missing_base_is_one_line(tmp_path, model_dir,
                                                                                   monkeypatch):
     import json
