@@ -156,6 +156,9 @@ def export_model(model, tokenizer, out, merge_lora: bool = False, force: bool = 
     A non-empty ``out`` that is not an earlier export is refused unless ``force``."""
     out = Path(out)
     if not hasattr(model, "peft_config"):
+        if merge_lora:
+            print(f"sdft: merge (--merge, merge_lora): the model has no LoRA adapters to merge (a full fine-tune); "
+                  f"{out} holds the full model as it is", file=sys.stderr, flush=True)
         return save_hf_folder(model, tokenizer, out, force)
     if merge_lora:
         import copy

@@ -44,6 +44,8 @@ def test_final_model_and_export_load_with_identical_logits(tmp_path, model_dir, 
     assert not torch.equal(_logits(AutoModelForCausalLM.from_pretrained(model_dir)), trained)
     assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "exported")]) == 0
     assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "merged"), "--merge"]) == 0
+    assert "no LoRA adapters to merge (a full fine-tune)" in capsys.readouterr().err
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "exported")), trained,
                                rtol=0, atol=0)
 
