@@ -78,6 +78,8 @@ def bf16_gemm_tflops(device: torch.device) -> float | None:
 
 
 def environment(device: torch.device) -> dict:
+    from sdft.runtime.precision import native_16bit
+
     info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
     try:
         import triton
@@ -92,7 +94,7 @@ def environment(device: torch.device) -> dict:
         info["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         info["cpu"] = cpu_model()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ...
-        info["cpu_bf16"] = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        info["cpu_bf16"] = native_16bit("bf16")
     return info
 
 

@@ -294,7 +294,7 @@ class SDFTTrainer:
         self.result: TrainResult | None = None
         self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
                                   save_steps=config.save_steps, log_history=[],
-                                  is_world_process_zero=int(os.environ.get("RANK", "0")) == 0)
+                                  is_world_process_zero=ProcessView().is_main_process)
         self.control = TrainerControl()
         self.callback_handler = _handler(list(callbacks or []), model, processing_class)
         self._event("on_init_end")
@@ -400,7 +400,7 @@ class SDFTTrainer:
         target = Path(output_dir or run_dir / FINAL_MODEL)
         if target.resolve() == run_dir.resolve():
             target = run_dir / FINAL_MODEL
-            if int(os.environ.get("RANK", "0")) == 0:
+            if self.accelerator.is_main_process:
                 print(f"sdft: {run_dir} holds the run (checkpoints, metrics, sdft's config.json): the model goes "
                       f"to {target}; load it from there", file=sys.stderr, flush=True)
         if any(type(p).__name__ == "DTensor" for p in self.result.model.parameters()):
@@ -409,6 +409,6 @@ class SDFTTrainer:
                 return target  # the run gathered the shards and wrote it at its end
             raise ValueError(f"under parallel=fsdp the model is sharded: its gathered copy is {written}, "
                              "written at the end of train() (save_final_model)")
-        if int(os.environ.get("RANK", "0")) != 0:  # one writer: process 0 (the others hold the same model)
+        if not self.accelerator.is_main_process:  # one writer: process 0 (the others hold the same model)
             return target
         return export_model(self.result.model, self.result.tokenizer, target, self.args.merge_lora)

@@ -185,14 +185,14 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     ``model``: the base model's path (default: the one the checkpoint records; None there means the
     embedded SmolLM2). Every check (checkpoint, target, recorded source) runs before the model loads.
     """
-    out = Path(out).expanduser()
     from sdft.run.checkpoint import checkpoint_state
 
+    out, path = Path(out).expanduser(), Path(checkpoint).expanduser()
     check_checkpoint(checkpoint)
-    base = model if model is not None else checkpoint_state(Path(checkpoint).expanduser()).get("model")
-    _check_apart(Path(checkpoint).expanduser(), out, base)
+    state = checkpoint_state(path)
+    _check_apart(path, out, _base_source(state, model))
     check_target(out, force)
-    base, tokenizer = _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
+    base, tokenizer = _checked_checkpoint_model(path, model, state)
     return export_model(base, tokenizer, out, merge_lora, force)
 
 
@@ -213,8 +213,14 @@ def load_checkpoint_model(checkpoint, model=None):
     return _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
 
 
-def _checked_checkpoint_model(checkpoint: Path, model):
-    """``load_checkpoint_model`` for a checkpoint ``check_checkpoint`` passed (its files are hashed once)."""
+def _base_source(state: dict, model):
+    """The base model a checkpoint's weights load onto: ``model`` when given, else the one its state records."""
+    return model if model is not None else state.get("model")
+
+
+def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None):
+    """``load_checkpoint_model`` for a checkpoint ``check_checkpoint`` passed (its files are hashed once);
+    ``state``: its state.json when already read."""
     from sdft.config import SDFTConfig
     from sdft.models import load_model
     from sdft.models.loading import SOURCE_UNKNOWN, source_of
@@ -222,8 +228,8 @@ def _checked_checkpoint_model(checkpoint: Path, model):
     from sdft.run.checkpoint import checkpoint_state, load_trainable
     from sdft.run.run_dir import other_base
 
-    state = checkpoint_state(checkpoint)
-    source = model if model is not None else state.get("model")
+    state = state if state is not None else checkpoint_state(checkpoint)
+    source = _base_source(state, model)
     if source == SOURCE_UNKNOWN:
         raise ValueError(f"{checkpoint} was trained from a model object built outside sdft.load_model, so it "
                          "does not say which base model it needs: pass the base model's path (--model)")

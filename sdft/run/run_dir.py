@@ -21,9 +21,7 @@ from pathlib import Path
 
 from sdft.models.loading import SOURCE_UNKNOWN, source_of
 from sdft.run.checkpoint import (
-    ASIDE,
     OWN_FILES,
-    PATTERN,
     CheckpointError,
     checkpoint_state,
     checkpoint_step,
@@ -110,7 +108,7 @@ def run_entry_holding(path) -> str | None:
     its run replaces or deletes it). A run or an export written there would go with it."""
     path = Path(path).expanduser().resolve()
     for above in (path, *path.parents):
-        if (PATTERN.match(above.name) or ASIDE.match(above.name)) and above.is_dir() and is_ours(above):
+        if folder_step(above) >= 0 and above.is_dir() and is_ours(above):
             return f"{above}, an sdft checkpoint"
         if above != path and above.name in (_recorded(above.parent) or ()):
             return f"{above}, which the run in {above.parent} replaces or deletes"

@@ -24,7 +24,7 @@ def compute_precision(setting: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
-def _native_16bit(precision: str) -> bool:
+def native_16bit(precision: str) -> bool:
     """Whether this CPU multiplies ``precision``'s numbers in hardware (bf16: AVX512-BF16 or AMX; fp16:
     AMX-FP16); True when this torch cannot tell."""
     cpu = torch.cpu
@@ -38,7 +38,7 @@ def cpu_precision_note(setting: str, device: torch.device) -> str | None:
     products are then emulated (on this project's AVX2 CPU a bf16 step took 7x fp32's time, fp16 8x,
     ``benchmarks/results/precision_cpu_avx2.md``)."""
     precision = compute_precision(setting, device)
-    if device.type != "cpu" or precision not in AUTOCAST_DTYPES or _native_16bit(precision):
+    if device.type != "cpu" or precision not in AUTOCAST_DTYPES or native_16bit(precision):
         return None
     return (f"sdft: mixed_precision={precision} on a CPU without {precision} matrix instructions "
             f"({torch.backends.cpu.get_cpu_capability()}): its products are emulated, several times slower than "
