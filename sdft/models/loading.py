@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sdft.models.families import check_model_type
+from sdft.models.vocabulary import check_vocabulary, config_rows, embedding_rows
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -190,10 +191,13 @@ def load_model(model=None, dtype=torch.float32, tokenizer=None):
     else:
         path = _model_path(model)
         tokenizer = _tokenizer_at(path) if tokenizer is None else tokenizer
+        if path.suffix != ".gguf":
+            check_vocabulary(tokenizer, config_rows(path), path)  # before the weights load
         model = (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
                  if path.suffix == ".gguf" else AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_vocabulary(tokenizer, embedding_rows(model), source if source is not None else EMBEDDED_NAME)
     model._sdft_source = source_of(source)
     return model, tokenizer
 

@@ -18,6 +18,7 @@ from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
 from sdft.models.loading import is_embedded, load_tokenizer, model_source
 from sdft.models.lora import LoraSettings, adapters_of, apply_lora
+from sdft.models.vocabulary import check_vocabulary, embedding_rows
 from sdft.run.errors import OutOfMemory
 from sdft.run.lock import RunLock, RunLockedError
 from sdft.run.reporting import check_backends
@@ -108,6 +109,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
                         f"got {type(model).__name__}")
     if model is not None and not isinstance(model, (str, Path)) and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
+    if isinstance(model, torch.nn.Module):
+        check_vocabulary(tokenizer, embedding_rows(model), "the model object")
     if dataset is None:
         from sdft.data.skill import load_skill
 

@@ -231,6 +231,33 @@ def test_a_model_folder_without_its_tokenizer_is_one_line_before_the_weights_loa
                    f"model's tokenizer beside it (tokenizer.save_pretrained('{folder}'))")
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_one_line_before_the_weights_load(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import transformers
+
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok) - 6), tok, tmp_path / "base")
+    line = (f"{folder}: the tokenizer has {len(tok)} token ids but the model embeds {len(tok) - 6} (vocab_size): "
+            f"ids {len(tok) - 6}-{len(tok) - 1} cannot be embedded. Use the model's own tokenizer, or, where tokens "
+            "were added to it, model.resize_token_embeddings(len(tokenizer)) and save both")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the vocabulary was compared")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+        for args in (["train", "--no-eval", "--model", str(folder), "--set", f"output_dir={tmp_path / 'out'}"],
+                     ["generate", str(folder), "--prompt", "hi"]):
+            assert cli(args) == 2
+            assert capsys.readouterr().err.strip() == f"sdft: error: {line}"
+    model = tiny_llama(vocab=len(tok) - 6)  # a model object: before any step, named as such
+    with pytest.raises(ValueError, match="^the model object: the tokenizer has"):
+        train(model, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "obj")}), tokenizer=tok)
+    assert not (tmp_path / "obj" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("method", ["sdft", "sft"])
 def test_a_row_over_the_length_limit_is_named_by_its_line_before_the_weights_load(tmp_path, monkeypatch, method):
     import transformers
