@@ -198,11 +198,13 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
 
 def check_checkpoint(checkpoint) -> None:
     """``checkpoint`` is a whole sdft checkpoint, or one line says what is wrong with it."""
-    from sdft.run.checkpoint import CheckpointError, damage
+    from sdft.run.checkpoint import damage
+    from sdft.run.run_dir import checkpoint_error
 
-    problem = damage(Path(checkpoint).expanduser())
+    path = Path(checkpoint).expanduser()
+    problem = damage(path)
     if problem is not None:
-        raise CheckpointError(f"{checkpoint} is not a complete sdft checkpoint: {problem}")
+        raise checkpoint_error(path, problem, "export")
 
 
 def load_checkpoint_model(checkpoint, model=None):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sdft.models.loading import SOURCE_UNKNOWN, source_of
 from sdft.run.checkpoint import (
+    MANIFEST,
     OWN_FILES,
     CheckpointError,
     checkpoint_state,
@@ -154,8 +155,26 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
         path = Path(config.resume_from_checkpoint)
         problem = damage(path)
         if problem is not None:
-            raise CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
+            raise checkpoint_error(path, problem, "resume from")
     return path
+
+
+def checkpoint_error(path: Path, problem: str, use: str) -> CheckpointError:
+    """The error for a folder given as a checkpoint to ``use`` ("export", "resume from") that is not a whole
+    one (``problem``, as ``damage`` says): a run folder or a model folder is named as such, with what to pass."""
+    if problem != "not found" and not (path / MANIFEST).exists():
+        if (path / RECORD_FILE).is_file():
+            intact = [c for c in list_checkpoints(path) if damage(c) is None]
+            which = f"the newest is {intact[-1]}" if intact else "it holds none intact"
+            final = (f"; its final model, {path / FINAL_MODEL}, is a model folder already"
+                     if use == "export" and (path / FINAL_MODEL / "config.json").is_file() else "")
+            return CheckpointError(f"{path} is an sdft run folder, not a checkpoint: {use} one of its "
+                                   f"checkpoint-N folders ({which}){final}")
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            instead = ("it loads as it is (AutoModelForCausalLM.from_pretrained, or sdft generate)" if use == "export"
+                       else "pass it as the model to train from it (--model, or train(model=...))")
+            return CheckpointError(f"{path} is a model folder, not an sdft checkpoint: {instead}")
+    return CheckpointError(f"{path} is not a complete sdft checkpoint: {problem}")
 
 
 def _remove(path: Path):

@@ -110,3 +110,22 @@ def test_export_of_a_damaged_checkpoint_is_a_one_line_error(tmp_path, model_dir,
     assert cli(["export", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "trainable.safetensors has 1 bytes" in err
+
+
+def test_a_run_folder_or_a_model_folder_given_as_the_checkpoint_says_what_to_pass(tmp_path, model_dir, capsys):
+    _train(tmp_path, model_dir)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert cli(["export", str(run), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdft: error: {run} is an sdft run folder, not a checkpoint: export one of its checkpoint-N folders (the "
+        f"newest is {run / 'checkpoint-2'}); its final model, {run / 'final_model'}, is a model folder already")
+    assert cli(["export", str(run / "final_model"), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdft: error: {run / 'final_model'} is a model folder, not an sdft checkpoint: it loads as it is "
+        "(AutoModelForCausalLM.from_pretrained, or sdft generate)")
+    config = SDFTConfig(output_dir=str(tmp_path / "again"), max_steps=3, resume_from_checkpoint=str(run))
+    with pytest.raises(ValueError, match=f"^{run} is an sdft run folder, not a checkpoint: resume from one of its "
+                                         f"checkpoint-N folders \\(the newest is {run / 'checkpoint-2'}\\)$"):
+        train(model_dir, ROWS, config)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "again" / "metrics.jsonl").exists()
