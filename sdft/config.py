@@ -69,10 +69,11 @@ def _translate_aliases(values: dict, text: bool = False) -> dict:
     return out
 
 
-def _opt(default, help: str, *, choices=None, minimum=None, positive=False, below=None, kind=None):
-    """A config field with its one-line help and range; a list default gets a factory."""
+def _opt(default, help: str, *, choices=None, minimum=None, positive=False, below=None, kind=None, pattern=None):
+    """A config field with its one-line help and range (``pattern``: (regex, what it names), values it takes
+    beside ``choices``); a list default gets a factory."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "below": below,
-            "kind": kind}
+            "kind": kind, "pattern": pattern}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -202,7 +203,9 @@ class SDFTConfig:
                                         "hold them (HF's load_best_model_at_end)")
     metric_for_best_model: str = _opt("score", "what load_best_model_at_end ranks: score or retention_score (higher "
                                       "is better), perplexity or retention_text_perplexity (lower is better)",
-                                      choices=("score", "perplexity", "retention_score", "retention_text_perplexity"))
+                                      choices=("score", "perplexity", "retention_score", "retention_text_perplexity"),
+                                      pattern=(r"[A-Za-z0-9][A-Za-z0-9_.-]*_(score|perplexity)",
+                                               "NAME_score / NAME_perplexity of a named evaluation set"))
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
                          "and all-reduces gradients; fsdp shards every block and the rest with FSDP2 (full "
@@ -402,8 +405,11 @@ def _checked(f, value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         value = float(value)
     meta = f.metadata
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(meta['choices'])}")
+    pattern = meta.get("pattern")
+    if meta["choices"] is not None and value not in meta["choices"] and not (
+            pattern is not None and isinstance(value, str) and re.fullmatch(pattern[0], value)):
+        also = f", or {pattern[1]}" if pattern is not None else ""
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(meta['choices'])}{also}")
     if meta["positive"] and not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
     if meta["minimum"] is not None and value < meta["minimum"]:

@@ -7,6 +7,7 @@ TRL's conversational SFT column ``messages``: its last (assistant) turn is the d
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,9 +163,9 @@ def _columns_to_rows(columns: dict) -> list[dict]:
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def load_examples(data) -> list[Example]:
+def load_examples(data, name: str = "dataset") -> list[Example]:
     """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), a mapping of columns, or
-    anything iterable of dicts (HF Dataset)."""
+    anything iterable of dicts (HF Dataset); ``name`` names a dataset that is not a file in messages."""
     if isinstance(data, (str, Path)):
         path = Path(data).expanduser()
         if not path.exists():
@@ -174,12 +175,12 @@ def load_examples(data) -> list[Example]:
         rows, wheres = _read_rows(path)
         name = str(path)
     elif isinstance(data, dict):
-        rows, name, wheres = _columns_to_rows(data), "dataset", None
+        rows, wheres = _columns_to_rows(data), None
     else:
         try:
-            rows, name, wheres = list(data), "dataset", None
+            rows, wheres = list(data), None
         except TypeError:
-            raise TypeError(f"dataset must be a .jsonl/.json path, a list of rows, a mapping of columns or a "
+            raise TypeError(f"{name} must be a .jsonl/.json path, a list of rows, a mapping of columns or a "
                             f"HF Dataset, got {type(data).__name__}") from None
     if wheres is None:
         wheres = [f"{name} row {i}" for i in range(len(rows))]
@@ -187,3 +188,39 @@ def load_examples(data) -> list[Example]:
     if not examples:
         raise ValueError(f"{name} holds no examples")
     return examples
+
+
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def named_sets(data) -> dict | None:
+    """The sets of a mapping of names to datasets (the Trainer's ``eval_dataset={name: dataset}``, a
+    DatasetDict among them), or None where ``data`` is one dataset (a mapping of columns holds lists of
+    values, never of rows)."""
+    def one_set(value) -> bool:
+        rows = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(r, (dict, Example)) for r in value)
+        return rows or isinstance(value, (str, Path)) or hasattr(value, "column_names")
+
+    if not isinstance(data, dict) or not data or not all(one_set(v) for v in data.values()):
+        return None
+    for key in data:
+        if not isinstance(key, str) or not SET_NAME.fullmatch(key) or key.startswith("retention"):
+            raise ValueError(f"eval_dataset: the set name {key!r} is not a plain name (letters, digits, _ . -; "
+                             "not retention...): it becomes part of the metric names (eval_NAME_score)")
+    return dict(data)
+
+
+def load_eval_sets(data) -> list[Example] | dict[str, list[Example]]:
+    """Held-out rows: one dataset as ``load_examples`` reads it, or a mapping of names to datasets (each
+    evaluated apart, its figures named ``NAME_score``, ``NAME_perplexity``, ...)."""
+    sets = named_sets(data)
+    if sets is None:
+        return load_examples(data, "eval_dataset")
+    return {key: load_examples(value, f"eval_dataset[{key!r}]") for key, value in sets.items()}
+
+
+def eval_sets(held_out) -> dict:
+    """Held-out rows as ``load_eval_sets`` gives them, always as name -> rows ("" names a lone set)."""
+    if held_out is None:
+        return {}
+    return dict(held_out) if isinstance(held_out, dict) else {"": held_out}

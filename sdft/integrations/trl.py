@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import TrainOutput
 
 from sdft.config import SDFTConfig
-from sdft.data.examples import as_plain, load_examples
+from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models.lora import lora_values
@@ -119,7 +120,9 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     return SDFTConfig.from_dict(values)
 
 
+EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
 BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
+NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
 
 
 def every_steps(value, max_steps: int) -> int:
@@ -145,14 +148,16 @@ def evaluation_values(args, max_steps: int) -> dict:
         raise ValueError("load_best_model_at_end=True ranks the evaluations during training: set "
                          "eval_strategy='steps' (and pass an eval_dataset)")
     name = arg(args, "metric_for_best_model", None)
-    if name is not None and str(name) not in BEST_METRICS:
+    named = NAMED_BEST.fullmatch(str(name)) if name is not None else None
+    if name is not None and str(name) not in BEST_METRICS and not named:
         raise ValueError(f"metric_for_best_model={name!r}: sdft's evaluation gives eval_score and eval_perplexity "
-                         "(greedy answers scored; no held-out SDFT loss)")
-    metric = BEST_METRICS[str(name)] if name is not None else "score"
+                         "(eval_NAME_score, eval_NAME_perplexity for eval_dataset={NAME: ...}; greedy answers "
+                         "scored, no held-out SDFT loss)")
+    metric = "score" if name is None else BEST_METRICS.get(str(name)) or f"{named[1]}_{named[2]}"
     greater = arg(args, "greater_is_better", None)
-    if load_best and greater is not None and bool(greater) != (metric == "score"):
+    if load_best and greater is not None and bool(greater) != metric.endswith("score"):
         raise ValueError(f"greater_is_better={greater}: {metric} is better when "
-                         f"{'higher' if metric == 'score' else 'lower'}")
+                         f"{'higher' if metric.endswith('score') else 'lower'}")
     return dict(eval_steps=every, load_best_model_at_end=load_best, metric_for_best_model=metric)
 
 
@@ -173,6 +178,30 @@ def trl_examples(dataset) -> list:
     else:
         prompts = [row.get("prompt") if isinstance(row, dict) else None for row in dataset]
     return [as_plain(ex) if isinstance(prompt, str) else ex for ex, prompt in zip(examples, prompts)]
+
+
+def _own_tokenizer(model):
+    """As TRL, a model object given without ``processing_class`` gets the tokenizer of the folder it was loaded
+    from (``config._name_or_path``); None for a path (sdft loads its tokenizer with it)."""
+    if isinstance(model, (str, Path)) or model is None:
+        return None
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not source or not Path(source).expanduser().is_dir():
+        where = f"names {source!r}, which is not a local folder" if source else "names no folder it came from"
+        raise ValueError(f"pass processing_class (the model's tokenizer): the model object {where} to load "
+                         "its tokenizer from")
+    from sdft.models.loading import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def trl_eval_sets(dataset):
+    """Held-out rows under TRL's prompt rule (``trl_examples``): one set, or a name -> set mapping
+    (``eval_dataset={name: dataset}``, a DatasetDict among them), as the Trainer takes them."""
+    sets = named_sets(dataset)
+    if sets is None:
+        return trl_examples(dataset)
+    return {key: trl_examples(value) for key, value in sets.items()}
 
 
 def _handler(callbacks: list, model, processing_class) -> CallbackHandler:
@@ -253,10 +282,12 @@ class SDFTTrainer:
     * ``evaluate(eval_dataset=None)`` answers the held-out prompts greedily and returns
       ``{"eval_score", "eval_perplexity", "eval_examples"}`` (``eval_scorer``: ``sdft.eval.scorers``'s
       names or a callable; default ``exact``). The SDFT loss on held-out data is not computed.
-      ``eval_strategy="steps"`` does the same during training every ``eval_steps`` (and before the
+      ``eval_dataset={name: dataset}`` evaluates each set, named ``eval_{name}_score``, ... as the Trainer
+      names them. ``eval_strategy="steps"`` does the same during training every ``eval_steps`` (and before the
       first step), each in ``log_history`` and through ``on_evaluate``; ``load_best_model_at_end``
       ends the run on the best of them (``metric_for_best_model``: ``eval_score`` or
-      ``eval_perplexity``), with ``state.best_global_step`` and ``state.best_metric``.
+      ``eval_perplexity``, or ``eval_{name}_score`` / ``eval_{name}_perplexity``), with
+      ``state.best_global_step`` and ``state.best_metric``.
     * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
     * The rest of TRL's scripts (``trl/scripts/*.py``) runs as there: ``accelerator.print`` (and the
       process facts a script reads from ``accelerator``, ``ProcessView``) and ``end()``.
@@ -285,10 +316,11 @@ class SDFTTrainer:
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **lora_values(peft_config)})
         self.args, self.trl_args = config, args
-        self.model, self.processing_class = model, processing_class
+        self.model, self.processing_class = model, processing_class or _own_tokenizer(model)
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
+        self._eval_sets = None
         if eval_dataset is not None:
-            eval_dataset = trl_examples(eval_dataset)  # a bad row is one line now, not after training
+            self._eval_sets = trl_eval_sets(eval_dataset)  # a bad row is one line now, not after training
         elif config.eval_steps:
             raise ValueError("eval_strategy='steps' evaluates an eval_dataset during training: pass eval_dataset")
         self.result: TrainResult | None = None
@@ -336,7 +368,7 @@ class SDFTTrainer:
             self.result = train(self.model, self.examples, config, tokenizer=self.processing_class,
                                 engine=self.engine, step_callback=self._on_step,
                                 eval_scorer=self.eval_scorer if during else None,
-                                eval_dataset=self.eval_dataset if during else None,
+                                eval_dataset=self._eval_sets if during else None,
                                 eval_callback=self._on_evaluate if during else None)
         except OutputDirInUse as err:  # in the Trainer's terms: TRL's config has no overwrite_output_dir
             raise ValueError(f"output_dir {err.out} already holds checkpoints (newest {err.newest}): "
@@ -362,29 +394,38 @@ class SDFTTrainer:
         return TrainOutput(self.result.step, metrics["train_loss"], metrics)
 
     def _on_evaluate(self, step: int, record: dict):
-        """An evaluation during training (eval_strategy='steps'): the log history and ``on_evaluate``."""
-        self._report_evaluation(record, "eval", step)
+        """An evaluation during training (eval_strategy='steps'): the log history and ``on_evaluate``, once
+        per set (as the Trainer evaluates each of ``eval_dataset={name: ...}``), at the step evaluated."""
+        self.state.global_step = step
+        for name in eval_sets(self._eval_sets):
+            found = {k: record[f"{name}_{k}" if name else k] for k in EVAL_KEYS}
+            self._report_evaluation(found, f"eval_{name}" if name else "eval", step)
 
     def _report_evaluation(self, found: dict, prefix: str, step: int) -> dict:
-        metrics = {f"{prefix}_{k}": found[k] for k in ("score", "perplexity", "examples")}
+        metrics = {f"{prefix}_{k}": found[k] for k in EVAL_KEYS}
         self.state.log_history.append({**metrics, "step": step})
         self._event("on_evaluate", metrics=metrics)
         return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """The held-out prompts answered greedily and scored against their demonstrations, and the
-        demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``."""
+        demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``; for
+        ``{name: dataset}``, each set's under ``prefix_name_``, as the Trainer names them."""
         from sdft.eval.evaluation import evaluate
 
-        dataset = trl_examples(eval_dataset) if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
+        sets = trl_eval_sets(eval_dataset) if eval_dataset is not None else self._eval_sets
+        if sets is None:
             raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
         model = self.model if not isinstance(self.model, (str, Path)) else None
         if model is None or self.processing_class is None:
             raise ValueError("evaluate() needs a loaded model and its processing_class: call train() first "
                              "or pass a model object")
-        found = evaluate(model, self.processing_class, dataset, self.eval_scorer, self.args.eval_tokens)
-        return self._report_evaluation(found, metric_key_prefix, self.state.global_step)
+        metrics = {}
+        for name, examples in eval_sets(sets).items():
+            found = evaluate(model, self.processing_class, examples, self.eval_scorer, self.args.eval_tokens)
+            prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
+            metrics.update(self._report_evaluation(found, prefix, self.state.global_step))
+        return metrics
 
     def save_model(self, output_dir: str | None = None):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model

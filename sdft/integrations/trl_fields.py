@@ -65,7 +65,8 @@ HONOURED = {
                      "only evaluate(); 'epoch' refused",
     "eval_steps": "eval_steps (a fraction of max_steps when below 1; not given: logging_steps, as HF)",
     "load_best_model_at_end": "load_best_model_at_end (needs eval_strategy='steps' and an eval_dataset)",
-    "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity; eval_loss refused "
+    "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity (eval_NAME_score / "
+                             "eval_NAME_perplexity for eval_dataset={NAME: ...}); eval_loss refused "
                              "(sdft's evaluation computes no held-out SDFT loss)",
     "greater_is_better": "checked against metric_for_best_model's direction (score higher, perplexity lower)",
 }

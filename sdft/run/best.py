@@ -18,7 +18,7 @@ from sdft.run.checkpoint import copy_trainable, trainable_state
 from sdft.run.run_dir import BEST_FILE, BEST_RECORD, best_record, replace_file
 from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
 
-LOWER_IS_BETTER = ("perplexity", "retention_text_perplexity")
+LOWER_IS_BETTER = "perplexity"  # the end of the names of the figures ranked lowest first (NAME_perplexity too)
 
 
 class BestWeights:
@@ -38,13 +38,13 @@ class BestWeights:
             return True
         if value == self.value:
             return step < self.step
-        return value < self.value if self.metric in LOWER_IS_BETTER else value > self.value
+        return value < self.value if self.metric.endswith(LOWER_IS_BETTER) else value > self.value
 
     def offer(self, step: int, record: dict, model) -> bool:
         """Keep ``model``'s weights when ``record`` (an evaluation at ``step``) beats the best so far."""
         if self.metric not in record:
             raise ValueError(f"metric_for_best_model={self.metric} is not among this run's evaluation figures "
-                             f"({', '.join(k for k in record if k not in ('step', 'answers', 'retention_answers'))})")
+                             f"({', '.join(k for k in record if k != 'step' and not k.endswith('answers'))})")
         value = float(record[self.metric])
         if not self.better(step, value):
             return False

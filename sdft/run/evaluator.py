@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdft.data.examples import eval_sets
 from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
 from sdft.run.run_dir import EVAL_FILE, replace_file
@@ -13,7 +14,8 @@ from sdft.run.run_dir import EVAL_FILE, replace_file
 class Evaluator:
     """Evaluation on the user's held-out data during a run, kept in ``output_dir/eval.json``.
 
-    Each record: {"step", "score", "perplexity", "examples", "answers"}; step 0 is before training.
+    Each record: {"step", "score", "perplexity", "examples", "answers"}; step 0 is before training. Several
+    named sets (``eval_dataset={name: rows}``) give each of these but "step" once per set, as NAME_score, ....
     A resumed run keeps the records up to its checkpoint's step.
     """
 
@@ -38,8 +40,9 @@ class Evaluator:
 
     def __call__(self, model, tokenizer, step: int) -> dict:
         record = {"step": step}
-        if self.examples is not None:
-            record.update(evaluate(model, tokenizer, self.examples, self.scorer, self.max_new_tokens))
+        for name, examples in eval_sets(self.examples).items():
+            found = evaluate(model, tokenizer, examples, self.scorer, self.max_new_tokens)
+            record.update({f"{name}_{k}" if name else k: v for k, v in found.items()})
         if self.retention is not None:
             record.update(retention.score(model, tokenizer, self.retention))
         self.records = [r for r in self.records if r["step"] != step] + [record]

@@ -10,7 +10,7 @@ import torch
 
 from sdft.config import SDFTConfig
 from sdft.data.chat import has_chat_template
-from sdft.data.examples import Example, load_examples
+from sdft.data.examples import Example, eval_sets, load_eval_sets, load_examples
 from sdft.eval import retention
 from sdft.eval.scorers import get_scorer
 from sdft.models import enable_checkpointing, load_model
@@ -55,7 +55,7 @@ class Run:
     device: torch.device
     resume: Path | None
     model_source: str | None  # the base model's path; None: the embedded model (see sdft.run.export)
-    eval_examples: list[Example] | None = None  # config.eval_data, loaded and checked before the model
+    eval_examples: list[Example] | dict | None = None  # config.eval_data or eval_dataset (one set, or name -> set)
     eval_scorer: object = None  # a scorer callable (sdft.eval.scorers)
     world: World = World()  # this process's place under torchrun / accelerate (sdft.runtime.distributed)
     runner: Runner | None = None  # how the model runs here: alone, DDP or FSDP2 (start_runner)
@@ -96,14 +96,15 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     config = with_model_adapters(as_config(config), model)
     check_backends(config.report_to)
     if eval_dataset is not None:
-        eval_examples = load_examples(eval_dataset)
+        eval_examples = load_eval_sets(eval_dataset)
     else:
         eval_examples = load_examples(config.eval_data) if config.eval_data else None
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
                              evaluating=eval_examples is not None, report=report_line)
     if config.load_best_model_at_end:
-        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept)
+        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept,
+                          list(eval_examples) if isinstance(eval_examples, dict) else ())
     if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
         raise TypeError(f"model must be None (the embedded model), a local path or a transformers model, "
                         f"got {type(model).__name__}")
@@ -147,23 +148,32 @@ def data_notes(examples, eval_examples, config, processes: int) -> list[str]:
         notes.append(f"sdft: a step takes {per_step} prompts (per_device_train_batch_size x "
                      f"gradient_accumulation_steps x processes) from {len(examples)} rows: each step sees some "
                      "rows more than once")
-    if eval_examples:
-        trained = set(examples)
-        shared = sum(ex in trained for ex in eval_examples)
+    trained = set(examples)
+    for name, held_out in eval_sets(eval_examples).items():
+        shared = sum(ex in trained for ex in held_out)
         if shared:
-            notes.append(f"sdft: {shared} of the {len(eval_examples)} evaluation rows are also training rows: "
+            of = f" of eval_dataset[{name!r}]" if name else ""
+            notes.append(f"sdft: {shared} of the {len(held_out)} evaluation rows{of} are also training rows: "
                          "their score measures recall of what was trained, not the skill on new prompts")
     return notes
 
 
-def check_best_metric(metric: str, evaluating: bool, kept) -> None:
-    """``load_best_model_at_end`` needs an evaluation that yields ``metric``: one line before the model loads."""
-    if metric in ("score", "perplexity"):
-        if not evaluating:
-            raise ValueError(f"load_best_model_at_end ranks the evaluations on eval_data by {metric}: give eval_data")
-    elif not (kept is not None and (kept.examples if metric == "retention_score" else kept.texts)):
-        source = "retention_data" if metric == "retention_score" else "retention_text"
-        raise ValueError(f"metric_for_best_model={metric} needs {source} (and eval_data to evaluate at all)")
+EVAL_FIGURES = ("score", "perplexity")  # what each evaluation set gives to rank by
+
+
+def check_best_metric(metric: str, evaluating: bool, kept, named=()) -> None:
+    """``load_best_model_at_end`` needs an evaluation that yields ``metric``: one line before the model loads.
+    ``named``: the names of the evaluation sets, where there are several (their figures are NAME_score, ...)."""
+    if metric in ("retention_score", "retention_text_perplexity"):
+        if not (kept is not None and (kept.examples if metric == "retention_score" else kept.texts)):
+            source = "retention_data" if metric == "retention_score" else "retention_text"
+            raise ValueError(f"metric_for_best_model={metric} needs {source} (and eval_data to evaluate at all)")
+        return
+    if not evaluating:
+        raise ValueError(f"load_best_model_at_end ranks the evaluations on eval_data by {metric}: give eval_data")
+    figures = [f"{n}_{f}" for n in named for f in EVAL_FIGURES] if named else list(EVAL_FIGURES)
+    if metric not in figures:
+        raise ValueError(f"metric_for_best_model={metric}: the evaluation gives {', '.join(figures)}")
 
 
 def end_run(on_end: list):

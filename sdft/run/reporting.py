@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -73,8 +74,17 @@ EVAL_NAMES = {"score": "score", "perplexity": "perplexity", "retention_score": "
 
 
 def eval_scalars(record: dict) -> dict[str, float]:
-    """An evaluation's figures: the new skill's score and perplexity, and what the run kept (retention/...)."""
-    return {name: float(record[key]) for key, name in EVAL_NAMES.items() if key in record}
+    """An evaluation's figures: the new skill's score and perplexity (each named set's as NAME/score, ...),
+    and what the run kept (retention/...)."""
+    out = {name: float(record[key]) for key, name in EVAL_NAMES.items() if key in record}
+    for key, value in record.items():
+        named = NAMED_FIGURE.fullmatch(key)
+        if named and key not in EVAL_NAMES:
+            out[f"{named[1]}/{named[2]}"] = float(value)
+    return out
+
+
+NAMED_FIGURE = re.compile(r"(.+)_(score|perplexity)")  # a named evaluation set's figure (sdft.data.examples)
 
 
 def run_name() -> str:

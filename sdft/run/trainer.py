@@ -63,8 +63,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
     for the evaluation on ``config.eval_data``. ``eval_dataset``: held-out rows (as ``dataset``) in place
-    of ``config.eval_data``. ``eval_callback(step, record)`` is called after each evaluation (its
-    ``eval.json`` record).
+    of ``config.eval_data``, or a mapping of names to such sets (each evaluated apart, as NAME_score, ...).
+    ``eval_callback(step, record)`` is called after each evaluation (its ``eval.json`` record).
     """
     if engine is not None:
         check_engine(engine)

@@ -1,4 +1,6 @@
 """TRL users switch by changing one import (sdft.integrations.trl.SDFTTrainer)."""
+import itertools
+import json
 import types
 
 import pytest
@@ -388,6 +390,73 @@ def test_eval_strategy_steps_evaluates_during_training_and_load_best_ends_on_the
     assert [h["eval_score"] for h in trainer.state.log_history if "eval_score" in h] == [0.1, 0.7, 0.7, 0.2]
     assert trainer.state.best_global_step == 1 and trainer.state.best_metric == 0.7
     assert trainer.result.best_step == 1
+
+
+def test_several_eval_sets_are_each_evaluated_and_named_as_the_trainer_names_them(tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class OnEvaluate(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append((state.global_step, sorted(metrics)))
+
+    # (sums, more) before training and after steps 1 and 2, then the evaluate() after it
+    scores = itertools.chain([0.1, 0.9, 0.5, 0.2, 0.3, 0.4], itertools.repeat(0.0))
+    tok = tiny_tokenizer()
+    args = _tiny_args(tmp_path, 2, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                      metric_for_best_model="eval_more_score")
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          eval_dataset={"sums": ROWS[:1], "more": ROWS[1:2]}, eval_scorer=lambda a, d: next(scores),
+                          callbacks=[OnEvaluate()])
+    trainer.train()
+    names = {n: [f"eval_{n}_examples", f"eval_{n}_perplexity", f"eval_{n}_score"] for n in ("sums", "more")}
+    assert seen == [(step, names[n]) for step in (0, 1, 2) for n in ("sums", "more")]
+    assert trainer.state.best_global_step == 0 and trainer.state.best_metric == 0.9  # "more": 0.9, 0.2, 0.4
+    records = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [r["sums_score"] for r in records] == [0.1, 0.5, 0.3]
+    metrics = trainer.evaluate({"a": ROWS[:2], "b": ROWS[:1]}, metric_key_prefix="test")
+    assert (metrics["test_a_examples"], metrics["test_b_examples"]) == (2, 1) and len(metrics) == 6
+
+
+def test_a_mapping_of_eval_sets_and_its_metric_names_are_checked_before_the_model_loads(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="the set name 'a b' is not a plain name"):
+        SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_tiny_args(tmp_path, 1), train_dataset=ROWS,
+                    processing_class=tok, eval_dataset={"a b": ROWS})
+    args = _tiny_args(tmp_path, 1, eval_strategy="steps", load_best_model_at_end=True,
+                      metric_for_best_model="eval_other_score")
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          eval_dataset={"sums": ROWS})
+    with pytest.raises(ValueError, match="^metric_for_best_model=other_score: the evaluation gives sums_score, "
+                                         "sums_perplexity$"):
+        trainer.train()
+
+
+def test_standard_format_eval_rows_are_plain_text_during_training_as_in_evaluate(tmp_path):
+    """TRL's rule for string prompts (no chat template) holds for the evaluations a run makes as it goes."""
+    tok = tiny_tokenizer()
+    rows = [{"prompt": r["prompt"][0]["content"], "privileged_context": r["privileged_context"]} for r in ROWS]
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_tiny_args(tmp_path, 1, eval_strategy="steps"),
+                          train_dataset=ROWS, processing_class=tok, eval_dataset=rows[:2])
+    trainer.train()
+    during = [h for h in trainer.state.log_history if "eval_perplexity" in h][-1]["eval_perplexity"]
+    assert trainer.evaluate()["eval_perplexity"] == pytest.approx(during, rel=1e-5)
+
+
+def test_a_model_object_without_processing_class_takes_the_tokenizer_of_its_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    trainer = SDFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=_tiny_args(tmp_path, 1),
+                          train_dataset=ROWS)
+    assert len(trainer.processing_class) == len(tok) and trainer.train().global_step == 1
+    with pytest.raises(ValueError, match="^pass processing_class \\(the model's tokenizer\\): the model object names "
+                                         "no folder it came from"):
+        SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_tiny_args(tmp_path, 1), train_dataset=ROWS)
 
 
 def test_eval_strategy_steps_without_an_eval_dataset_is_one_line(tmp_path):
