@@ -3,9 +3,11 @@ tool-call prompts, G=4, 2 prompts a step, 24 completion tokens, forward KL, froz
 fresh process, one after the other.
 
 On a CPU whether 16-bit pays depends on its instructions (AVX512-BF16 / AMX multiply bf16 in hardware,
-AVX2 emulates it); the environment line records them.
+AVX2 emulates it); the environment line records them. ``dtype_bf16``: no autocast, the weights
+loaded in bfloat16 (``dtype=bfloat16``, for models that do not fit in fp32).
 
     python benchmarks/bench_precision.py --stem precision_cpu_avx2
+    python benchmarks/bench_precision.py --precisions no dtype_bf16 --stem precision_dtype_cpu_avx2
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from benchmarks.measure import environment, markdown_table, run_in_subprocess, w
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--precisions", nargs="+", default=["no", "bf16", "fp16"], choices=["no", "bf16", "fp16"])
+    p.add_argument("--precisions", nargs="+", default=["no", "bf16", "fp16"],
+                   choices=["no", "bf16", "fp16", "dtype_bf16"])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not counted)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--stem", default="precision_cpu")
@@ -32,12 +35,14 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs, table = {}, []
     for precision in args.precisions:
+        mixed, dtype = ("no", "bfloat16") if precision == "dtype_bf16" else (precision, "float32")
         runs[precision] = run_in_subprocess("benchmarks.bench_trl", "run_sdft", "short", 4, 2, args.steps, "sdft",
-                                            "frozen", precision)
+                                            "frozen", mixed, dtype)
         print(precision, json.dumps(runs[precision]), flush=True)
     base = runs.get("no")
     for precision, r in runs.items():
-        table.append({"mixed_precision": precision, "s_per_step": r["seconds_per_step"],
+        name = "no, dtype=bfloat16" if precision == "dtype_bf16" else precision
+        table.append({"mixed_precision": name, "s_per_step": r["seconds_per_step"],
                       "vs_fp32": r["seconds_per_step"] / base["seconds_per_step"] if base else None,
                       "peak_mib": r["peak_memory_mib"], "loss": r["loss"]})
     env = environment(device)

@@ -113,8 +113,9 @@ def _summary(seconds: list[float], extra: dict) -> dict:
 
 
 def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",
-             teacher: str = "frozen", precision: str = "no") -> dict:
-    """Our side: ``sdft.train`` (``sdft_gc``: with gradient checkpointing, TRL's default; ``sft``:
+             teacher: str = "frozen", precision: str = "no", dtype: str = "float32") -> dict:
+    """Our side (weights loaded in ``dtype``): ``sdft.train`` (``sdft_gc``: with gradient checkpointing,
+    TRL's default; ``sft``:
     ``sdft.train_sft``; ``sdft_joint``: ``share_teacher_prefix=True``, a live teacher in one tree with
     the student where the node count says it pays; ``sdft_nojoint``: never; ``sdft_notrim`` /
     ``sdft_gc_notrim``: ``cpu_trim_memory=False``, freed heap memory kept resident) for ``steps``
@@ -134,8 +135,8 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
         divergence="forward_kl", teacher_mode=teacher, teacher_template=TEMPLATE, save_steps=10**6,
         progress_bar=False, temperature=1.0, save_final_model=False,
         gradient_checkpointing=method.startswith("sdft_gc"), share_teacher_prefix=method == "sdft_joint",
-        cpu_trim_memory=not method.endswith("_notrim"), mixed_precision=precision)
-    model, tokenizer = sdft.load_model(model_dir())
+        cpu_trim_memory=not method.endswith("_notrim"), mixed_precision=precision, dtype=dtype)
+    model, tokenizer = sdft.load_model(model_dir(), getattr(torch, dtype))
     fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
     records = result.metrics

@@ -125,8 +125,8 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
     if world.is_main:
-        notes = data_notes(examples, eval_examples, config, world.size)
-        for note in notes + [cpu_precision_note(config.mixed_precision, run_device(config.device))]:
+        precision = cpu_precision_note(config.mixed_precision, run_device(config.device), config.dtype)
+        for note in data_notes(examples, eval_examples, config, world.size) + [precision]:
             if note is not None:
                 report_line(note)
     try:

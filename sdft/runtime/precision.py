@@ -33,17 +33,25 @@ def native_16bit(precision: str) -> bool:
     return not known or any(probe() for probe in known)
 
 
-def cpu_precision_note(setting: str, device: torch.device) -> str | None:
-    """One line when a 16-bit ``mixed_precision`` asked for on the CPU has no hardware there: the matrix
-    products are then emulated (on this project's AVX2 CPU a bf16 step took 7x fp32's time, fp16 8x,
-    ``benchmarks/results/precision_cpu_avx2.md``)."""
+def cpu_precision_note(setting: str, device: torch.device, dtype: str = "float32") -> str | None:
+    """One line when 16-bit products asked for on the CPU (a 16-bit ``mixed_precision``, or weights in
+    ``dtype=bfloat16``) have no hardware there: they are then emulated (on this project's AVX2 CPU a bf16
+    step took 7x fp32's time, fp16 8x, weights in bf16 7x at 0.64x the memory:
+    ``benchmarks/results/precision_cpu_avx2.md``, ``precision_dtype_cpu_avx2.md``)."""
     precision = compute_precision(setting, device)
-    if device.type != "cpu" or precision not in AUTOCAST_DTYPES or native_16bit(precision):
+    if device.type != "cpu":
         return None
-    return (f"sdft: mixed_precision={precision} on a CPU without {precision} matrix instructions "
-            f"({torch.backends.cpu.get_cpu_capability()}): its products are emulated, several times slower than "
-            "fp32; mixed_precision=no is faster here (16-bit pays on GPUs and on CPUs with "
-            f"{'AVX512-BF16 or AMX' if precision == 'bf16' else 'AMX-FP16'})")
+    if precision in AUTOCAST_DTYPES and not native_16bit(precision):
+        return (f"sdft: mixed_precision={precision} on a CPU without {precision} matrix instructions "
+                f"({torch.backends.cpu.get_cpu_capability()}): its products are emulated, several times slower "
+                "than fp32; mixed_precision=no is faster here (16-bit pays on GPUs and on CPUs with "
+                f"{'AVX512-BF16 or AMX' if precision == 'bf16' else 'AMX-FP16'})")
+    if dtype == "bfloat16" and not native_16bit("bf16"):
+        return (f"sdft: dtype=bfloat16 on a CPU without bf16 matrix instructions "
+                f"({torch.backends.cpu.get_cpu_capability()}): the weights take half the memory, but their "
+                "products are emulated, several times slower than dtype=float32 (which is faster here wherever "
+                "the model fits in fp32)")
+    return None
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

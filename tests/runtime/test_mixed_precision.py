@@ -192,3 +192,7 @@ def test_16bit_on_a_cpu_without_its_instructions_says_fp32_is_faster(monkeypatch
         assert native or f"mixed_precision={precision} on a CPU without {precision}" in note and "\n" not in note
     assert cpu_precision_note("no", cpu) is None and cpu_precision_note("auto", cpu) is None
     assert cpu_precision_note("bf16", torch.device("cuda")) is None
+    weights = cpu_precision_note("auto", cpu, "bfloat16")  # weights in bf16: the same products, without autocast
+    assert (weights is None) == native
+    assert native or weights.startswith("sdft: dtype=bfloat16 on a CPU without bf16 matrix instructions")
+    assert cpu_precision_note("auto", torch.device("cuda"), "bfloat16") is None
