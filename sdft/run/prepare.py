@@ -224,6 +224,10 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if not has_chat_template(tokenizer) and world.is_main:
         report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
                     "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model object's weights are not loaded ({meta} is on the meta device): load them "
+                         "(from_pretrained, or to_empty and load_state_dict) before training")
     try:
         model.to(device)
     except torch.OutOfMemoryError:
@@ -240,6 +244,9 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if config.use_lora and not adapters_of(model):  # a peft model's own adapters train as they are
         model = apply_lora(model, LoraSettings.from_config(config))
     verify_head(model)  # a head sdft cannot express is refused here, before any step
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (requires_grad is False on every one): unfreeze "
+                         "the ones to train, or set use_lora=true to train adapters on the frozen model")
     model.train()
     return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world,
                on_end=on_end, encoded=encoded)

@@ -459,3 +459,18 @@ def test_max_grad_norm_zero_turns_clipping_off_and_still_logs_the_norm():
     assert not torch.equal(clipped[0], weights[0])
     with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
         SDFTConfig(max_grad_norm=-1.0)
+
+
+def test_a_model_object_without_loaded_or_trainable_weights_is_one_line_before_any_step(tmp_path):
+    tok = tiny_tokenizer()
+    frozen = tiny_llama(vocab=len(tok)).requires_grad_(False)
+    with pytest.raises(ValueError, match="^the model has no trainable parameters .* or set use_lora=true"):
+        train(frozen, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "frozen")}), tokenizer=tok)
+    adapters = train(frozen, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "lora"), "use_lora": True,
+                                                 "max_steps": 1}), tokenizer=tok)
+    assert adapters.step == 1  # the same frozen model trains its LoRA adapters
+    meta = tiny_llama(vocab=len(tok)).to("meta")
+    with pytest.raises(ValueError, match="^the model object's weights are not loaded \\(model.embed_tokens.weight "
+                                         "is on the meta device\\)"):
+        train(meta, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "meta")}), tokenizer=tok)
+    assert not (tmp_path / "frozen" / "metrics.jsonl").exists() and not (tmp_path / "meta" / "metrics.jsonl").exists()
