@@ -11,6 +11,7 @@ callable ``(answer, demonstration) -> float | bool`` can be passed instead of a 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import string
@@ -67,6 +68,14 @@ def regex_scorer(pattern: str) -> Scorer:
 def get_scorer(spec) -> Scorer:
     """A scorer from its name (see the module docstring) or a callable; a bad name is a one-line error."""
     if callable(spec):
+        try:
+            inspect.signature(spec).bind("answer", "demonstration")
+        except TypeError:
+            raise ValueError(f"eval_scorer {getattr(spec, '__name__', type(spec).__name__)}: a scorer is called as "
+                             "scorer(answer, demonstration) -> float; this one does not take those two "
+                             "arguments") from None
+        except ValueError:  # no signature to read (some builtins): it is called as it is
+            pass
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"eval_scorer must be a name or a callable, got {type(spec).__name__}")

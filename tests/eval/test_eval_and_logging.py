@@ -57,6 +57,14 @@ def test_bad_scorer_is_a_config_error(spec, message):
         SDFTConfig(eval_scorer=spec)
 
 
+def test_a_callable_scorer_that_cannot_take_answer_and_demonstration_is_refused_before_use():
+    with pytest.raises(ValueError, match="^eval_scorer <lambda>: a scorer is called as scorer\\(answer, "
+                                         "demonstration\\) -> float"):
+        get_scorer(lambda answer: 1.0)
+    for fine in (lambda a, d: 1.0, lambda *args: 1.0, lambda a, d, weight=1.0: weight):
+        assert get_scorer(fine) is fine
+
+
 def test_bad_report_to_is_a_config_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown report_to 'mlflow'"):
         SDFTConfig(report_to=["mlflow"])
