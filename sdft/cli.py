@@ -147,7 +147,8 @@ def _continual(args, parser) -> int:
     config.check_device()
     check_backends(config.report_to)
     # every file checked before the model loads
-    check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end)
+    check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end,
+                 config.eval_steps)
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
     from sdft import models
@@ -290,17 +291,20 @@ def _train(args, parser) -> int:
     config = SDFTConfig.from_strings(pairs)
     config.check_device()
     check_backends(config.report_to)
+    if args.scorer is not None and not config.eval_data:
+        raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
     if args.data is not None:
         load_examples(args.data)
-    if config.eval_data:
-        load_examples(config.eval_data)
+    eval_examples = load_examples(config.eval_data) if config.eval_data else None
     from sdft.eval.retention import resolve
+    from sdft.run.prepare import check_evaluation
 
     def quiet(message):  # the run itself says these things once it starts
         return None
 
-    resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
-            bool(config.eval_data), report=quiet)  # reads and checks the files, before the model
+    kept = resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
+                   bool(config.eval_data), report=quiet)  # reads and checks the files, before the model
+    check_evaluation(config, eval_examples, kept)
     check_run_model(config, plan_run(config, report=quiet), args.model, report=quiet)
     check_launcher()  # before the model loads
 
@@ -324,7 +328,7 @@ def _train(args, parser) -> int:
         return 0
     if result.evaluations:
         print(f"evaluation on {config.eval_data or 'the retention data'} ({config.eval_scorer}):")
-        print(eval_table(result.evaluations, load_examples(config.eval_data) if config.eval_data else []), flush=True)
+        print(eval_table(result.evaluations, eval_examples or []), flush=True)
         kept = retention_summary(result.evaluations)
         if kept:
             print(kept, flush=True)

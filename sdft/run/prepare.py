@@ -102,9 +102,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
                              evaluating=eval_examples is not None, report=report_line)
-    if config.load_best_model_at_end:
-        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept,
-                          list(eval_examples) if isinstance(eval_examples, dict) else ())
+    check_evaluation(config, eval_examples, kept)
     if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
         raise TypeError(f"model must be None (the embedded model), a local path or a transformers model, "
                         f"got {type(model).__name__}")
@@ -159,6 +157,19 @@ def data_notes(examples, eval_examples, config, processes: int) -> list[str]:
 
 
 EVAL_FIGURES = ("score", "perplexity")  # what each evaluation set gives to rank by
+
+
+def check_evaluation(config, eval_examples, kept) -> None:
+    """What the evaluation settings need, one line before the model loads: something to evaluate for
+    ``eval_steps`` (as HF's Trainer refuses eval_strategy='steps' without an eval_dataset), and the figure
+    ``load_best_model_at_end`` ranks by. ``eval_examples``: the held-out rows (None: none); ``kept``: the
+    retention check (``sdft.eval.retention.resolve``)."""
+    if config.eval_steps and eval_examples is None and kept is None:
+        raise ValueError(f"eval_steps={config.eval_steps} evaluates eval_data during training, and the run has none: "
+                         "give eval_data (or retention_data), or set eval_steps=0")
+    if config.load_best_model_at_end:
+        check_best_metric(config.metric_for_best_model, eval_examples is not None, kept,
+                          list(eval_examples) if isinstance(eval_examples, dict) else ())
 
 
 def check_best_metric(metric: str, evaluating: bool, kept, named=()) -> None:

@@ -68,11 +68,17 @@ def stage_dir(root: Path, k: int, name: str) -> Path:
     return Path(root) / f"stage-{k}-{name}"
 
 
-def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = False) -> tuple[list, list, list]:
+def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = False,
+                 eval_steps: int = 0) -> tuple[list, list, list]:
     """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads;
-    ``load_best`` (``load_best_model_at_end``) needs the validation sets it ranks each stage on."""
+    ``load_best`` (``load_best_model_at_end``) and ``eval_steps`` need the validation sets a stage's run
+    evaluates."""
     if not stages:
         raise ValueError("train_sequence needs at least one stage")
+    if eval_steps and validation_stages is None:
+        raise ValueError(f"eval_steps={eval_steps} in a sequence evaluates each stage's validation set as it trains "
+                         "(held-out sets are scored between the stages): give validation_stages "
+                         "(--validation-stages), or set eval_steps=0")
     if load_best and validation_stages is None:
         raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
                          "give validation_stages (--validation-stages), one set per stage")
@@ -156,7 +162,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
     names = stage_names(stages, names)
     train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages,
-                                                          config.load_best_model_at_end)
+                                                          config.load_best_model_at_end, config.eval_steps)
     overrides = list(stage_overrides) if stage_overrides is not None else [{}] * len(names)
     if len(overrides) != len(names) or not all(isinstance(o, dict) for o in overrides):
         raise ValueError(f"stage_overrides: give one dict of config values per stage ({len(names)})")

@@ -243,3 +243,30 @@ def test_help_lists_the_new_keys(capsys):
     for key in ("distillation_mode", "distillation_is_clip (float|none, default none)", "eval_scorer", "report_to",
                 "loss_normalization", "lr_scheduler_type"):
         assert key in out, key
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--set", "eval_steps=5"], "eval_steps=5 evaluates eval_data during training, and the run has none"),
+    (["train", "--scorer", "json"], "--scorer json scores the answers to --eval-data: give --eval-data FILE"),
+    (["train", "--set", "load_best_model_at_end=true"], "load_best_model_at_end ranks the evaluations on eval_data"),
+    (["continual", "--stages", "ROWS", "--set", "eval_steps=2"], "eval_steps=2 in a sequence evaluates each stage's "
+                                                                  "validation set"),
+])
+def test_evaluation_settings_with_nothing_to_evaluate_are_one_line_before_the_model_loads(
+        tmp_path, capsys, monkeypatch, argv, message):
+    import sdft.models
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(sdft.models, "load_model", no_model_load)
+    rows = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    argv = [str(rows) if a == "ROWS" else a for a in argv] + ["--set", f"output_dir={tmp_path / 'o'}"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_eval_steps_without_eval_data_is_refused_by_train_too(tmp_path):
+    with pytest.raises(ValueError, match="eval_steps=2 evaluates eval_data during training"):
+        train("/nonexistent/model", ROWS, _config(tmp_path, eval_steps=2))
