@@ -131,7 +131,6 @@ def _build_parser():
 
 def _continual(args, parser) -> int:
     """``sdft continual``: ``train_sequence`` for SDFT (and the SFT baseline) into output_dir/{sdft,sft}."""
-    import torch
 
     from sdft.run.sequence import (
         check_sequence_folder,
@@ -151,7 +150,6 @@ def _continual(args, parser) -> int:
                  config.eval_steps)
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
-    from sdft import models
 
     methods = ["sdft"] + ([args.baseline] if args.baseline else [])
     root, matrices = Path(config.output_dir), {}
@@ -162,9 +160,8 @@ def _continual(args, parser) -> int:
     for method in methods:
         check_sequence_folder(root / method, bool(config.resume_from_checkpoint))
     for method in methods:
-        model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         method_config = SDFTConfig.from_dict({**config.to_dict(), "output_dir": str(root / method)})
-        result = train_sequence(model, args.stages, method_config, tokenizer, eval_stages=args.eval_stages,
+        result = train_sequence(args.model, args.stages, method_config, eval_stages=args.eval_stages,
                                 method=method, eval_scorer=args.scorer, validation_stages=args.validation_stages)
         matrices[method] = result.matrix
     names = stage_names(args.stages)
@@ -315,15 +312,16 @@ def _train(args, parser) -> int:
     from sdft.eval.retention import summary as retention_summary
     from sdft.run.trainer import train
 
-    model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
     processes, rank = launched_size(), int(os.environ.get("RANK", "0"))
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:
+        model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
-    result = train(model, args.data, config, tokenizer=tokenizer)
-    if bundled_eval:
+        result = train(model, args.data, config, tokenizer=tokenizer)
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)
+    else:  # train loads the model itself, once every row has been measured with its tokenizer
+        result = train(args.model, args.data, config)
     if rank != 0:
         return 0
     if result.evaluations:

@@ -29,7 +29,7 @@ from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
 from sdft.eval.scorers import get_scorer
 from sdft.models import load_model
-from sdft.models.loading import is_embedded
+from sdft.models.loading import is_embedded, load_tokenizer
 from sdft.run.prepare import as_config
 from sdft.run.run_dir import FINAL_MODEL, replace_file, report_line
 
@@ -91,13 +91,27 @@ def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = 
     return [load_examples(s) for s in stages], *found
 
 
+def check_stage_rows(names, rows, configs, tokenizer, encode, done: int) -> None:
+    """The rows of every stage still to train (after the first ``done``) measured with ``tokenizer`` by the
+    method's ``encode`` under the stage's own config: a row over a length limit in a late stage is one line
+    naming that stage before the first one trains."""
+    for k in range(done, len(names)):
+        try:
+            encode(rows[k], tokenizer, configs[k])
+        except ValueError as err:
+            raise ValueError(f"stage {k + 1} ({names[k]}): {err}") from None
+
+
 def _stage_config(config: SDFTConfig, root: Path, k: int, name: str, resume: bool, overrides: dict) -> SDFTConfig:
     """Stage k's run: ``config`` and the stage's own ``overrides`` in its folder; the sequence scores
     held-out sets and retention itself, so the stage evaluates only its validation rows."""
     values = {**config.to_dict(), **overrides, "output_dir": str(stage_dir(root, k, name)), "eval_data": "",
               "retention_data": "", "retention_text": "", "resume_from_checkpoint": resume and
               stage_dir(root, k, name).exists(), "save_final_model": True}
-    return SDFTConfig.from_dict(values)
+    try:
+        return SDFTConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"stage {k} ({name}): {err}") from None
 
 
 def _read_matrix(path: Path) -> list[dict]:
@@ -152,8 +166,8 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     ``stage_overrides``: one dict of config values per stage (a seed, steps, a learning rate).
     ``names``: one name per stage, for the matrix and the stage folders (default: the files' stems).
     """
-    from sdft.run.sft import train_sft
-    from sdft.run.trainer import train
+    from sdft.run.sft import encode_demonstrations, train_sft
+    from sdft.run.trainer import encode_examples, train
 
     config = as_config(config)
     if method not in ("sdft", "sft"):
@@ -175,16 +189,24 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     root = Path(config.output_dir)
     matrix_path = root / SEQUENCE_FILE
     resume = bool(config.resume_from_checkpoint)
+    stage_configs = [_stage_config(config, root, k, names[k - 1], resume, overrides[k - 1])
+                     for k in range(1, len(names) + 1)]  # a bad override is one line now, not at its stage
     matrix = _read_matrix(matrix_path) if resume else []
     check_sequence_folder(root, resume)
     done = max(0, len(matrix) - 1)  # row 0 is the base model
     dtype = getattr(torch, config.dtype)
-    if done:
-        model, tokenizer = load_model(stage_dir(root, done, names[done - 1]) / FINAL_MODEL, dtype)
-    elif model is None or isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model, dtype)
-    elif tokenizer is None:
+    encode = encode_examples if method == "sdft" else encode_demonstrations
+    source = stage_dir(root, done, names[done - 1]) / FINAL_MODEL if done else model
+    if isinstance(model, torch.nn.Module) and not done and tokenizer is None:
         raise ValueError("pass the tokenizer together with a model object")
+    measured = tokenizer if not done and tokenizer is not None else (
+        load_tokenizer(source) if source is None or isinstance(source, (str, Path)) else None)
+    if measured is not None:  # every stage's rows against the length limits, before the model loads
+        check_stage_rows(names, train_rows, stage_configs, measured, encode, done)
+    if done or model is None or isinstance(model, (str, Path)):
+        model, tokenizer = load_model(source, dtype)
+    if measured is None:  # the embedded model's first load: its tokenizer comes with it
+        check_stage_rows(names, train_rows, stage_configs, tokenizer, encode, done)
     root.mkdir(parents=True, exist_ok=True)
     if not matrix:
         matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorers, kept, config.eval_tokens)]
@@ -192,7 +214,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     run = train if method == "sdft" else train_sft
     seconds = [None] * len(names)
     for k in range(done + 1, len(stages) + 1):
-        stage_config = _stage_config(config, root, k, names[k - 1], resume, overrides[k - 1])
+        stage_config = stage_configs[k - 1]
         report_line(f"sdft: stage {k}/{len(stages)} ({names[k - 1]}, {method}) in {stage_config.output_dir}")
         t0 = time.perf_counter()  # kept beside the matrix: a resumed matrix equals an uninterrupted one
         result = run(model, train_rows[k - 1], stage_config, tokenizer=tokenizer, eval_scorer=scorers[k - 1],

@@ -24,7 +24,7 @@ def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, ids[prompt_length:], reduction="sum")
 
 
-def _encode(examples, tokenizer, config) -> list[tuple[torch.Tensor, int]]:
+def encode_demonstrations(examples, tokenizer, config) -> list[tuple[torch.Tensor, int]]:
     """Each row's chat with its demonstration, on the CPU; a row over the two length limits is an error."""
     limit = config.max_prompt_length + config.max_completion_length
     return [demonstration_ids(tokenizer, ex, "cpu", limit) for ex in examples]
@@ -33,7 +33,7 @@ def _encode(examples, tokenizer, config) -> list[tuple[torch.Tensor, int]]:
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
               step_callback=None, eval_scorer=None, eval_dataset=None, eval_callback=None) -> TrainResult:
     """Fine-tune with token cross-entropy on the demonstrations (arguments as ``sdft.train``)."""
-    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset, encode=_encode)
+    run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset, encode=encode_demonstrations)
     config, model, device = run.config, run.model, run.device
     encoded = [(ids.to(device), prompt_length) for ids, prompt_length in run.encoded]
     runner = start_runner(run)

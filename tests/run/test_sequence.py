@@ -34,6 +34,15 @@ def _config(tmp_path, **change):
     return SDFTConfig(**{**base, **change})
 
 
+def _no_model_load(monkeypatch):
+    """Any model load from here on fails the test: what it checks comes before the weights."""
+    import sdft.models
+    import sdft.run.sequence
+
+    for module in (sdft.models, sdft.run.sequence):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+
+
 def _sequence(tmp_path, method="sdft", **change):
     files, keep, text = _stages(tmp_path)
     tok = tiny_tokenizer()
@@ -133,13 +142,12 @@ def test_sdft_continual_writes_both_matrices_side_by_side(tmp_path, capsys):
 
 
 def test_sdft_continual_refuses_a_bad_stage_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import sdft.models
     from sdft import cli
 
     files, _, _ = _stages(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
-    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _no_model_load(monkeypatch)
     assert cli.main(["continual", "--stages", files[0], str(bad), "--set", f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl" in err[0]
@@ -147,11 +155,10 @@ def test_sdft_continual_refuses_a_bad_stage_before_the_model_loads(tmp_path, mon
 
 def test_sdft_continual_refuses_selection_without_validation_stages_before_the_model_loads(tmp_path, monkeypatch,
                                                                                           capsys):
-    import sdft.models
     from sdft import cli
 
     files, _, _ = _stages(tmp_path)
-    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _no_model_load(monkeypatch)
     args = ["continual", "--stages", *files, "--set", f"output_dir={tmp_path / 'o'}", "load_best_model_at_end=true"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -176,15 +183,47 @@ def test_a_file_of_the_users_named_like_the_matrix_is_never_overwritten(tmp_path
 
 
 def test_sdft_continual_run_again_refuses_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    import sdft.models
     from sdft import cli
 
     files, _, _ = _stages(tmp_path)
     (tmp_path / "o" / "sft").mkdir(parents=True)
     (tmp_path / "o" / "sft" / "sequence.json").write_text("{}")  # the baseline's, from an earlier call
-    monkeypatch.setattr(sdft.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _no_model_load(monkeypatch)
     args = ["continual", "--stages", *files, "--baseline", "sft", "--set", f"output_dir={tmp_path / 'o'}"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"sdft: error: {tmp_path / 'o' / 'sft' / 'sequence.json'} exists: set resume_from_checkpoint=true "
                    "to continue that sequence, or choose another output_dir"]
+
+
+@pytest.mark.parametrize("method", ["sdft", "sft"])
+def test_a_row_over_the_length_limit_in_a_later_stage_is_one_line_before_any_stage_trains(tmp_path, monkeypatch,
+                                                                                           method):
+    from sdft import cli
+    from sdft.run.export import save_hf_folder
+
+    files, _, _ = _stages(tmp_path)
+    tok = tiny_tokenizer()
+    model = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x " * 400, "demonstration": "y"}) + "\n")
+    _no_model_load(monkeypatch)
+    with pytest.raises(ValueError, match=r"stage 2 \(long\): .*long.jsonl:1: the prompt.* has \d+ tokens"):
+        train_sequence(str(model), [files[0], str(long)], _config(tmp_path, max_prompt_length=64), method=method)
+    assert not (tmp_path / "seq").exists()
+    with pytest.raises(ValueError, match=r"stage 1 \(add\): unknown SDFTConfig option"):
+        train_sequence(str(model), files, _config(tmp_path), stage_overrides=[{"sed": 1}, {}], method=method)
+    args = ["continual", "--model", str(model), "--stages", files[0], str(long), "--set",
+            f"output_dir={tmp_path / 'o'}", "max_prompt_length=64"]
+    assert cli.main(args) == 2
+
+
+def test_sdft_continual_refuses_eval_steps_without_validation_stages_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from sdft import cli
+
+    files, _, _ = _stages(tmp_path)
+    _no_model_load(monkeypatch)
+    assert cli.main(["continual", "--stages", *files, "--set", f"output_dir={tmp_path / 'o'}", "eval_steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval_steps=2 in a sequence" in err[0] and "--validation-stages" in err[0]
