@@ -9,17 +9,27 @@ import torch
 from sdft.data.chat import chat_ids
 from sdft.data.examples import load_examples
 from sdft.models import eval_mode
+from sdft.models.positions import check_room, position_limit
 from sdft.rollout.engine import trim_completions
+
+
+def check_answer_room(prompt_tokens: int, max_new_tokens: int, limit: int | None, example, index: int) -> None:
+    """One line when a prompt and its answer would go past the model's ``limit`` positions."""
+    check_room(prompt_tokens + max_new_tokens - 1, limit, example.where or f"row {index}",  # the last is not fed
+               f"the prompt and an answer of up to {max_new_tokens} tokens",
+               "allow fewer new tokens (eval_max_new_tokens, --max-new-tokens) or shorten the prompt")
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
     """Greedy answers, batched with left padding."""
     device = next(model.parameters()).device
-    answers = []
+    answers, limit = [], position_limit(model)
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             chunk = [chat_ids(tokenizer, ex.messages(), device) for ex in examples[start:start + batch_size]]
+            for i, row in enumerate(chunk):
+                check_answer_room(row.numel(), max_new_tokens, limit, examples[start + i], start + i)
             width = max(ids.numel() for ids in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id, device=device)
             mask = torch.zeros_like(ids)
@@ -41,6 +51,9 @@ def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature:
 
     device = next(model.parameters()).device
     prompts = [chat_ids(tokenizer, ex.messages(), device) for ex in examples]
+    limit = position_limit(model)
+    for i, (ids, ex) in enumerate(zip(prompts, examples)):
+        check_answer_room(ids.numel(), max_new_tokens, limit, ex, i)
     batch = HFRolloutEngine(tokenizer).generate(model, prompts, 1, max_new_tokens, temperature)
     stop = eos_ids(model, tokenizer)
     return [tokenizer.decode([t for t in row[m].tolist() if t not in stop], skip_special_tokens=True)
@@ -67,10 +80,12 @@ def demonstration_perplexity(model, tokenizer, examples) -> float:
     from sdft.data.chat import demonstration_ids
 
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count, limit = 0.0, 0, position_limit(model)
     with eval_mode(model):
-        for ex in examples:
+        for i, ex in enumerate(examples):
             ids, p = demonstration_ids(tokenizer, ex, device)
+            check_room(ids.numel(), limit, ex.where or f"row {i}", "the prompt with its demonstration",
+                       "shorten the row")
             logits = model(input_ids=ids[None], logits_to_keep=ids.numel() - p + 1).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, ids[p:], reduction="sum"))
             count += ids.numel() - p

@@ -20,6 +20,7 @@ from sdft.data.examples import Example, load_examples
 from sdft.eval.evaluation import generate_answers
 from sdft.eval.scorers import Scorer, get_scorer
 from sdft.models import eval_mode
+from sdft.models.positions import check_room, position_limit
 
 DATA_DIR = Path(__file__).parents[1] / "data"
 GENERAL_PROBE = DATA_DIR / "general_probe.jsonl"
@@ -68,10 +69,12 @@ def resolve(data: str, text: str, scorer: str, embedded: bool, evaluating: bool,
 def text_perplexity(model, tokenizer, texts: list[str]) -> float:
     """exp(mean token negative log-likelihood) over plain-text paragraphs (no chat template)."""
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count, limit = 0.0, 0, position_limit(model)
     with eval_mode(model):
-        for text in texts:
+        for k, text in enumerate(texts):
             ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+            check_room(ids.shape[1], limit, f"retention_text paragraph {k + 1}", "its tokens",
+                       "split it into shorter paragraphs (blank-line separated)")
             if ids.shape[1] < 2:
                 continue
             logits = model(input_ids=ids).logits[0, :-1].float()

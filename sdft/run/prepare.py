@@ -18,6 +18,7 @@ from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
 from sdft.models.loading import is_embedded, load_tokenizer, model_source
 from sdft.models.lora import LoraSettings, adapters_of, apply_lora
+from sdft.models.positions import position_limit
 from sdft.models.vocabulary import check_vocabulary, embedding_rows
 from sdft.run.errors import OutOfMemory
 from sdft.run.lock import RunLock, RunLockedError
@@ -91,8 +92,9 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     """Validate config, data and output_dir (cheap, before any model loads), then load the model.
 
     ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
-    tokenizer, config)``: the rows' token ids on the CPU (``Run.encoded``), taken before the weights load,
-    so that a row over the length limits is one line before a large model loads."""
+    tokenizer, config, positions=)``: the rows' token ids on the CPU (``Run.encoded``), taken before the
+    weights load, so that a row over the length limits (or the model's positions) is one line before a
+    large model loads."""
     config = with_model_adapters(as_config(config), model)
     check_backends(config.report_to)
     if eval_dataset is not None:
@@ -221,14 +223,14 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
-    encoded = None
+    encoded, positions = None, position_limit(model)
     if model is None or isinstance(model, (str, Path)):
         tokenizer = load_tokenizer(model)  # None: the embedded model's first load (its rows are measured after)
         if tokenizer is not None and encode is not None:
-            encoded = encode(examples, tokenizer, config)
+            encoded = encode(examples, tokenizer, config, positions=positions)
         model, tokenizer = load_model(model, getattr(torch, config.dtype), tokenizer)
     if encoded is None and encode is not None:
-        encoded = encode(examples, tokenizer, config)
+        encoded = encode(examples, tokenizer, config, positions=positions)
     source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -30,6 +30,7 @@ from sdft.eval.evaluation import evaluate
 from sdft.eval.scorers import get_scorer
 from sdft.models import load_model
 from sdft.models.loading import is_embedded, load_tokenizer
+from sdft.models.positions import position_limit
 from sdft.run.prepare import as_config
 from sdft.run.run_dir import FINAL_MODEL, replace_file, report_line
 
@@ -91,13 +92,13 @@ def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = 
     return [load_examples(s) for s in stages], *found
 
 
-def check_stage_rows(names, rows, configs, tokenizer, encode, done: int) -> None:
+def check_stage_rows(names, rows, configs, tokenizer, encode, done: int, positions: int | None = None) -> None:
     """The rows of every stage still to train (after the first ``done``) measured with ``tokenizer`` by the
-    method's ``encode`` under the stage's own config: a row over a length limit in a late stage is one line
-    naming that stage before the first one trains."""
+    method's ``encode`` under the stage's own config (and the model's ``positions``): a row over a length
+    limit in a late stage is one line naming that stage before the first one trains."""
     for k in range(done, len(names)):
         try:
-            encode(rows[k], tokenizer, configs[k])
+            encode(rows[k], tokenizer, configs[k], positions=positions)
         except ValueError as err:
             raise ValueError(f"stage {k + 1} ({names[k]}): {err}") from None
 
@@ -201,12 +202,13 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("pass the tokenizer together with a model object")
     measured = tokenizer if not done and tokenizer is not None else (
         load_tokenizer(source) if source is None or isinstance(source, (str, Path)) else None)
+    positions = position_limit(source)
     if measured is not None:  # every stage's rows against the length limits, before the model loads
-        check_stage_rows(names, train_rows, stage_configs, measured, encode, done)
+        check_stage_rows(names, train_rows, stage_configs, measured, encode, done, positions)
     if done or model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(source, dtype)
     if measured is None:  # the embedded model's first load: its tokenizer comes with it
-        check_stage_rows(names, train_rows, stage_configs, tokenizer, encode, done)
+        check_stage_rows(names, train_rows, stage_configs, tokenizer, encode, done, positions)
     root.mkdir(parents=True, exist_ok=True)
     if not matrix:
         matrix = [score_row(model, tokenizer, "base", names, eval_rows, scorers, kept, config.eval_tokens)]

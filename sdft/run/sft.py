@@ -11,6 +11,7 @@ import torch
 
 from sdft.config import SDFTConfig
 from sdft.data.chat import demonstration_ids
+from sdft.models.positions import check_room
 from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import prepare, start_runner
@@ -24,10 +25,15 @@ def demonstration_loss(model, ids: torch.Tensor, prompt_length: int) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, ids[prompt_length:], reduction="sum")
 
 
-def encode_demonstrations(examples, tokenizer, config) -> list[tuple[torch.Tensor, int]]:
-    """Each row's chat with its demonstration, on the CPU; a row over the two length limits is an error."""
+def encode_demonstrations(examples, tokenizer, config, positions: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Each row's chat with its demonstration, on the CPU; a row over the two length limits, or past the
+    model's ``positions`` (``position_limit``), is an error."""
     limit = config.max_prompt_length + config.max_completion_length
-    return [demonstration_ids(tokenizer, ex, "cpu", limit) for ex in examples]
+    encoded = [demonstration_ids(tokenizer, ex, "cpu", limit) for ex in examples]
+    for i, (ex, (ids, _)) in enumerate(zip(examples, encoded)):
+        check_room(ids.numel(), positions, ex.where or f"example {i}", "the prompt with its demonstration",
+                   "shorten the row")
+    return encoded
 
 
 def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,

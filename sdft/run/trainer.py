@@ -20,6 +20,7 @@ from sdft.data.templates import teacher_messages
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models import output_layer
+from sdft.models.positions import check_room
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
@@ -36,17 +37,23 @@ class EncodedExample:
     teacher_ids: torch.Tensor
 
 
-def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, device="cpu") -> list[EncodedExample]:
-    """Token ids of every prompt and teacher context; too long ones are an error naming the example."""
+def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, device="cpu",
+                    positions: int | None = None) -> list[EncodedExample]:
+    """Token ids of every prompt and teacher context; too long ones are an error naming the example: over
+    ``max_prompt_length``, or with a whole rollout past the model's ``positions`` (``position_limit``)."""
     encoded = []
     for i, ex in enumerate(examples):
         prompt = chat_ids(tokenizer, ex.messages(), device)
         teacher = chat_ids(tokenizer, teacher_messages(ex.messages(), ex.demonstration, config.teacher_template),
                            device)
+        where = ex.where or f"example {i}"
         for what, ids in (("prompt", prompt), ("teacher context (prompt + demonstration)", teacher)):
             if ids.numel() > config.max_prompt_length:
-                raise ValueError(f"{ex.where or f'example {i}'}: the {what} has {ids.numel()} tokens, over "
+                raise ValueError(f"{where}: the {what} has {ids.numel()} tokens, over "
                                  f"max_prompt_length={config.max_prompt_length} (raise it, or shorten the row)")
+            check_room(ids.numel() + config.max_completion_length - 1, positions, where,  # the last is never fed
+                       f"the {what} and a rollout of max_completion_length={config.max_completion_length}",
+                       "lower max_completion_length or shorten the row")
         encoded.append(EncodedExample(prompt, teacher))
     return encoded
 
