@@ -106,6 +106,10 @@ def to_example(row: dict, where: str) -> Example:
         raise ValueError(f"{where}: missing field 'prompt' (fields present: {sorted(row)})")
     key = next((k for k in DEMO_KEYS if row.get(k) is not None), None)
     if key is None:
+        empty = [k for k in DEMO_KEYS if k in row]
+        if empty:  # a null in a column (a HF Dataset fills a row's missing column with None)
+            raise ValueError(f"{where}: {' and '.join(repr(k) for k in empty)} {'is' if len(empty) == 1 else 'are'} "
+                             "null: every row needs its demonstration")
         raise ValueError(f"{where}: missing field 'demonstration' (or TRL's 'privileged_context'); "
                          f"fields present: {sorted(row)}")
     return Example(to_messages(row["prompt"], where), _as_text(row[key], where), where)

@@ -20,6 +20,9 @@ def test_accepts_trl_columns_and_chat_prompts():
     ([], "holds no examples"),
     ([{"demonstration": "a"}], "missing field 'prompt'"),
     ([{"prompt": "q"}], "missing field 'demonstration'"),
+    ([{"prompt": "q", "demonstration": None}], "row 0: 'demonstration' is null: every row needs its demonstration"),
+    ([{"prompt": "q", "demonstration": None, "privileged_context": None}], "'demonstration' and 'privileged_context' "
+                                                                         "are null"),
     ([{"prompt": "", "demonstration": "a"}], "'prompt' is empty"),
     ([{"prompt": "q", "demonstration": "  "}], "demonstration is empty"),
     ({"prompt": "q", "demonstration": "a"}, "a mapping must hold columns"),
