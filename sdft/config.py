@@ -106,6 +106,11 @@ class SDFTConfig:
     # Rollouts (student samples on-policy)
     num_generations: int = _opt(4, "G: sampled rollouts per prompt", positive=True)
     temperature: float = _opt(1.0, "sampling temperature of the rollouts", positive=True)
+    top_k: int = _opt(0, "rollouts sample from the top_k most likely tokens (0: all; TRL's top_k)", minimum=0)
+    top_p: float = _opt(1.0, "rollouts sample from the smallest set of tokens whose probability reaches top_p "
+                        "(1: all; TRL's top_p)", positive=True)
+    min_p: float = _opt(0.0, "rollouts drop tokens below min_p x the most likely token's probability (0: none; "
+                        "TRL's min_p)", minimum=0.0, below=1.0)
     max_prompt_length: int = _opt(512, "longest prompt / teacher context in tokens (longer is an error)",
                                   positive=True)
     max_completion_length: int = _opt(48, "longest rollout in tokens", positive=True)
@@ -272,6 +277,8 @@ class SDFTConfig:
             raise ValueError("distillation_topk=1 without distillation_add_tail: over a one-token support both "
                              "distributions are 1 and every divergence is 0, so nothing would train; set "
                              "distillation_add_tail=true or a larger distillation_topk")
+        if self.top_p > 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {self.top_p}")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
 

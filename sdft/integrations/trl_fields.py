@@ -50,6 +50,9 @@ HONOURED = {
     "max_completion_length": "max_completion_length",
     "shuffle_dataset": "True: sdft's seeded shuffle each epoch; False refused",
     "temperature": "temperature",
+    "top_k": "top_k (None or 0: off)",
+    "top_p": "top_p",
+    "min_p": "min_p (None: off)",
     "teacher_model_kind": "teacher_mode (base: frozen, live, ema)",
     "teacher_update_rate": "ema_decay = 1 - teacher_update_rate",
     "teacher_sync_steps": "teacher_sync_steps",
@@ -105,9 +108,6 @@ REFUSED = {
     "use_vllm": ((False,), "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
     "use_teacher_server": ((False,), "a teacher server"),
     "num_iterations": ((1,), "reusing rollouts over several optimizer iterations"),
-    "top_k": ((0, None), "top-k sampling"),
-    "top_p": ((1.0,), "top-p sampling"),
-    "min_p": ((None, 0.0), "min-p sampling"),
     "repetition_penalty": ((1.0,), "a repetition penalty"),
 }
 

@@ -19,6 +19,7 @@ from sdft.models import eval_mode, kv_cache, passing_cache
 from sdft.prefix.packed import as_attention_mask, pack_for, right_pad, supports_tree, tree_forward
 from sdft.prefix.tree import pack_groups
 from sdft.rollout.decode_gemm import small_batch_linears
+from sdft.rollout.sampling import Sampling
 
 
 @dataclass
@@ -87,7 +88,7 @@ def sample(log_p: torch.Tensor) -> torch.Tensor:
     """
     cdf = log_p.exp().double().cumsum(-1)
     u = torch.rand(log_p.shape[0], 1, dtype=torch.float64, device=log_p.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=log_p.shape[1] - 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=log_p.shape[1] - 1)  # never a 0-mass id
 
 
 def _append_in_place(layer, key_states, value_states, *args, **kwargs):
@@ -204,8 +205,10 @@ class _ReplicatedDecoder:
 class HFRolloutEngine:
     """Batched sampling with any transformers causal LM (see the module docstring)."""
 
-    def __init__(self, tokenizer, decode_gemm: str = "rule", tree_attention: str = "auto"):
+    def __init__(self, tokenizer, decode_gemm: str = "rule", tree_attention: str = "auto",
+                 sampling: Sampling = Sampling()):
         self.tokenizer = tokenizer
+        self.sampling = sampling  # top-k / top-p / min-p filtering of the tempered distribution (off: all of it)
         self.decode_gemm = decode_gemm  # sdft.rollout.decode_gemm's policy: rule (seed-exact) | auto (timed) | off
         self.tree_attention = tree_attention  # the prefill's attention: sdft.prefix.attention's mode
 
@@ -221,7 +224,8 @@ class HFRolloutEngine:
                 decoder = _ReplicatedDecoder(model, prompts, num_generations, pad_id)
             try:
                 with small_batch_linears(model, self.decode_gemm):
-                    tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy)
+                    tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy,
+                                                     self.sampling)
             finally:
                 decoder.close()
         mask = torch.stack(alive, 1)
@@ -230,15 +234,18 @@ class HFRolloutEngine:
                             torch.stack(logprobs, 1)[:, :width])
 
 
-def _decode(decoder, stop, pad_id: int, max_new_tokens: int, temperature: float, greedy: bool):
+def _decode(decoder, stop, pad_id: int, max_new_tokens: int, temperature: float, greedy: bool,
+            sampling: Sampling = Sampling()):
     """Sample (or pick greedily) token by token until every row has stopped: per step the tokens, their
-    log-probabilities (0 once a row is done) and which rows were still running."""
+    log-probabilities under the whole tempered distribution (0 once a row is done; ``sampling`` only narrows
+    what is drawn) and which rows were still running."""
     logits = decoder.first_logits
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, logprobs, alive = [], [], []
     for t in range(max_new_tokens):
         log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = log_p.argmax(-1) if greedy else sample(log_p)
+        token = (log_p.argmax(-1) if greedy else
+                 sample(sampling.restrict(log_p) if sampling.filters else log_p))
         token = torch.where(done, torch.full_like(token, pad_id), token)
         alive.append(~done)
         logprobs.append(torch.where(done, 0.0, log_p.gather(1, token[:, None]).squeeze(1)))

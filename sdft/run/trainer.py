@@ -24,9 +24,11 @@ from sdft.models.positions import check_room
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
+from sdft.rollout.sampling import Sampling
 from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import Run, prepare, start_runner
+from sdft.run.run_dir import report_line
 from sdft.runtime.distributed import all_reduce_sum, step_seed
 from sdft.runtime.precision import scale_record
 
@@ -79,7 +81,11 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     encoded = [EncodedExample(e.prompt_ids.to(run.device), e.teacher_ids.to(run.device)) for e in run.encoded]
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
-    engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention)
+    sampling = Sampling.from_config(run.config)
+    if engine is not None and sampling.filters and run.world.is_main:
+        report_line(f"sdft: top_k={sampling.top_k} top_p={sampling.top_p} min_p={sampling.min_p} are the built-in "
+                    "engine's: the engine passed samples as it is set up itself")
+    engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention, sampling)
     loss = BatchLoss.from_config(run.config)
 
     def step_fn(optimizer, step):

@@ -74,10 +74,17 @@ def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
     assert c.divergence == divergence and (divergence != "jsd" or c.distillation_alpha == alpha)
 
 
+def test_trls_sampling_fields_map_onto_the_rollouts(tmp_path):
+    c = config_from_trl(_args(tmp_path, max_steps=3, top_p=0.9, top_k=50, min_p=0.05))
+    assert (c.top_p, c.top_k, c.min_p) == (0.9, 50, 0.05)
+    c = config_from_trl(_args(tmp_path, max_steps=3, top_k=None, min_p=None))
+    assert (c.top_p, c.top_k, c.min_p) == (1.0, 0, 0.0)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(use_vllm=True), "use_vllm=True: sdft does not implement vLLM generation"),
     (dict(num_iterations=2), "reusing rollouts"),
-    (dict(top_p=0.9), "top-p sampling"),
+    (dict(repetition_penalty=1.1), "a repetition penalty"),
     (dict(per_device_train_batch_size=6), "must be a multiple of num_generations=8"),
     (dict(lr_scheduler_type="polynomial"), "lr_scheduler_type='polynomial'"),
     (dict(teacher_model_kind="server"), "unknown teacher_model_kind"),
