@@ -88,10 +88,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         warmup_ratio=float(warmup),
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
-        temperature=float(arg(args, "temperature", 1.0)),
-        top_k=int(arg(args, "top_k", 0) or 0),
-        top_p=float(arg(args, "top_p", 1.0)),
-        min_p=float(arg(args, "min_p", None) or 0.0),
+        **sampling_values(args),
         max_prompt_length=int(arg(args, "max_prompt_length", None) or 1_000_000),
         max_completion_length=int(arg(args, "max_completion_length", None) or 256),
         divergence=divergence,
@@ -126,6 +123,26 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
 EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
 BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
 NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")  # what generation_kwargs may set (TRL: they win)
+
+
+def sampling_values(args) -> dict:
+    """TRL's ``temperature`` / ``top_k`` / ``top_p`` / ``min_p``, overridden by the same keys of
+    ``generation_kwargs`` as TRL's ``GenerationConfig`` is; any other generation argument is refused."""
+    extra = dict(arg(args, "generation_kwargs", None) or {})
+    if extra.get("do_sample", True) is not True:
+        raise ValueError("generation_kwargs do_sample=False: SDFT's rollouts are sampled on-policy")
+    extra.pop("do_sample", None)
+    other = sorted(set(extra) - set(SAMPLING_KEYS))
+    if other:
+        raise ValueError(f"generation_kwargs {other[0]!r}: sdft's rollouts take only {', '.join(SAMPLING_KEYS)} "
+                         "from generation_kwargs")
+    value = {k: extra.get(k, arg(args, k, None)) for k in SAMPLING_KEYS}
+    return dict(temperature=float(1.0 if value["temperature"] is None else value["temperature"]),
+                top_k=int(value["top_k"] or 0), top_p=float(1.0 if value["top_p"] is None else value["top_p"]),
+                min_p=float(value["min_p"] or 0.0))
 
 
 def every_steps(value, max_steps: int) -> int:

@@ -79,6 +79,24 @@ def test_trls_sampling_fields_map_onto_the_rollouts(tmp_path):
     assert (c.top_p, c.top_k, c.min_p) == (0.9, 50, 0.05)
     c = config_from_trl(_args(tmp_path, max_steps=3, top_k=None, min_p=None))
     assert (c.top_p, c.top_k, c.min_p) == (1.0, 0, 0.0)
+    c = config_from_trl(_args(tmp_path, max_steps=3, top_p=0.9, generation_kwargs={"top_p": 0.5, "do_sample": True,
+                                                                                    "temperature": 0.7}))
+    assert (c.top_p, c.temperature) == (0.5, 0.7)  # generation_kwargs win, as in TRL
+
+
+@pytest.mark.parametrize("kwargs,message", [({"num_beams": 2}, "generation_kwargs 'num_beams'"),
+                                            ({"do_sample": False}, "do_sample=False")])
+def test_other_generation_kwargs_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_trl(_args(tmp_path, max_steps=3, generation_kwargs=kwargs))
+
+
+def test_non_reentrant_checkpointing_kwargs_are_sdfts_own_and_accepted(tmp_path):
+    from sdft.integrations.trl_fields import check_fields
+
+    check_fields(_args(tmp_path, max_steps=3, gradient_checkpointing_kwargs={"use_reentrant": False}))
+    with pytest.raises(ValueError, match="other than sdft's use_reentrant=False"):
+        check_fields(_args(tmp_path, max_steps=3, gradient_checkpointing_kwargs={"use_reentrant": True}))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -272,7 +290,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(optim="sgd"), "optim='sgd': sdft's optimizer is AdamW"),
     (dict(adam_beta2=0.95), "adam_beta2=0.95"),
     (dict(shuffle_dataset=False), "shuffle_dataset=False"),
-    (dict(generation_kwargs={"do_sample": False}), "generation_kwargs="),
+    (dict(generation_kwargs={"num_beams": 4}), "generation_kwargs 'num_beams'"),
     (dict(push_to_hub=True), "push_to_hub=True: sdft does not implement pushing to the Hub"),
     (dict(torch_compile=True), "torch_compile=True"),
     (dict(eval_strategy="epoch"), "eval_strategy='epoch'"),
