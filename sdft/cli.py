@@ -102,6 +102,8 @@ def _build_parser():
     ge.add_argument("--system", default=None, help="a system message put before every prompt")
     ge.add_argument("--max-new-tokens", type=int, default=128)
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ge.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling (1: off)")
+    ge.add_argument("--top-k", type=int, default=0, help="with --temperature: the k most likely tokens (0: off)")
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
@@ -231,6 +233,10 @@ def _read_prompts(args) -> list[dict]:
         raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:  # nan fails both comparisons
         raise ValueError("--max-new-tokens must be >= 1 and --temperature a finite number >= 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError("--top-p must be in (0, 1] and --top-k >= 0")
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k):
+        raise ValueError("--top-p and --top-k narrow what is sampled: give --temperature too (0 is greedy)")
     if args.system is not None:
         for row in rows:
             prompt = row["prompt"]
@@ -243,6 +249,7 @@ def _generate(args, parser) -> int:
     from sdft.data.examples import load_examples
     from sdft.eval.evaluation import generate_answers, sample_answers
     from sdft.models import load_trained
+    from sdft.rollout.sampling import Sampling
 
     checkpoint = is_checkpoint_folder(args.model)
     if not checkpoint:
@@ -255,7 +262,8 @@ def _generate(args, parser) -> int:
     else:
         model, tokenizer = load_trained(args.model, base=args.base)
     if args.temperature > 0:
-        answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature)
+        answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature,
+                                 Sampling(top_k=args.top_k, top_p=args.top_p))
     else:
         answers = generate_answers(model, tokenizer, examples, args.max_new_tokens)
     for ex, answer in zip(examples, answers):

@@ -11,6 +11,7 @@ from sdft.data.examples import load_examples
 from sdft.models import eval_mode
 from sdft.models.positions import check_room, position_limit
 from sdft.rollout.engine import trim_completions
+from sdft.rollout.sampling import Sampling
 
 
 def check_answer_room(prompt_tokens: int, max_new_tokens: int, limit: int | None, example, index: int) -> None:
@@ -45,8 +46,9 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature: float) -> list[str]:
-    """One sampled answer per prompt, through the batched rollout engine."""
+def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature: float,
+                   sampling: Sampling = Sampling()) -> list[str]:
+    """One sampled answer per prompt, through the batched rollout engine (``sampling``: its top-k / top-p)."""
     from sdft.rollout.engine import HFRolloutEngine, eos_ids
 
     device = next(model.parameters()).device
@@ -54,7 +56,7 @@ def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature:
     limit = position_limit(model)
     for i, (ids, ex) in enumerate(zip(prompts, examples)):
         check_answer_room(ids.numel(), max_new_tokens, limit, ex, i)
-    batch = HFRolloutEngine(tokenizer).generate(model, prompts, 1, max_new_tokens, temperature)
+    batch = HFRolloutEngine(tokenizer, sampling=sampling).generate(model, prompts, 1, max_new_tokens, temperature)
     stop = eos_ids(model, tokenizer)
     return [tokenizer.decode([t for t in row[m].tolist() if t not in stop], skip_special_tokens=True)
             for row, m in zip(batch.completions, batch.mask)]

@@ -188,6 +188,8 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("> ") == 3 and "> add 9 9" in out and "> add 3 4" in out
     assert cli(["generate", str(folder), "--prompt", "hi", "--temperature", "0.7", "--max-new-tokens", "2"]) == 0
+    assert cli(["generate", str(folder), "--prompt", "hi", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5",
+                "--max-new-tokens", "2"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -199,6 +201,8 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
         (["generate", "--prompt", "x", "--temperature", "-1"], "finite number >= 0"),
         (["generate", "--prompt", "x", "--temperature", "nan"], "finite number >= 0"),
         (["generate", "--prompt", "x", "--temperature", "inf"], "finite number >= 0"),
+        (["generate", "--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["generate", "--prompt", "x", "--top-k", "5"], "give --temperature too"),
         (["generate", "--prompt", " "], "--prompt is empty"),
         (["generate", "--prompt", "x", "--prompt", ""], "--prompt 2 of 2 is empty"),
     ],
