@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections import Counter
 
 import torch
 
@@ -15,6 +16,23 @@ from sdft.models import decoder_of, eval_mode
 from sdft.models.head import head_of
 from sdft.prefix.packed import context_hidden
 from sdft.runtime.parallel import Runner, full_tensors, load_full
+from sdft.runtime.precision import autocast_dtype
+
+
+def store_linears_in(model, dtype: torch.dtype | None) -> None:
+    """Keep the weights (and biases) of ``model``'s linear layers in ``dtype``, the dtype autocast computes
+    them in (None: no autocast, nothing changes). A frozen teacher scored under autocast then gives the same
+    bits (autocast's cast, made once) from half the memory, and no pass re-casts them. Norms, embeddings
+    and any weight shared with another module (a head tied to the embedding) stay as they are: they are not
+    computed in ``dtype``."""
+    if dtype is None:
+        return
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and uses[id(module.weight)] == 1:
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    param.data = param.data.to(dtype)
 
 
 class Teacher:
@@ -52,6 +70,8 @@ class Teacher:
         works shard by shard; under DDP every process keeps a full replica (no gradients to reduce)."""
         if self.copy is not None and runner.sharded:
             self._runner = Runner(self.copy, runner.world, "fsdp", runner.mixed_precision)
+        elif self.mode == "frozen" and self.copy is not None:
+            store_linears_in(self.copy, autocast_dtype(runner.mixed_precision))
 
     @torch.no_grad()
     def score(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,

@@ -196,3 +196,43 @@ def test_16bit_on_a_cpu_without_its_instructions_says_fp32_is_faster(monkeypatch
     assert (weights is None) == native
     assert native or weights.startswith("sdft: dtype=bfloat16 on a CPU without bf16 matrix instructions")
     assert cpu_precision_note("auto", torch.device("cuda"), "bfloat16") is None
+
+
+def _untied(model):
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_frozen_teacher_keeps_its_linears_in_the_autocast_dtype_and_gives_the_same_bits(precision, tied):
+    """What autocast would cast each pass is cast once: the loss and every gradient are bit-identical."""
+    runs = []
+    for store in (False, True):
+        model = tiny_llama(hidden=64) if tied else _untied(tiny_llama(hidden=64))
+        batch, contexts = _batch()
+        runner = Runner(model, mixed_precision=precision)
+        teacher = Teacher(model, "frozen")
+        if store:
+            teacher.distribute(runner)
+            dtypes = {n: p.dtype for n, p in teacher.copy.named_parameters()}
+            low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            assert dtypes["model.layers.0.self_attn.q_proj.weight"] == low
+            assert dtypes["model.layers.0.mlp.down_proj.weight"] == low
+            assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == torch.float32
+            assert tied or dtypes["lm_head.weight"] == low  # a head tied to the embedding stays fp32
+            assert all(p.dtype == torch.float32 for p in model.parameters())  # the student is untouched
+        config = SDFTConfig(divergence="forward_kl", teacher_mode="frozen", mixed_precision=precision)
+        loss = runner.backward(BatchLoss.from_config(config), teacher, batch, contexts, 0, divisor=1.0)
+        runs.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_no_autocast_leaves_a_frozen_teacher_in_fp32():
+    model = tiny_llama(hidden=64)
+    teacher = Teacher(model, "frozen")
+    teacher.distribute(Runner(model, mixed_precision="no"))
+    assert all(p.dtype == torch.float32 for p in teacher.copy.parameters())
