@@ -31,7 +31,7 @@ def store_linears_in(model, dtype: torch.dtype | None) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and uses[id(module.weight)] == 1:
             for param in (module.weight, module.bias):
-                if param is not None:
+                if param is not None and param.dtype == torch.float32:  # autocast leaves float64 alone
                     param.data = param.data.to(dtype)
 
 

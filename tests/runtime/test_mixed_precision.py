@@ -231,8 +231,12 @@ def test_a_frozen_teacher_keeps_its_linears_in_the_autocast_dtype_and_gives_the_
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
-def test_no_autocast_leaves_a_frozen_teacher_in_fp32():
+def test_no_autocast_leaves_a_frozen_teacher_as_it_is_and_autocast_leaves_float64_alone():
     model = tiny_llama(hidden=64)
     teacher = Teacher(model, "frozen")
     teacher.distribute(Runner(model, mixed_precision="no"))
     assert all(p.dtype == torch.float32 for p in teacher.copy.parameters())
+    model = tiny_llama(hidden=64).double()  # autocast computes float64 in float64: nothing to cast
+    teacher = Teacher(model, "frozen")
+    teacher.distribute(Runner(model, mixed_precision="bf16"))
+    assert all(p.dtype == torch.float64 for p in teacher.copy.parameters())
