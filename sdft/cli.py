@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdft.config import SDFTConfig, describe_fields
+from sdft.config import SDFTConfig, describe_fields, parse_template_kwargs
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
 from sdft.run.run_dir import (
@@ -104,6 +104,8 @@ def _build_parser():
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ge.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling (1: off)")
     ge.add_argument("--top-k", type=int, default=0, help="with --temperature: the k most likely tokens (0: off)")
+    ge.add_argument("--chat-template-kwargs", default="", metavar="JSON",
+                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run trained with)")
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
@@ -113,6 +115,8 @@ def _build_parser():
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
     tc.add_argument("--limit", type=int, default=16, help="rows of --data to score (its first ones)")
     tc.add_argument("--max-new-tokens", type=int, default=64)
+    tc.add_argument("--chat-template-kwargs", default="", metavar="JSON",
+                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run will use)")
     co = sub.add_parser("continual", help="train skills one after another and score what each stage kept",
                         epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
     co.add_argument("--stages", nargs="+", required=True, metavar="FILE", help="jsonl per stage, in order")
@@ -182,21 +186,29 @@ def _teacher_check(args, parser) -> int:
     from sdft.eval.teacher_check import check_inputs, format_rows, teacher_check, verdict
 
     check_inputs(args.templates, args.scorer, args.limit, args.max_new_tokens)
+    template_kwargs = _template_kwargs(args)
     if args.data is None:
         from sdft.data.skill import load_skill
 
         data = load_skill("train")
     else:
         data = load_examples(args.data)
+    from sdft.data.chat import with_template_kwargs
     from sdft.models import load_model
 
     model, tokenizer = load_model(args.model)
+    tokenizer = with_template_kwargs(tokenizer, template_kwargs)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
     print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
           "demonstrations:")
     print(format_rows(rows))
     print(verdict(rows))
     return 0
+
+
+def _template_kwargs(args) -> dict:
+    """``--chat-template-kwargs`` JSON as the config's ``chat_template_kwargs`` takes it (one line if not)."""
+    return parse_template_kwargs("--chat-template-kwargs", args.chat_template_kwargs)
 
 
 def _read_prompts(args) -> list[dict]:
@@ -246,6 +258,7 @@ def _read_prompts(args) -> list[dict]:
 
 
 def _generate(args, parser) -> int:
+    from sdft.data.chat import with_template_kwargs
     from sdft.data.examples import load_examples
     from sdft.eval.evaluation import generate_answers, sample_answers
     from sdft.models import load_trained
@@ -255,12 +268,14 @@ def _generate(args, parser) -> int:
     if not checkpoint:
         check_model_folder(args.model)
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
+    template_kwargs = _template_kwargs(args)
     if checkpoint:
         from sdft.run.export import load_checkpoint_model
 
         model, tokenizer = load_checkpoint_model(args.model, args.base)
     else:
         model, tokenizer = load_trained(args.model, base=args.base)
+    tokenizer = with_template_kwargs(tokenizer, template_kwargs)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature,
                                  Sampling(top_k=args.top_k, top_p=args.top_p))
@@ -316,6 +331,7 @@ def _train(args, parser) -> int:
     import torch
 
     from sdft import models
+    from sdft.data.chat import with_template_kwargs
     from sdft.eval.evaluation import eval_table, skill_accuracy
     from sdft.eval.retention import summary as retention_summary
     from sdft.run.trainer import train
@@ -325,6 +341,7 @@ def _train(args, parser) -> int:
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:
         model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
+        tokenizer = with_template_kwargs(tokenizer, config.chat_template_kwargs)
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
         result = train(model, args.data, config, tokenizer=tokenizer)
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)

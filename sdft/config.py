@@ -74,8 +74,8 @@ def _opt(default, help: str, *, choices=None, minimum=None, positive=False, belo
     beside ``choices``); a list default gets a factory."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "below": below,
             "kind": kind, "pattern": pattern}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -111,6 +111,10 @@ class SDFTConfig:
                         "(1: all; TRL's top_p)", positive=True)
     min_p: float = _opt(0.0, "rollouts drop tokens below min_p x the most likely token's probability (0: none; "
                         "TRL's min_p)", minimum=0.0, below=1.0)
+    chat_template_kwargs: dict = _opt({}, "extra variables for the tokenizer's chat template, as JSON, e.g. "
+                                      "{\"enable_thinking\": false} for Qwen3 (TRL's chat_template_kwargs): every "
+                                      "prompt, teacher context, demonstration and evaluation of the run renders with "
+                                      "them")
     max_prompt_length: int = _opt(512, "longest prompt / teacher context in tokens (longer is an error)",
                                   positive=True)
     max_completion_length: int = _opt(48, "longest rollout in tokens", positive=True)
@@ -375,7 +379,8 @@ def _type_name(f) -> str:
         return "str?"
     if f.metadata.get("kind") == "optional_float":
         return "float|none"
-    return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]"}[str(f.type)]
+    return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]",
+            "dict": "json"}[str(f.type)]
 
 
 def _checked(f, value):
@@ -404,6 +409,8 @@ def _checked(f, value):
                 not all(isinstance(v, str) and v for v in value):
             raise ValueError(f"{name} must be a non-empty list of names, got {value!r}")
         value = list(value)
+    elif kind == "json":
+        value = checked_template_kwargs(name, value)
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -455,7 +462,39 @@ def parse_text(f, text: str):
             raise ValueError(f"{name} must be a number, got {text!r}") from None
     if kind == "list[str]":
         return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "json":
+        return parse_template_kwargs(name, text)
     return text
+
+
+def parse_template_kwargs(name: str, text: str) -> dict:
+    """Chat template variables from JSON text (empty: none), checked as ``chat_template_kwargs`` is."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as err:
+        raise ValueError(f"{name} must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r} "
+                         f"({err.msg})") from None
+    return checked_template_kwargs(name, value)
+
+
+RENDER_ARGUMENTS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                    "return_tensors", "return_dict", "padding", "truncation", "max_length", "chat_template", "tools",
+                    "documents")  # what sdft passes apply_chat_template itself, or what changes what it renders
+
+
+def checked_template_kwargs(name: str, value) -> dict:
+    """``value`` if it is a mapping of template variables a config can save (JSON) and sdft does not set
+    itself; otherwise a one-line error."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{name} must be a mapping of template variable names to values, got {value!r}")
+    clash = sorted(set(value) & set(RENDER_ARGUMENTS))
+    if clash:
+        raise ValueError(f"{name} {clash[0]!r}: sdft sets it when it renders a chat; give template variables only")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold JSON values (saved in the run's config.json), got {value!r}") from None
+    return dict(value)
 
 
 def describe_fields() -> str:

@@ -8,6 +8,9 @@ a prefix whatever the tokenizer merges).
 """
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from sdft.data.examples import PLAIN
@@ -17,6 +20,21 @@ SEPARATOR = "\n\n"
 
 def has_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
+
+
+def with_template_kwargs(tokenizer, kwargs: dict | None):
+    """``tokenizer`` rendering every chat with ``kwargs`` as extra template variables (TRL's
+    ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking=False``), so that every prompt, teacher
+    context, demonstration and evaluation of a run renders alike without each caller passing them: a
+    shallow copy whose ``apply_chat_template`` adds them. The tokenizer given, and what either saves, are
+    unchanged; a copy made before is made again from its original. No kwargs: the original."""
+    base = getattr(tokenizer, "_sdft_template_base", tokenizer)
+    if not kwargs:
+        return base
+    wrapped = copy.copy(base)
+    wrapped._sdft_template_base = base
+    wrapped.apply_chat_template = functools.partial(base.apply_chat_template, **kwargs)
+    return wrapped
 
 
 def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:

@@ -89,6 +89,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
         **sampling_values(args),
+        chat_template_kwargs=dict(arg(args, "chat_template_kwargs", None) or {}),
         max_prompt_length=int(arg(args, "max_prompt_length", None) or 1_000_000),
         max_completion_length=int(arg(args, "max_completion_length", None) or 256),
         divergence=divergence,
@@ -431,6 +432,7 @@ class SDFTTrainer:
         """The held-out prompts answered greedily and scored against their demonstrations, and the
         demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``; for
         ``{name: dataset}``, each set's under ``prefix_name_``, as the Trainer names them."""
+        from sdft.data.chat import with_template_kwargs
         from sdft.eval.evaluation import evaluate
 
         sets = trl_eval_sets(eval_dataset) if eval_dataset is not None else self._eval_sets
@@ -442,7 +444,8 @@ class SDFTTrainer:
                              "or pass a model object")
         metrics = {}
         for name, examples in eval_sets(sets).items():
-            found = evaluate(model, self.processing_class, examples, self.eval_scorer, self.args.eval_tokens)
+            tokenizer = with_template_kwargs(self.processing_class, self.args.chat_template_kwargs)  # as training
+            found = evaluate(model, tokenizer, examples, self.eval_scorer, self.args.eval_tokens)
             prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
             metrics.update(self._report_evaluation(found, prefix, self.state.global_step))
         return metrics

@@ -53,6 +53,7 @@ HONOURED = {
     "top_k": "top_k (None or 0: off)",
     "top_p": "top_p",
     "min_p": "min_p (None: off)",
+    "chat_template_kwargs": "chat_template_kwargs: every chat of the run renders with them (TRL: its prompts)",
     "generation_kwargs": "its temperature / top_k / top_p / min_p override those fields, as in TRL; other keys "
                          "refused",
     "teacher_model_kind": "teacher_mode (base: frozen, live, ema)",
@@ -102,7 +103,6 @@ REFUSED = {
     "trust_remote_code": ((False,), "remote model code (sdft never runs it)"),
     "generation_batch_size": ((None,), "a generation batch apart from the training batch"),
     "steps_per_generation": ((None,), "rollouts reused over several steps"),
-    "chat_template_kwargs": ((None, {}), "chat template arguments"),
     "cache_implementation": ((None,), "another KV cache implementation"),
     "gradient_checkpointing_kwargs": ((None, {}, {"use_reentrant": False}),
                                       "gradient checkpointing arguments other than sdft's use_reentrant=False"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sdft.config import SDFTConfig
-from sdft.data.chat import has_chat_template
+from sdft.data.chat import has_chat_template, with_template_kwargs
 from sdft.data.examples import Example, eval_sets, load_eval_sets, load_examples
 from sdft.eval import retention
 from sdft.eval.scorers import get_scorer
@@ -224,11 +224,14 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
         device = torch.device("cuda", world.local_rank)
     torch.manual_seed(config.seed)
     encoded, positions = None, position_limit(model)
+    template_kwargs = config.chat_template_kwargs
     if model is None or isinstance(model, (str, Path)):
         tokenizer = load_tokenizer(model)  # None: the embedded model's first load (its rows are measured after)
         if tokenizer is not None and encode is not None:
+            tokenizer = with_template_kwargs(tokenizer, template_kwargs)
             encoded = encode(examples, tokenizer, config, positions=positions)
         model, tokenizer = load_model(model, getattr(torch, config.dtype), tokenizer)
+    tokenizer = with_template_kwargs(tokenizer, template_kwargs)  # every chat of the run renders with them
     if encoded is None and encode is not None:
         encoded = encode(examples, tokenizer, config, positions=positions)
     source = model_source(model)  # load_model tags what it loaded; a foreign object is SOURCE_UNKNOWN
@@ -236,7 +239,8 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
         tokenizer.pad_token = tokenizer.eos_token
     if not has_chat_template(tokenizer) and world.is_main:
         report_line("sdft: the tokenizer has no chat template (a base model's): prompts and demonstrations are "
-                    "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)")
+                    "plain text, turns joined by blank lines, each demonstration ended with EOS (sdft.data.chat)"
+                    + ("; chat_template_kwargs are unused" if template_kwargs else ""))
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         raise ValueError(f"the model object's weights are not loaded ({meta} is on the meta device): load them "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdft.config import SDFTConfig
+from sdft.data.chat import with_template_kwargs
 from sdft.data.examples import load_examples
 from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
@@ -202,11 +203,14 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("pass the tokenizer together with a model object")
     measured = tokenizer if not done and tokenizer is not None else (
         load_tokenizer(source) if source is None or isinstance(source, (str, Path)) else None)
+    if measured is not None:
+        measured = with_template_kwargs(measured, config.chat_template_kwargs)
     positions = position_limit(source)
     if measured is not None:  # every stage's rows against the length limits, before the model loads
         check_stage_rows(names, train_rows, stage_configs, measured, encode, done, positions)
     if done or model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(source, dtype)
+    tokenizer = with_template_kwargs(tokenizer, config.chat_template_kwargs)  # the matrix's scoring too
     if measured is None:  # the embedded model's first load: its tokenizer comes with it
         check_stage_rows(names, train_rows, stage_configs, tokenizer, encode, done, positions)
     root.mkdir(parents=True, exist_ok=True)
