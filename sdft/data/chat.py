@@ -37,12 +37,21 @@ def with_template_kwargs(tokenizer, kwargs: dict | None):
     return wrapped
 
 
-def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True) -> torch.Tensor:
-    """Token ids [P] of chat messages, by default with the assistant turn opened."""
+def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True,
+             where: str | None = None) -> torch.Tensor:
+    """Token ids [P] of chat messages, by default with the assistant turn opened. A chat the template refuses
+    (its ``raise_exception``: Gemma's takes no system turn) is one line naming ``where`` (the row)."""
     if not has_chat_template(tokenizer) or messages[0]["role"] == PLAIN:
         return torch.tensor(text_ids(tokenizer, messages, add_generation_prompt), device=device)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    from jinja2.exceptions import TemplateError
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    except TemplateError as err:
+        hint = (": fold the system message into the first user turn" if "system" in str(err).lower() else
+                ": give the row as the template takes it")
+        raise ValueError(f"{where or 'a chat'}: the tokenizer's chat template refuses it ({err}){hint}") from None
     return ids[0].to(device)
 
 
@@ -56,9 +65,9 @@ def text_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
 
 def demonstration_ids(tokenizer, example, device, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(ids [P+D], number of prompt tokens P): the chat with the demonstration as the assistant turn."""
-    prompt = chat_ids(tokenizer, example.messages(), device)
+    prompt = chat_ids(tokenizer, example.messages(), device, where=example.where)
     full = chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.demonstration}],
-                    device, add_generation_prompt=False)
+                    device, add_generation_prompt=False, where=example.where)
     if full.numel() <= prompt.numel() or not torch.equal(full[: prompt.numel()], prompt):
         raise ValueError("the chat template does not extend the prompt with the assistant turn; "
                          "scoring a demonstration needs the prompt tokens to be a prefix of the full chat")

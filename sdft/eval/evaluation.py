@@ -28,7 +28,8 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch
     answers, limit = [], position_limit(model)
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
-            chunk = [chat_ids(tokenizer, ex.messages(), device) for ex in examples[start:start + batch_size]]
+            chunk = [chat_ids(tokenizer, ex.messages(), device, where=ex.where or f"row {start + i}")
+                     for i, ex in enumerate(examples[start:start + batch_size])]
             for i, row in enumerate(chunk):
                 check_answer_room(row.numel(), max_new_tokens, limit, examples[start + i], start + i)
             width = max(ids.numel() for ids in chunk)
@@ -52,7 +53,8 @@ def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature:
     from sdft.rollout.engine import HFRolloutEngine, eos_ids
 
     device = next(model.parameters()).device
-    prompts = [chat_ids(tokenizer, ex.messages(), device) for ex in examples]
+    prompts = [chat_ids(tokenizer, ex.messages(), device, where=ex.where or f"row {i}")
+               for i, ex in enumerate(examples)]
     limit = position_limit(model)
     for i, (ids, ex) in enumerate(zip(prompts, examples)):
         check_answer_room(ids.numel(), max_new_tokens, limit, ex, i)

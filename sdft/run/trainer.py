@@ -45,10 +45,10 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
     ``max_prompt_length``, or with a whole rollout past the model's ``positions`` (``position_limit``)."""
     encoded = []
     for i, ex in enumerate(examples):
-        prompt = chat_ids(tokenizer, ex.messages(), device)
-        teacher = chat_ids(tokenizer, teacher_messages(ex.messages(), ex.demonstration, config.teacher_template),
-                           device)
         where = ex.where or f"example {i}"
+        prompt = chat_ids(tokenizer, ex.messages(), device, where=where)
+        teacher = chat_ids(tokenizer, teacher_messages(ex.messages(), ex.demonstration, config.teacher_template),
+                           device, where=f"{where} (its teacher context)")
         for what, ids in (("prompt", prompt), ("teacher context (prompt + demonstration)", teacher)):
             if ids.numel() > config.max_prompt_length:
                 raise ValueError(f"{where}: the {what} has {ids.numel()} tokens, over "

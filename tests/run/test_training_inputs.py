@@ -130,3 +130,30 @@ def test_a_file_saved_with_a_byte_order_mark_and_crlf_reads_as_its_rows(tmp_path
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "q1", "demonstration": "a1"}\r\n'
                      b'{"prompt": "q2", "demonstration": "a2"}\r\n')
     assert [(e.messages()[0]["content"], e.demonstration) for e in load_examples(path)] == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_a_chat_the_template_refuses_is_one_line_naming_the_row_before_the_weights_load(tmp_path, monkeypatch):
+    """Gemma's template raises on a system turn: the row is named, with what to change, not a jinja traceback."""
+    from tiny_model import tiny_llama
+    from tiny_tokenizer import CHAT_TEMPLATE, tiny_tokenizer
+
+    import sdft.run.prepare
+    from sdft import train
+    from sdft.eval.evaluation import evaluate
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE)
+    model = tiny_llama(vocab=len(tok))
+    folder = save_hf_folder(model, tok, tmp_path / "model")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "q", "demonstration": "a"}) + "\n" + json.dumps(
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "demonstration": "a"})
+        + "\n")
+    message = r"rows.jsonl:2: the tokenizer's chat template refuses it \(System role not supported\): fold the system"
+    monkeypatch.setattr(sdft.run.prepare, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    with pytest.raises(ValueError, match=message):
+        train(str(folder), str(rows), SDFTConfig(output_dir=str(tmp_path / "run"), device="cpu"))
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, tok, str(rows))
