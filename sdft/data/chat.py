@@ -43,11 +43,14 @@ def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: boo
     (its ``raise_exception``: Gemma's takes no system turn) is one line naming ``where`` (the row)."""
     if not has_chat_template(tokenizer) or messages[0]["role"] == PLAIN:
         return torch.tensor(text_ids(tokenizer, messages, add_generation_prompt), device=device)
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                             return_tensors="pt", return_dict=True)["input_ids"]
+    except TemplateSyntaxError as err:
+        raise ValueError(f"the tokenizer's chat template does not parse ({err}, line {err.lineno}): fix it (the "
+                         "model folder's chat_template.jinja or tokenizer_config.json)") from None
     except TemplateError as err:
         hint = (": fold the system message into the first user turn" if "system" in str(err).lower() else
                 ": give the row as the template takes it")

@@ -157,3 +157,14 @@ def test_a_chat_the_template_refuses_is_one_line_naming_the_row_before_the_weigh
         train(str(folder), str(rows), SDFTConfig(output_dir=str(tmp_path / "run"), device="cpu"))
     with pytest.raises(ValueError, match=message):
         evaluate(model, tok, str(rows))
+
+
+def test_a_chat_template_that_does_not_parse_is_one_line():
+    from tiny_tokenizer import tiny_tokenizer
+
+    from sdft.data.chat import chat_ids
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(ValueError, match=r"the tokenizer's chat template does not parse \(unexpected '}', line 1\)"):
+        chat_ids(tok, [{"role": "user", "content": "q"}], "cpu")
