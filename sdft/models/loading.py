@@ -182,7 +182,6 @@ def _tokenizer_at(path: Path):
 def load_model(model=None, dtype=torch.float32, tokenizer=None):
     """(model, tokenizer) from a path/name, or the embedded default when ``model`` is None; ``tokenizer``:
     the one ``load_tokenizer(model)`` gave, not read again."""
-    from transformers import AutoModelForCausalLM
 
     source = model
     if model is None:
@@ -193,13 +192,32 @@ def load_model(model=None, dtype=torch.float32, tokenizer=None):
         tokenizer = _tokenizer_at(path) if tokenizer is None else tokenizer
         if path.suffix != ".gguf":
             check_vocabulary(tokenizer, config_rows(path), path)  # before the weights load
-        model = (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-                 if path.suffix == ".gguf" else AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+        model = _from_pretrained(path, dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_vocabulary(tokenizer, embedding_rows(model), source if source is not None else EMBEDDED_NAME)
     model._sdft_source = source_of(source)
     return model, tokenizer
+
+
+def _from_pretrained(path: Path, dtype):
+    """The weights at ``path`` (a folder or a .gguf); weights that do not read (a truncated or damaged file) or
+    do not fit the folder's config.json are one line, not a traceback."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if path.suffix == ".gguf":
+            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: a weights file does not read ({err}): it is truncated or damaged; copy or "
+                         "save it again") from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):
+            raise
+        raise ValueError(f"{path}: its weights do not fit its config.json (the load report above names them): "
+                         "the weights and config.json come from different models") from None
 
 
 def adapter_base(adapter, base):

@@ -218,6 +218,28 @@ def test_model_folder_with_broken_config_json(tmp_path, capsys):
     assert err.count("\n") == 0 and "config.json is not valid JSON" in err
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "a weights file does not read (Error while deserializing header"),
+    ("config", "its weights do not fit its config.json (the load report above names them)"),
+])
+def test_weights_that_do_not_read_or_do_not_fit_the_config_are_one_line(tmp_path, capsys, damage, message):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    if damage == "truncate":  # an interrupted copy
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:  # the config of another model beside these weights
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "demonstration": "a"}) + "\n")
+    assert cli(["train", "--model", str(folder), "--data", str(data), "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"sdft: error: {folder}: ") and message in err, err
+
+
 def test_a_model_folder_without_its_tokenizer_is_one_line_before_the_weights_load(tmp_path, capsys):
     from sdft.run.export import save_hf_folder
 
