@@ -108,7 +108,8 @@ def _build_parser():
                     help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run trained with)")
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
-    tc.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
+    tc.add_argument("--model", default=None,
+                    help="local model folder, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
     tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
@@ -194,9 +195,9 @@ def _teacher_check(args, parser) -> int:
     else:
         data = load_examples(args.data)
     from sdft.data.chat import with_template_kwargs
-    from sdft.models import load_model
+    from sdft.models import load_trained
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_trained(args.model)  # a LoRA adapter folder too: what is left to distil after a run?
     tokenizer = with_template_kwargs(tokenizer, template_kwargs)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
     print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
@@ -266,7 +267,7 @@ def _generate(args, parser) -> int:
 
     checkpoint = is_checkpoint_folder(args.model)
     if not checkpoint:
-        check_model_folder(args.model)
+        check_model_folder(args.model, adapter_ok=True)
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
     template_kwargs = _template_kwargs(args)
     if checkpoint:
@@ -381,7 +382,7 @@ def main(argv=None):
 
     try:
         if args.command != "generate":  # generate also reads checkpoints: it checks its own model
-            check_model_folder(getattr(args, "model", None))
+            check_model_folder(getattr(args, "model", None), adapter_ok=args.command == "teacher-check")
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,
                    "teacher-check": _teacher_check, "continual": _continual}[args.command]
         return command(args, parser)

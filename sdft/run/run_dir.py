@@ -291,12 +291,17 @@ def is_checkpoint_folder(model) -> bool:
     return is_ours(path) and not (path / "config.json").exists()  # a model folder has its config.json
 
 
-def check_model_folder(model) -> None:
+def check_model_folder(model, adapter_ok: bool = False) -> None:
     """A model path that is an sdft checkpoint or run folder, not a model, is one line saying what to pass
-    instead (transformers would read a run folder's config.json, which is sdft's, as the model's)."""
+    instead (transformers would read a run folder's config.json, which is sdft's, as the model's); so is a
+    LoRA adapter folder unless ``adapter_ok`` (what answers with one: generate, teacher-check)."""
     if not isinstance(model, (str, Path)):
         return
     path = Path(model).expanduser()
+    if not adapter_ok and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+        raise ValueError(f"{path} is a LoRA adapter, not a model folder: train from the merged model (`sdft export "
+                         "CHECKPOINT OUT --merge` writes it from the run's checkpoint; peft's merge_and_unload from "
+                         f"Python); `sdft generate {path}` answers with the adapter as it is")
     if is_checkpoint_folder(path):
         raise ValueError(f"{path} is an sdft checkpoint, not a model folder: `sdft export {path} OUT` writes one "
                          "from it")

@@ -193,6 +193,30 @@ def test_a_checkpoint_or_run_folder_given_as_the_model_says_what_to_pass(tmp_pat
         assert err.count("\n") == 0 and message in err, err
 
 
+def test_a_lora_adapter_folder_answers_and_teacher_checks_but_is_not_trained_from(tmp_path, capsys):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    base = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "run"), "max_steps": 1, "use_lora": True,
+                           "lora_target_modules": ["q_proj", "v_proj"], "save_final_model": True})
+    adapter = train(str(base), ROWS, config).output_dir / "final_model"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["generate", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert cli(["teacher-check", "--model", str(adapter), "--data", str(data), "--limit", "1",
+                "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    for argv in (["train", "--model", str(adapter), "--data", str(data)], ["continual", "--model", str(adapter),
+                                                                           "--stages", str(data)]):
+        assert cli(argv + ["--set", f"output_dir={tmp_path / 'again'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"sdft: error: {adapter} is a LoRA adapter, not a model folder: train from the merged model "
+                       "(`sdft export CHECKPOINT OUT --merge` writes it from the run's checkpoint; peft's "
+                       f"merge_and_unload from Python); `sdft generate {adapter}` answers with the adapter as it is")
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_generate_answers_from_a_checkpoint_as_from_its_export(tmp_path, capsys, lora):
     from sdft.run.export import save_hf_folder
