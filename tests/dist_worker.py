@@ -50,6 +50,9 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--precision", default="no", help="mixed_precision (no, bf16, fp16)")
+    p.add_argument("--float32", action="store_true", help="a float32 model (default float64)")
+    p.add_argument("--keep-teacher-dtype", action="store_true",
+                   help="a frozen teacher copy keeps its weights' dtype under mixed precision (the reference)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     captured = {}
@@ -71,12 +74,16 @@ def main(argv=None):
             os._exit(3)  # a crash: no cleanup, no barrier
 
     trainer.clip_and_step = capture
+    if args.keep_teacher_dtype:
+        import sdft.loss.teacher as teacher
+
+        teacher.store_linears_in = teacher.store_parameters_in = lambda model, dtype: None
     if args.method == "sft":
         import sdft.run.sft as sft
 
         sft.clip_and_step = capture
     tok = tiny_tokenizer()
-    model = tiny_llama(vocab=len(tok)).double()
+    model = tiny_llama(vocab=len(tok)) if args.float32 else tiny_llama(vocab=len(tok)).double()
     config = SDFTConfig(
         output_dir=args.output_dir,
         max_steps=args.steps,

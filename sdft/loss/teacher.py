@@ -35,6 +35,17 @@ def store_linears_in(model, dtype: torch.dtype | None) -> None:
                     param.data = param.data.to(dtype)
 
 
+def store_parameters_in(model, dtype: torch.dtype | None) -> None:
+    """Keep every floating-point parameter of ``model`` in ``dtype`` (None: nothing changes): what FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=dtype)`` gathers each of them in for compute, so a frozen teacher
+    sharded under it gives the same bits from half the memory of its shards."""
+    if dtype is None:
+        return
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
 class Teacher:
     def __init__(self, student, mode: str = "live", ema_decay: float = 0.99):
         self.mode = mode
@@ -68,9 +79,12 @@ class Teacher:
         """Run a teacher copy like the student (``runner``: the student's ``sdft.runtime.parallel.Runner``):
         under FSDP2 the copy is sharded the same way, so each process holds 1/N of it and the EMA update
         works shard by shard; under DDP every process keeps a full replica (no gradients to reduce)."""
+        frozen = self.mode == "frozen" and self.copy is not None
         if self.copy is not None and runner.sharded:
+            if frozen:
+                store_parameters_in(self.copy, autocast_dtype(runner.mixed_precision))
             self._runner = Runner(self.copy, runner.world, "fsdp", runner.mixed_precision)
-        elif self.mode == "frozen" and self.copy is not None:
+        elif frozen:
             store_linears_in(self.copy, autocast_dtype(runner.mixed_precision))
 
     @torch.no_grad()

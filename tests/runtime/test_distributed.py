@@ -102,3 +102,17 @@ def test_mixed_precision_is_close_to_full_precision(tmp_path, parallel, precisio
     mine = torch.cat([torch.as_tensor(got[n]).flatten() for n in names])
     error = ((mine - ref).norm() / ref.norm()).item()
     assert 0 < error < {"bf16": 2.0 ** -3, "fp16": 2.0 ** -6}[precision], error  # > 0: it really ran
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_a_frozen_teacher_stored_in_the_compute_dtype_takes_the_same_step(tmp_path, parallel):
+    """Under bf16 a frozen teacher copy keeps its weights in bf16 (FSDP2: every parameter, as its policy gathers
+    them; DDP: the linear layers, as autocast computes them): the step's gradients are bit-identical to a
+    teacher kept in the model's own dtype."""
+    flags = ["--parallel", parallel, "--precision", "bf16", "--float32"]  # autocast leaves float64 alone
+    _run([tmp_path / "kept", "sdft", 1, tmp_path / "run1", *flags, "--keep-teacher-dtype"], tmp_path, procs=2)
+    _run([tmp_path / "stored", "sdft", 1, tmp_path / "run2", *flags], tmp_path, procs=2)
+    kept, stored = torch.load(tmp_path / "kept.rank0"), torch.load(tmp_path / "stored.rank0")
+    assert set(kept) == set(stored) and kept["loss"] == stored["loss"] and len(kept) > 5
+    for name in kept:
+        assert torch.equal(torch.as_tensor(kept[name]), torch.as_tensor(stored[name])), name
