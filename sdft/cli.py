@@ -104,8 +104,9 @@ def _build_parser():
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ge.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling (1: off)")
     ge.add_argument("--top-k", type=int, default=0, help="with --temperature: the k most likely tokens (0: off)")
-    ge.add_argument("--chat-template-kwargs", default="", metavar="JSON",
-                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run trained with)")
+    ge.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (default: those the run "
+                         "trained with, for an sdft export or checkpoint)")
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None,
@@ -116,8 +117,9 @@ def _build_parser():
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
     tc.add_argument("--limit", type=int, default=16, help="rows of --data to score (its first ones)")
     tc.add_argument("--max-new-tokens", type=int, default=64)
-    tc.add_argument("--chat-template-kwargs", default="", metavar="JSON",
-                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run will use)")
+    tc.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run will use; "
+                         "default: those an sdft export trained with)")
     co = sub.add_parser("continual", help="train skills one after another and score what each stage kept",
                         epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
     co.add_argument("--stages", nargs="+", required=True, metavar="FILE", help="jsonl per stage, in order")
@@ -194,11 +196,10 @@ def _teacher_check(args, parser) -> int:
         data = load_skill("train")
     else:
         data = load_examples(args.data)
-    from sdft.data.chat import with_template_kwargs
     from sdft.models import load_trained
 
     model, tokenizer = load_trained(args.model)  # a LoRA adapter folder too: what is left to distil after a run?
-    tokenizer = with_template_kwargs(tokenizer, template_kwargs)
+    tokenizer = _render_with(tokenizer, template_kwargs)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
     print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
           "demonstrations:")
@@ -207,9 +208,26 @@ def _teacher_check(args, parser) -> int:
     return 0
 
 
-def _template_kwargs(args) -> dict:
-    """``--chat-template-kwargs`` JSON as the config's ``chat_template_kwargs`` takes it (one line if not)."""
+def _template_kwargs(args) -> dict | None:
+    """``--chat-template-kwargs`` JSON as the config's ``chat_template_kwargs`` takes it (one line if not);
+    None when not given."""
+    if args.chat_template_kwargs is None:
+        return None
     return parse_template_kwargs("--chat-template-kwargs", args.chat_template_kwargs)
+
+
+def _render_with(tokenizer, given: dict | None):
+    """The tokenizer a command answers with: ``given`` template variables, else those the loaded export or
+    checkpoint trained with (said in one line)."""
+    from sdft.data.chat import template_kwargs_of, with_template_kwargs
+
+    if given is not None:
+        return with_template_kwargs(tokenizer, given)
+    kept = template_kwargs_of(tokenizer)
+    if kept:
+        print(f"sdft: chats render with the run's chat_template_kwargs {json.dumps(kept)} (--chat-template-kwargs "
+              "'{}' renders without them)", file=sys.stderr, flush=True)
+    return tokenizer
 
 
 def _read_prompts(args) -> list[dict]:
@@ -259,7 +277,6 @@ def _read_prompts(args) -> list[dict]:
 
 
 def _generate(args, parser) -> int:
-    from sdft.data.chat import with_template_kwargs
     from sdft.data.examples import load_examples
     from sdft.eval.evaluation import generate_answers, sample_answers
     from sdft.models import load_trained
@@ -276,7 +293,7 @@ def _generate(args, parser) -> int:
         model, tokenizer = load_checkpoint_model(args.model, args.base)
     else:
         model, tokenizer = load_trained(args.model, base=args.base)
-    tokenizer = with_template_kwargs(tokenizer, template_kwargs)
+    tokenizer = _render_with(tokenizer, template_kwargs)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature,
                                  Sampling(top_k=args.top_k, top_p=args.top_p))

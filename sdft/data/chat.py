@@ -37,6 +37,13 @@ def with_template_kwargs(tokenizer, kwargs: dict | None):
     return wrapped
 
 
+def template_kwargs_of(tokenizer) -> dict:
+    """The template variables ``with_template_kwargs`` gave ``tokenizer`` ({} for a plain one)."""
+    if getattr(tokenizer, "_sdft_template_base", None) is None:
+        return {}
+    return dict(tokenizer.apply_chat_template.keywords)
+
+
 def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: bool = True,
              where: str | None = None) -> torch.Tensor:
     """Token ids [P] of chat messages, by default with the assistant turn opened. A chat the template refuses

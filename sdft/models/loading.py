@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sdft.data.chat import with_template_kwargs
 from sdft.models.families import check_model_type
 from sdft.models.vocabulary import check_vocabulary, config_rows, embedding_rows
 
@@ -234,10 +235,24 @@ def adapter_base(adapter, base):
     return base
 
 
+EXPORT_MARK = "sdft_export.json"  # written into every sdft export: what wrote it, and how its chats render
+
+
+def export_template_kwargs(folder) -> dict:
+    """The ``chat_template_kwargs`` the run behind an sdft export trained with ({} when none or not an export)."""
+    try:
+        mark = json.loads((Path(folder) / EXPORT_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return {}
+    value = mark.get("chat_template_kwargs") if isinstance(mark, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def load_trained(path=None, dtype=torch.float32, base=None):
     """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
     a peft LoRA adapter folder (its base: ``base`` when given, else the one ``adapter_config.json``
-    names, or the embedded model when it names none), or the embedded model when ``path`` is None."""
+    names, or the embedded model when it names none), or the embedded model when ``path`` is None. The
+    tokenizer of an sdft export renders chats with the ``chat_template_kwargs`` its run trained with."""
     path = Path(path).expanduser() if path is not None else None
     adapter = (path is not None and (Path(path) / "adapter_config.json").is_file()
                and not (Path(path) / "config.json").exists())
@@ -250,5 +265,7 @@ def load_trained(path=None, dtype=torch.float32, base=None):
             named = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
             base = adapter_base(path, named)
         model, tokenizer = load_model(base, dtype)
+        tokenizer = with_template_kwargs(tokenizer, export_template_kwargs(path))
         return PeftModel.from_pretrained(model, str(path)), tokenizer
-    return load_model(path, dtype)
+    model, tokenizer = load_model(path, dtype)
+    return model, with_template_kwargs(tokenizer, export_template_kwargs(path) if path is not None else {})

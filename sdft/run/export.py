@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from sdft.data.chat import template_kwargs_of, with_template_kwargs
+from sdft.models.loading import EXPORT_MARK  # a later export may replace a folder that holds it
 from sdft.run.writes import WriteError, refused_write, write_reason
 
-EXPORT_MARK = "sdft_export.json"  # written into every export: a later export may replace the folder
 REPLACED = ".replaced-"  # a forced export keeps the folder it displaced as OUT.replaced-DATE
 _HF_FILE = re.compile(r"^(config\.json|generation_config\.json|.+\.safetensors|.+\.safetensors\.index\.json|"
                       r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
@@ -115,7 +116,9 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
         with _no_shard_bar():
             model.save_pretrained(tmp, **save_options)
         tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft"}))
+        kwargs = template_kwargs_of(tokenizer)  # how the run rendered its chats: generate and teacher-check do too
+        (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft", **({"chat_template_kwargs": kwargs}
+                                                                           if kwargs else {})}))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if refused_write(err):
@@ -247,4 +250,4 @@ def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None
     if config.use_lora:
         base = apply_lora(base, LoraSettings.from_config(config))
     load_trainable(checkpoint, base)
-    return base, tokenizer
+    return base, with_template_kwargs(tokenizer, config.chat_template_kwargs)  # as the run rendered its chats

@@ -95,3 +95,29 @@ def test_trls_chat_template_kwargs_map_onto_the_run(tmp_path):
     args = types.SimpleNamespace(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
                                  num_generations=8, chat_template_kwargs={"enable_thinking": False}, use_cpu=True)
     assert config_from_trl(args).chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_the_run_s_exports_and_checkpoints_answer_with_them(tmp_path, capsys):
+    from sdft.models import load_trained
+    from sdft.run.export import export_checkpoint, load_checkpoint_model, save_hf_folder
+
+    tok = _tokenizer()
+    base = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    result = train(str(base), ROWS, _config(tmp_path))
+    messages = load_examples(ROWS)[0].messages()
+    final = result.output_dir / "final_model"
+    exported = export_checkpoint(result.output_dir / "checkpoint-1", tmp_path / "export")
+    for folder in (final, exported):
+        mark = json.loads((folder / "sdft_export.json").read_text())
+        assert mark["chat_template_kwargs"] == {"enable_thinking": False}
+        _, loaded = load_trained(folder)
+        assert tok.decode(chat_ids(loaded, messages, "cpu")).endswith(OFF)
+    _, from_checkpoint = load_checkpoint_model(result.output_dir / "checkpoint-1")
+    assert tok.decode(chat_ids(from_checkpoint, messages, "cpu")).endswith(OFF)
+    _, plain = load_trained(base)  # a model folder of the user's: as its tokenizer renders
+    assert not tok.decode(chat_ids(plain, messages, "cpu")).endswith(OFF)
+    capsys.readouterr()
+    assert cli(["generate", str(final), "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    assert 'chats render with the run\'s chat_template_kwargs {"enable_thinking": false}' in capsys.readouterr().err
+    assert cli(["generate", str(final), "--prompt", "hi", "--max-new-tokens", "1", "--chat-template-kwargs", "{}"]) == 0
+    assert "chats render with" not in capsys.readouterr().err
