@@ -264,6 +264,10 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad is False on every one): unfreeze "
                          "the ones to train, or set use_lora=true to train adapters on the frozen model")
+    if world.is_main and any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        report_line("sdft: the model's trainable weights are float16: they train in float16 with no loss scaling "
+                    "(updates below 2^-11 of a weight round away, AdamW's state in float16); load the model in "
+                    "float32 (mixed_precision=fp16 computes in fp16 on fp32 master weights) or in bfloat16")
     model.train()
     return Run(config, model, tokenizer, examples, device, resume, source, eval_examples, eval_scorer, world,
                on_end=on_end, encoded=encoded)

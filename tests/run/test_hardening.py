@@ -520,3 +520,13 @@ def test_a_model_object_without_loaded_or_trainable_weights_is_one_line_before_a
                                          "is on the meta device\\)"):
         train(meta, ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "meta")}), tokenizer=tok)
     assert not (tmp_path / "frozen" / "metrics.jsonl").exists() and not (tmp_path / "meta" / "metrics.jsonl").exists()
+
+
+def test_float16_trainable_weights_train_with_a_line_saying_what_that_costs(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    result = train(tiny_llama(vocab=len(tok)).half(), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "h"),
+                                                                          "max_steps": 1}), tokenizer=tok)
+    assert result.step == 1 and "the model's trainable weights are float16" in capsys.readouterr().err
+    train(tiny_llama(vocab=len(tok)), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "f"), "max_steps": 1}),
+          tokenizer=tok)
+    assert "float16" not in capsys.readouterr().err
