@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import torch
 
 from sdft.data.examples import PLAIN
 
 SEPARATOR = "\n\n"
+
+RENDER_ARGUMENTS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                    "return_tensors", "return_dict", "padding", "truncation", "max_length", "chat_template", "tools",
+                    "documents")  # what sdft passes apply_chat_template itself, or what changes what it renders
+
+
+def checked_template_kwargs(name: str, value) -> dict:
+    """``value`` if it is a mapping of template variables a config can save (JSON) and sdft does not set
+    itself; otherwise a one-line error."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{name} must be a mapping of template variable names to values, got {value!r}")
+    clash = sorted(set(value) & set(RENDER_ARGUMENTS))
+    if clash:
+        raise ValueError(f"{name} {clash[0]!r}: sdft sets it when it renders a chat; give template variables only")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold JSON values (saved in the run's config.json), got {value!r}") from None
+    return dict(value)
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sdft.data.chat import chat_ids
+from sdft.data.chat import chat_ids, checked_template_kwargs, with_template_kwargs
 from sdft.data.examples import load_examples
 from sdft.models import eval_mode
 from sdft.models.positions import check_room, position_limit
@@ -96,11 +96,16 @@ def demonstration_perplexity(model, tokenizer, examples) -> float:
     return math.exp(nll / max(count, 1))
 
 
-def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48) -> dict:
+def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48,
+             chat_template_kwargs: dict | None = None) -> dict:
     """Greedy answers to ``dataset``'s prompts scored against their demonstrations (``sdft.eval.scorers``),
-    and the perplexity of the demonstrations: {"score", "perplexity", "examples", "answers"}."""
+    and the perplexity of the demonstrations: {"score", "perplexity", "examples", "answers"}.
+    ``chat_template_kwargs``: template variables the chats render with (as a run's config takes them)."""
     from sdft.eval.scorers import get_scorer
 
+    if chat_template_kwargs is not None:
+        tokenizer = with_template_kwargs(tokenizer, checked_template_kwargs("chat_template_kwargs",
+                                                                            chat_template_kwargs))
     examples = load_examples(dataset)
     score = get_scorer(scorer)
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)

@@ -78,3 +78,12 @@ def test_top_k_rollouts_draw_only_among_the_k_most_likely(monkeypatch):
     HFRolloutEngine(tok, sampling=Sampling(top_k=3)).generate(tiny_llama(vocab=len(tok)).eval(), _prompts(tok), 4,
                                                                  8, 1.0)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("draw", [0.0, 1.0 - 2.0 ** -53])
+def test_inverse_cdf_sampling_never_lands_on_a_zero_mass_token(monkeypatch, draw):
+    from sdft.rollout import engine
+
+    log_p = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]))  # ids 0, 2 and 4 carry no mass
+    monkeypatch.setattr(engine.torch, "rand", lambda *shape, **kw: torch.full(shape, draw, dtype=torch.float64))
+    assert int(engine.sample(log_p)) in (1, 3)

@@ -121,3 +121,21 @@ def test_the_run_s_exports_and_checkpoints_answer_with_them(tmp_path, capsys):
     assert 'chats render with the run\'s chat_template_kwargs {"enable_thinking": false}' in capsys.readouterr().err
     assert cli(["generate", str(final), "--prompt", "hi", "--max-new-tokens", "1", "--chat-template-kwargs", "{}"]) == 0
     assert "chats render with" not in capsys.readouterr().err
+
+
+def test_evaluate_renders_with_the_kwargs_it_is_given(monkeypatch):
+    from sdft.eval.evaluation import evaluate
+
+    tok, seen = _tokenizer(), []
+    real = sdft.eval.evaluation.generate_answers
+
+    def spy(model, tokenizer, *args, **kwargs):
+        seen.append(tokenizer)
+        return real(model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(sdft.eval.evaluation, "generate_answers", spy)
+    evaluate(tiny_llama(vocab=len(tok)), tok, ROWS[:1], max_new_tokens=1,
+             chat_template_kwargs={"enable_thinking": False})
+    assert tok.decode(chat_ids(seen[-1], load_examples(ROWS)[0].messages(), "cpu")).endswith(OFF)
+    with pytest.raises(ValueError, match="'tokenize': sdft sets it"):
+        evaluate(tiny_llama(vocab=len(tok)), tok, ROWS[:1], chat_template_kwargs={"tokenize": True})
