@@ -525,3 +525,23 @@ def test_a_real_trl_config_at_another_batch_size_is_accepted(tmp_path, batch, ac
                                  per_device_train_batch_size=batch, steps_per_generation=accumulation + 1)
     with pytest.raises(ValueError, match="generation_batch_size=.*a generation batch apart"):
         config_from_trl(reused)
+
+
+def test_the_dropins_evaluate_renders_with_trls_chat_template_kwargs(tmp_path, monkeypatch):
+    import sdft.eval.evaluation
+    from sdft.data.chat import template_kwargs_of
+
+    seen = []
+    real = sdft.eval.evaluation.generate_answers
+
+    def spy(model, tokenizer, *args, **kwargs):
+        seen.append(template_kwargs_of(tokenizer))
+        return real(model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(sdft.eval.evaluation, "generate_answers", spy)
+    tok = tiny_tokenizer()
+    args = _tiny_args(tmp_path, 1, chat_template_kwargs={"enable_thinking": False})
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, eval_dataset=ROWS[:1],
+                          processing_class=tok)
+    assert "eval_score" in trainer.evaluate()
+    assert seen == [{"enable_thinking": False}]
