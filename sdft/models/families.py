@@ -29,7 +29,8 @@ class Family:
 LLAMA_LIKE = Family()
 FAMILIES: dict[str, Family] = {
     **{t: LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                               "cohere", "granite", "olmo2", "smollm3")},
+                               "cohere", "granite", "olmo2", "smollm3", "phi", "stablelm", "starcoder2", "glm4",
+                               "mixtral", "qwen2_moe", "qwen3_moe")},
     "gpt2": Family(decoder="transformer", blocks="h"),
     "gpt_neox": Family(decoder="gpt_neox", head=("lm_head", "embed_out")),  # embed_out before transformers 5
 }
