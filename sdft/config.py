@@ -95,6 +95,9 @@ class SDFTConfig:
     full_determinism: bool = _opt(False, "as transformers' full_determinism: deterministic torch algorithms "
                                   "(torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG) "
                                   "for the run; costs GPU speed, nothing measurable on CPU (sdft.runtime.determinism)")
+    tf32: bool = _opt(False, "TF32 for fp32 matrix products and convolutions on an Ampere or newer CUDA GPU "
+                      "(torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32) for the run, as HF's tf32; "
+                      "what it rounds: 10 bits of mantissa in the products' inputs")
     decode_gemm: str = _opt("rule", "layout of decoding's few-row CPU matrix products: rule (fixed by the row "
                             "count: a seed gives the same rollouts under any load), auto (timed per process: can "
                             "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",
@@ -302,11 +305,12 @@ class SDFTConfig:
                 raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         from sdft.models.attention import check_implementation
         from sdft.runtime.parallel import run_device
-        from sdft.runtime.precision import compute_precision
+        from sdft.runtime.precision import check_tf32, compute_precision
 
         device = run_device(self.device)
         check_implementation(self.attn_implementation, device.type, compute_precision(self.mixed_precision, device),
                              self.dtype)
+        check_tf32(self.tf32, device)
 
     def to_dict(self) -> dict:
         return asdict(self)

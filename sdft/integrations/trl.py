@@ -90,6 +90,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         num_generations=group,
         **sampling_values(args),
         chat_template_kwargs=dict(arg(args, "chat_template_kwargs", None) or {}),
+        tf32=bool(arg(args, "tf32", None) or False),
         max_prompt_length=int(arg(args, "max_prompt_length", None) or 1_000_000),
         max_completion_length=int(arg(args, "max_completion_length", None) or 256),
         divergence=divergence,

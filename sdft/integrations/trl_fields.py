@@ -53,6 +53,7 @@ HONOURED = {
     "top_k": "top_k (None or 0: off)",
     "top_p": "top_p",
     "min_p": "min_p (None: off)",
+    "tf32": "tf32 (None: off; an Ampere or newer CUDA GPU, as in HF)",
     "chat_template_kwargs": "chat_template_kwargs: every chat of the run renders with them (TRL: its prompts)",
     "generation_kwargs": "its temperature / top_k / top_p / min_p override those fields, as in TRL; other keys "
                          "refused",
@@ -83,7 +84,6 @@ REFUSED = {
     "optim_args": ((None, ""), "optimizer arguments"),
     "optim_target_modules": ((None,), "optimizer target modules (GaLore and the like)"),
     "label_smoothing_factor": ((0.0, 0), "label smoothing"),
-    "tf32": ((None, False), "TF32 matrix products (set torch.backends.cuda.matmul.allow_tf32 yourself)"),
     "torch_compile": ((False,), "torch.compile of the model"),
     "use_liger_kernel": ((False,), "liger kernels (sdft's fused loss replaces them)"),
     "neftune_noise_alpha": ((None,), "NEFTune embedding noise"),

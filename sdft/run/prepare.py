@@ -32,7 +32,7 @@ from sdft.run.run_dir import (
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, setup
 from sdft.runtime.parallel import Runner, run_device
-from sdft.runtime.precision import compute_precision, cpu_precision_note
+from sdft.runtime.precision import compute_precision, cpu_precision_note, tf32_matmuls
 
 
 def as_config(config) -> SDFTConfig:
@@ -131,6 +131,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
                 report_line(note)
     try:
         on_end.append(deterministic_algorithms(config.full_determinism))
+        on_end.append(tf32_matmuls(config.tf32))
         run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)
         run.retention = kept
         return run

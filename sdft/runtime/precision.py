@@ -84,3 +84,29 @@ def restore_scale(scaler, state: dict | None) -> None:
 def scale_record(scaler) -> dict:
     """A step record's ``loss_scale`` (the scale its backward ran at) under fp16; nothing otherwise."""
     return {"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}
+
+
+def check_tf32(on: bool, device: torch.device) -> None:
+    """``tf32`` needs what it speeds up: a CUDA GPU of compute capability 8.0 (Ampere) or newer (HF's check)."""
+    if not on:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"tf32=true speeds up fp32 matrix products on an Ampere or newer CUDA GPU; this run is on "
+                         f"{device.type}: set tf32=false")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ValueError(f"tf32=true needs an Ampere or newer GPU (compute capability 8.0); this one is "
+                         f"{major}.{minor}")
+
+
+def tf32_matmuls(on: bool):
+    """Allow TF32 in cuBLAS and cuDNN (when ``on``) for a run; returns a function that restores the old state."""
+    if not on:
+        return lambda: None
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def restore():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+    return restore

@@ -240,3 +240,29 @@ def test_no_autocast_leaves_a_frozen_teacher_as_it_is_and_autocast_leaves_float6
     teacher = Teacher(model, "frozen")
     teacher.distribute(Runner(model, mixed_precision="bf16"))
     assert all(p.dtype == torch.float64 for p in teacher.copy.parameters())
+
+
+def test_tf32_is_refused_off_cuda_and_switched_on_only_for_the_run(tmp_path, monkeypatch):
+    from sdft.runtime.precision import check_tf32, tf32_matmuls
+
+    with pytest.raises(ValueError, match="tf32=true speeds up fp32 matrix products on an Ampere or newer CUDA GPU; "
+                                         "this run is on cpu"):
+        SDFTConfig(tf32=True, device="cpu").check_device()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="needs an Ampere or newer GPU .* this one is 7.5"):
+        check_tf32(True, torch.device("cuda", 0))
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    restore = tf32_matmuls(True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    restore()
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_trls_tf32_maps_onto_the_run(tmp_path):
+    import types
+
+    from sdft.integrations.trl import config_from_trl
+
+    args = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=8)
+    assert config_from_trl(types.SimpleNamespace(**args, tf32=True)).tf32
+    assert not config_from_trl(types.SimpleNamespace(**args, tf32=None)).tf32
