@@ -179,6 +179,7 @@ class SDFTConfig:
         "all-linear: every linear layer but the head; auto: peft's default for the model's family")
     # Bookkeeping
     logging_steps: int = _opt(1, "write metrics.jsonl every this many steps", positive=True)
+    logging_first_step: bool = _opt(False, "also write the first step (HF's logging_first_step)")
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
     save_total_limit: int = _opt(2, "keep this many newest checkpoints (0: keep all)", minimum=0)
     resume_from_checkpoint: bool | str = _opt(

@@ -41,6 +41,7 @@ from sdft.integrations.trl_fields import arg, check_fields, model_init_values, p
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models.lora import lora_values
 from sdft.run.loop import TrainResult
+from sdft.run.metrics import logs_step
 from sdft.run.reporting import train_scalars
 from sdft.run.run_dir import OutputDirInUse
 from sdft.run.trainer import train
@@ -106,6 +107,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         teacher_prompt_template=str(arg(args, "teacher_prompt_template", "{prompt}\n\n{privileged_context}")),
         generate_from_teacher=bool(arg(args, "generate_from_teacher", False)),
         logging_steps=every_steps(arg(args, "logging_steps", 10), max_steps),
+        logging_first_step=bool(arg(args, "logging_first_step", False)),
         save_steps=every_steps(arg(args, "save_steps", 500), max_steps),
         save_total_limit=int(arg(args, "save_total_limit", None) or 0),
         report_to=report_to,
@@ -362,7 +364,7 @@ class SDFTTrainer:
         self.state.global_step = step
         self.state.epoch = record.get("epoch", self.state.epoch)
         self._event("on_step_end")
-        if step % self.args.logging_steps == 0:
+        if logs_step(step, self.args.logging_steps, self.args.logging_first_step):
             logs = {**train_scalars(record), "step": step}
             self.state.log_history.append(logs)
             self._event("on_log", logs=logs)

@@ -54,6 +54,7 @@ HONOURED = {
     "top_p": "top_p",
     "min_p": "min_p (None: off)",
     "tf32": "tf32 (None: off; an Ampere or newer CUDA GPU, as in HF)",
+    "logging_first_step": "logging_first_step: the first step is logged too",
     "chat_template_kwargs": "chat_template_kwargs: every chat of the run renders with them (TRL: its prompts)",
     "generation_kwargs": "its temperature / top_k / top_p / min_p override those fields, as in TRL; other keys "
                          "refused",
@@ -89,7 +90,6 @@ REFUSED = {
     "neftune_noise_alpha": ((None,), "NEFTune embedding noise"),
     "auto_find_batch_size": ((False,), "batch size search"),
     "logging_strategy": (("steps",), "logging other than every logging_steps"),
-    "logging_first_step": ((False,), "an extra log of the first step (set logging_steps=1)"),
     "save_only_model": ((False,), "checkpoints without optimizer state (resume needs it)"),
     "enable_jit_checkpoint": ((False,), "just-in-time checkpoints"),
     "push_to_hub": ((False,), "pushing to the Hub (no network; upload final_model yourself)"),

@@ -17,7 +17,7 @@ from sdft.run.checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from sdft.run.errors import NonFiniteError, OutOfMemory
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
-from sdft.run.metrics import MetricsLog
+from sdft.run.metrics import MetricsLog, logs_step
 from sdft.run.prepare import Run, end_run, start_runner
 from sdft.run.reporting import Reporters, logged_record
 from sdft.run.run_dir import (
@@ -225,7 +225,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
                 reduced = compute_precision(config.mixed_precision, run.device) != "no"
                 raise OutOfMemory(out_of_memory_line(err, step + 1, config, out, reduced)) from err
             history.append(record)
-            if main and (step + 1) % config.logging_steps == 0:
+            if main and logs_step(step + 1, config.logging_steps, config.logging_first_step):
                 log.write(logged_record(record))
                 reporters.train(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

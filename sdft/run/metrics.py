@@ -10,6 +10,12 @@ from sdft.run.run_dir import replace_file
 from sdft.run.writes import WriteError, write_reason
 
 
+def logs_step(step: int, every: int, first: bool) -> bool:
+    """Whether optimizer step ``step`` (from 1) is logged: every ``every`` steps, and the first when ``first``
+    (HF's ``logging_steps`` / ``logging_first_step``)."""
+    return step % every == 0 or (first and step == 1)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocator on a GPU, resident set on the CPU."""
     if device.type == "cuda":

@@ -274,3 +274,12 @@ def test_evaluation_settings_with_nothing_to_evaluate_are_one_line_before_the_mo
 def test_eval_steps_without_eval_data_is_refused_by_train_too(tmp_path):
     with pytest.raises(ValueError, match="eval_steps=2 evaluates eval_data during training"):
         train("/nonexistent/model", ROWS, _config(tmp_path, eval_steps=2))
+
+
+@pytest.mark.parametrize("first,steps", [(False, [3, 6]), (True, [1, 3, 6])])
+def test_metrics_are_written_every_logging_steps_and_the_first_step_when_asked(tmp_path, first, steps):
+    tok = tiny_tokenizer()
+    train(tiny_llama(vocab=len(tok)), ROWS, _config(tmp_path, max_steps=6, logging_steps=3, logging_first_step=first),
+          tokenizer=tok)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == steps

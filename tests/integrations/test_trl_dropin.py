@@ -389,9 +389,9 @@ def test_evaluate_scores_the_eval_dataset_and_calls_on_evaluate(tmp_path):
 
 
 def _tiny_args(tmp_path, max_steps, **change):
-    return _args(tmp_path / "run", max_steps=max_steps, per_device_train_batch_size=2, num_generations=2,
-                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, logging_steps=1,
-                 **change)
+    return _args(tmp_path / "run", **{**dict(max_steps=max_steps, per_device_train_batch_size=2, num_generations=2,
+                                             max_completion_length=4, distillation_topk=5,
+                                             gradient_checkpointing=False, logging_steps=1), **change})
 
 
 def test_eval_strategy_steps_evaluates_during_training_and_load_best_ends_on_the_pick(tmp_path):
@@ -545,3 +545,11 @@ def test_the_dropins_evaluate_renders_with_trls_chat_template_kwargs(tmp_path, m
                           processing_class=tok)
     assert "eval_score" in trainer.evaluate()
     assert seen == [{"enable_thinking": False}]
+
+
+def test_logging_first_step_logs_step_one_beside_every_logging_steps(tmp_path):
+    tok = tiny_tokenizer()
+    args = _tiny_args(tmp_path, 3, logging_steps=2, logging_first_step=True)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
