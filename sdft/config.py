@@ -92,6 +92,7 @@ class SDFTConfig:
     per_device_train_batch_size: int = _opt(2, "prompts per micro-step", positive=True)
     gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step", positive=True)
     seed: int = _opt(0, "seed for data order, rollouts and initialisation", minimum=0)
+    data_seed: int = _opt(-1, "seed of the data order alone (-1: seed), HF's data_seed", minimum=-1)
     full_determinism: bool = _opt(False, "as transformers' full_determinism: deterministic torch algorithms "
                                   "(torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG) "
                                   "for the run; costs GPU speed, nothing measurable on CPU (sdft.runtime.determinism)")

@@ -85,6 +85,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         per_device_train_batch_size=prompts,
         gradient_accumulation_steps=accumulation,
         seed=int(arg(args, "seed", 42)),
+        data_seed=-1 if arg(args, "data_seed", None) is None else int(arg(args, "data_seed")),
         lr_scheduler_type=SCHEDULES[schedule],
         warmup_ratio=float(warmup),
         gradient_checkpointing=bool(_checkpointing(args)),

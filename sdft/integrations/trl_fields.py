@@ -55,6 +55,7 @@ HONOURED = {
     "min_p": "min_p (None: off)",
     "tf32": "tf32 (None: off; an Ampere or newer CUDA GPU, as in HF)",
     "logging_first_step": "logging_first_step: the first step is logged too",
+    "data_seed": "data_seed (None: seed): the data order's seed alone",
     "chat_template_kwargs": "chat_template_kwargs: every chat of the run renders with them (TRL: its prompts)",
     "generation_kwargs": "its temperature / top_k / top_p / min_p override those fields, as in TRL; other keys "
                          "refused",
@@ -93,7 +94,6 @@ REFUSED = {
     "save_only_model": ((False,), "checkpoints without optimizer state (resume needs it)"),
     "enable_jit_checkpoint": ((False,), "just-in-time checkpoints"),
     "push_to_hub": ((False,), "pushing to the Hub (no network; upload final_model yourself)"),
-    "data_seed": ((None,), "a data order seed apart from seed"),
     "accelerator_config": ((None, {}), "accelerate configuration (sdft runs its own DDP / FSDP2)"),
     "parallelism_config": ((None,), "accelerate parallelism (use SDFTConfig parallel=ddp|fsdp)"),
     "ddp_backend": ((None,), "a chosen DDP backend (sdft: gloo on CPU, nccl on CUDA)"),

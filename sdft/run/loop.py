@@ -67,11 +67,12 @@ def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: Worl
     sees the same order; process r of W takes the r-th slice of the W * batch prompts of the micro-step."""
     per_step = config.per_device_train_batch_size
     start = ((step * config.gradient_accumulation_steps + micro) * world.size + world.rank) * per_step
+    seed = config.data_seed if config.data_seed >= 0 else config.seed
     out = []
     for k in range(start, start + per_step):
         epoch, pos = divmod(k, n)
         order = list(range(n))
-        random.Random(config.seed * 100_003 + epoch).shuffle(order)
+        random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(order[pos])
     return out
 
