@@ -47,6 +47,38 @@ def _overrides(parser, items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _config_file(path: str) -> dict:
+    """The settings of a config file (``--config``): JSON or YAML, a mapping of the keys ``--set`` takes (TRL's
+    names too), or a run's output_dir / a checkpoint folder (the config it ran with); checked here, one line
+    naming the file if not."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        return _saved_config(str(file)).to_dict()
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such config file or run folder")
+    text = file.read_text(encoding="utf-8-sig")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    except Exception as err:  # noqa: BLE001  # yaml.YAMLError names the line
+        raise ValueError(f"{file}: not valid YAML ({one_line(err)})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: a config file holds a mapping of option names to values, got "
+                         f"{type(values).__name__}")
+    text_values = {k: v for k, v in values.items() if isinstance(v, str)}  # YAML reads 1e-4 as text: parse it
+    try:
+        typed = SDFTConfig.from_dict({k: v for k, v in values.items() if k not in text_values}).to_dict()
+        return SDFTConfig.from_strings(text_values, typed).to_dict()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
+
+
 def _saved_config(path: str) -> SDFTConfig:
     """The config a run (output_dir/config.json) or a checkpoint (state.json) was made with."""
     folder = Path(path)
@@ -75,13 +107,17 @@ def _build_parser():
                     help="held-out jsonl (same columns): answers scored before/after training (eval_data)")
     tr.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation before/after training")
+    tr.add_argument("--config", default=None, metavar="FILE",
+                    help="settings from a JSON or YAML file (the keys --set takes), or a run's output_dir to train "
+                         "as it did; --set and the flags above override them")
     cf = sub.add_parser("config", help="print a resolved config", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cf.add_argument("--show", action="store_true", help="print the resolved config as JSON")
     cf.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="SDFTConfig overrides; --set may repeat")
-    cf.add_argument("--from", dest="source", default=None, metavar="DIR",
-                    help="a run's output_dir or a checkpoint folder: show the config it ran with")
+    cf.add_argument("--from", "--config", dest="source", default=None, metavar="DIR|FILE",
+                    help="a run's output_dir or a checkpoint folder (the config it ran with), or a JSON or YAML "
+                         "config file, as --config takes it")
     ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     ex.add_argument("checkpoint", help="a checkpoint-N folder")
     ex.add_argument("out", help="the folder to write")
@@ -133,6 +169,8 @@ def _build_parser():
                     help="also run the same stages with plain SFT and put both matrices side by side")
     co.add_argument("--scorer", nargs="+", default=None,
                     help="exact | normalized | json | regex:PATTERN: one for every stage, or one per stage")
+    co.add_argument("--config", default=None, metavar="FILE",
+                    help="settings from a JSON or YAML file (the keys --set takes); --set overrides them")
     co.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="config overrides, applied to every stage")
     return parser
@@ -151,7 +189,8 @@ def _continual(args, parser) -> int:
         train_sequence,
     )
 
-    config = SDFTConfig.from_strings(_overrides(parser, args.set))
+    base = _config_file(args.config) if args.config is not None else None
+    config = SDFTConfig.from_strings(_overrides(parser, args.set), base)
     config.check_device()
     check_backends(config.report_to)
     # every file checked before the model loads
@@ -318,15 +357,16 @@ def _train(args, parser) -> int:
     from sdft.data.examples import load_examples
 
     pairs = _overrides(parser, args.set)
+    base = _config_file(args.config) if args.config is not None else None
     demo = args.model is None and args.data is None
-    if demo and "save_total_limit" not in pairs:
+    if demo and "save_total_limit" not in pairs and base is None:
         pairs["save_total_limit"] = str(DEMO_SAVE_TOTAL_LIMIT)
     for key, value in (("eval_data", args.eval_data), ("eval_scorer", args.scorer)):
         if value is not None:
             pairs[key] = value
     if args.no_eval:
         pairs["eval_data"] = ""
-    config = SDFTConfig.from_strings(pairs)
+    config = SDFTConfig.from_strings(pairs, base)
     config.check_device()
     check_backends(config.report_to)
     if args.scorer is not None and not config.eval_data:
@@ -381,7 +421,7 @@ def _train(args, parser) -> int:
 def _config(args, parser) -> int:
     if not args.show:
         parser.error("sdft config: pass --show")
-    base = _saved_config(args.source).to_dict() if args.source is not None else None
+    base = _config_file(args.source) if args.source is not None else None
     config = SDFTConfig.from_strings(_overrides(parser, args.set), base)
     print(config.to_json())
     return 0

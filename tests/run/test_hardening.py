@@ -530,3 +530,33 @@ def test_float16_trainable_weights_train_with_a_line_saying_what_that_costs(tmp_
     train(tiny_llama(vocab=len(tok)), ROWS, SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "f"), "max_steps": 1}),
           tokenizer=tok)
     assert "float16" not in capsys.readouterr().err
+
+
+def test_a_config_file_or_a_run_folder_gives_the_settings_and_set_overrides_them(tmp_path, capsys):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "c.yaml").write_text("max_steps: 2\nlearning_rate: 1e-4\nmax_completion_length: 3\n"
+                                     "per_device_train_batch_size: 1\nnum_generations: 2\nprogress_bar: false\n")
+    common = ["train", "--model", str(folder), "--data", str(data)]
+    assert cli(common + ["--config", str(tmp_path / "c.yaml"), "--set", f"output_dir={tmp_path / 'a'}"]) == 0
+    ran = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (ran["max_steps"], ran["learning_rate"], ran["max_completion_length"]) == (2, 1e-4, 3)  # YAML's 1e-4 text
+    assert cli(common + ["--config", str(tmp_path / "a"), "--set", f"output_dir={tmp_path / 'b'}", "max_steps=1"]) == 0
+    again = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (again["max_steps"], again["learning_rate"], again["max_completion_length"]) == (1, 1e-4, 3)
+    capsys.readouterr()
+    for text, name, message in (("max_steps: [2\n", "bad.yaml", "bad.yaml: not valid YAML"),
+                                ('{"max_steps": 2,}', "bad.json", "bad.json: not valid JSON"),
+                                ("[1]", "list.json", "list.json: a config file holds a mapping"),
+                                ('{"epochs": 3}', "unknown.json", "unknown.json: unknown SDFTConfig option(s): epochs"),
+                                ('{"max_steps": "x"}', "typed.json", "typed.json: max_steps must be an integer")):
+        (tmp_path / name).write_text(text)
+        assert cli(["train", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    assert cli(["config", "--show", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert '"learning_rate": 0.0001' in capsys.readouterr().out
