@@ -52,8 +52,8 @@ def _config_file(path: str) -> dict:
     names too), or a run's output_dir / a checkpoint folder (the config it ran with); checked here, one line
     naming the file if not."""
     file = Path(path).expanduser()
-    if file.is_dir():
-        return _saved_config(str(file)).to_dict()
+    if file.is_dir():  # how that run trained, not how it started: its resume or overwrite is not carried over
+        return {**_saved_config(str(file)).to_dict(), "resume_from_checkpoint": False, "overwrite_output_dir": False}
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such config file or run folder")
     text = file.read_text(encoding="utf-8-sig")

@@ -545,9 +545,12 @@ def test_a_config_file_or_a_run_folder_gives_the_settings_and_set_overrides_them
     assert cli(common + ["--config", str(tmp_path / "c.yaml"), "--set", f"output_dir={tmp_path / 'a'}"]) == 0
     ran = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (ran["max_steps"], ran["learning_rate"], ran["max_completion_length"]) == (2, 1e-4, 3)  # YAML's 1e-4 text
+    resumed = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**resumed, "resume_from_checkpoint": True}))
     assert cli(common + ["--config", str(tmp_path / "a"), "--set", f"output_dir={tmp_path / 'b'}", "max_steps=1"]) == 0
     again = json.loads((tmp_path / "b" / "config.json").read_text())
     assert (again["max_steps"], again["learning_rate"], again["max_completion_length"]) == (1, 1e-4, 3)
+    assert again["resume_from_checkpoint"] is False  # a run folder gives how it trained, not how it started
     capsys.readouterr()
     for text, name, message in (("max_steps: [2\n", "bad.yaml", "bad.yaml: not valid YAML"),
                                 ('{"max_steps": 2,}', "bad.json", "bad.json: not valid JSON"),
