@@ -116,6 +116,8 @@ class SDFTConfig:
                         "(1: all; TRL's top_p)", positive=True)
     min_p: float = _opt(0.0, "rollouts drop tokens below min_p x the most likely token's probability (0: none; "
                         "TRL's min_p)", minimum=0.0, below=1.0)
+    repetition_penalty: float = _opt(1.0, "rollouts divide the logits of tokens their sequence already holds by "
+                                     "this (multiply when negative; 1: off; TRL's repetition_penalty)", positive=True)
     chat_template_kwargs: dict = _opt({}, "extra variables for the tokenizer's chat template, as JSON, e.g. "
                                       "{\"enable_thinking\": false} for Qwen3 (TRL's chat_template_kwargs): every "
                                       "prompt, teacher context, demonstration and evaluation of the run renders with "

@@ -130,7 +130,7 @@ BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexi
 NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")  # what generation_kwargs may set (TRL: they win)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # generation_kwargs may set them
 
 
 def sampling_values(args) -> dict:
@@ -147,7 +147,8 @@ def sampling_values(args) -> dict:
     value = {k: extra.get(k, arg(args, k, None)) for k in SAMPLING_KEYS}
     return dict(temperature=float(1.0 if value["temperature"] is None else value["temperature"]),
                 top_k=int(value["top_k"] or 0), top_p=float(1.0 if value["top_p"] is None else value["top_p"]),
-                min_p=float(value["min_p"] or 0.0))
+                min_p=float(value["min_p"] or 0.0),
+                repetition_penalty=float(1.0 if value["repetition_penalty"] is None else value["repetition_penalty"]))
 
 
 def every_steps(value, max_steps: int) -> int:

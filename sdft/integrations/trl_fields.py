@@ -53,12 +53,13 @@ HONOURED = {
     "top_k": "top_k (None or 0: off)",
     "top_p": "top_p",
     "min_p": "min_p (None: off)",
+    "repetition_penalty": "repetition_penalty",
     "tf32": "tf32 (None: off; an Ampere or newer CUDA GPU, as in HF)",
     "logging_first_step": "logging_first_step: the first step is logged too",
     "data_seed": "data_seed (None: seed): the data order's seed alone",
     "chat_template_kwargs": "chat_template_kwargs: every chat of the run renders with them (TRL: its prompts)",
-    "generation_kwargs": "its temperature / top_k / top_p / min_p override those fields, as in TRL; other keys "
-                         "refused",
+    "generation_kwargs": "its temperature / top_k / top_p / min_p / repetition_penalty override those fields, "
+                         "as in TRL; other keys refused",
     "teacher_model_kind": "teacher_mode (base: frozen, live, ema)",
     "teacher_update_rate": "ema_decay = 1 - teacher_update_rate",
     "teacher_sync_steps": "teacher_sync_steps",
@@ -111,7 +112,6 @@ REFUSED = {
     "use_vllm": ((False,), "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
     "use_teacher_server": ((False,), "a teacher server"),
     "num_iterations": ((1,), "reusing rollouts over several optimizer iterations"),
-    "repetition_penalty": ((1.0,), "a repetition penalty"),
 }
 
 IRRELEVANT = {

@@ -208,7 +208,7 @@ class HFRolloutEngine:
     def __init__(self, tokenizer, decode_gemm: str = "rule", tree_attention: str = "auto",
                  sampling: Sampling = Sampling()):
         self.tokenizer = tokenizer
-        self.sampling = sampling  # top-k / top-p / min-p filtering of the tempered distribution (off: all of it)
+        self.sampling = sampling  # repetition penalty, top-k / top-p / min-p filtering (off: the model's own)
         self.decode_gemm = decode_gemm  # sdft.rollout.decode_gemm's policy: rule (seed-exact) | auto (timed) | off
         self.tree_attention = tree_attention  # the prefill's attention: sdft.prefix.attention's mode
 
@@ -225,7 +225,7 @@ class HFRolloutEngine:
             try:
                 with small_batch_linears(model, self.decode_gemm):
                     tokens, logprobs, alive = _decode(decoder, stop, pad_id, max_new_tokens, temperature, greedy,
-                                                     self.sampling)
+                                                     self.sampling, prompts, num_generations)
             finally:
                 decoder.close()
         mask = torch.stack(alive, 1)
@@ -234,19 +234,33 @@ class HFRolloutEngine:
                             torch.stack(logprobs, 1)[:, :width])
 
 
+def _seen(prompts, group: int, vocab: int, device) -> torch.Tensor:
+    """[B*G, V] bool: the tokens each row's prompt holds (row b*G+g samples from prompt b)."""
+    seen = torch.zeros(len(prompts) * group, vocab, dtype=torch.bool, device=device)
+    for b, prompt in enumerate(prompts):
+        seen[b * group:(b + 1) * group, prompt.clamp(max=vocab - 1)] = True
+    return seen
+
+
 def _decode(decoder, stop, pad_id: int, max_new_tokens: int, temperature: float, greedy: bool,
-            sampling: Sampling = Sampling()):
+            sampling: Sampling = Sampling(), prompts=(), group: int = 1):
     """Sample (or pick greedily) token by token until every row has stopped: per step the tokens, their
-    log-probabilities under the whole tempered distribution (0 once a row is done; ``sampling`` only narrows
-    what is drawn) and which rows were still running."""
+    log-probabilities under the model's whole tempered distribution (0 once a row is done; ``sampling``
+    only shapes what is drawn: a repetition penalty over each row's ``prompts`` and tokens so far, then its
+    filters) and which rows were still running."""
     logits = decoder.first_logits
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    seen = _seen(prompts, group, logits.shape[-1], logits.device) if sampling.penalizes else None
     tokens, logprobs, alive = [], [], []
     for t in range(max_new_tokens):
         log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token = (log_p.argmax(-1) if greedy else
-                 sample(sampling.restrict(log_p) if sampling.filters else log_p))
+        drawn = log_p if seen is None else torch.log_softmax(sampling.penalize(logits.float(), seen) / temperature,
+                                                             dim=-1)
+        token = (drawn.argmax(-1) if greedy else
+                 sample(sampling.restrict(drawn) if sampling.filters else drawn))
         token = torch.where(done, torch.full_like(token, pad_id), token)
+        if seen is not None:
+            seen[~done, token[~done]] = True
         alive.append(~done)
         logprobs.append(torch.where(done, 0.0, log_p.gather(1, token[:, None]).squeeze(1)))
         tokens.append(token)

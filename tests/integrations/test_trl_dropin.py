@@ -75,8 +75,8 @@ def test_alpha_maps_to_the_divergence(tmp_path, alpha, divergence):
 
 
 def test_trls_sampling_fields_map_onto_the_rollouts(tmp_path):
-    c = config_from_trl(_args(tmp_path, max_steps=3, top_p=0.9, top_k=50, min_p=0.05))
-    assert (c.top_p, c.top_k, c.min_p) == (0.9, 50, 0.05)
+    c = config_from_trl(_args(tmp_path, max_steps=3, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1))
+    assert (c.top_p, c.top_k, c.min_p, c.repetition_penalty) == (0.9, 50, 0.05, 1.1)
     c = config_from_trl(_args(tmp_path, max_steps=3, top_k=None, min_p=None))
     assert (c.top_p, c.top_k, c.min_p) == (1.0, 0, 0.0)
     c = config_from_trl(_args(tmp_path, max_steps=3, top_p=0.9, generation_kwargs={"top_p": 0.5, "do_sample": True,
@@ -102,7 +102,7 @@ def test_non_reentrant_checkpointing_kwargs_are_sdfts_own_and_accepted(tmp_path)
 @pytest.mark.parametrize("change,message", [
     (dict(use_vllm=True), "use_vllm=True: sdft does not implement vLLM generation"),
     (dict(num_iterations=2), "reusing rollouts"),
-    (dict(repetition_penalty=1.1), "a repetition penalty"),
+    (dict(save_only_model=True), "checkpoints without optimizer state"),
     (dict(per_device_train_batch_size=6), "must be a multiple of num_generations=8"),
     (dict(lr_scheduler_type="polynomial"), "lr_scheduler_type='polynomial'"),
     (dict(teacher_model_kind="server"), "unknown teacher_model_kind"),
