@@ -22,7 +22,7 @@ from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence import DIVERGENCES, make_spec
 
 TEACHER_MODES = ("live", "frozen", "ema")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
 DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
@@ -104,7 +104,10 @@ class SDFTConfig:
                             "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",
                             choices=("rule", "auto", "off"))
     lr_scheduler_type: str = _opt("constant", "learning-rate schedule over max_steps: constant | linear | cosine "
-                                  "(decay to 0), after warmup", choices=LR_SCHEDULES)
+                                  "(decay to 0) | cosine_with_min_lr (to min_lr_rate), after warmup",
+                                  choices=LR_SCHEDULES)
+    min_lr_rate: float = _opt(0.0, "cosine_with_min_lr: the share of learning_rate the cosine ends at (HF's "
+                              "lr_scheduler_kwargs min_lr_rate)", minimum=0.0, below=1.0)
     warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0", minimum=0.0, below=1.0)
     gradient_checkpointing: bool = _opt(False, "recompute decoder activations in backward: less memory, "
                                         "about one more student forward of time (TRL's default is on)")
@@ -289,6 +292,10 @@ class SDFTConfig:
             raise ValueError("distillation_topk=1 without distillation_add_tail: over a one-token support both "
                              "distributions are 1 and every divergence is 0, so nothing would train; set "
                              "distillation_add_tail=true or a larger distillation_topk")
+        if self.min_lr_rate and self.lr_scheduler_type != "cosine_with_min_lr":
+            raise ValueError(f"min_lr_rate={self.min_lr_rate} is where cosine_with_min_lr ends; with "
+                             f"lr_scheduler_type={self.lr_scheduler_type} set lr_scheduler_type=cosine_with_min_lr "
+                             "or min_lr_rate=0")
         if self.top_p > 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {self.top_p}")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:

@@ -47,7 +47,8 @@ from sdft.run.run_dir import OutputDirInUse
 from sdft.run.trainer import train
 from sdft.runtime.distributed import launched_size
 
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant",
+             "cosine_with_min_lr": "cosine_with_min_lr"}
 
 
 def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) -> SDFTConfig:
@@ -70,6 +71,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     schedule = str(plain(arg(args, "lr_scheduler_type", "linear")))
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
+    min_lr_rate = _min_lr_rate(arg(args, "lr_scheduler_kwargs", None) or {}, schedule,
+                               float(arg(args, "learning_rate", 5e-5)))
     warmup = arg(args, "warmup_ratio", None) or 0.0
     if not warmup and arg(args, "warmup_steps", 0):
         warmup = min(float(arg(args, "warmup_steps")) / max_steps, 0.99)
@@ -87,6 +90,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         seed=int(arg(args, "seed", 42)),
         data_seed=-1 if arg(args, "data_seed", None) is None else int(arg(args, "data_seed")),
         lr_scheduler_type=SCHEDULES[schedule],
+        min_lr_rate=min_lr_rate,
         warmup_ratio=float(warmup),
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
@@ -128,6 +132,20 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
 EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
 BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
 NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
+
+
+def _min_lr_rate(kwargs: dict, schedule: str, learning_rate: float) -> float:
+    """HF's ``lr_scheduler_kwargs`` for ``cosine_with_min_lr`` (``min_lr_rate``, or ``min_lr`` as a rate of
+    learning_rate) as sdft's ``min_lr_rate``; any other scheduler keyword is one line."""
+    kwargs = dict(kwargs)
+    if not kwargs:
+        return 0.0
+    if schedule != "cosine_with_min_lr" or set(kwargs) - {"min_lr_rate", "min_lr"} or len(kwargs) != 1:
+        raise ValueError(f"lr_scheduler_kwargs={kwargs!r}: sdft takes only cosine_with_min_lr's min_lr_rate or "
+                         "min_lr; set lr_scheduler_kwargs={}")
+    if "min_lr" in kwargs:
+        return float(kwargs["min_lr"]) / learning_rate
+    return float(kwargs["min_lr_rate"])
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # generation_kwargs may set them

@@ -19,7 +19,8 @@ HONOURED = {
     "num_train_epochs": "max_steps, when max_steps is not set",
     "max_steps": "max_steps",
     "learning_rate": "learning_rate",
-    "lr_scheduler_type": "lr_scheduler_type (linear, cosine, constant, constant_with_warmup)",
+    "lr_scheduler_type": "lr_scheduler_type (linear, cosine, cosine_with_min_lr, constant, constant_with_warmup)",
+    "lr_scheduler_kwargs": "cosine_with_min_lr's min_lr_rate (or min_lr); other keywords refused",
     "warmup_steps": "warmup_ratio (warmup_steps / max_steps)",
     "weight_decay": "weight_decay",
     "optim": "AdamW (torch, fused where it can): adamw_torch and adamw_torch_fused; others refused",
@@ -83,7 +84,6 @@ HONOURED = {
 
 # field -> (values that mean "off", what sdft does not implement)
 REFUSED = {
-    "lr_scheduler_kwargs": ((None, {}), "scheduler keyword arguments"),
     "optim_args": ((None, ""), "optimizer arguments"),
     "optim_target_modules": ((None,), "optimizer target modules (GaLore and the like)"),
     "label_smoothing_factor": ((0.0, 0), "label smoothing"),

@@ -80,17 +80,19 @@ def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: Worl
 @dataclass(frozen=True)
 class LRSchedule:
     """The learning rate of each optimizer step: a linear warmup over ``warmup_ratio`` of the steps, then
-    constant, linear or cosine decay to 0 at ``max_steps``. A function of the step alone, so a resumed
-    run continues the same schedule."""
+    constant, linear or cosine decay to 0 at ``max_steps`` (``cosine_with_min_lr``: to ``min_lr_rate`` of
+    the rate, as HF's). A function of the step alone, so a resumed run continues the same schedule."""
 
     learning_rate: float
-    kind: str  # constant | linear | cosine
+    kind: str  # constant | linear | cosine | cosine_with_min_lr
     warmup_ratio: float
     max_steps: int
+    min_lr_rate: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "LRSchedule":
-        return cls(config.learning_rate, config.lr_scheduler_type, config.warmup_ratio, config.max_steps)
+        return cls(config.learning_rate, config.lr_scheduler_type, config.warmup_ratio, config.max_steps,
+                   config.min_lr_rate)
 
     def at(self, step: int) -> float:
         """The rate for optimizer step ``step`` (0-based)."""
@@ -102,7 +104,8 @@ class LRSchedule:
         progress = (step - warmup) / max(self.max_steps - warmup, 1)
         if self.kind == "linear":
             return self.learning_rate * (1.0 - progress)
-        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        floor = self.min_lr_rate if self.kind == "cosine_with_min_lr" else 0.0
+        return self.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def apply(self, optimizer, step: int):
         for group in optimizer.param_groups:

@@ -84,6 +84,17 @@ def test_trls_sampling_fields_map_onto_the_rollouts(tmp_path):
     assert (c.top_p, c.temperature) == (0.5, 0.7)  # generation_kwargs win, as in TRL
 
 
+def test_cosine_with_min_lr_and_its_scheduler_kwargs_map_onto_the_schedule(tmp_path):
+    c = config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="cosine_with_min_lr",
+                              lr_scheduler_kwargs={"min_lr_rate": 0.1}))
+    assert (c.lr_scheduler_type, c.min_lr_rate) == ("cosine_with_min_lr", 0.1)
+    c = config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="cosine_with_min_lr", learning_rate=1e-4,
+                              lr_scheduler_kwargs={"min_lr": 1e-5}))
+    assert c.min_lr_rate == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs=.*sdft takes only cosine_with_min_lr's"):
+        config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_kwargs={"num_cycles": 2}))
+
+
 @pytest.mark.parametrize("kwargs,message", [({"num_beams": 2}, "generation_kwargs 'num_beams'"),
                                             ({"do_sample": False}, "do_sample=False")])
 def test_other_generation_kwargs_are_refused(tmp_path, kwargs, message):

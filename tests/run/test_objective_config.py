@@ -65,6 +65,23 @@ def test_learning_rate_schedules():
     assert LRSchedule.from_config(SDFTConfig(learning_rate=3.0)).at(7) == 3.0
 
 
+def test_cosine_with_min_lr_ends_at_its_share_of_the_rate_as_hf_does():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    c = SDFTConfig(learning_rate=1.0, max_steps=10, lr_scheduler_type="cosine_with_min_lr", min_lr_rate=0.1)
+    ours = [LRSchedule.from_config(c).at(s) for s in range(10)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 10, min_lr_rate=0.1)
+    theirs = []
+    for _ in range(10):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        hf.step()
+    assert ours == pytest.approx(theirs, rel=1e-12) and min(ours) > 0.1
+    with pytest.raises(ValueError, match="min_lr_rate=0.1 is where cosine_with_min_lr ends"):
+        SDFTConfig(lr_scheduler_type="cosine", min_lr_rate=0.1)
+
+
 def _rollouts(seed=0, group=3):
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok)).double()
