@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from sdft.config import SDFTConfig, describe_fields, parse_template_kwargs
+from sdft.config import SDFTConfig, describe_fields
+from sdft.data.chat import parse_template_kwargs
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
 from sdft.run.reporting import check_backends
 from sdft.run.run_dir import (
@@ -48,12 +49,12 @@ def _overrides(parser, items: list[str]) -> dict[str, str]:
 
 
 def _config_file(path: str) -> dict:
-    """The settings of a config file (``--config``): JSON or YAML, a mapping of the keys ``--set`` takes (TRL's
-    names too), or a run's output_dir / a checkpoint folder (the config it ran with); checked here, one line
-    naming the file if not."""
+    """The settings of a config file: JSON or YAML, a mapping of the keys ``--set`` takes (TRL's names too), or
+    a run's output_dir / a checkpoint folder (the config it ran with); checked here, one line naming the
+    file if not."""
     file = Path(path).expanduser()
-    if file.is_dir():  # how that run trained, not how it started: its resume or overwrite is not carried over
-        return {**_saved_config(str(file)).to_dict(), "resume_from_checkpoint": False, "overwrite_output_dir": False}
+    if file.is_dir():
+        return _saved_config(str(file)).to_dict()
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such config file or run folder")
     text = file.read_text(encoding="utf-8-sig")
@@ -77,6 +78,17 @@ def _config_file(path: str) -> dict:
         return SDFTConfig.from_strings(text_values, typed).to_dict()
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
+
+
+def _run_settings(path: str | None) -> dict | None:
+    """What ``--config`` gives a new run (None: nothing): the file's settings; a run folder's as that run
+    trained, not as it started (its resume or overwrite is not carried over)."""
+    if path is None:
+        return None
+    settings = _config_file(path)
+    if Path(path).expanduser().is_dir():
+        settings.update(resume_from_checkpoint=False, overwrite_output_dir=False)
+    return settings
 
 
 def _saved_config(path: str) -> SDFTConfig:
@@ -189,7 +201,7 @@ def _continual(args, parser) -> int:
         train_sequence,
     )
 
-    base = _config_file(args.config) if args.config is not None else None
+    base = _run_settings(args.config)
     config = SDFTConfig.from_strings(_overrides(parser, args.set), base)
     config.check_device()
     check_backends(config.report_to)
@@ -357,7 +369,7 @@ def _train(args, parser) -> int:
     from sdft.data.examples import load_examples
 
     pairs = _overrides(parser, args.set)
-    base = _config_file(args.config) if args.config is not None else None
+    base = _run_settings(args.config)
     demo = args.model is None and args.data is None
     if demo and "save_total_limit" not in pairs and base is None:
         pairs["save_total_limit"] = str(DEMO_SAVE_TOTAL_LIMIT)

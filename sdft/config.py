@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from sdft.data.chat import checked_template_kwargs
+from sdft.data.chat import checked_template_kwargs, parse_template_kwargs
 from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.models.attention import FLASH, IMPLEMENTATIONS
@@ -481,18 +481,6 @@ def parse_text(f, text: str):
     if kind == "json":
         return parse_template_kwargs(name, text)
     return text
-
-
-def parse_template_kwargs(name: str, text: str) -> dict:
-    """Chat template variables from JSON text (empty: none), checked as ``chat_template_kwargs`` is."""
-    try:
-        value = json.loads(text) if text.strip() else {}
-    except ValueError as err:
-        raise ValueError(f"{name} must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r} "
-                         f"({err.msg})") from None
-    return checked_template_kwargs(name, value)
-
-
 
 
 def describe_fields() -> str:

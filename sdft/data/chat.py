@@ -38,6 +38,16 @@ def checked_template_kwargs(name: str, value) -> dict:
     return dict(value)
 
 
+def parse_template_kwargs(name: str, text: str) -> dict:
+    """Chat template variables from JSON text (empty: none), checked as ``chat_template_kwargs`` is."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as err:
+        raise ValueError(f"{name} must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text!r} "
+                         f"({err.msg})") from None
+    return checked_template_kwargs(name, value)
+
+
 def has_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 

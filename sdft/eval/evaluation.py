@@ -14,24 +14,30 @@ from sdft.rollout.engine import trim_completions
 from sdft.rollout.sampling import Sampling
 
 
-def check_answer_room(prompt_tokens: int, max_new_tokens: int, limit: int | None, example, index: int) -> None:
-    """One line when a prompt and its answer would go past the model's ``limit`` positions."""
-    check_room(prompt_tokens + max_new_tokens - 1, limit, example.where or f"row {index}",  # the last is not fed
-               f"the prompt and an answer of up to {max_new_tokens} tokens",
-               "allow fewer new tokens (eval_max_new_tokens, --max-new-tokens) or shorten the prompt")
+def prompt_ids(model, tokenizer, examples, max_new_tokens: int) -> list[torch.Tensor]:
+    """Each row's prompt ids on the model's device, for an answer of up to ``max_new_tokens``: a chat the
+    template refuses, or a prompt and answer that would go past the model's positions, is one line naming
+    the row before anything is answered."""
+    device, limit = next(model.parameters()).device, position_limit(model)
+    prompts = []
+    for i, ex in enumerate(examples):
+        where = ex.where or f"row {i}"
+        ids = chat_ids(tokenizer, ex.messages(), device, where=where)
+        check_room(ids.numel() + max_new_tokens - 1, limit, where,  # an answer's last token is never fed
+                   f"the prompt and an answer of up to {max_new_tokens} tokens",
+                   "allow fewer new tokens (eval_max_new_tokens, --max-new-tokens) or shorten the prompt")
+        prompts.append(ids)
+    return prompts
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
     """Greedy answers, batched with left padding."""
     device = next(model.parameters()).device
-    answers, limit = [], position_limit(model)
+    prompts, answers = prompt_ids(model, tokenizer, examples, max_new_tokens), []
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
-            chunk = [chat_ids(tokenizer, ex.messages(), device, where=ex.where or f"row {start + i}")
-                     for i, ex in enumerate(examples[start:start + batch_size])]
-            for i, row in enumerate(chunk):
-                check_answer_room(row.numel(), max_new_tokens, limit, examples[start + i], start + i)
+            chunk = prompts[start:start + batch_size]
             width = max(ids.numel() for ids in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id, device=device)
             mask = torch.zeros_like(ids)
@@ -52,12 +58,7 @@ def sample_answers(model, tokenizer, examples, max_new_tokens: int, temperature:
     """One sampled answer per prompt, through the batched rollout engine (``sampling``: its top-k / top-p)."""
     from sdft.rollout.engine import HFRolloutEngine, eos_ids
 
-    device = next(model.parameters()).device
-    prompts = [chat_ids(tokenizer, ex.messages(), device, where=ex.where or f"row {i}")
-               for i, ex in enumerate(examples)]
-    limit = position_limit(model)
-    for i, (ids, ex) in enumerate(zip(prompts, examples)):
-        check_answer_room(ids.numel(), max_new_tokens, limit, ex, i)
+    prompts = prompt_ids(model, tokenizer, examples, max_new_tokens)
     batch = HFRolloutEngine(tokenizer, sampling=sampling).generate(model, prompts, 1, max_new_tokens, temperature)
     stop = eos_ids(model, tokenizer)
     return [tokenizer.decode([t for t in row[m].tolist() if t not in stop], skip_special_tokens=True)

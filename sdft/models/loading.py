@@ -235,6 +235,12 @@ def adapter_base(adapter, base):
     return base
 
 
+def is_adapter_folder(path) -> bool:
+    """Whether ``path`` holds a peft LoRA adapter alone (adapter_config.json, no model config.json)."""
+    path = Path(path).expanduser()
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").exists()
+
+
 EXPORT_MARK = "sdft_export.json"  # written into every sdft export: what wrote it, and how its chats render
 
 
@@ -254,8 +260,7 @@ def load_trained(path=None, dtype=torch.float32, base=None):
     names, or the embedded model when it names none), or the embedded model when ``path`` is None. The
     tokenizer of an sdft export renders chats with the ``chat_template_kwargs`` its run trained with."""
     path = Path(path).expanduser() if path is not None else None
-    adapter = (path is not None and (Path(path) / "adapter_config.json").is_file()
-               and not (Path(path) / "config.json").exists())
+    adapter = path is not None and is_adapter_folder(path)
     if base is not None and not adapter:
         raise ValueError(f"a base model is given for {path}, which is not a LoRA adapter folder")
     if adapter:

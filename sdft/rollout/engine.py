@@ -253,9 +253,9 @@ def _decode(decoder, stop, pad_id: int, max_new_tokens: int, temperature: float,
     seen = _seen(prompts, group, logits.shape[-1], logits.device) if sampling.penalizes else None
     tokens, logprobs, alive = [], [], []
     for t in range(max_new_tokens):
-        log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-        drawn = log_p if seen is None else torch.log_softmax(sampling.penalize(logits.float(), seen) / temperature,
-                                                             dim=-1)
+        scores = logits.float()
+        log_p = torch.log_softmax(scores / temperature, dim=-1)
+        drawn = log_p if seen is None else torch.log_softmax(sampling.penalize(scores, seen) / temperature, dim=-1)
         token = (drawn.argmax(-1) if greedy else
                  sample(sampling.restrict(drawn) if sampling.filters else drawn))
         token = torch.where(done, torch.full_like(token, pad_id), token)

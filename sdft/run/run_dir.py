@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdft.models.loading import SOURCE_UNKNOWN, source_of
+from sdft.models.loading import SOURCE_UNKNOWN, is_adapter_folder, source_of
 from sdft.run.checkpoint import (
     MANIFEST,
     OWN_FILES,
@@ -298,7 +298,7 @@ def check_model_folder(model, adapter_ok: bool = False) -> None:
     if not isinstance(model, (str, Path)):
         return
     path = Path(model).expanduser()
-    if not adapter_ok and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+    if not adapter_ok and is_adapter_folder(path):
         raise ValueError(f"{path} is a LoRA adapter, not a model folder: train from the merged model (`sdft export "
                          "CHECKPOINT OUT --merge` writes it from the run's checkpoint; peft's merge_and_unload from "
                          f"Python); `sdft generate {path}` answers with the adapter as it is")

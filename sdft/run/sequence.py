@@ -203,10 +203,9 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("pass the tokenizer together with a model object")
     measured = tokenizer if not done and tokenizer is not None else (
         load_tokenizer(source) if source is None or isinstance(source, (str, Path)) else None)
-    if measured is not None:
-        measured = with_template_kwargs(measured, config.chat_template_kwargs)
     positions = position_limit(source)
     if measured is not None:  # every stage's rows against the length limits, before the model loads
+        measured = with_template_kwargs(measured, config.chat_template_kwargs)
         check_stage_rows(names, train_rows, stage_configs, measured, encode, done, positions)
     if done or model is None or isinstance(model, (str, Path)):
         model, tokenizer = load_model(source, dtype)

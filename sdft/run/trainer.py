@@ -82,9 +82,10 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)
     sampling = Sampling.from_config(run.config)
-    if engine is not None and sampling.filters and run.world.is_main:
-        report_line(f"sdft: top_k={sampling.top_k} top_p={sampling.top_p} min_p={sampling.min_p} are the built-in "
-                    "engine's: the engine passed samples as it is set up itself")
+    if engine is not None and (sampling.filters or sampling.penalizes) and run.world.is_main:
+        report_line(f"sdft: top_k={sampling.top_k} top_p={sampling.top_p} min_p={sampling.min_p} "
+                    f"repetition_penalty={sampling.repetition_penalty} are the built-in engine's: the engine "
+                    "passed samples as it is set up itself")
     engine = engine or HFRolloutEngine(run.tokenizer, run.config.decode_gemm, run.config.tree_attention, sampling)
     loss = BatchLoss.from_config(run.config)
 
