@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import tiny_llama  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from worker_exit import leave  # noqa: E402
 
 import sdft.run.trainer as trainer  # noqa: E402
 from sdft import SDFTConfig, train, train_sft  # noqa: E402
@@ -110,6 +111,7 @@ def main(argv=None):
     else:
         train(model, ROWS, config, tokenizer=tok, engine=FixedEngine(), step_callback=maybe_die)
     torch.save(captured, f"{args.out_path}.rank{rank}")
+    leave()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from datasets import Dataset  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
+from worker_exit import leave  # noqa: E402
 
 from sdft.integrations.trl_loss import FusedSDFTTrainer  # noqa: E402
 
@@ -33,13 +34,7 @@ def main(model_path, out_path, fused):
     after = dict(trainer.model.named_parameters())
     delta = {n: (after[n].detach() - before[n]) for n in before}
     torch.save(delta, f"{out_path}.rank{os.environ.get('RANK', '0')}")
-    # accelerate leaves its gloo group to the interpreter's finalisation, which can abort the process
-    # ("terminate called without an active exception" from a gloo thread, seen in CI): the results are
-    # written, so leave without finalisation
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # accelerate leaves its gloo group to the interpreter's finalisation
 
 
 if __name__ == "__main__":
