@@ -31,7 +31,7 @@ from sdft.run.run_dir import (
     plan_run,
     replace_file,
 )
-from sdft.runtime.distributed import check_launcher, launched_size
+from sdft.runtime.distributed import check_launcher, launched_size, leave
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
@@ -464,5 +464,10 @@ def main(argv=None):
         return 130
 
 
+def entry():
+    """The ``sdft`` command and ``python -m sdft.cli``: ``main``'s status as the process's exit status."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

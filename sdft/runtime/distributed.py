@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,20 @@ def _destroy_group():
     without an active exception") after the work is done."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int):
+    """End a command-line process with ``code``. One that joined a process group (torchrun, accelerate)
+    leaves without the interpreter's finalisation once its exit handlers have run (the group destroyed,
+    the loggers closed) and its output is flushed: gloo's threads, left to finalisation, can abort a
+    finished process (SIGABRT, "terminate called without an active exception"; seen once with sdft's
+    torchrun test workers), which turns a run that wrote everything into a failed exit status."""
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

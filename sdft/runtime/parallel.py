@@ -62,6 +62,18 @@ def shard(model, mixed_precision: str = "no") -> Whole:
     return fully_shard(Whole(model), mp_policy=policy)
 
 
+def replicate(model):
+    """DDP around ``Whole(model)``, without a buffer broadcast before every forward (a decoder's buffers,
+    such as its rotary tables, never change in training). torch 2.13 renamed ``broadcast_buffers`` to
+    ``forward_sync_buffers`` and warns on the old name; earlier versions know only the old one."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(Whole(model), **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+
+
 class Runner:
     """Runs functions of the model on this process (``mode``: single, ddp or fsdp). ``trim``: give
     freed CPU heap memory back to the OS before each backward (``cpu_trim_memory``). ``scaler``: the
@@ -75,9 +87,7 @@ class Runner:
         if self.mode == "fsdp":
             self.root = shard(model, mixed_precision)
         elif self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.root = DistributedDataParallel(Whole(model), broadcast_buffers=False)
+            self.root = replicate(model)
         else:
             self.root = Whole(model)
         self.scaler = loss_scaler(mixed_precision, self.device_type, self.sharded)
