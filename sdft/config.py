@@ -108,7 +108,10 @@ class SDFTConfig:
                                   choices=LR_SCHEDULES)
     min_lr_rate: float = _opt(0.0, "cosine_with_min_lr: the share of learning_rate the cosine ends at (HF's "
                               "lr_scheduler_kwargs min_lr_rate)", minimum=0.0, below=1.0)
-    warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0", minimum=0.0, below=1.0)
+    warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0 (rounded up to whole steps, "
+                               "as HF)", minimum=0.0, below=1.0)
+    warmup_steps: int = _opt(0, "optimizer steps of linear warmup from 0 (HF's warmup_steps), instead of "
+                             "warmup_ratio", minimum=0)
     gradient_checkpointing: bool = _opt(False, "recompute decoder activations in backward: less memory, "
                                         "about one more student forward of time (TRL's default is on)")
     # Rollouts (student samples on-policy)
@@ -296,6 +299,9 @@ class SDFTConfig:
             raise ValueError(f"min_lr_rate={self.min_lr_rate} is where cosine_with_min_lr ends; with "
                              f"lr_scheduler_type={self.lr_scheduler_type} set lr_scheduler_type=cosine_with_min_lr "
                              "or min_lr_rate=0")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} both set the "
+                             "warmup: give one of them")
         if self.top_p > 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {self.top_p}")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:

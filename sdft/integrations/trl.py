@@ -73,9 +73,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
     min_lr_rate = _min_lr_rate(arg(args, "lr_scheduler_kwargs", None) or {}, schedule,
                                float(arg(args, "learning_rate", 5e-5)))
-    warmup = arg(args, "warmup_ratio", None) or 0.0
-    if not warmup and arg(args, "warmup_steps", 0):
-        warmup = min(float(arg(args, "warmup_steps")) / max_steps, 0.99)
+    warmup = _warmup(arg(args, "warmup_steps", 0) or 0, arg(args, "warmup_ratio", None) or 0.0, schedule)
     report_to = arg(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
     report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
@@ -91,7 +89,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         data_seed=-1 if arg(args, "data_seed", None) is None else int(arg(args, "data_seed")),
         lr_scheduler_type=SCHEDULES[schedule],
         min_lr_rate=min_lr_rate,
-        warmup_ratio=float(warmup),
+        **warmup,
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
         **sampling_values(args),
@@ -132,6 +130,17 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
 EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
 BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
 NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
+
+
+def _warmup(steps: float, ratio: float, schedule: str) -> dict:
+    """TRL's warmup as sdft's fields. transformers 5 has ``warmup_steps`` alone: a whole number of steps, or
+    below 1 a share of them (rounded up); older versions a separate ``warmup_ratio``, which ``warmup_steps``
+    overrides. HF's plain ``constant`` schedule takes no warmup at all (``constant_with_warmup`` does)."""
+    if schedule == "constant":
+        return {}
+    if steps >= 1:
+        return {"warmup_steps": int(steps)}
+    return {"warmup_ratio": float(steps or ratio)}
 
 
 def _min_lr_rate(kwargs: dict, schedule: str, learning_rate: float) -> float:

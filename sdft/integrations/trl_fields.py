@@ -21,7 +21,8 @@ HONOURED = {
     "learning_rate": "learning_rate",
     "lr_scheduler_type": "lr_scheduler_type (linear, cosine, cosine_with_min_lr, constant, constant_with_warmup)",
     "lr_scheduler_kwargs": "cosine_with_min_lr's min_lr_rate (or min_lr); other keywords refused",
-    "warmup_steps": "warmup_ratio (warmup_steps / max_steps)",
+    "warmup_steps": "warmup_steps (below 1: warmup_ratio, as transformers 5 reads it); none with lr_scheduler_type="
+                    "'constant', as HF",
     "weight_decay": "weight_decay",
     "optim": "AdamW (torch, fused where it can): adamw_torch and adamw_torch_fused; others refused",
     "adam_beta1": "AdamW's beta1, TRL's 0.9; other values refused",
@@ -186,7 +187,7 @@ IRRELEVANT = {
     "vllm_gpu_memory_utilization": "only read with use_vllm, which is refused",
     "vllm_max_model_length": "only read with use_vllm, which is refused",
     "distillation_is_clip": "TRL applies it to reused rollouts only; sdft never reuses them (num_iterations=1)",
-    "warmup_ratio": "older TRL's name, read as warmup_ratio when present",
+    "warmup_ratio": "older transformers' field, read as warmup_ratio when present (warmup_steps overrides it)",
 }
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")

@@ -79,29 +79,29 @@ def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: Worl
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """The learning rate of each optimizer step: a linear warmup over ``warmup_ratio`` of the steps, then
-    constant, linear or cosine decay to 0 at ``max_steps`` (``cosine_with_min_lr``: to ``min_lr_rate`` of
-    the rate, as HF's). A function of the step alone, so a resumed run continues the same schedule."""
+    """The learning rate of each optimizer step, as transformers' schedulers give it: a linear warmup from 0
+    over ``warmup`` steps (step s at s / warmup of the rate), then constant, linear or cosine decay to 0 at
+    ``max_steps`` (``cosine_with_min_lr``: to ``min_lr_rate`` of the rate). A function of the step alone, so
+    a resumed run continues the same schedule."""
 
     learning_rate: float
     kind: str  # constant | linear | cosine | cosine_with_min_lr
-    warmup_ratio: float
+    warmup: int
     max_steps: int
     min_lr_rate: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "LRSchedule":
-        return cls(config.learning_rate, config.lr_scheduler_type, config.warmup_ratio, config.max_steps,
+        return cls(config.learning_rate, config.lr_scheduler_type, warmup_steps(config), config.max_steps,
                    config.min_lr_rate)
 
     def at(self, step: int) -> float:
         """The rate for optimizer step ``step`` (0-based)."""
-        warmup = int(math.ceil(self.warmup_ratio * self.max_steps))
-        if step < warmup:
-            return self.learning_rate * (step + 1) / warmup
+        if step < self.warmup:
+            return self.learning_rate * step / self.warmup
         if self.kind == "constant":
             return self.learning_rate
-        progress = (step - warmup) / max(self.max_steps - warmup, 1)
+        progress = (step - self.warmup) / max(self.max_steps - self.warmup, 1)
         if self.kind == "linear":
             return self.learning_rate * (1.0 - progress)
         floor = self.min_lr_rate if self.kind == "cosine_with_min_lr" else 0.0
@@ -110,6 +110,12 @@ class LRSchedule:
     def apply(self, optimizer, step: int):
         for group in optimizer.param_groups:
             group["lr"] = self.at(step)
+
+
+def warmup_steps(config) -> int:
+    """The warmup's optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of ``max_steps`` rounded up (HF's
+    ``get_warmup_steps``)."""
+    return config.warmup_steps or math.ceil(config.max_steps * config.warmup_ratio)
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float):

@@ -95,6 +95,40 @@ def test_cosine_with_min_lr_and_its_scheduler_kwargs_map_onto_the_schedule(tmp_p
         config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_kwargs={"num_cycles": 2}))
 
 
+def _trainer_rates(args, max_steps: int) -> list:
+    """The learning rate of each optimizer step under the HF Trainer's scheduler for ``args``."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
+                              num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    rates = []
+    for _ in range(max_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"])
+@pytest.mark.parametrize("warmup,max_steps", [(0, 12), (3, 12), (7, 25), (0.1, 30), (0.25, 9), (40, 25)])
+def test_the_dropins_learning_rates_are_the_trainers_for_trls_warmup_and_schedule(tmp_path, schedule, warmup,
+                                                                                     max_steps):
+    """transformers 5 reads warmup_steps below 1 as a share of the steps (0.1: 10%, not 0.1 of one step);
+    HF's plain constant schedule takes no warmup; warmup longer than the run never reaches the rate."""
+    from sdft.run.loop import LRSchedule
+
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    kwargs = {"min_lr_rate": 0.1} if schedule == "cosine_with_min_lr" else {}
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                               max_steps=max_steps, learning_rate=2e-5, lr_scheduler_type=schedule,
+                               lr_scheduler_kwargs=kwargs, warmup_steps=warmup)
+    schedule = LRSchedule.from_config(config_from_trl(args))
+    assert [schedule.at(s) for s in range(max_steps)] == pytest.approx(_trainer_rates(args, max_steps), rel=1e-12,
+                                                                       abs=1e-18)
+
+
 @pytest.mark.parametrize("kwargs,message", [({"num_beams": 2}, "generation_kwargs 'num_beams'"),
                                             ({"do_sample": False}, "do_sample=False")])
 def test_other_generation_kwargs_are_refused(tmp_path, kwargs, message):

@@ -58,11 +58,19 @@ def test_bad_objective_options(values, message):
 def test_learning_rate_schedules():
     c = SDFTConfig(learning_rate=1.0, max_steps=10, warmup_ratio=0.2, lr_scheduler_type="cosine")
     lrs = [LRSchedule.from_config(c).at(s) for s in range(10)]
-    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     c = SDFTConfig(learning_rate=2.0, max_steps=4, lr_scheduler_type="linear")
     assert [LRSchedule.from_config(c).at(s) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
     assert LRSchedule.from_config(SDFTConfig(learning_rate=3.0)).at(7) == 3.0
+
+
+def test_warmup_steps_count_whole_steps_and_exclude_warmup_ratio():
+    c = SDFTConfig(learning_rate=1.0, max_steps=25, warmup_steps=7, lr_scheduler_type="linear")
+    lrs = [LRSchedule.from_config(c).at(s) for s in range(25)]
+    assert lrs[:8] == pytest.approx([s / 7 for s in range(7)] + [1.0])  # 7 / 25 * 25 rounds up to 8 as a ratio
+    with pytest.raises(ValueError, match="warmup_steps=3 and warmup_ratio=0.1 both set the warmup"):
+        SDFTConfig(warmup_steps=3, warmup_ratio=0.1)
 
 
 def test_cosine_with_min_lr_ends_at_its_share_of_the_rate_as_hf_does():
