@@ -80,6 +80,11 @@ HONOURED = {
     "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity (eval_NAME_score / "
                              "eval_NAME_perplexity for eval_dataset={NAME: ...}); eval_loss refused "
                              "(sdft's evaluation computes no held-out SDFT loss)",
+    "steps_per_generation": "checked: rollouts sampled for several micro-steps of one optimizer step come from "
+                            "the weights sdft samples each micro-step from (a divisor of gradient_accumulation_steps); "
+                            "rollouts reused over optimizer steps are refused",
+    "generation_batch_size": "checked as the steps_per_generation it gives (generation_batch_size / "
+                             "(per_device_train_batch_size x processes))",
     "greater_is_better": "checked against metric_for_best_model's direction (score higher, perplexity lower)",
 }
 
@@ -89,7 +94,6 @@ REFUSED = {
     "optim_target_modules": ((None,), "optimizer target modules (GaLore and the like)"),
     "label_smoothing_factor": ((0.0, 0), "label smoothing"),
     "torch_compile": ((False,), "torch.compile of the model"),
-    "use_liger_kernel": ((False,), "liger kernels (sdft's fused loss replaces them)"),
     "neftune_noise_alpha": ((None,), "NEFTune embedding noise"),
     "auto_find_batch_size": ((False,), "batch size search"),
     "logging_strategy": (("steps",), "logging other than every logging_steps"),
@@ -103,8 +107,6 @@ REFUSED = {
     "fsdp_config": ((None, {}), "transformers' FSDP (use SDFTConfig parallel=fsdp: FSDP2)"),
     "deepspeed": ((None,), "DeepSpeed (use SDFTConfig parallel=fsdp)"),
     "trust_remote_code": ((False,), "remote model code (sdft never runs it)"),
-    "generation_batch_size": ((None,), "a generation batch apart from the training batch"),
-    "steps_per_generation": ((None,), "rollouts reused over several steps"),
     "cache_implementation": ((None,), "another KV cache implementation"),
     "gradient_checkpointing_kwargs": ((None, {}, {"use_reentrant": False}),
                                       "gradient checkpointing arguments other than sdft's use_reentrant=False"),
@@ -122,7 +124,9 @@ IRRELEVANT = {
     "eval_on_start": "with eval_strategy='steps' sdft also evaluates before training (eval.json's first line)",
     "torch_compile_backend": "only read with torch_compile, which is refused",
     "torch_compile_mode": "only read with torch_compile, which is refused",
-    "liger_kernel_config": "only read with use_liger_kernel, which is refused",
+    "use_liger_kernel": "sdft's loss is always fused with the LM head (no [tokens x vocab] logits), what liger's "
+                        "fused JSD gives TRL; the model's own layers are not swapped for liger's",
+    "liger_kernel_config": "only read with use_liger_kernel, which changes nothing in sdft (see there)",
     "use_cache": "sdft's decoding always uses the KV cache, its scoring passes never",
     "torch_empty_cache_steps": "sdft frees rollout and activation memory itself each step",
     "log_on_each_node": "process 0 alone writes metrics",
@@ -219,22 +223,41 @@ def _defaults(args) -> dict:
     return {f.name: getattr(fresh, f.name) for f in dataclasses.fields(fresh)}
 
 
-def derived_values(args) -> dict:
-    """What TRL's ``__post_init__`` fills in from the batch when ``generation_batch_size`` and
-    ``steps_per_generation`` are not given: one generation per optimizer step, as sdft does."""
-    accumulation = int(arg(args, "gradient_accumulation_steps", 1))
-    processes = launched_size()
-    per_device = int(arg(args, "per_device_train_batch_size", 8))
-    return {"steps_per_generation": accumulation, "generation_batch_size": per_device * processes * accumulation}
+def steps_per_generation(args) -> int:
+    """The micro-steps one TRL generation serves: ``steps_per_generation``, or as ``__post_init__`` derives it
+    from ``generation_batch_size`` (completions over all processes), or ``gradient_accumulation_steps``."""
+    given = arg(args, "steps_per_generation", None)
+    if given is not None:
+        return int(given)
+    batch = arg(args, "generation_batch_size", None)
+    if batch is None:
+        return int(arg(args, "gradient_accumulation_steps", 1))
+    per_step = int(arg(args, "per_device_train_batch_size", 8)) * launched_size()
+    if int(batch) % per_step:
+        raise ValueError(f"generation_batch_size={batch}: not a whole number of micro-steps of {per_step} "
+                         "completions (per_device_train_batch_size x processes), as TRL requires")
+    return int(batch) // per_step
+
+
+def check_generation_batch(args) -> None:
+    """Generations that serve several micro-steps of one optimizer step sample from the same weights as
+    sdft's rollouts each micro-step; generations reused over optimizer steps (off-policy) are refused."""
+    steps, accumulation = steps_per_generation(args), int(arg(args, "gradient_accumulation_steps", 1))
+    if steps < 1 or accumulation % steps:
+        given = [f"{name}={arg(args, name)!r}" for name in ("steps_per_generation", "generation_batch_size")
+                 if arg(args, name, None) is not None]  # TRL's __post_init__ fills in the other: both are named
+        raise ValueError(f"{' and '.join(given)}: one generation would serve {steps} micro-steps, "
+                         f"across optimizer steps of gradient_accumulation_steps={accumulation} (rollouts reused "
+                         "off-policy), which sdft does not implement; set steps_per_generation to a divisor of "
+                         "gradient_accumulation_steps, or leave both unset")
 
 
 def check_fields(args) -> None:
     """One-line error for the first TRL field set to something sdft does not implement."""
-    defaults, derived = _defaults(args), derived_values(args)
+    defaults = _defaults(args)
+    check_generation_batch(args)
     for name, (off, what) in REFUSED.items():
         value = plain(arg(args, name, off[0]))
-        if name in derived and value == derived[name]:
-            continue
         if value not in off and not (name in defaults and value == plain(defaults[name])):
             raise ValueError(f"{name}={value!r}: sdft does not implement {what}; set {name}={off[0]!r}")
     checks = [

@@ -566,10 +566,38 @@ def test_a_real_trl_config_at_another_batch_size_is_accepted(tmp_path, batch, ac
                                num_generations=8)
     c = config_from_trl(args)
     assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (batch // 8, accumulation)
-    reused = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
-                                 per_device_train_batch_size=batch, steps_per_generation=accumulation + 1)
-    with pytest.raises(ValueError, match="generation_batch_size=.*a generation batch apart"):
-        config_from_trl(reused)
+
+
+@pytest.mark.parametrize("given", [dict(steps_per_generation=2), dict(steps_per_generation=4),
+                                   dict(generation_batch_size=16)])
+def test_generations_within_one_optimizer_step_are_accepted(tmp_path, given):
+    """TRL sampling once for 2 or 4 of an optimizer step's 4 micro-steps samples from the weights sdft samples
+    each micro-step from (generation_batch_size 16 = 2 micro-steps of 8 completions)."""
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
+                               per_device_train_batch_size=8, gradient_accumulation_steps=4, **given)
+    assert config_from_trl(args).gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("given,message", [
+    (dict(steps_per_generation=3), "steps_per_generation=3 and generation_batch_size=24: one generation would "
+                                   "serve 3 micro-steps"),
+    (dict(steps_per_generation=8), "steps_per_generation=8 and generation_batch_size=64: one generation would "
+                                   "serve 8 micro-steps, across optimizer steps of gradient_accumulation_steps=4"),
+    (dict(generation_batch_size=64), "steps_per_generation=8 and generation_batch_size=64: one generation")])
+def test_generations_reused_over_optimizer_steps_are_refused_naming_the_field_given(tmp_path, given, message):
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
+                               per_device_train_batch_size=8, gradient_accumulation_steps=4, **given)
+    with pytest.raises(ValueError, match=message):
+        config_from_trl(args)
+
+
+def test_trls_liger_switch_is_accepted_since_sdfts_loss_is_fused_anyway(tmp_path):
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=2,
+                               use_liger_kernel=True, distillation_mode="full_logits")
+    assert config_from_trl(args).distillation_mode == "full_logits"
 
 
 def test_the_dropins_evaluate_renders_with_trls_chat_template_kwargs(tmp_path, monkeypatch):
