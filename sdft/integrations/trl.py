@@ -24,6 +24,8 @@ one user turn of a chat, wherever the tokenizer has a template.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -43,7 +45,7 @@ from sdft.models.lora import lora_values
 from sdft.run.loop import TrainResult
 from sdft.run.metrics import logs_step
 from sdft.run.reporting import train_scalars
-from sdft.run.run_dir import OutputDirInUse
+from sdft.run.run_dir import OutputDirInUse, replace_file
 from sdft.run.trainer import train
 from sdft.runtime.distributed import launched_size
 
@@ -343,7 +345,9 @@ class SDFTTrainer:
       ``state.best_global_step`` and ``state.best_metric``.
     * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
     * The rest of TRL's scripts (``trl/scripts/*.py``) runs as there: ``accelerator.print`` (and the
-      process facts a script reads from ``accelerator``, ``ProcessView``) and ``end()``.
+      process facts a script reads from ``accelerator``, ``ProcessView``) and ``end()``; so does the HF
+      Trainer's tail: ``log_metrics``, ``save_metrics`` (``{split}_results.json``, ``all_results.json``) and
+      ``save_state`` (``trainer_state.json``) in output_dir.
     """
 
     @property
@@ -481,6 +485,48 @@ class SDFTTrainer:
             prefix = f"{metric_key_prefix}_{name}" if name else metric_key_prefix
             metrics.update(self._report_evaluation(found, prefix, self.state.global_step))
         return metrics
+
+    def is_world_process_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def is_local_process_zero(self) -> bool:
+        return self.accelerator.is_local_main_process
+
+    def log_metrics(self, split: str, metrics: dict):
+        """As ``Trainer.log_metrics``: ``***** train metrics *****`` and the metrics, formatted, on process 0."""
+        from transformers.trainer_pt_utils import log_metrics
+
+        log_metrics(self, split, metrics)
+
+    def metrics_format(self, metrics: dict) -> dict:
+        from transformers.trainer_pt_utils import metrics_format
+
+        return metrics_format(metrics)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True):
+        """As ``Trainer.save_metrics``: OUTPUT_DIR/{split}_results.json and, ``combined``, the metrics merged into
+        OUTPUT_DIR/all_results.json, on process 0. Files of the user's script: sdft's run record does not list
+        them, so no later run deletes them."""
+        if not self.is_world_process_zero():
+            return
+        run_dir = Path(self.args.output_dir)
+        files = [(run_dir / f"{split}_results.json", dict(metrics))]
+        if combined:
+            combined_path = run_dir / "all_results.json"
+            try:
+                earlier = json.loads(combined_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                earlier = {}
+            files.append((combined_path, {**(earlier if isinstance(earlier, dict) else {}), **metrics}))
+        for path, values in files:
+            replace_file(path, json.dumps(values, indent=4, sort_keys=True))
+
+    def save_state(self):
+        """As ``Trainer.save_state``: the ``TrainerState`` (log history, steps, best pick) as
+        OUTPUT_DIR/trainer_state.json, on process 0."""
+        if self.is_world_process_zero():
+            text = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
+            replace_file(Path(self.args.output_dir) / "trainer_state.json", text)
 
     def save_model(self, output_dir: str | None = None):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model

@@ -174,6 +174,31 @@ def test_dropin_trains_with_trl_columns_and_saves(tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_the_hf_trainers_tail_writes_its_metrics_and_state_files_beside_the_run(tmp_path, capsys):
+    """``log_metrics`` / ``save_metrics`` / ``save_state``, the end of most HF and TRL scripts, as the Trainer's."""
+    tok = tiny_tokenizer()
+    run = tmp_path / "run"
+    args = _args(run, max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                 distillation_topk=5, logging_steps=1, gradient_checkpointing=False)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    metrics = trainer.train().metrics
+    capsys.readouterr()
+    trainer.log_metrics("train", metrics)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "***** train metrics *****" and any("train_loss" in line for line in printed[1:])
+    trainer.save_metrics("train", metrics)
+    trainer.save_metrics("eval", {"eval_score": 0.5})
+    assert json.loads((run / "train_results.json").read_text()) == metrics
+    assert json.loads((run / "all_results.json").read_text()) == {**metrics, "eval_score": 0.5}
+    trainer.save_state()
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"] == trainer.state.log_history
+    again = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=_args(run, **{**vars(args), "max_steps": 3}),
+                        train_dataset=ROWS, processing_class=tok)
+    again.train(resume_from_checkpoint=True)  # the script's files beside the run are no obstacle, and stay
+    assert (run / "trainer_state.json").is_file() and (run / "all_results.json").is_file()
+
+
 def test_save_model_into_output_dir_as_trl_scripts_end_goes_to_final_model(tmp_path, capfd, recwarn):
     import logging
 
