@@ -31,6 +31,7 @@ from sdft.run.run_dir import (
     plan_run,
     replace_file,
 )
+from sdft.run.schedule import LRSchedule
 from sdft.runtime.distributed import check_launcher, launched_size, leave
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -205,6 +206,7 @@ def _continual(args, parser) -> int:
     config = SDFTConfig.from_strings(_overrides(parser, args.set), base)
     config.check_device()
     check_backends(config.report_to)
+    LRSchedule.from_config(config).check()
     # every file checked before the model loads
     check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end,
                  config.eval_steps)
@@ -381,6 +383,7 @@ def _train(args, parser) -> int:
     config = SDFTConfig.from_strings(pairs, base)
     config.check_device()
     check_backends(config.report_to)
+    LRSchedule.from_config(config).check()
     if args.scorer is not None and not config.eval_data:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
     if args.data is not None:

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from sdft.data.chat import checked_template_kwargs, parse_template_kwargs
+from sdft.data.chat import checked_template_kwargs, json_mapping, parse_template_kwargs
 from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.models.attention import FLASH, IMPLEMENTATIONS
@@ -22,7 +22,8 @@ from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence import DIVERGENCES, make_spec
 
 TEACHER_MODES = ("live", "frozen", "ema")
-LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "constant_with_warmup", "cosine_with_restarts",
+                "polynomial", "inverse_sqrt", "cosine_warmup_with_min_lr", "warmup_stable_decay")  # HF's, by step
 DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
@@ -103,11 +104,14 @@ class SDFTConfig:
                             "count: a seed gives the same rollouts under any load), auto (timed per process: can "
                             "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",
                             choices=("rule", "auto", "off"))
-    lr_scheduler_type: str = _opt("constant", "learning-rate schedule over max_steps: constant | linear | cosine "
-                                  "(decay to 0) | cosine_with_min_lr (to min_lr_rate), after warmup",
-                                  choices=LR_SCHEDULES)
-    min_lr_rate: float = _opt(0.0, "cosine_with_min_lr: the share of learning_rate the cosine ends at (HF's "
-                              "lr_scheduler_kwargs min_lr_rate)", minimum=0.0, below=1.0)
+    lr_scheduler_type: str = _opt("constant", "learning-rate schedule over max_steps, after the warmup: each step's "
+                                  "rate is the HF Trainer's for the same name (constant keeps the warmup, as HF's "
+                                  "constant_with_warmup)", choices=LR_SCHEDULES)
+    lr_scheduler_kwargs: dict = _opt({}, "the schedule's own keywords as JSON, as HF's lr_scheduler_kwargs, e.g. "
+                                     "{\"num_cycles\": 2} (cosine_with_restarts), {\"power\": 2.0} (polynomial), "
+                                     "{\"num_decay_steps\": 10} (warmup_stable_decay)", kind="kwargs")
+    min_lr_rate: float = _opt(0.0, "cosine_with_min_lr (and cosine_warmup_with_min_lr): the share of learning_rate "
+                              "the cosine ends at (HF's lr_scheduler_kwargs min_lr_rate)", minimum=0.0, below=1.0)
     warmup_ratio: float = _opt(0.0, "share of max_steps with a linear warmup from 0 (rounded up to whole steps, "
                                "as HF)", minimum=0.0, below=1.0)
     warmup_steps: int = _opt(0, "optimizer steps of linear warmup from 0 (HF's warmup_steps), instead of "
@@ -295,10 +299,14 @@ class SDFTConfig:
             raise ValueError("distillation_topk=1 without distillation_add_tail: over a one-token support both "
                              "distributions are 1 and every divergence is 0, so nothing would train; set "
                              "distillation_add_tail=true or a larger distillation_topk")
-        if self.min_lr_rate and self.lr_scheduler_type != "cosine_with_min_lr":
+        if self.min_lr_rate and self.lr_scheduler_type not in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
             raise ValueError(f"min_lr_rate={self.min_lr_rate} is where cosine_with_min_lr ends; with "
                              f"lr_scheduler_type={self.lr_scheduler_type} set lr_scheduler_type=cosine_with_min_lr "
                              "or min_lr_rate=0")
+        floors = sorted({"min_lr", "min_lr_rate"} & set(self.lr_scheduler_kwargs))
+        if self.min_lr_rate and floors:
+            raise ValueError(f"min_lr_rate={self.min_lr_rate} and lr_scheduler_kwargs {floors[0]!r} both set where the "
+                             "cosine ends: give one of them")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} both set the "
                              "warmup: give one of them")
@@ -401,6 +409,8 @@ def _type_name(f) -> str:
         return "str?"
     if f.metadata.get("kind") == "optional_float":
         return "float|none"
+    if f.metadata.get("kind") == "kwargs":
+        return "kwargs"
     return {"int": "int", "float": "float", "str": "str", "bool": "bool", "list[str]": "list[str]",
             "dict": "json"}[str(f.type)]
 
@@ -433,6 +443,8 @@ def _checked(f, value):
         value = list(value)
     elif kind == "json":
         value = checked_template_kwargs(name, value)
+    elif kind == "kwargs":
+        value = json_mapping(name, value, "keyword names")
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -486,6 +498,12 @@ def parse_text(f, text: str):
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "json":
         return parse_template_kwargs(name, text)
+    if kind == "kwargs":
+        try:
+            return json_mapping(name, json.loads(text) if text.strip() else {}, "keyword names")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} must be a JSON object, e.g. '{{\"num_cycles\": 2}}', got {text!r} "
+                             f"({err.msg})") from None
     return text
 
 

@@ -23,19 +23,26 @@ RENDER_ARGUMENTS = ("conversation", "messages", "add_generation_prompt", "contin
                     "documents")  # what sdft passes apply_chat_template itself, or what changes what it renders
 
 
-def checked_template_kwargs(name: str, value) -> dict:
-    """``value`` if it is a mapping of template variables a config can save (JSON) and sdft does not set
-    itself; otherwise a one-line error."""
+def json_mapping(name: str, value, keys: str) -> dict:
+    """``value`` if it is a mapping of names (``keys`` says of what) to values a config can save (JSON);
+    otherwise a one-line error."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
-        raise ValueError(f"{name} must be a mapping of template variable names to values, got {value!r}")
-    clash = sorted(set(value) & set(RENDER_ARGUMENTS))
-    if clash:
-        raise ValueError(f"{name} {clash[0]!r}: sdft sets it when it renders a chat; give template variables only")
+        raise ValueError(f"{name} must be a mapping of {keys} to values, got {value!r}")
     try:
         json.dumps(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must hold JSON values (saved in the run's config.json), got {value!r}") from None
     return dict(value)
+
+
+def checked_template_kwargs(name: str, value) -> dict:
+    """``value`` if it is a mapping of template variables a config can save (JSON) and sdft does not set
+    itself; otherwise a one-line error."""
+    value = json_mapping(name, value, "template variable names")
+    clash = sorted(set(value) & set(RENDER_ARGUMENTS))
+    if clash:
+        raise ValueError(f"{name} {clash[0]!r}: sdft sets it when it renders a chat; give template variables only")
+    return value
 
 
 def parse_template_kwargs(name: str, text: str) -> dict:

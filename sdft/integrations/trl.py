@@ -37,7 +37,7 @@ from transformers import TrainerControl, TrainerState
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import TrainOutput
 
-from sdft.config import SDFTConfig
+from sdft.config import LR_SCHEDULES, SDFTConfig
 from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
@@ -46,11 +46,9 @@ from sdft.run.loop import TrainResult
 from sdft.run.metrics import logs_step
 from sdft.run.reporting import train_scalars
 from sdft.run.run_dir import OutputDirInUse, replace_file
+from sdft.run.schedule import LRSchedule
 from sdft.run.trainer import train
 from sdft.runtime.distributed import launched_size
-
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant",
-             "cosine_with_min_lr": "cosine_with_min_lr"}
 
 
 def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) -> SDFTConfig:
@@ -71,10 +69,9 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         max_steps = max(1, math.ceil(float(arg(args, "num_train_epochs", 3.0)) * num_examples / per_step))
     divergence, beta = divergence_from_alpha(float(arg(args, "distillation_alpha", 0.5)))
     schedule = str(plain(arg(args, "lr_scheduler_type", "linear")))
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_scheduler_type={schedule!r}: sdft has {', '.join(sorted(SCHEDULES))}")
-    min_lr_rate = _min_lr_rate(arg(args, "lr_scheduler_kwargs", None) or {}, schedule,
-                               float(arg(args, "learning_rate", 5e-5)))
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={schedule!r}: sdft takes the schedules that are a function of the step "
+                         f"({', '.join(LR_SCHEDULES)}), not one that follows an evaluation metric")
     warmup = _warmup(arg(args, "warmup_steps", 0) or 0, arg(args, "warmup_ratio", None) or 0.0, schedule)
     report_to = arg(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -89,8 +86,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         gradient_accumulation_steps=accumulation,
         seed=int(arg(args, "seed", 42)),
         data_seed=-1 if arg(args, "data_seed", None) is None else int(arg(args, "data_seed")),
-        lr_scheduler_type=SCHEDULES[schedule],
-        min_lr_rate=min_lr_rate,
+        lr_scheduler_type=schedule,
+        lr_scheduler_kwargs=dict(arg(args, "lr_scheduler_kwargs", None) or {}),
         **warmup,
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
@@ -126,7 +123,9 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         progress_bar=not arg(args, "disable_tqdm", False),
         **evaluation_values(args, max_steps),
     )
-    return SDFTConfig.from_dict(values)
+    config = SDFTConfig.from_dict(values)
+    LRSchedule.from_config(config).check()  # TRL's lr_scheduler_kwargs are the scheduler's: checked by it now
+    return config
 
 
 EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
@@ -143,20 +142,6 @@ def _warmup(steps: float, ratio: float, schedule: str) -> dict:
     if steps >= 1:
         return {"warmup_steps": int(steps)}
     return {"warmup_ratio": float(steps or ratio)}
-
-
-def _min_lr_rate(kwargs: dict, schedule: str, learning_rate: float) -> float:
-    """HF's ``lr_scheduler_kwargs`` for ``cosine_with_min_lr`` (``min_lr_rate``, or ``min_lr`` as a rate of
-    learning_rate) as sdft's ``min_lr_rate``; any other scheduler keyword is one line."""
-    kwargs = dict(kwargs)
-    if not kwargs:
-        return 0.0
-    if schedule != "cosine_with_min_lr" or set(kwargs) - {"min_lr_rate", "min_lr"} or len(kwargs) != 1:
-        raise ValueError(f"lr_scheduler_kwargs={kwargs!r}: sdft takes only cosine_with_min_lr's min_lr_rate or "
-                         "min_lr; set lr_scheduler_kwargs={}")
-    if "min_lr" in kwargs:
-        return float(kwargs["min_lr"]) / learning_rate
-    return float(kwargs["min_lr_rate"])
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # generation_kwargs may set them

@@ -19,8 +19,9 @@ HONOURED = {
     "num_train_epochs": "max_steps, when max_steps is not set",
     "max_steps": "max_steps",
     "learning_rate": "learning_rate",
-    "lr_scheduler_type": "lr_scheduler_type (linear, cosine, cosine_with_min_lr, constant, constant_with_warmup)",
-    "lr_scheduler_kwargs": "cosine_with_min_lr's min_lr_rate (or min_lr); other keywords refused",
+    "lr_scheduler_type": "lr_scheduler_type: every HF schedule that is a function of the step (not "
+                         "reduce_lr_on_plateau or greedy, which follow an evaluation metric)",
+    "lr_scheduler_kwargs": "lr_scheduler_kwargs, checked by transformers' scheduler when the trainer is built",
     "warmup_steps": "warmup_steps (below 1: warmup_ratio, as transformers 5 reads it); none with lr_scheduler_type="
                     "'constant', as HF",
     "weight_decay": "weight_decay",

@@ -26,6 +26,7 @@ from sdft.run.run_dir import (
     report_line,
     start_run,
 )
+from sdft.run.schedule import LRSchedule
 from sdft.run.writes import WriteError
 from sdft.runtime.distributed import World, barrier
 from sdft.runtime.parallel import grad_norm_value
@@ -75,47 +76,6 @@ def batch_indices(step: int, micro: int, n: int, config: SDFTConfig, world: Worl
         random.Random(seed * 100_003 + epoch).shuffle(order)
         out.append(order[pos])
     return out
-
-
-@dataclass(frozen=True)
-class LRSchedule:
-    """The learning rate of each optimizer step, as transformers' schedulers give it: a linear warmup from 0
-    over ``warmup`` steps (step s at s / warmup of the rate), then constant, linear or cosine decay to 0 at
-    ``max_steps`` (``cosine_with_min_lr``: to ``min_lr_rate`` of the rate). A function of the step alone, so
-    a resumed run continues the same schedule."""
-
-    learning_rate: float
-    kind: str  # constant | linear | cosine | cosine_with_min_lr
-    warmup: int
-    max_steps: int
-    min_lr_rate: float = 0.0
-
-    @classmethod
-    def from_config(cls, config) -> "LRSchedule":
-        return cls(config.learning_rate, config.lr_scheduler_type, warmup_steps(config), config.max_steps,
-                   config.min_lr_rate)
-
-    def at(self, step: int) -> float:
-        """The rate for optimizer step ``step`` (0-based)."""
-        if step < self.warmup:
-            return self.learning_rate * step / self.warmup
-        if self.kind == "constant":
-            return self.learning_rate
-        progress = (step - self.warmup) / max(self.max_steps - self.warmup, 1)
-        if self.kind == "linear":
-            return self.learning_rate * (1.0 - progress)
-        floor = self.min_lr_rate if self.kind == "cosine_with_min_lr" else 0.0
-        return self.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    def apply(self, optimizer, step: int):
-        for group in optimizer.param_groups:
-            group["lr"] = self.at(step)
-
-
-def warmup_steps(config) -> int:
-    """The warmup's optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of ``max_steps`` rounded up (HF's
-    ``get_warmup_steps``)."""
-    return config.warmup_steps or math.ceil(config.max_steps * config.warmup_ratio)
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float):

@@ -29,6 +29,7 @@ from sdft.run.run_dir import (
     plan_run,
     report_line,
 )
+from sdft.run.schedule import LRSchedule
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, setup
 from sdft.runtime.parallel import Runner, run_device
@@ -97,6 +98,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     large model loads."""
     config = with_model_adapters(as_config(config), model)
     check_backends(config.report_to)
+    LRSchedule.from_config(config).check()
     if eval_dataset is not None:
         eval_examples = load_eval_sets(eval_dataset)
     else:

@@ -34,6 +34,7 @@ from sdft.models.loading import is_embedded, load_tokenizer
 from sdft.models.positions import position_limit
 from sdft.run.prepare import as_config
 from sdft.run.run_dir import FINAL_MODEL, replace_file, report_line
+from sdft.run.schedule import LRSchedule
 
 SEQUENCE_FILE = "sequence.json"
 OUTPUTS = (SEQUENCE_FILE, "sequence.md", "sequence.png")  # what a sequence writes in output_dir, beside its stages
@@ -193,6 +194,8 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
     resume = bool(config.resume_from_checkpoint)
     stage_configs = [_stage_config(config, root, k, names[k - 1], resume, overrides[k - 1])
                      for k in range(1, len(names) + 1)]  # a bad override is one line now, not at its stage
+    for stage_config in stage_configs:
+        LRSchedule.from_config(stage_config).check()
     matrix = _read_matrix(matrix_path) if resume else []
     check_sequence_folder(root, resume)
     done = max(0, len(matrix) - 1)  # row 0 is the base model

@@ -84,15 +84,15 @@ def test_trls_sampling_fields_map_onto_the_rollouts(tmp_path):
     assert (c.top_p, c.temperature) == (0.5, 0.7)  # generation_kwargs win, as in TRL
 
 
-def test_cosine_with_min_lr_and_its_scheduler_kwargs_map_onto_the_schedule(tmp_path):
-    c = config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="cosine_with_min_lr",
-                              lr_scheduler_kwargs={"min_lr_rate": 0.1}))
-    assert (c.lr_scheduler_type, c.min_lr_rate) == ("cosine_with_min_lr", 0.1)
+def test_trls_scheduler_kwargs_go_to_the_schedule_and_its_own_check(tmp_path):
     c = config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="cosine_with_min_lr", learning_rate=1e-4,
                               lr_scheduler_kwargs={"min_lr": 1e-5}))
-    assert c.min_lr_rate == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="lr_scheduler_kwargs=.*sdft takes only cosine_with_min_lr's"):
-        config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_kwargs={"num_cycles": 2}))
+    assert (c.lr_scheduler_type, c.lr_scheduler_kwargs) == ("cosine_with_min_lr", {"min_lr": 1e-5})
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs 'num_cycle': not a keyword of HF's cosine schedule "
+                                         r"\(it takes: num_cycles\)"):
+        config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="cosine", lr_scheduler_kwargs={"num_cycle": 2}))
+    with pytest.raises(ValueError, match="lr_scheduler_type='reduce_lr_on_plateau': sdft takes the schedules that"):
+        config_from_trl(_args(tmp_path, max_steps=3, lr_scheduler_type="reduce_lr_on_plateau"))
 
 
 def _trainer_rates(args, max_steps: int) -> list:
@@ -111,16 +111,25 @@ def _trainer_rates(args, max_steps: int) -> list:
     return rates
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"])
+SCHEDULE_KWARGS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_with_restarts": {"num_cycles": 3},
+                   "polynomial": {"power": 2.0, "lr_end": 1e-6}, "inverse_sqrt": {"timescale": 4},
+                   "cosine_warmup_with_min_lr": {"min_lr": 2e-6, "warmup_lr_rate": 0.1},
+                   "warmup_stable_decay": {"num_decay_steps": 5, "min_lr_ratio": 0.1, "decay_type": "linear"}}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
+                                      "cosine_with_restarts", "polynomial", "inverse_sqrt",
+                                      "cosine_warmup_with_min_lr", "warmup_stable_decay"])
 @pytest.mark.parametrize("warmup,max_steps", [(0, 12), (3, 12), (7, 25), (0.1, 30), (0.25, 9), (40, 25)])
 def test_the_dropins_learning_rates_are_the_trainers_for_trls_warmup_and_schedule(tmp_path, schedule, warmup,
                                                                                      max_steps):
     """transformers 5 reads warmup_steps below 1 as a share of the steps (0.1: 10%, not 0.1 of one step);
-    HF's plain constant schedule takes no warmup; warmup longer than the run never reaches the rate."""
-    from sdft.run.loop import LRSchedule
+    HF's plain constant schedule takes no warmup; warmup longer than the run never reaches the rate; each
+    schedule's own keywords (lr_scheduler_kwargs) as the scheduler reads them."""
+    from sdft.run.schedule import LRSchedule
 
     trl_sdft = pytest.importorskip("trl.experimental.sdft")
-    kwargs = {"min_lr_rate": 0.1} if schedule == "cosine_with_min_lr" else {}
+    kwargs = SCHEDULE_KWARGS.get(schedule, {})
     args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                                max_steps=max_steps, learning_rate=2e-5, lr_scheduler_type=schedule,
                                lr_scheduler_kwargs=kwargs, warmup_steps=warmup)
@@ -149,7 +158,7 @@ def test_non_reentrant_checkpointing_kwargs_are_sdfts_own_and_accepted(tmp_path)
     (dict(num_iterations=2), "reusing rollouts"),
     (dict(save_only_model=True), "checkpoints without optimizer state"),
     (dict(per_device_train_batch_size=6), "must be a multiple of num_generations=8"),
-    (dict(lr_scheduler_type="polynomial"), "lr_scheduler_type='polynomial'"),
+    (dict(lr_scheduler_type="reduce_lr_on_plateau"), "lr_scheduler_type=.reduce_lr_on_plateau."),
     (dict(teacher_model_kind="server"), "unknown teacher_model_kind"),
     (dict(fp16=True, bf16=True), "bf16=True and fp16=True: set one of them"),
 ])

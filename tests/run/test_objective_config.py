@@ -10,7 +10,7 @@ from sdft import SDFTConfig, train
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.rollout.engine import HFRolloutEngine
-from sdft.run.loop import LRSchedule
+from sdft.run.schedule import LRSchedule
 from sdft_kernels import reference_linear_divergence
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
@@ -63,6 +63,22 @@ def test_learning_rate_schedules():
     c = SDFTConfig(learning_rate=2.0, max_steps=4, lr_scheduler_type="linear")
     assert [LRSchedule.from_config(c).at(s) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
     assert LRSchedule.from_config(SDFTConfig(learning_rate=3.0)).at(7) == 3.0
+
+
+def test_a_schedules_keywords_are_checked_by_its_scheduler_before_the_model_loads(tmp_path):
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=4, lr_scheduler_type="warmup_stable_decay")
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs={} for warmup_stable_decay: .*num_decay_steps"):
+        train("not/loaded", ROWS, config)
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=4, lr_scheduler_type="polynomial",
+                        lr_scheduler_kwargs={"powr": 2})
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs 'powr': not a keyword of HF's polynomial schedule"):
+        train("not/loaded", ROWS, config)
+    with pytest.raises(ValueError, match="min_lr_rate=0.1 and lr_scheduler_kwargs 'min_lr' both set"):
+        SDFTConfig(lr_scheduler_type="cosine_with_min_lr", min_lr_rate=0.1, lr_scheduler_kwargs={"min_lr": 1e-6})
+    parsed = SDFTConfig.from_strings({"lr_scheduler_kwargs": "{\"num_cycles\": 2}"})
+    assert parsed.lr_scheduler_kwargs == {"num_cycles": 2}
+    with pytest.raises(ValueError, match="lr_scheduler_kwargs must be a JSON object"):
+        SDFTConfig.from_strings({"lr_scheduler_kwargs": "num_cycles=2"})
 
 
 def test_warmup_steps_count_whole_steps_and_exclude_warmup_ratio():
