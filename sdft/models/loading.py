@@ -215,10 +215,13 @@ def _from_pretrained(path: Path, dtype):
         raise ValueError(f"{path}: a weights file does not read ({err}): it is truncated or damaged; copy or "
                          "save it again") from None
     except RuntimeError as err:
-        if "mismatched_sizes" not in str(err):
+        text = str(err)  # transformers 5: a load report printed above, naming mismatched_sizes; 4.x: torch's own
+        if "mismatched_sizes" not in text and "size mismatch" not in text:
             raise
-        raise ValueError(f"{path}: its weights do not fit its config.json (the load report above names them): "
-                         "the weights and config.json come from different models") from None
+        named = next((line.strip() for line in text.splitlines() if "size mismatch" in line),
+                     "the load report above names them")
+        raise ValueError(f"{path}: its weights do not fit its config.json ({named}): the weights and config.json "
+                         "come from different models") from None
 
 
 def adapter_base(adapter, base):
