@@ -413,6 +413,10 @@ class SDFTTrainer:
                                 eval_dataset=self._eval_sets if during else None,
                                 eval_callback=self._on_evaluate if during else None)
         except OutputDirInUse as err:  # in the Trainer's terms: TRL's config has no overwrite_output_dir
+            if err.newest is None:
+                raise ValueError(f"output_dir {err.out} holds final_model, the model of an earlier run whose "
+                                 "checkpoints are gone: give a new output_dir (sdft never trains over a finished "
+                                 "run's model)") from None
             raise ValueError(f"output_dir {err.out} already holds checkpoints (newest {err.newest}): "
                              "trainer.train(resume_from_checkpoint=True) continues that run; to start afresh, "
                              "give a new output_dir (sdft never trains over a run's checkpoints)") from None

@@ -43,12 +43,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 CACHE_WEIGHTS = "model.safetensors"  # safetensors, never a pickle: reading the cache cannot run code
 
 
+def _cache_version(cache: Path) -> str | None:
+    """The transformers version that wrote the cache (its config.json's), None when unreadable."""
+    try:
+        return json.loads((cache / "config.json").read_text()).get("transformers_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _read_cache(cache: Path):
-    """(model, tokenizer) from the de-quantized cache, or None when it is missing or damaged."""
+    """(model, tokenizer) from the de-quantized cache, or None when it is missing, damaged or written by another
+    transformers (whose tokenizer files this one reads with a warning on every load, or not at all)."""
+    import transformers
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (cache / CACHE_WEIGHTS).is_file():
+        return None
+    written = _cache_version(cache)
+    if written is not None and written != transformers.__version__:
+        print(f"sdft: the embedded model's cache {cache} was written by transformers {written}, this is "
+              f"{transformers.__version__}; rebuilding it (once, about 20 s)", file=sys.stderr, flush=True)
         return None
     try:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache))

@@ -96,7 +96,8 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
 
 
 class OutputDirInUse(ValueError):
-    """A fresh run asked for in an output_dir that holds a run's checkpoints (``newest``: the last one's name)."""
+    """A fresh run asked for in an output_dir that holds an earlier run's work: its checkpoints (``newest``: the
+    last one's name, which a resume continues from) or, with none left, its final model (``newest`` None)."""
 
     def __init__(self, out: Path, newest: str, message: str):
         super().__init__(message)
@@ -144,6 +145,11 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
                                  f"output_dir {out} already holds checkpoints (newest {found[-1].name}): set "
                                  "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to "
                                  "start afresh, or choose a fresh output_dir")
+        if (out / FINAL_MODEL).is_dir() and FINAL_MODEL in _owned(out, found) and not config.overwrite_output_dir:
+            raise OutputDirInUse(out, None,
+                                 f"output_dir {out} holds {FINAL_MODEL}, the model of an earlier run whose "
+                                 "checkpoints are gone (nothing to resume), which this run would replace: set "
+                                 "overwrite_output_dir=true to start afresh, or choose a fresh output_dir")
         return None
     if config.resume_from_checkpoint is True:
         path = newest_intact(out, report)

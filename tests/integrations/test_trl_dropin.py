@@ -351,6 +351,21 @@ def test_a_rerun_resumes_through_trainers_own_argument(tmp_path):
     assert [h["step"] for h in again.state.log_history if "loss" in h] == [2]
 
 
+def test_a_rerun_over_a_finished_runs_model_without_checkpoints_is_refused_in_the_trainers_terms(tmp_path):
+    import shutil
+
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False)
+    SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok).train()
+    for checkpoint in (tmp_path / "run").glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    again = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
+    with pytest.raises(ValueError, match="holds final_model, the model of an earlier run whose checkpoints are gone: "
+                                         "give a new output_dir"):
+        again.train()
+
+
 def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     """A field a future TRL adds fails here until sdft.integrations.trl_fields classifies it."""
     import dataclasses

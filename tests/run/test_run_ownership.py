@@ -54,6 +54,25 @@ def test_overwrite_removes_only_what_sdft_wrote(tmp_path, capsys):
     assert "kept what sdft did not write" in capsys.readouterr().err
 
 
+def test_a_finished_runs_model_whose_checkpoints_are_gone_is_not_trained_over(tmp_path, capsys, monkeypatch):
+    """Checkpoints deleted to free the disk leave final_model as the run's only result: running the same command
+    again would replace it at its end; it is refused in one line before the model loads, as with checkpoints."""
+    import shutil
+
+    _run(tmp_path, save_final_model=True)
+    for checkpoint in list_checkpoints(tmp_path):
+        shutil.rmtree(checkpoint)
+    weights = sorted(p.name for p in (tmp_path / "final_model").iterdir())
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    assert cli(["train", "--no-eval", "--set", f"output_dir={tmp_path}", "max_steps=2"]) == 2
+    assert _one_line(capsys).startswith(f"sdft: error: output_dir {tmp_path} holds final_model, the model of an "
+                                        "earlier run whose checkpoints are gone")
+    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == weights
+    monkeypatch.undo()
+    _run(tmp_path, max_steps=1, overwrite_output_dir=True)  # asked for: starts afresh
+    assert not (tmp_path / "final_model").exists()
+
+
 @pytest.mark.parametrize("name", ["metrics.jsonl", "config.json"])
 def test_a_users_file_with_a_run_files_name_is_refused_not_overwritten(tmp_path, capsys, monkeypatch, name):
     (tmp_path / name).write_text("the user's own file\n")
@@ -360,6 +379,24 @@ def test_a_damaged_embedded_model_cache_is_rebuilt_not_fatal(tmp_path, monkeypat
     weights.write_bytes(weights.read_bytes()[:100])
     assert loading._read_cache(cache) is None
     assert "is damaged" in capsys.readouterr().err
+
+
+def test_an_embedded_model_cache_of_another_transformers_is_rebuilt_in_one_line(tmp_path, capsys):
+    """A cache written before a transformers upgrade (its tokenizer files in the old format: a warning on every
+    load, or none that reads) is rebuilt once; the current one is read as it is."""
+    import transformers
+
+    from sdft.models import loading
+
+    tok = tiny_tokenizer()
+    cache = tmp_path / "cache"
+    save_hf_folder(tiny_llama(vocab=len(tok)), tok, cache)
+    assert loading._read_cache(cache) is not None and capsys.readouterr().err == ""
+    config = json.loads((cache / "config.json").read_text())
+    (cache / "config.json").write_text(json.dumps({**config, "transformers_version": "4.57.1"}))
+    assert loading._read_cache(cache) is None
+    assert _one_line(capsys) == (f"sdft: the embedded model's cache {cache} was written by transformers 4.57.1, "
+                                 f"this is {transformers.__version__}; rebuilding it (once, about 20 s)")
 
 
 # -- full disk, read-only folder -------------------------------------------------------------------------
