@@ -193,6 +193,9 @@ class SDFTConfig:
     # Bookkeeping
     logging_steps: int = _opt(1, "write metrics.jsonl every this many steps", positive=True)
     logging_first_step: bool = _opt(False, "also write the first step (HF's logging_first_step)")
+    save_strategy: str = _opt("steps", "when checkpoints are written: steps (every save_steps and at the end) | no "
+                              "(never, as HF's: nothing to resume after a crash or Ctrl-C; final_model is still "
+                              "written at the end)", choices=("steps", "no"))
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
     save_total_limit: int = _opt(2, "keep this many newest checkpoints (0: keep all)", minimum=0)
     resume_from_checkpoint: bool | str = _opt(

@@ -110,6 +110,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         generate_from_teacher=bool(arg(args, "generate_from_teacher", False)),
         logging_steps=every_steps(arg(args, "logging_steps", 10), max_steps),
         logging_first_step=bool(arg(args, "logging_first_step", False)),
+        save_strategy=str(plain(arg(args, "save_strategy", "steps"))),
         save_steps=every_steps(arg(args, "save_steps", 500), max_steps),
         save_total_limit=int(arg(args, "save_total_limit", None) or 0),
         report_to=report_to,
@@ -386,7 +387,7 @@ class SDFTTrainer:
             logs = {**train_scalars(record), "step": step}
             self.state.log_history.append(logs)
             self._event("on_log", logs=logs)
-        if step % self.args.save_steps == 0 or step == self.args.max_steps:
+        if self.args.save_strategy == "steps" and (step % self.args.save_steps == 0 or step == self.args.max_steps):
             self._event("on_save")
         if self.control.should_training_stop:
             return True

@@ -173,7 +173,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
         def settle(step: int, final: bool):
             """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
             stop asked by ``step_callback``) makes both due."""
-            if (final or step % config.save_steps == 0) and done["save"] != step:
+            if config.save_strategy == "steps" and (final or step % config.save_steps == 0) and done["save"] != step:
                 if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
                                     run.model_source, write=main, data=data, processes=world.size,

@@ -366,6 +366,25 @@ def test_a_rerun_over_a_finished_runs_model_without_checkpoints_is_refused_in_th
         again.train()
 
 
+def test_save_strategy_no_writes_no_checkpoint_and_calls_no_on_save(tmp_path):
+    from transformers import TrainerCallback
+
+    saves = []
+
+    class Saves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saves.append(state.global_step)
+
+    tok = tiny_tokenizer()
+    args = _args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, num_generations=2, save_steps=1,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, save_strategy="no")
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          callbacks=[Saves()])
+    assert trainer.train().global_step == 2
+    assert saves == [] and not list((tmp_path / "run").glob("checkpoint-*"))
+    assert (tmp_path / "run" / "final_model" / "config.json").is_file()
+
+
 def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     """A field a future TRL adds fails here until sdft.integrations.trl_fields classifies it."""
     import dataclasses
@@ -380,7 +399,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(save_strategy="no"), "save_strategy='no': sdft checkpoints every save_steps"),
+    (dict(save_strategy="epoch"), "save_strategy='epoch': sdft checkpoints every save_steps"),
     (dict(optim="sgd"), "optim='sgd': sdft's optimizer is AdamW"),
     (dict(adam_beta2=0.95), "adam_beta2=0.95"),
     (dict(shuffle_dataset=False), "shuffle_dataset=False"),
@@ -423,8 +442,8 @@ def test_trls_max_grad_norm_none_or_zero_turns_clipping_off(tmp_path, value, cli
 
 def test_a_real_trl_config_with_a_field_sdft_lacks_is_refused(tmp_path):
     trl_sdft = pytest.importorskip("trl.experimental.sdft")
-    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, save_strategy="no")
-    with pytest.raises(ValueError, match="save_strategy='no'"):
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=2, save_strategy="best")
+    with pytest.raises(ValueError, match="save_strategy='best'"):
         config_from_trl(args)
 
 

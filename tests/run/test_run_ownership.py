@@ -381,6 +381,15 @@ def test_a_damaged_embedded_model_cache_is_rebuilt_not_fatal(tmp_path, monkeypat
     assert "is damaged" in capsys.readouterr().err
 
 
+def test_save_strategy_no_writes_no_checkpoint_and_a_rerun_neither_resumes_nor_replaces_the_model(tmp_path, capsys):
+    _run(tmp_path, save_final_model=True, save_strategy="no")
+    assert not list_checkpoints(tmp_path) and (tmp_path / "final_model" / "config.json").is_file()
+    with pytest.raises(ValueError, match="holds no intact checkpoint"):
+        _run(tmp_path, resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="holds final_model, the model of an earlier run whose checkpoints are gone"):
+        _run(tmp_path)
+
+
 def test_an_embedded_model_cache_of_another_transformers_is_rebuilt_in_one_line(tmp_path, capsys):
     """A cache written before a transformers upgrade (its tokenizer files in the old format: a warning on every
     load, or none that reads) is rebuilt once; the current one is read as it is."""
