@@ -197,6 +197,9 @@ class SDFTConfig:
                               "(never, as HF's: nothing to resume after a crash or Ctrl-C; final_model is still "
                               "written at the end)", choices=("steps", "no"))
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
+    save_only_model: bool = _opt(False, "checkpoints hold the trainable weights alone, without the optimizer and "
+                                 "RNG states (or an EMA teacher), as HF's save_only_model: a full fine-tune's take "
+                                 "about a third of the disk, but no run resumes from them (sdft export reads them)")
     save_total_limit: int = _opt(2, "keep this many newest checkpoints (0: keep all)", minimum=0)
     resume_from_checkpoint: bool | str = _opt(
         False, "true: continue from the newest intact checkpoint in output_dir; or a checkpoint path",

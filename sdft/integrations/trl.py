@@ -113,6 +113,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         save_strategy=str(plain(arg(args, "save_strategy", "steps"))),
         save_steps=every_steps(arg(args, "save_steps", 500), max_steps),
         save_total_limit=int(arg(args, "save_total_limit", None) or 0),
+        save_only_model=bool(arg(args, "save_only_model", False)),
         report_to=report_to,
         device="cpu" if arg(args, "use_cpu", False) else "auto",
         resume_from_checkpoint=arg(args, "resume_from_checkpoint", None) or False,
@@ -414,13 +415,10 @@ class SDFTTrainer:
                                 eval_dataset=self._eval_sets if during else None,
                                 eval_callback=self._on_evaluate if during else None)
         except OutputDirInUse as err:  # in the Trainer's terms: TRL's config has no overwrite_output_dir
-            if err.newest is None:
-                raise ValueError(f"output_dir {err.out} holds final_model, the model of an earlier run whose "
-                                 "checkpoints are gone: give a new output_dir (sdft never trains over a finished "
-                                 "run's model)") from None
-            raise ValueError(f"output_dir {err.out} already holds checkpoints (newest {err.newest}): "
-                             "trainer.train(resume_from_checkpoint=True) continues that run; to start afresh, "
-                             "give a new output_dir (sdft never trains over a run's checkpoints)") from None
+            then = ("trainer.train(resume_from_checkpoint=True) continues that run; to start afresh, give a new "
+                    "output_dir" if err.resumable else "give a new output_dir")
+            raise ValueError(f"output_dir {err.out} {err.held}: {then} (sdft never trains over an earlier run's "
+                             "work)") from None
         runtime = time.perf_counter() - t0
         self.model = self.result.model
         self.callback_handler.model = self.model

@@ -93,7 +93,8 @@ def _aside(out: Path, step: int) -> Path:
     return out / f".checkpoint-{step}.old"
 
 
-REQUIRED = ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
+REQUIRED = ("trainable.safetensors", "state.json")  # every checkpoint's; a resumable one's also RESUME_FILES
+RESUME_FILES = ("optimizer.pt", "rng.pt")  # absent from a save_only_model checkpoint (state.json: weights_only)
 
 
 def plain_name(name) -> bool:
@@ -135,10 +136,26 @@ def damage(path) -> str | None:
         if _sha256(f) != want.get("sha256"):
             return f"{name} does not match its checksum"
     try:
-        checkpoint_state(path)
+        state = checkpoint_state(path)
     except CheckpointError as err:
         return str(err)
+    for name in () if state.get("weights_only") else RESUME_FILES:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
     return None
+
+
+def weights_only(path) -> bool:
+    """Whether a checkpoint holds the weights alone (``save_only_model``): exported, never resumed."""
+    return bool(checkpoint_state(path).get("weights_only"))
+
+
+def resume_note(path) -> str:
+    """What a stopped or failed run says of its newest checkpoint ``path``: how to continue from it."""
+    if weights_only(path):
+        return ("it holds the weights only (save_only_model): `sdft export` writes a model of it, no run resumes "
+                "from it")
+    return "resume_from_checkpoint=true continues from it"
 
 
 def folder_step(path) -> int:
@@ -150,16 +167,17 @@ def folder_step(path) -> int:
 
 def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, keep: int,
                     model_source: str | None = None, write: bool = True, data: dict | None = None,
-                    processes: int = 1, scaler=None) -> Path | None:
+                    processes: int = 1, scaler=None, only_model: bool = False) -> Path | None:
     """Write ``checkpoint-{step}`` atomically; ``model_source`` (the base model's path, or None for the
     embedded one) lets ``sdft export`` rebuild the full model from the checkpoint alone; ``data`` (the
     training rows' ``data_fingerprint``) lets a resume say when it trains on other rows. Tensors are
     stored full, so any number of processes can resume from it (``processes``, the number that wrote it, lets
     the resume say when that changes the step's size; ``scaler``, an fp16 run's loss scale, is continued
-    by the resume); under FSDP2 every process calls this
-    (the gathers are collective) and only the one with ``write`` writes."""
-    trainable, optimizer_full = trainable_state(model), optimizer_state(optimizer)
-    teacher_state = teacher.state_dict() if teacher is not None else None
+    by the resume; ``only_model``: the weights without the optimizer and RNG states, HF's save_only_model);
+    under FSDP2 every process calls this (the gathers are collective) and only the one with ``write`` writes."""
+    trainable = trainable_state(model)
+    optimizer_full = None if only_model else optimizer_state(optimizer)
+    teacher_state = teacher.state_dict() if teacher is not None and not only_model else None
     if not write:
         return None
     out = Path(output_dir)
@@ -170,19 +188,20 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         out.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer_full, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        if not only_model:
+            torch.save(optimizer_full, tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
         if teacher_state is not None:
             save_file(teacher_state, str(tmp / "teacher.safetensors"))
         state = {"step": step, "config": config.to_dict(), "model": model_source, "data": data,
-                 "processes": processes, "loss_scale": scale_state(scaler)}
+                 "processes": processes, "loss_scale": scale_state(scaler), "weights_only": only_model}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         _write_manifest(tmp)
         _fsync_folder(tmp)
     except WRITE_ERRORS as err:  # a full disk, a file-size limit, a read-only or forbidden folder
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(out)]
-        kept = (f"the previous checkpoint {previous[-1]} is intact (resume_from_checkpoint=true continues from it)"
+        kept = (f"the previous checkpoint {previous[-1]} is intact ({resume_note(previous[-1])})"
                 if previous else "no earlier checkpoint exists")
         raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {write_reason(err, out)}; "
                                   f"{kept}") from None

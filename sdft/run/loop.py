@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from sdft.config import SDFTConfig
 from sdft.data.examples import data_fingerprint
 from sdft.run.best import BestWeights
-from sdft.run.checkpoint import load_checkpoint, newest_intact, save_checkpoint
+from sdft.run.checkpoint import load_checkpoint, newest_intact, resume_note, save_checkpoint
 from sdft.run.errors import NonFiniteError, OutOfMemory
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
@@ -53,7 +53,7 @@ def out_of_memory_line(err: BaseException, step: int, config, output_dir, reduce
     """What a step's ``torch.OutOfMemoryError`` says to a user: the step, the sizes that set its memory, the
     switches that cut it (``reduced``: mixed precision is on already), and the checkpoint a resume continues from."""
     newest = _newest(output_dir)
-    kept = (f"{newest} is the newest checkpoint (resume_from_checkpoint=true)" if newest is not None
+    kept = (f"{newest} is the newest checkpoint ({resume_note(newest)})" if newest is not None
             else "no checkpoint was written yet")
     cuts = [f"per_device_train_batch_size={config.per_device_train_batch_size}",
             f"num_generations={config.num_generations}", f"max_completion_length={config.max_completion_length}"]
@@ -177,7 +177,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
                 if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
                                     run.model_source, write=main, data=data, processes=world.size,
-                                    scaler=runner.scaler)
+                                    scaler=runner.scaler, only_model=config.save_only_model)
                 barrier(world)
                 done["save"] = step
             if evaluator is not None and done["eval"] != step and (
@@ -240,8 +240,7 @@ def interrupted_line(output_dir: Path) -> str:
     if newest is None:
         return (f"sdft: interrupted before the first checkpoint of {output_dir}: nothing to resume, a rerun "
                 "starts afresh")
-    return (f"sdft: interrupted; {newest} is the newest checkpoint: resume_from_checkpoint=true continues from "
-            "it (the steps after it are lost)")
+    return f"sdft: interrupted; {newest} is the newest checkpoint: {resume_note(newest)} (the steps after it are lost)"
 
 
 def _load_best(run: Run, best: BestWeights | None, last_step: int) -> int | None:

@@ -33,6 +33,7 @@ from sdft.run.checkpoint import (
     list_checkpoints,
     newest_intact,
     plain_name,
+    weights_only,
 )
 from sdft.run.lock import LOCK_FILE, RunLockedError, holder
 from sdft.run.writes import WriteError, write_reason
@@ -96,12 +97,14 @@ def _foreign(out: Path, names: list[str], owned: set[str]) -> list[str]:
 
 
 class OutputDirInUse(ValueError):
-    """A fresh run asked for in an output_dir that holds an earlier run's work: its checkpoints (``newest``: the
-    last one's name, which a resume continues from) or, with none left, its final model (``newest`` None)."""
+    """A fresh run asked for in an output_dir that holds an earlier run's work (``held`` says what: ``output_dir
+    OUT holds ...``); ``resumable``: whether a resume continues that run (its checkpoints hold the optimizer)."""
 
-    def __init__(self, out: Path, newest: str, message: str):
-        super().__init__(message)
-        self.out, self.newest = out, newest
+    def __init__(self, out: Path, held: str, resumable: bool):
+        then = ("set resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to start afresh, "
+                if resumable else "set overwrite_output_dir=true to start afresh, ")
+        super().__init__(f"output_dir {out} {held}, which this run would replace: {then}or choose a fresh output_dir")
+        self.out, self.held, self.resumable = out, held, resumable
 
 
 def run_entry_holding(path) -> str | None:
@@ -141,15 +144,14 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
                          f"{RECORD_FILE}) and which this run would write: move it, or choose another output_dir")
     if config.resume_from_checkpoint is False:
         if found and not config.overwrite_output_dir:
-            raise OutputDirInUse(out, found[-1].name,
-                                 f"output_dir {out} already holds checkpoints (newest {found[-1].name}): set "
-                                 "resume_from_checkpoint=true to continue that run, overwrite_output_dir=true to "
-                                 "start afresh, or choose a fresh output_dir")
+            newest = newest_intact(out, lambda message: None)
+            if newest is not None and weights_only(newest):
+                raise OutputDirInUse(out, f"holds checkpoints of the weights only (newest {newest.name}, "
+                                          "save_only_model: nothing to resume)", resumable=False)
+            raise OutputDirInUse(out, f"already holds checkpoints (newest {found[-1].name})", resumable=True)
         if (out / FINAL_MODEL).is_dir() and FINAL_MODEL in _owned(out, found) and not config.overwrite_output_dir:
-            raise OutputDirInUse(out, None,
-                                 f"output_dir {out} holds {FINAL_MODEL}, the model of an earlier run whose "
-                                 "checkpoints are gone (nothing to resume), which this run would replace: set "
-                                 "overwrite_output_dir=true to start afresh, or choose a fresh output_dir")
+            raise OutputDirInUse(out, f"holds {FINAL_MODEL}, the model of an earlier run whose checkpoints are gone "
+                                      "(nothing to resume)", resumable=False)
         return None
     if config.resume_from_checkpoint is True:
         path = newest_intact(out, report)
@@ -162,6 +164,10 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
         problem = damage(path)
         if problem is not None:
             raise checkpoint_error(path, problem, "resume from")
+    if weights_only(path):
+        raise CheckpointError(f"{path} holds the weights only (save_only_model: no optimizer or RNG state), so no run "
+                              f"resumes from it: `sdft export {path} DIR` writes its model, which a new run trains on "
+                              "from (--model DIR, another output_dir)")
     return path
 
 

@@ -92,7 +92,7 @@ def test_a_step_out_of_memory_names_the_knobs_and_the_checkpoint(tmp_path, monke
     assert str(caught.value) == (
         "out of memory in step 2: lower per_device_train_batch_size=1, num_generations=2, max_completion_length=4, "
         f"or set gradient_checkpointing=true / mixed_precision=bf16; {tmp_path / 'checkpoint-1'} is the newest "
-        "checkpoint (resume_from_checkpoint=true) (CUDA out of memory. Tried to allocate 2.00 GiB)")
+        "checkpoint (resume_from_checkpoint=true continues from it) (CUDA out of memory. Tried to allocate 2.00 GiB)")
 
 
 def test_a_model_too_large_for_the_device_is_one_line(tmp_path):

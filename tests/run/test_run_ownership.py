@@ -390,6 +390,32 @@ def test_save_strategy_no_writes_no_checkpoint_and_a_rerun_neither_resumes_nor_r
         _run(tmp_path)
 
 
+def test_save_only_model_checkpoints_export_but_no_run_resumes_or_trains_over_them(tmp_path, capsys):
+    """HF's save_only_model: the trainable weights alone (a third of a full fine-tune's checkpoint), exported as
+    any checkpoint; a resume, or a fresh run over them, is one line each, never a traceback or a silent restart."""
+    from safetensors.torch import load_file
+
+    from sdft.run.checkpoint import resume_note
+
+    tok = tiny_tokenizer()
+    base = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "base")  # the export rebuilds on it
+    result = _run(tmp_path / "run", model=str(base), tokenizer=tok, save_only_model=True, teacher_mode="ema")
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert sorted(p.name for p in newest.iterdir()) == ["manifest.json", "state.json", "trainable.safetensors"]
+    assert damage(newest) is None and "no run resumes from it" in resume_note(newest)
+    trained = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
+    saved = load_file(str(newest / "trainable.safetensors"))
+    assert all(torch.equal(saved[n], trained[n].detach()) for n in trained)
+    assert cli(["export", str(newest), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=f"{newest} holds the weights only .*no run resumes from it: `sdft export"):
+        _run(tmp_path / "run", max_steps=3, resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="holds checkpoints of the weights only .*nothing to resume.*: set "
+                                         "overwrite_output_dir=true"):
+        _run(tmp_path / "run")
+
+
 def test_an_embedded_model_cache_of_another_transformers_is_rebuilt_in_one_line(tmp_path, capsys):
     """A cache written before a transformers upgrade (its tokenizer files in the old format: a warning on every
     load, or none that reads) is rebuilt once; the current one is read as it is."""
