@@ -151,8 +151,13 @@ def weights_only(path) -> bool:
 
 
 def resume_note(path) -> str:
-    """What a stopped or failed run says of its newest checkpoint ``path``: how to continue from it."""
-    if weights_only(path):
+    """What a stopped or failed run says of its newest checkpoint ``path``: how to continue from it (a resume
+    names any damage when it reads it)."""
+    try:
+        only = weights_only(path)
+    except CheckpointError:
+        only = False
+    if only:
         return ("it holds the weights only (save_only_model): `sdft export` writes a model of it, no run resumes "
                 "from it")
     return "resume_from_checkpoint=true continues from it"

@@ -403,6 +403,7 @@ def test_save_only_model_checkpoints_export_but_no_run_resumes_or_trains_over_th
     newest = list_checkpoints(tmp_path / "run")[-1]
     assert sorted(p.name for p in newest.iterdir()) == ["manifest.json", "state.json", "trainable.safetensors"]
     assert damage(newest) is None and "no run resumes from it" in resume_note(newest)
+    assert resume_note(tmp_path / "nowhere") == "resume_from_checkpoint=true continues from it"  # never raises
     trained = {n: p for n, p in result.model.named_parameters() if p.requires_grad}
     saved = load_file(str(newest / "trainable.safetensors"))
     assert all(torch.equal(saved[n], trained[n].detach()) for n in trained)
