@@ -193,9 +193,10 @@ class SDFTConfig:
     # Bookkeeping
     logging_steps: int = _opt(1, "write metrics.jsonl every this many steps", positive=True)
     logging_first_step: bool = _opt(False, "also write the first step (HF's logging_first_step)")
-    save_strategy: str = _opt("steps", "when checkpoints are written: steps (every save_steps and at the end) | no "
-                              "(never, as HF's: nothing to resume after a crash or Ctrl-C; final_model is still "
-                              "written at the end)", choices=("steps", "no"))
+    save_strategy: str = _opt("steps", "when checkpoints are written: steps (every save_steps and at the end) | "
+                              "epoch (at the end of each pass over the training rows, and at the end) | no (never, "
+                              "as HF's: nothing to resume after a crash or Ctrl-C; final_model is still written)",
+                              choices=("steps", "epoch", "no"))
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
     save_only_model: bool = _opt(False, "checkpoints hold the trainable weights alone, without the optimizer and "
                                  "RNG states (or an EMA teacher), as HF's save_only_model: a full fine-tune's take "

@@ -42,7 +42,7 @@ from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models.lora import lora_values
-from sdft.run.loop import TrainResult
+from sdft.run.loop import TrainResult, save_due
 from sdft.run.metrics import logs_step
 from sdft.run.reporting import train_scalars
 from sdft.run.run_dir import OutputDirInUse, replace_file
@@ -388,7 +388,7 @@ class SDFTTrainer:
             logs = {**train_scalars(record), "step": step}
             self.state.log_history.append(logs)
             self._event("on_log", logs=logs)
-        if self.args.save_strategy == "steps" and (step % self.args.save_steps == 0 or step == self.args.max_steps):
+        if save_due(step, step == self.args.max_steps, self.args, len(self.examples), launched_size()):
             self._event("on_save")
         if self.control.should_training_stop:
             return True

@@ -38,8 +38,8 @@ HONOURED = {
     "logging_steps": "logging_steps (a fraction of max_steps when below 1, as the Trainer)",
     "disable_tqdm": "progress_bar",
     "report_to": "report_to (none, tensorboard, wandb; others refused)",
-    "save_strategy": "save_strategy: 'steps' (every save_steps and at the end) or 'no' (none); 'epoch' and 'best' "
-                     "refused",
+    "save_strategy": "save_strategy: 'steps' (every save_steps and at the end), 'epoch' (at each pass's end and at "
+                     "the end) or 'no' (none); 'best' refused",
     "save_steps": "save_steps (a fraction of max_steps when below 1, as the Trainer)",
     "save_total_limit": "save_total_limit",
     "save_only_model": "save_only_model: checkpoints of the trainable weights alone (no resume from them, as HF)",
@@ -266,9 +266,9 @@ def check_fields(args) -> None:
         ("optim", plain(arg(args, "optim", OPTIMIZERS[1])) in OPTIMIZERS, f"sdft's optimizer is AdamW ({OPTIMIZERS})"),
         (
             "save_strategy",
-            plain(arg(args, "save_strategy", "steps")) in ("steps", "no"),
-            "sdft checkpoints every save_steps and at the end ('steps'), or never ('no'): use 'steps' with the "
-            "save_steps of an epoch",
+            plain(arg(args, "save_strategy", "steps")) in ("steps", "epoch", "no"),
+            "sdft checkpoints every save_steps ('steps') or epoch ('epoch') and at the end, or never ('no'); "
+            "load_best_model_at_end keeps the best evaluation's weights apart from the checkpoints",
         ),
         ("shuffle_dataset", arg(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
         (

@@ -173,7 +173,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
         def settle(step: int, final: bool):
             """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
             stop asked by ``step_callback``) makes both due."""
-            if config.save_strategy == "steps" and (final or step % config.save_steps == 0) and done["save"] != step:
+            if save_due(step, final, config, len(run.examples), world.size) and done["save"] != step:
                 if main or runner.sharded:  # sharded: every process gathers, process 0 writes
                     save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
                                     run.model_source, write=main, data=data, processes=world.size,
@@ -232,6 +232,26 @@ def _write_final(model, tokenizer, out: Path, merge_lora: bool, selected: int | 
         merge = " --merge" if merge_lora else ""
         raise WriteError(f"{err}. {newest} holds {which}: `sdft export {newest} {out / FINAL_MODEL}{merge}` writes "
                          "the model once there is room") from None
+
+
+def epoch_ends(step: int, config, rows: int, processes: int) -> bool:
+    """Whether optimizer step ``step`` (counted from 1) completes a pass over the ``rows`` training rows: the HF
+    Trainer's epoch end. sdft's data order runs on from one pass into the next, so the step whose prompts reach
+    a multiple of the rows ends that epoch."""
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
+    return step * per_step // rows > (step - 1) * per_step // rows
+
+
+def save_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
+    """Whether a checkpoint is written after optimizer step ``step``: by ``save_strategy`` (steps: every
+    ``save_steps``; epoch: at each epoch's end; both: at the last step too; no: never)."""
+    if config.save_strategy == "no":
+        return False
+    if final:
+        return True
+    if config.save_strategy == "epoch":
+        return epoch_ends(step, config, rows, processes)
+    return step % config.save_steps == 0
 
 
 def interrupted_line(output_dir: Path) -> str:

@@ -366,6 +366,26 @@ def test_a_rerun_over_a_finished_runs_model_without_checkpoints_is_refused_in_th
         again.train()
 
 
+def test_save_strategy_epoch_checkpoints_and_calls_on_save_at_each_epochs_end(tmp_path):
+    from transformers import TrainerCallback
+
+    saves = []
+
+    class Saves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saves.append(state.global_step)
+
+    tok = tiny_tokenizer()  # 4 rows, 1 prompt a step: epochs end at steps 4 and 8, the run at 6
+    args = _args(tmp_path / "run", max_steps=6, per_device_train_batch_size=2, num_generations=2, save_steps=1,
+                 max_completion_length=4, distillation_topk=5, gradient_checkpointing=False, save_strategy="epoch",
+                 save_total_limit=0)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          callbacks=[Saves()])
+    trainer.train()
+    assert saves == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
 def test_save_strategy_no_writes_no_checkpoint_and_calls_no_on_save(tmp_path):
     from transformers import TrainerCallback
 
@@ -399,7 +419,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(save_strategy="epoch"), "save_strategy='epoch': sdft checkpoints every save_steps"),
+    (dict(save_strategy="best"), "save_strategy='best': sdft checkpoints every save_steps"),
     (dict(optim="sgd"), "optim='sgd': sdft's optimizer is AdamW"),
     (dict(adam_beta2=0.95), "adam_beta2=0.95"),
     (dict(shuffle_dataset=False), "shuffle_dataset=False"),

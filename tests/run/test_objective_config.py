@@ -81,6 +81,17 @@ def test_a_schedules_keywords_are_checked_by_its_scheduler_before_the_model_load
         SDFTConfig.from_strings({"lr_scheduler_kwargs": "num_cycles=2"})
 
 
+@pytest.mark.parametrize("rows,prompts,accumulation,processes,ends", [
+    (3, 1, 1, 1, [3, 6, 9]), (3, 2, 1, 1, [2, 3, 5, 6, 8, 9]), (4, 1, 2, 2, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+    (10, 3, 1, 1, [4, 7, 10])])
+def test_an_epoch_ends_at_the_step_whose_prompts_reach_a_multiple_of_the_rows(rows, prompts, accumulation,
+                                                                              processes, ends):
+    from sdft.run.loop import epoch_ends
+
+    config = SDFTConfig(per_device_train_batch_size=prompts, gradient_accumulation_steps=accumulation)
+    assert [s for s in range(1, 11) if epoch_ends(s, config, rows, processes)] == ends
+
+
 def test_warmup_steps_count_whole_steps_and_exclude_warmup_ratio():
     c = SDFTConfig(learning_rate=1.0, max_steps=25, warmup_steps=7, lr_scheduler_type="linear")
     lrs = [LRSchedule.from_config(c).at(s) for s in range(25)]
