@@ -209,7 +209,7 @@ def _continual(args, parser) -> int:
     LRSchedule.from_config(config).check()
     # every file checked before the model loads
     check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end,
-                 config.eval_steps)
+                 config.evaluation_rule)
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
 

@@ -229,6 +229,8 @@ class SDFTConfig:
     retention_scorer: str = _opt("contains", "scorer of retention_data: exact | normalized | json | contains "
                                  "(a |-separated alternative of the demonstration as a whole word) | regex:PATTERN")
     eval_steps: int = _opt(0, "also evaluate every this many steps (0: before and after only)", minimum=0)
+    eval_strategy: str = _opt("steps", "when the run also evaluates as it trains: steps (every eval_steps) | epoch "
+                              "(at the end of each pass over the training rows, as HF's)", choices=("steps", "epoch"))
     eval_max_new_tokens: int = _opt(0, "tokens a greedy evaluation answer may take (0: max_completion_length)",
                                     minimum=0)
     load_best_model_at_end: bool = _opt(False, "end the run on the weights of its best evaluation on eval_data "
@@ -321,6 +323,13 @@ class SDFTConfig:
             raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {self.top_p}")
         if self.resume_from_checkpoint is not False and self.overwrite_output_dir:
             raise ValueError("resume_from_checkpoint and overwrite_output_dir exclude each other")
+
+    @property
+    def evaluation_rule(self) -> str | None:
+        """The setting that evaluates during training, as a user wrote it (None: before and after only)."""
+        if self.eval_strategy == "epoch":
+            return "eval_strategy=epoch"
+        return f"eval_steps={self.eval_steps}" if self.eval_steps else None
 
     @property
     def eval_tokens(self) -> int:

@@ -177,18 +177,18 @@ def evaluation_values(args, max_steps: int) -> dict:
     """TRL's ``eval_strategy`` / ``eval_steps`` / ``load_best_model_at_end`` / ``metric_for_best_model`` /
     ``greater_is_better`` as sdft's ``eval_steps`` (0: no evaluation during training) and selection keys."""
     strategy = str(plain(arg(args, "eval_strategy", "no")))
-    if strategy not in ("no", "steps"):
-        raise ValueError(f"eval_strategy={strategy!r}: sdft does not implement evaluation each epoch; use "
-                         "eval_strategy='steps' with eval_steps")
+    if strategy not in ("no", "steps", "epoch"):
+        raise ValueError(f"eval_strategy={strategy!r}: sdft evaluates as it trains every eval_steps ('steps') or "
+                         "epoch ('epoch'), or not ('no')")
     every = 0
     if strategy == "steps":
         given = arg(args, "eval_steps", None)
         given = float(arg(args, "logging_steps", 10) if given is None else given)  # HF: logging_steps when unset
         every = every_steps(given, max_steps)
     load_best = bool(arg(args, "load_best_model_at_end", False))
-    if load_best and not every:
+    if load_best and not every and strategy != "epoch":
         raise ValueError("load_best_model_at_end=True ranks the evaluations during training: set "
-                         "eval_strategy='steps' (and pass an eval_dataset)")
+                         "eval_strategy='steps' or 'epoch' (and pass an eval_dataset)")
     name = arg(args, "metric_for_best_model", None)
     named = NAMED_BEST.fullmatch(str(name)) if name is not None else None
     if name is not None and str(name) not in BEST_METRICS and not named:
@@ -200,7 +200,8 @@ def evaluation_values(args, max_steps: int) -> dict:
     if load_best and greater is not None and bool(greater) != metric.endswith("score"):
         raise ValueError(f"greater_is_better={greater}: {metric} is better when "
                          f"{'higher' if metric.endswith('score') else 'lower'}")
-    return dict(eval_steps=every, load_best_model_at_end=load_best, metric_for_best_model=metric)
+    return dict(eval_steps=every, eval_strategy="epoch" if strategy == "epoch" else "steps",
+                load_best_model_at_end=load_best, metric_for_best_model=metric)
 
 
 def _checkpointing(args) -> bool:
@@ -365,8 +366,9 @@ class SDFTTrainer:
         self._eval_sets = None
         if eval_dataset is not None:
             self._eval_sets = trl_eval_sets(eval_dataset)  # a bad row is one line now, not after training
-        elif config.eval_steps:
-            raise ValueError("eval_strategy='steps' evaluates an eval_dataset during training: pass eval_dataset")
+        elif config.evaluation_rule:
+            raise ValueError(f"eval_strategy={'epoch' if config.eval_strategy == 'epoch' else 'steps'!r} evaluates an "
+                             "eval_dataset during training: pass eval_dataset")
         self.result: TrainResult | None = None
         self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
                                   save_steps=config.save_steps, log_history=[],
@@ -407,7 +409,7 @@ class SDFTTrainer:
         self._event("on_train_begin")
         self._event("on_step_begin")
         t0 = time.perf_counter()
-        during = config.eval_steps > 0  # eval_strategy='steps': the run evaluates eval_dataset as it goes
+        during = config.evaluation_rule is not None  # the run evaluates eval_dataset as it goes
         try:
             self.result = train(self.model, self.examples, config, tokenizer=self.processing_class,
                                 engine=self.engine, step_callback=self._on_step,

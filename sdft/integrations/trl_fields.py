@@ -76,8 +76,8 @@ HONOURED = {
     "teacher_prompt_template": "teacher_template ({privileged_context} -> {demonstration})",
     "num_loss_tokens_to_skip": "num_loss_tokens_to_skip",
     "train_sampling_strategy": "'random': sdft's seeded shuffle; others refused",
-    "eval_strategy": "'steps': eval_dataset answered and scored every eval_steps (and before training); 'no': "
-                     "only evaluate(); 'epoch' refused",
+    "eval_strategy": "'steps' / 'epoch': eval_dataset answered and scored every eval_steps / at each pass's end "
+                     "(and before training, and at the end); 'no': only evaluate()",
     "eval_steps": "eval_steps (a fraction of max_steps when below 1; not given: logging_steps, as HF)",
     "load_best_model_at_end": "load_best_model_at_end (needs eval_strategy='steps' and an eval_dataset)",
     "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity (eval_NAME_score / "

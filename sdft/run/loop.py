@@ -180,8 +180,8 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
                                     scaler=runner.scaler, only_model=config.save_only_model)
                 barrier(world)
                 done["save"] = step
-            if evaluator is not None and done["eval"] != step and (
-                    final or (config.eval_steps and step % config.eval_steps == 0)):
+            if evaluator is not None and done["eval"] != step and eval_due(step, final, config, len(run.examples),
+                                                                           world.size):
                 evaluate_at(step)
                 done["eval"] = step
 
@@ -252,6 +252,16 @@ def save_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
     if config.save_strategy == "epoch":
         return epoch_ends(step, config, rows, processes)
     return step % config.save_steps == 0
+
+
+def eval_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
+    """Whether the run evaluates after optimizer step ``step``: at the last step, and by ``eval_strategy`` (steps:
+    every ``eval_steps``, none when 0; epoch: at each epoch's end)."""
+    if final:
+        return True
+    if config.eval_strategy == "epoch":
+        return epoch_ends(step, config, rows, processes)
+    return bool(config.eval_steps) and step % config.eval_steps == 0
 
 
 def interrupted_line(output_dir: Path) -> str:

@@ -169,9 +169,9 @@ def check_evaluation(config, eval_examples, kept) -> None:
     ``eval_steps`` (as HF's Trainer refuses eval_strategy='steps' without an eval_dataset), and the figure
     ``load_best_model_at_end`` ranks by. ``eval_examples``: the held-out rows (None: none); ``kept``: the
     retention check (``sdft.eval.retention.resolve``)."""
-    if config.eval_steps and eval_examples is None and kept is None:
-        raise ValueError(f"eval_steps={config.eval_steps} evaluates eval_data during training, and the run has none: "
-                         "give eval_data (or retention_data), or set eval_steps=0")
+    if config.evaluation_rule and eval_examples is None and kept is None:
+        raise ValueError(f"{config.evaluation_rule} evaluates eval_data during training, and the run has none: "
+                         "give eval_data (or retention_data), or set eval_steps=0 and eval_strategy=steps")
     if config.load_best_model_at_end:
         check_best_metric(config.metric_for_best_model, eval_examples is not None, kept,
                           list(eval_examples) if isinstance(eval_examples, dict) else ())

@@ -72,16 +72,16 @@ def stage_dir(root: Path, k: int, name: str) -> Path:
 
 
 def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = False,
-                 eval_steps: int = 0) -> tuple[list, list, list]:
+                 during: str | None = None) -> tuple[list, list, list]:
     """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads;
-    ``load_best`` (``load_best_model_at_end``) and ``eval_steps`` need the validation sets a stage's run
-    evaluates."""
+    ``load_best`` (``load_best_model_at_end``) and ``during`` (``SDFTConfig.evaluation_rule``: evaluations as a
+    stage trains) need the validation sets a stage's run evaluates."""
     if not stages:
         raise ValueError("train_sequence needs at least one stage")
-    if eval_steps and validation_stages is None:
-        raise ValueError(f"eval_steps={eval_steps} in a sequence evaluates each stage's validation set as it trains "
+    if during and validation_stages is None:
+        raise ValueError(f"{during} in a sequence evaluates each stage's validation set as it trains "
                          "(held-out sets are scored between the stages): give validation_stages "
-                         "(--validation-stages), or set eval_steps=0")
+                         "(--validation-stages), or set eval_steps=0 and eval_strategy=steps")
     if load_best and validation_stages is None:
         raise ValueError("load_best_model_at_end in a sequence ends each stage on its best validation point: "
                          "give validation_stages (--validation-stages), one set per stage")
@@ -179,7 +179,7 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
     names = stage_names(stages, names)
     train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages,
-                                                          config.load_best_model_at_end, config.eval_steps)
+                                                          config.load_best_model_at_end, config.evaluation_rule)
     overrides = list(stage_overrides) if stage_overrides is not None else [{}] * len(names)
     if len(overrides) != len(names) or not all(isinstance(o, dict) for o in overrides):
         raise ValueError(f"stage_overrides: give one dict of config values per stage ({len(names)})")

@@ -426,7 +426,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(generation_kwargs={"num_beams": 4}), "generation_kwargs 'num_beams'"),
     (dict(push_to_hub=True), "push_to_hub=True: sdft does not implement pushing to the Hub"),
     (dict(torch_compile=True), "torch_compile=True"),
-    (dict(eval_strategy="epoch"), "eval_strategy='epoch'"),
+    (dict(eval_strategy="never"), "eval_strategy='never': sdft evaluates as it trains"),
     (dict(load_best_model_at_end=True), "load_best_model_at_end=True ranks the evaluations during training"),
     (dict(eval_strategy="steps", metric_for_best_model="eval_loss"), "metric_for_best_model='eval_loss'"),
     (dict(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_perplexity",
@@ -548,6 +548,26 @@ def test_eval_strategy_steps_evaluates_during_training_and_load_best_ends_on_the
     assert [h["eval_score"] for h in trainer.state.log_history if "eval_score" in h] == [0.1, 0.7, 0.7, 0.2]
     assert trainer.state.best_global_step == 1 and trainer.state.best_metric == 0.7
     assert trainer.result.best_step == 1
+
+
+def test_eval_strategy_epoch_evaluates_at_each_epochs_end_and_load_best_ranks_those(tmp_path):
+    """4 rows, 1 prompt a step: epochs end at steps 4 and 8; the run (6 steps) is evaluated before training, at
+    step 4 and at its end."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class OnEvaluate(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(state.global_step)
+
+    scores = iter([0.1, 0.9, 0.2])
+    tok = tiny_tokenizer()
+    args = _tiny_args(tmp_path, 6, eval_strategy="epoch", load_best_model_at_end=True)
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
+                          eval_dataset=ROWS[:1], eval_scorer=lambda a, d: next(scores), callbacks=[OnEvaluate()])
+    trainer.train()
+    assert seen == [0, 4, 6] and trainer.state.best_global_step == 4
 
 
 def test_several_eval_sets_are_each_evaluated_and_named_as_the_trainer_names_them(tmp_path):

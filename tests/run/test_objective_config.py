@@ -92,6 +92,13 @@ def test_an_epoch_ends_at_the_step_whose_prompts_reach_a_multiple_of_the_rows(ro
     assert [s for s in range(1, 11) if epoch_ends(s, config, rows, processes)] == ends
 
 
+def test_eval_strategy_epoch_without_anything_to_evaluate_is_one_line_before_the_model_loads(tmp_path):
+    config = SDFTConfig(output_dir=str(tmp_path), max_steps=2, eval_strategy="epoch", retention_data="")
+    with pytest.raises(ValueError, match="eval_strategy=epoch evaluates eval_data during training, and the run has "
+                                         "none"):
+        train("not/loaded", ROWS, config)
+
+
 def test_warmup_steps_count_whole_steps_and_exclude_warmup_ratio():
     c = SDFTConfig(learning_rate=1.0, max_steps=25, warmup_steps=7, lr_scheduler_type="linear")
     lrs = [LRSchedule.from_config(c).at(s) for s in range(25)]
