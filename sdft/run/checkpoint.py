@@ -146,18 +146,17 @@ def damage(path) -> str | None:
 
 
 def weights_only(path) -> bool:
-    """Whether a checkpoint holds the weights alone (``save_only_model``): exported, never resumed."""
-    return bool(checkpoint_state(path).get("weights_only"))
+    """Whether a checkpoint says it holds the weights alone (``save_only_model``): exported, never resumed.
+    False when its state.json does not read (``damage`` names that, when a resume or an export reads it)."""
+    try:
+        return bool(checkpoint_state(path).get("weights_only"))
+    except CheckpointError:
+        return False
 
 
 def resume_note(path) -> str:
-    """What a stopped or failed run says of its newest checkpoint ``path``: how to continue from it (a resume
-    names any damage when it reads it)."""
-    try:
-        only = weights_only(path)
-    except CheckpointError:
-        only = False
-    if only:
+    """What a stopped or failed run says of its newest checkpoint ``path``: how to continue from it."""
+    if weights_only(path):
         return ("it holds the weights only (save_only_model): `sdft export` writes a model of it, no run resumes "
                 "from it")
     return "resume_from_checkpoint=true continues from it"
@@ -205,8 +204,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
         _fsync_folder(tmp)
     except WRITE_ERRORS as err:  # a full disk, a file-size limit, a read-only or forbidden folder
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in list_checkpoints(out)]
-        kept = (f"the previous checkpoint {previous[-1]} is intact ({resume_note(previous[-1])})"
+        previous = list_checkpoints(out)
+        kept = (f"the previous checkpoint {previous[-1].name} is intact ({resume_note(previous[-1])})"
                 if previous else "no earlier checkpoint exists")
         raise CheckpointSaveError(f"could not write checkpoint-{step} in {out}: {write_reason(err, out)}; "
                                   f"{kept}") from None

@@ -107,14 +107,6 @@ class OutputDirInUse(ValueError):
         self.out, self.held, self.resumable = out, held, resumable
 
 
-def _weights_only(checkpoint: Path) -> bool:
-    """Whether a checkpoint says it holds the weights alone (False when its state.json does not read)."""
-    try:
-        return weights_only(checkpoint)
-    except CheckpointError:
-        return False
-
-
 def run_entry_holding(path) -> str | None:
     """What of an sdft run ``path`` is or lies inside, as a phrase; None when nothing: an sdft checkpoint
     (its run rotates it away), or inside an entry a run's record lists (``final_model/``, ``runs/``, ...:
@@ -152,7 +144,7 @@ def plan_run(config, report=report_line, evaluating: bool | None = None) -> Path
                          f"{RECORD_FILE}) and which this run would write: move it, or choose another output_dir")
     if config.resume_from_checkpoint is False:
         if found and not config.overwrite_output_dir:
-            if _weights_only(found[-1]):  # its state.json alone: the refusal needs no checksums
+            if weights_only(found[-1]):  # its state.json alone: the refusal needs no checksums
                 raise OutputDirInUse(out, f"holds checkpoints of the weights only (newest {found[-1].name}, "
                                           "save_only_model: nothing to resume)", resumable=False)
             raise OutputDirInUse(out, f"already holds checkpoints (newest {found[-1].name})", resumable=True)

@@ -459,6 +459,23 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_sta
     assert [r["step"] for r in result.metrics] == [2]
 
 
+def test_a_full_disk_after_a_weights_only_checkpoint_says_it_is_not_for_resuming(tmp_path, monkeypatch):
+    from sdft.run import checkpoint
+
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def fills_up_on_the_second_checkpoint(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up_on_the_second_checkpoint)
+    with pytest.raises(CheckpointSaveError, match="the previous checkpoint checkpoint-1 is intact \\(it holds the "
+                                                  "weights only \\(save_only_model\\)"):
+        _run(tmp_path, save_only_model=True)
+
+
 def test_a_read_only_output_dir_is_one_line(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
