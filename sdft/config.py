@@ -23,7 +23,9 @@ from sdft_kernels.divergence import DIVERGENCES, make_spec
 
 TEACHER_MODES = ("live", "frozen", "ema")
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "constant_with_warmup", "cosine_with_restarts",
-                "polynomial", "inverse_sqrt", "cosine_warmup_with_min_lr", "warmup_stable_decay")  # HF's, by step
+                "polynomial", "inverse_sqrt", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# (HF's schedules that are functions of the step, run by sdft.run.schedule; reduce_lr_on_plateau and greedy follow
+# an evaluation metric)
 DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}

@@ -367,8 +367,8 @@ class SDFTTrainer:
         if eval_dataset is not None:
             self._eval_sets = trl_eval_sets(eval_dataset)  # a bad row is one line now, not after training
         elif config.evaluation_rule:
-            raise ValueError(f"eval_strategy={'epoch' if config.eval_strategy == 'epoch' else 'steps'!r} evaluates an "
-                             "eval_dataset during training: pass eval_dataset")
+            raise ValueError(f"eval_strategy={config.eval_strategy!r} evaluates an eval_dataset during training: pass "
+                             "eval_dataset")
         self.result: TrainResult | None = None
         self.state = TrainerState(max_steps=config.max_steps, logging_steps=config.logging_steps,
                                   save_steps=config.save_steps, log_history=[],

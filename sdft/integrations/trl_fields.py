@@ -79,7 +79,7 @@ HONOURED = {
     "eval_strategy": "'steps' / 'epoch': eval_dataset answered and scored every eval_steps / at each pass's end "
                      "(and before training, and at the end); 'no': only evaluate()",
     "eval_steps": "eval_steps (a fraction of max_steps when below 1; not given: logging_steps, as HF)",
-    "load_best_model_at_end": "load_best_model_at_end (needs eval_strategy='steps' and an eval_dataset)",
+    "load_best_model_at_end": "load_best_model_at_end (needs eval_strategy='steps' or 'epoch' and an eval_dataset)",
     "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity (eval_NAME_score / "
                              "eval_NAME_perplexity for eval_dataset={NAME: ...}); eval_loss refused "
                              "(sdft's evaluation computes no held-out SDFT loss)",

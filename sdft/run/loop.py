@@ -242,26 +242,25 @@ def epoch_ends(step: int, config, rows: int, processes: int) -> bool:
     return step * per_step // rows > (step - 1) * per_step // rows
 
 
-def save_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
-    """Whether a checkpoint is written after optimizer step ``step``: by ``save_strategy`` (steps: every
-    ``save_steps``; epoch: at each epoch's end; both: at the last step too; no: never)."""
-    if config.save_strategy == "no":
-        return False
+def _due(step: int, final: bool, strategy: str, every: int, config, rows: int, processes: int) -> bool:
+    """Whether a save or an evaluation under ``strategy`` falls after optimizer step ``step``: at the last step,
+    every ``every`` steps (steps; none when 0) or at each epoch's end (epoch)."""
     if final:
         return True
-    if config.save_strategy == "epoch":
+    if strategy == "epoch":
         return epoch_ends(step, config, rows, processes)
-    return step % config.save_steps == 0
+    return bool(every) and step % every == 0
+
+
+def save_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
+    """Whether a checkpoint is written after optimizer step ``step`` (``save_strategy=no``: never)."""
+    return config.save_strategy != "no" and _due(step, final, config.save_strategy, config.save_steps, config, rows,
+                                                 processes)
 
 
 def eval_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
-    """Whether the run evaluates after optimizer step ``step``: at the last step, and by ``eval_strategy`` (steps:
-    every ``eval_steps``, none when 0; epoch: at each epoch's end)."""
-    if final:
-        return True
-    if config.eval_strategy == "epoch":
-        return epoch_ends(step, config, rows, processes)
-    return bool(config.eval_steps) and step % config.eval_steps == 0
+    """Whether the run evaluates after optimizer step ``step`` (``eval_strategy``, ``eval_steps``)."""
+    return _due(step, final, config.eval_strategy, config.eval_steps, config, rows, processes)
 
 
 def interrupted_line(output_dir: Path) -> str:

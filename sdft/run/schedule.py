@@ -13,9 +13,6 @@ import json
 import math
 from dataclasses import dataclass
 
-# HF's schedules that are functions of the step (reduce_lr_on_plateau and greedy follow an evaluation metric)
-SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "constant_with_warmup", "cosine_with_restarts",
-             "polynomial", "inverse_sqrt", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 HF_NAME = {"constant": "constant_with_warmup"}
 STEP_ARGUMENTS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")  # set by the run
 MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")

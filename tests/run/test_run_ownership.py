@@ -437,7 +437,8 @@ def test_an_embedded_model_cache_of_another_transformers_is_rebuilt_in_one_line(
 
 # -- full disk, read-only folder -------------------------------------------------------------------------
 
-def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_stays(tmp_path, monkeypatch, capsys):
+def _disk_fills_on_the_second_checkpoint(monkeypatch):
+    """The disk refuses the second checkpoint's weights (ENOSPC); returns the real writer, to restore."""
     from sdft.run import checkpoint
 
     real, calls = checkpoint.save_file, {"n": 0}
@@ -449,6 +450,13 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_sta
         real(tensors, path)
 
     monkeypatch.setattr(checkpoint, "save_file", fills_up_on_the_second_checkpoint)
+    return real
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    from sdft.run import checkpoint
+
+    real = _disk_fills_on_the_second_checkpoint(monkeypatch)
     with pytest.raises(CheckpointSaveError, match="could not write checkpoint-2 .*No space left on device "
                                                   "\\(ENOSPC\\); the previous checkpoint checkpoint-1 is intact"):
         _run(tmp_path)
@@ -460,17 +468,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_sta
 
 
 def test_a_full_disk_after_a_weights_only_checkpoint_says_it_is_not_for_resuming(tmp_path, monkeypatch):
-    from sdft.run import checkpoint
-
-    real, calls = checkpoint.save_file, {"n": 0}
-
-    def fills_up_on_the_second_checkpoint(tensors, path):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(tensors, path)
-
-    monkeypatch.setattr(checkpoint, "save_file", fills_up_on_the_second_checkpoint)
+    _disk_fills_on_the_second_checkpoint(monkeypatch)
     with pytest.raises(CheckpointSaveError, match="the previous checkpoint checkpoint-1 is intact \\(it holds the "
                                                   "weights only \\(save_only_model\\)"):
         _run(tmp_path, save_only_model=True)
