@@ -37,6 +37,7 @@ from sdft.runtime.distributed import check_launcher, launched_size, leave
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
 DEMO_SAVE_TOTAL_LIMIT = 1
+MODEL_HELP = "local model folder, Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or .gguf (default: embedded SmolLM2)"
 
 
 def _overrides(parser, items: list[str]) -> dict[str, str]:
@@ -112,7 +113,7 @@ def _build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="fine-tune a model with SDFT", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
+    tr.add_argument("--model", default=None, help=MODEL_HELP)
     tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="SDFTConfig overrides (below); --set may repeat")
@@ -159,7 +160,7 @@ def _build_parser():
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None,
-                    help="local model folder, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
+                    help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
     tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
@@ -177,7 +178,7 @@ def _build_parser():
     co.add_argument("--validation-stages", nargs="+", default=None, metavar="FILE",
                     help="a validation jsonl per stage, evaluated during that stage (every eval_steps); with "
                          "--set load_best_model_at_end=true each stage ends on its best point")
-    co.add_argument("--model", default=None, help="local model folder or .gguf (default: embedded SmolLM2)")
+    co.add_argument("--model", default=None, help=MODEL_HELP)
     co.add_argument("--baseline", choices=["sft"], default=None,
                     help="also run the same stages with plain SFT and put both matrices side by side")
     co.add_argument("--scorer", nargs="+", default=None,

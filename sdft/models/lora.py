@@ -1,6 +1,7 @@
 """LoRA adapters through peft, from the config's lora_* values (functions take the values they use)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -35,9 +36,17 @@ def apply_lora(model, settings: LoraSettings):
 
     lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=lora_targets(settings.target_modules), task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft reads transformers' old name; the user can do nothing about it
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft():
         return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads transformers' old ``is_gradient_checkpointing`` when it wraps a model; the user can do nothing
+    about its FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def lora_values(peft_config) -> dict:

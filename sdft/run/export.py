@@ -115,6 +115,7 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
     try:
         with _no_shard_bar():
             model.save_pretrained(tmp, **save_options)
+        _hub_base(tmp)
         tokenizer.save_pretrained(tmp)
         kwargs = template_kwargs_of(tokenizer)  # how the run rendered its chats: generate and teacher-check do too
         (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "sdft", **({"chat_template_kwargs": kwargs}
@@ -134,6 +135,21 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
     else:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _hub_base(folder: Path) -> None:
+    """An adapter of a Hub model names its base by its Hub id, as peft's own do (a snapshot's path in one machine's
+    cache means nothing on another); rewritten after peft's save, which reads the base's config.json at that path."""
+    from sdft.models import hub
+
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    fetched = hub.origin(config.get("base_model_name_or_path") or "")
+    if fetched is not None:
+        config["base_model_name_or_path"] = fetched.repo_id
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def save_hf_folder(model, tokenizer, out, force: bool = False) -> Path:
@@ -173,7 +189,8 @@ def export_model(model, tokenizer, out, merge_lora: bool = False, force: bool = 
 
 def _name_base(model) -> None:
     """The adapter names its base by the absolute path sdft loaded it from (peft writes the path as it was
-    given, which a relative one makes wrong from any other folder)."""
+    given, which a relative one makes wrong from any other folder); ``_hub_base`` turns a Hub snapshot's path
+    into its Hub id once saved."""
     from sdft.models.loading import SOURCE_UNKNOWN, model_source
 
     source = model_source(model.get_base_model())
@@ -227,7 +244,7 @@ def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None
     """``load_checkpoint_model`` for a checkpoint ``check_checkpoint`` passed (its files are hashed once);
     ``state``: its state.json when already read."""
     from sdft.config import SDFTConfig
-    from sdft.models import load_model
+    from sdft.models import hub, load_model
     from sdft.models.loading import SOURCE_UNKNOWN, source_of
     from sdft.models.lora import LoraSettings, apply_lora
     from sdft.run.checkpoint import checkpoint_state, load_trainable
@@ -238,7 +255,7 @@ def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None
     if source == SOURCE_UNKNOWN:
         raise ValueError(f"{checkpoint} was trained from a model object built outside sdft.load_model, so it "
                          "does not say which base model it needs: pass the base model's path (--model)")
-    if source is not None and not Path(source).expanduser().exists():
+    if source is not None and not Path(source).expanduser().exists() and hub.origin(source) is None:
         raise FileNotFoundError(f"{checkpoint} was trained from {source}, which is not here: pass the base "
                                 "model's path on this machine (--model)")
     trained_from = other_base(checkpoint, source_of(source))

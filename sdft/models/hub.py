@@ -1,0 +1,139 @@
+"""Models named by a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), as transformers and TRL take them.
+
+A name that is not a local path and reads as a repository id is fetched into the Hub's own cache
+(``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` and a lost network use what is cached there). Its small files
+(config and tokenizer) come first, so every row and setting is checked before the weights download; the
+weights come with the load, at the same commit. The commit is fixed once per
+process, so a run's checks, its weights and what its checkpoints record are one version of the model.
+Everything downstream sees a local folder: the snapshot.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# A repository's config and tokenizer (what sdft checks before the weights load); the weights are not here.
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "tokenizer.model", "spiece.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+               "model.safetensors.index.json")
+
+_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass(frozen=True)
+class HubModel:
+    repo_id: str
+    commit: str
+    folder: Path  # the snapshot at ``commit``: config and tokenizer, and the weights once loaded
+
+
+_fetched: dict[tuple[str, str | None], HubModel] = {}
+
+
+def is_repo_id(name) -> bool:
+    """Whether ``name`` is a Hub id rather than a local path: a string with no local file or folder of its name,
+    of the form ``owner/name`` (or a bare legacy name such as ``gpt2``), not a .gguf file."""
+    if not isinstance(name, str) or Path(name).expanduser().exists() or name.endswith(".gguf"):
+        return False
+    return bool(_ID.fullmatch(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def fetch(repo_id: str, revision: str | None = None) -> HubModel:
+    """The snapshot of ``repo_id``'s config and tokenizer at ``revision`` (None: its main branch, fixed at one
+    commit per process), downloaded or from the cache; any failure is one line naming the model."""
+    if (repo_id, revision) in _fetched:
+        return _fetched[repo_id, revision]
+    from huggingface_hub import snapshot_download
+
+    with _one_line(repo_id):
+        folder = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=list(SMALL_FILES)))
+    model = HubModel(repo_id, folder.name, folder)
+    _fetched[repo_id, revision] = model
+    return model
+
+
+def local(path: Path) -> Path:
+    """``path``, or, for a Hub snapshot that is not on this machine (recorded by a checkpoint written on another),
+    the same commit's snapshot here, fetched."""
+    recorded = origin(path) if not path.exists() else None
+    return path if recorded is None else fetch(recorded.repo_id, recorded.commit).folder
+
+
+def origin(folder) -> HubModel | None:
+    """The Hub model whose snapshot ``folder`` is (the cache's ``models--OWNER--NAME/snapshots/COMMIT``), or None
+    for any other folder: checkpoints record the snapshot, and an export names its repository."""
+    folder = Path(folder)
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--") or len(repo) <= len("models--"):
+        return None
+    return HubModel(repo[len("models--"):].replace("--", "/"), folder.name, folder)
+
+
+def fetch_weights(model: HubModel) -> None:
+    """Download ``model``'s weights into its snapshot, at its commit: the safetensors files its index names (or
+    its one ``model.safetensors``), else its ``pytorch_model*.bin``; nothing when they are there already."""
+    index = model.folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    if all((model.folder / name).is_file() for name in names):
+        return
+    from huggingface_hub import snapshot_download
+
+    with _one_line(model.repo_id):
+        snapshot_download(repo_id=model.repo_id, revision=model.commit, allow_patterns=names)
+        if not all((model.folder / name).is_file() for name in names):  # a repository of pickled weights
+            snapshot_download(repo_id=model.repo_id, revision=model.commit,
+                              allow_patterns=["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    if not any(model.folder.glob("*.safetensors")) and not any(model.folder.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"model {model.repo_id}: its weights are not in the Hugging Face Hub's cache "
+                                f"({model.folder}) and could not be fetched (offline?)")
+
+
+class _one_line:
+    """Turns the Hub's errors (several lines each, naming no model) into one line that names ``repo_id``."""
+
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None:
+            return False
+        line = _explain(self.repo_id, err)
+        if line is None:
+            return False
+        raise FileNotFoundError(line) from None
+
+
+def _explain(repo_id: str, err: BaseException) -> str | None:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"model {repo_id} is not a local path"
+    if isinstance(err, GatedRepoError):
+        return (f"{where}, and the Hugging Face Hub holds it behind a gate: accept its terms on "
+                f"https://huggingface.co/{repo_id} and log in (hf auth login, or HF_TOKEN)")
+    if isinstance(err, RepositoryNotFoundError):
+        return (f"{where}, nor a model on the Hugging Face Hub (or a private one: log in with hf auth login, or "
+                "set HF_TOKEN)")
+    if isinstance(err, LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the network is not reachable"
+        return (f"{where}, and the Hugging Face Hub cannot be reached to fetch it ({why}) nor is it in the Hub's "
+                f"cache ({constants.HF_HUB_CACHE}): fetch it where there is a network, or give a local folder")
+    if isinstance(err, HfHubHTTPError):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{where}, and fetching it from the Hugging Face Hub failed: {first}"
+    if isinstance(err, OSError):
+        text = err.strerror or str(err).strip() or type(err).__name__
+        return f"{where}, and fetching it from the Hugging Face Hub failed: {text.splitlines()[0]}"
+    return None
