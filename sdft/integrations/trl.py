@@ -39,7 +39,7 @@ from transformers.trainer_utils import TrainOutput
 
 from sdft.config import LR_SCHEDULES, SDFTConfig
 from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
-from sdft.integrations.trl_fields import arg, check_fields, model_init_values, plain
+from sdft.integrations.trl_fields import arg, check_fields, model_init_values, model_revision, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models.lora import lora_values
 from sdft.run.loop import TrainResult, save_due
@@ -240,6 +240,16 @@ def _own_tokenizer(model):
     return load_tokenizer(source)
 
 
+def _at_revision(model, revision: str | None):
+    """A Hub id with TRL's ``model_init_kwargs`` revision: that revision's snapshot, the folder sdft loads (a model
+    object, a local path, or no revision: ``model`` itself, as TRL ignores the revision there)."""
+    from sdft.models import hub
+
+    if revision is None or not hub.is_repo_id(model):
+        return model
+    return str(hub.fetch(model, revision).folder)
+
+
 def trl_eval_sets(dataset):
     """Held-out rows under TRL's prompt rule (``trl_examples``): one set, or a name -> set mapping
     (``eval_dataset={name: dataset}``, a DatasetDict among them), as the Trainer takes them."""
@@ -334,6 +344,8 @@ class SDFTTrainer:
       ``eval_perplexity``, or ``eval_{name}_score`` / ``eval_{name}_perplexity``), with
       ``state.best_global_step`` and ``state.best_metric``.
     * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
+    * ``model``: a model object, a local folder or a Hugging Face Hub id (at ``model_init_kwargs``' revision),
+      as TRL takes it (``sdft.models.hub``).
     * The rest of TRL's scripts (``trl/scripts/*.py``) runs as there: ``accelerator.print`` (and the
       process facts a script reads from ``accelerator``, ``ProcessView``) and ``end()``; so does the HF
       Trainer's tail: ``log_metrics``, ``save_metrics`` (``{split}_results.json``, ``all_results.json``) and
@@ -363,6 +375,7 @@ class SDFTTrainer:
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **lora_values(peft_config)})
         self.args, self.trl_args = config, args
+        model = _at_revision(model, model_revision(args if args is not None else {}))
         self.model, self.processing_class = model, processing_class or _own_tokenizer(model)
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
         self._eval_sets = None

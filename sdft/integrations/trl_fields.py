@@ -47,7 +47,8 @@ HONOURED = {
     "seed": "seed",
     "use_cpu": "device=cpu",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
-    "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16), attn_implementation; other keys "
+    "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16), attn_implementation, revision (of a "
+                         "Hub model named by its id); other keys "
                          "refused",
     "disable_dropout": "disable_dropout",
     "max_prompt_length": "max_prompt_length",
@@ -286,10 +287,19 @@ def check_fields(args) -> None:
         if r not in REPORTERS:
             raise ValueError(f"report_to={r!r}: sdft logs to {', '.join(REPORTERS)}")
     kwargs = arg(args, "model_init_kwargs", None) or {}
-    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype", "attn_implementation"})
+    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype", "attn_implementation", "revision", "trust_remote_code"})
     if unknown:
-        raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype "
-                         "and attn_implementation")
+        raise ValueError(f"model_init_kwargs {unknown[0]!r}: sdft loads the model itself and reads only its dtype, "
+                         "attn_implementation and revision")
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("model_init_kwargs trust_remote_code=True: sdft never runs a model repository's code; "
+                         "set it to False")
+
+
+def model_revision(args) -> str | None:
+    """``model_init_kwargs``' revision (a branch, tag or commit of a Hub model; None: its main branch)."""
+    revision = (arg(args, "model_init_kwargs", None) or {}).get("revision")
+    return None if revision in (None, "") else str(revision)
 
 
 def model_init_values(args) -> dict:

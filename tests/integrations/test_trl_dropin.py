@@ -438,6 +438,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(model_init_kwargs={"attn_implementation": "kernels-community/flash-attn2"}),
      "hub kernels are not fetched: install flash-attn for flash_attention_2"),
     (dict(deepspeed="ds.json"), "deepspeed='ds.json'"),
+    (dict(model_init_kwargs={"trust_remote_code": True}), "sdft never runs a model repository's code"),
 ])
 def test_trl_fields_sdft_does_not_implement_are_one_line_errors(tmp_path, change, message):
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
@@ -453,6 +454,16 @@ def test_trl_fields_that_map_onto_sdft_keys(tmp_path):
                               dataloader_num_workers=4, vllm_server_port=1234))
     assert (c.dtype, c.disable_dropout, c.full_determinism, c.gradient_checkpointing) == ("bfloat16", True, True, False)
     assert c.attn_implementation == "eager"
+
+
+def test_the_model_init_kwargs_of_trls_sdft_script_are_taken(tmp_path):
+    """trl/experimental/sdft/sdft.py sets revision, trust_remote_code, attn_implementation and dtype from its
+    ModelConfig, whatever the model."""
+    import torch
+
+    kwargs = dict(revision="main", trust_remote_code=False, attn_implementation=None, dtype=torch.bfloat16)
+    c = config_from_trl(_args(tmp_path, max_steps=3, model_init_kwargs=kwargs))
+    assert (c.dtype, c.attn_implementation) == ("bfloat16", "auto")
 
 
 @pytest.mark.parametrize("value, clip", [(None, 0.0), (0, 0.0), (0.5, 0.5)])

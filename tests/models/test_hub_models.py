@@ -175,3 +175,17 @@ def test_a_checkpoint_from_another_machines_cache_exports_from_the_same_commit_h
     assert cli(["export", str(checkpoint), str(tmp_path / "out")]) == 0
     assert (REPO, COMMIT) in {c[:2] for c in hub_cache.calls}
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
+
+
+def test_the_trl_dropin_trains_a_hub_id_at_model_init_kwargs_revision(tmp_path, hub_cache, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.sdft import SDFTConfig as TRLConfig
+
+    from sdft.integrations.trl import SDFTTrainer
+
+    args = TRLConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                     max_completion_length=4, use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+                     model_init_kwargs={"revision": "v1.0"})
+    rows = [{"prompt": r["prompt"], "privileged_context": r["demonstration"]} for r in ROWS]
+    SDFTTrainer(model=REPO, args=args, train_dataset=rows).train()
+    assert {c[:2] for c in hub_cache.calls} == {(REPO, "v1.0")}
