@@ -39,6 +39,7 @@ from transformers.trainer_utils import TrainOutput
 
 from sdft.config import LR_SCHEDULES, SDFTConfig
 from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
+from sdft.integrations.hub_push import HubPush
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, model_revision, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models.lora import lora_values
@@ -390,6 +391,9 @@ class SDFTTrainer:
                                   is_world_process_zero=ProcessView().is_main_process)
         self.control = TrainerControl()
         self.callback_handler = _handler(list(callbacks or []), model, processing_class)
+        self.hub = HubPush(args if args is not None else {}, config.output_dir)
+        if self.hub.wanted and self.is_world_process_zero():  # a refused login fails now, as the Trainer's
+            self.hub.create()
         self._event("on_init_end")
 
     def _event(self, name: str, **kwargs):
@@ -453,6 +457,8 @@ class SDFTTrainer:
             self.state.best_metric = picked[0][config.metric_for_best_model] if picked else None
         self.state.log_history.append({**metrics, "step": self.result.step})
         self._event("on_train_end")
+        if self.hub.at_train_end:  # the Trainer's every_save push, whose last is the end of training
+            self.push_to_hub(commit_message=f"Training in progress, step {self.result.step}")
         return TrainOutput(self.result.step, metrics["train_loss"], metrics)
 
     def _on_evaluate(self, step: int, record: dict):
@@ -533,7 +539,19 @@ class SDFTTrainer:
             text = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
             replace_file(Path(self.args.output_dir) / "trainer_state.json", text)
 
-    def save_model(self, output_dir: str | None = None):
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **card):
+        """As ``Trainer.push_to_hub``: the trained model (``save_model``'s OUTPUT_DIR/final_model, written again)
+        and a model card (``card``: model_name, dataset_name, tags, language, license, finetuned_from) uploaded in
+        one commit to ``hub_model_id``, created when missing, on process 0 (the others return None). Always
+        blocking: returns the commit (``commit_url``). See ``sdft.integrations.hub_push``."""
+        folder = self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        return self.hub.push(folder, self.result.model, self.args, commit_message or "End of training", token=token,
+                             revision=revision, private=private, card=card)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the trained model as a Hugging Face folder (LoRA: the adapter). Default: OUTPUT_DIR/final_model
         (TRL writes into output_dir itself, but sdft's run folder holds its own config.json, checkpoints and
         metrics, which a model folder written over it would destroy). ``save_model(args.output_dir)``, the
@@ -558,4 +576,7 @@ class SDFTTrainer:
                              "written at the end of train() (save_final_model)")
         if not self.accelerator.is_main_process:  # one writer: process 0 (the others hold the same model)
             return target
-        return export_model(self.result.model, self.result.tokenizer, target, self.args.merge_lora)
+        written = export_model(self.result.model, self.result.tokenizer, target, self.args.merge_lora)
+        if self.hub.wanted and not _internal_call:  # as the Trainer's save_model
+            self.push_to_hub(commit_message="Model save")
+        return written

@@ -47,6 +47,14 @@ HONOURED = {
     "seed": "seed",
     "use_cpu": "device=cpu",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
+    "push_to_hub": "the trained model folder and a model card pushed at the end of train() and on save_model "
+                   "(sdft.integrations.hub_push)",
+    "hub_model_id": "the repository push_to_hub creates or pushes to (default: output_dir's folder name)",
+    "hub_private_repo": "a repository push_to_hub creates is private",
+    "hub_token": "the token of push_to_hub",
+    "hub_revision": "the branch push_to_hub pushes to (made when missing)",
+    "hub_strategy": "every_save (pushed at the end of training and on save_model) or end (on save_model); "
+                    "checkpoint folders are never pushed (checkpoint, all_checkpoints refused)",
     "model_init_kwargs": "dtype from its dtype / torch_dtype (float32, bfloat16), attn_implementation, revision (of a "
                          "Hub model named by its id); other keys "
                          "refused",
@@ -102,7 +110,6 @@ REFUSED = {
     "auto_find_batch_size": ((False,), "batch size search"),
     "logging_strategy": (("steps",), "logging other than every logging_steps"),
     "enable_jit_checkpoint": ((False,), "just-in-time checkpoints"),
-    "push_to_hub": ((False,), "pushing to the Hub (no network; upload final_model yourself)"),
     "accelerator_config": ((None, {}), "accelerate configuration (sdft runs its own DDP / FSDP2)"),
     "parallelism_config": ((None,), "accelerate parallelism (use SDFTConfig parallel=ddp|fsdp)"),
     "ddp_backend": ((None,), "a chosen DDP backend (sdft: gloo on CPU, nccl on CUDA)"),
@@ -152,12 +159,7 @@ IRRELEVANT = {
     "batch_eval_metrics": "sdft's evaluation scores greedy answers with eval_scorer",
     "num_generations_eval": "sdft's evaluation decodes one greedy answer per prompt",
     "save_on_each_node": "process 0 alone writes checkpoints (full tensors, readable by any process count)",
-    "hub_token": "only read with push_to_hub, which is refused",
-    "hub_private_repo": "only read with push_to_hub, which is refused",
-    "hub_model_id": "only read with push_to_hub, which is refused",
-    "hub_strategy": "only read with push_to_hub, which is refused",
-    "hub_always_push": "only read with push_to_hub, which is refused",
-    "hub_revision": "only read with push_to_hub, which is refused",
+    "hub_always_push": "sdft's pushes wait for each other (none is skipped while another uploads)",
     "ignore_data_skip": "a resume recomputes the data order from the step, nothing is skipped or replayed",
     "restore_callback_states_from_checkpoint": "sdft's loop has no callbacks whose state it could restore",
     "dataloader_drop_last": "rows are read into memory, not through a DataLoader",
@@ -255,10 +257,22 @@ def check_generation_batch(args) -> None:
                          "gradient_accumulation_steps, or leave both unset")
 
 
+HUB_STRATEGIES = ("every_save", "end")
+
+
+def check_strategy(args) -> None:
+    """``hub_strategy``: what sdft pushes (``sdft.integrations.hub_push``) is the trained model, never checkpoints."""
+    strategy = plain(arg(args, "hub_strategy", "every_save"))
+    if strategy not in HUB_STRATEGIES:
+        raise ValueError(f"hub_strategy={strategy!r}: sdft pushes the trained model (every_save: at the end of "
+                         "training and on save_model; end: on save_model and push_to_hub), never checkpoint folders")
+
+
 def check_fields(args) -> None:
     """One-line error for the first TRL field set to something sdft does not implement."""
     defaults = _defaults(args)
     check_generation_batch(args)
+    check_strategy(args)
     for name, (off, what) in REFUSED.items():
         value = plain(arg(args, name, off[0]))
         if value not in off and not (name in defaults and value == plain(defaults[name])):

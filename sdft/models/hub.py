@@ -1,4 +1,5 @@
-"""Models named by a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), as transformers and TRL take them.
+"""Models named by a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), as transformers and TRL take them, and
+a trained model pushed to the Hub (``push_folder``, the TRL drop-in's ``push_to_hub``).
 
 A name that is not a local path and reads as a repository id is fetched into the Hub's own cache
 (``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` and a lost network use what is cached there). Its small files
@@ -95,8 +96,8 @@ def fetch_weights(model: HubModel) -> None:
 class _one_line:
     """Turns the Hub's errors (several lines each, naming no model) into one line that names ``repo_id``."""
 
-    def __init__(self, repo_id: str):
-        self.repo_id = repo_id
+    def __init__(self, repo_id: str, pushing: bool = False):
+        self.repo_id, self.pushing = repo_id, pushing
 
     def __enter__(self):
         return self
@@ -104,10 +105,15 @@ class _one_line:
     def __exit__(self, kind, err, tb):
         if err is None:
             return False
-        line = _explain(self.repo_id, err)
+        line = _explain_push(self.repo_id, err) if self.pushing else _explain(self.repo_id, err)
         if line is None:
             return False
-        raise FileNotFoundError(line) from None
+        raise (PermissionError if self.pushing else FileNotFoundError)(line) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
 
 
 def _explain(repo_id: str, err: BaseException) -> str | None:
@@ -130,10 +136,46 @@ def _explain(repo_id: str, err: BaseException) -> str | None:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the network is not reachable"
         return (f"{where}, and the Hugging Face Hub cannot be reached to fetch it ({why}) nor is it in the Hub's "
                 f"cache ({constants.HF_HUB_CACHE}): fetch it where there is a network, or give a local folder")
-    if isinstance(err, HfHubHTTPError):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"{where}, and fetching it from the Hugging Face Hub failed: {first}"
-    if isinstance(err, OSError):
-        text = err.strerror or str(err).strip() or type(err).__name__
-        return f"{where}, and fetching it from the Hugging Face Hub failed: {text.splitlines()[0]}"
+    if isinstance(err, (HfHubHTTPError, OSError)):
+        return f"{where}, and fetching it from the Hugging Face Hub failed: {_first_line(err)}"
     return None
+
+
+def _explain_push(repo_id: str, err: BaseException) -> str | None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(err, (HfHubHTTPError, OSError)):
+        return None
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    login = (": log in with a token that may write there (hf auth login, HF_TOKEN, or hub_token)"
+             if status in (401, 403) else "")
+    return f"could not push to the Hugging Face Hub repository {repo_id}: {_first_line(err)}{login}"
+
+
+def create_repo(repo_id: str, *, token=None, private=None, revision: str | None = None) -> str:
+    """The Hub repository ``repo_id`` (created when missing, ``private`` then; ``revision``: a branch, made from main
+    when missing), as its full id (``owner/name``: a bare name goes under the token's user). A refusal is one line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with _one_line(repo_id, pushing=True):
+        repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+    return repo
+
+
+def push_folder(folder: Path, repo: str, *, commit_message: str, card: str, token=None, revision: str | None = None):
+    """Upload the model folder ``folder`` to the Hub repository ``repo`` (``create_repo``'s) in one commit, with
+    ``card`` as its README.md unless the folder holds one. Returns the commit (its ``commit_url``); a refusal is one
+    line. Files the repository holds and the folder does not are left there, as ``Trainer.push_to_hub`` leaves them."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                  for p in sorted(folder.rglob("*")) if p.is_file()]
+    if not (folder / "README.md").is_file():
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    with _one_line(repo, pushing=True):
+        return HfApi(token=token).create_commit(repo, operations=operations, commit_message=commit_message,
+                                                revision=revision)

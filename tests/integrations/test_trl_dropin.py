@@ -424,7 +424,6 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(adam_beta2=0.95), "adam_beta2=0.95"),
     (dict(shuffle_dataset=False), "shuffle_dataset=False"),
     (dict(generation_kwargs={"num_beams": 4}), "generation_kwargs 'num_beams'"),
-    (dict(push_to_hub=True), "push_to_hub=True: sdft does not implement pushing to the Hub"),
     (dict(torch_compile=True), "torch_compile=True"),
     (dict(eval_strategy="never"), "eval_strategy='never': sdft evaluates as it trains"),
     (dict(load_best_model_at_end=True), "load_best_model_at_end=True ranks the evaluations during training"),
