@@ -108,7 +108,12 @@ class _one_line:
         line = _explain_push(self.repo_id, err) if self.pushing else _explain(self.repo_id, err)
         if line is None:
             return False
-        raise (PermissionError if self.pushing else FileNotFoundError)(line) from None
+        raise (OSError if self.pushing else FileNotFoundError)(line) from None
+
+
+def _network(err: BaseException) -> bool:
+    """Whether ``err`` is the HTTP client's own (no connection, a timeout): httpx's, or requests' in older hubs."""
+    return type(err).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
 
 
 def _first_line(err: BaseException) -> str:
@@ -136,7 +141,7 @@ def _explain(repo_id: str, err: BaseException) -> str | None:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the network is not reachable"
         return (f"{where}, and the Hugging Face Hub cannot be reached to fetch it ({why}) nor is it in the Hub's "
                 f"cache ({constants.HF_HUB_CACHE}): fetch it where there is a network, or give a local folder")
-    if isinstance(err, (HfHubHTTPError, OSError)):
+    if isinstance(err, (HfHubHTTPError, OSError)) or _network(err):
         return f"{where}, and fetching it from the Hugging Face Hub failed: {_first_line(err)}"
     return None
 
@@ -144,6 +149,9 @@ def _explain(repo_id: str, err: BaseException) -> str | None:
 def _explain_push(repo_id: str, err: BaseException) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError
 
+    if _network(err):
+        why = f"the Hub cannot be reached ({_first_line(err)})"
+        return f"could not push to the Hugging Face Hub repository {repo_id}: {why}"
     if not isinstance(err, (HfHubHTTPError, OSError)):
         return None
     status = getattr(getattr(err, "response", None), "status_code", None)

@@ -102,7 +102,7 @@ def test_a_refused_login_is_one_line_before_training(tmp_path, fake_hub):
     Exception.__init__(error, "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n...")
     error.response = types.SimpleNamespace(status_code=401)
     fake_hub.refuse = error
-    with pytest.raises(PermissionError) as caught:
+    with pytest.raises(OSError) as caught:
         _trainer(tmp_path, push_to_hub=True)
     message = str(caught.value)
     assert "\n" not in message and "could not push to the Hugging Face Hub repository my-sdft-run" in message
@@ -122,3 +122,21 @@ def test_a_lora_push_names_its_hub_base(tmp_path, fake_hub):
                       types.SimpleNamespace(max_steps=3, num_generations=4, divergence="reverse_kl",
                                             learning_rate=1e-5), {})
     assert 'base_model: "Qwen/Qwen2.5-0.5B-Instruct"' in card and "library_name: peft" in card
+
+
+def test_no_network_is_one_line_naming_the_repository(tmp_path, monkeypatch):
+    """The real client, with no network here (or a stand-in of its error where there is one)."""
+    from sdft.models import hub
+
+    class ConnectError(Exception):
+        pass
+
+    ConnectError.__module__ = "httpx"
+
+    def unreachable(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    with pytest.raises(OSError, match=r"^could not push to the Hugging Face Hub repository me/x: the Hub cannot be "
+                                      r"reached \(\[Errno -2\] Name or service not known\)$"):
+        hub.create_repo("me/x", token="hf_fake")
