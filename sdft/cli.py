@@ -114,6 +114,8 @@ def _build_parser():
     tr = sub.add_parser("train", help="fine-tune a model with SDFT", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--model", default=None, help=MODEL_HELP)
+    tr.add_argument("--revision", default=None,
+                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
     tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="SDFTConfig overrides (below); --set may repeat")
@@ -143,7 +145,9 @@ def _build_parser():
     ge = sub.add_parser("generate", help="answer prompts with a (trained) model, greedy unless --temperature")
     ge.add_argument("model", nargs="?", default=None,
                     help="a model folder (e.g. OUTPUT_DIR/final_model), an sdft checkpoint (OUTPUT_DIR/checkpoint-N), "
-                         "a LoRA adapter folder or a .gguf (default: the embedded SmolLM2)")
+                         "a Hugging Face Hub id, a LoRA adapter folder or a .gguf (default: the embedded SmolLM2)")
+    ge.add_argument("--revision", default=None,
+                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
     ge.add_argument("--base", default=None, metavar="PATH",
                     help="the base model folder of a LoRA adapter or a checkpoint (default: the one it names)")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -161,6 +165,8 @@ def _build_parser():
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None,
                     help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
+    tc.add_argument("--revision", default=None,
+                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
     tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
@@ -179,6 +185,8 @@ def _build_parser():
                     help="a validation jsonl per stage, evaluated during that stage (every eval_steps); with "
                          "--set load_best_model_at_end=true each stage ends on its best point")
     co.add_argument("--model", default=None, help=MODEL_HELP)
+    co.add_argument("--revision", default=None,
+                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
     co.add_argument("--baseline", choices=["sft"], default=None,
                     help="also run the same stages with plain SFT and put both matrices side by side")
     co.add_argument("--scorer", nargs="+", default=None,
@@ -448,12 +456,26 @@ def one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
+def _at_revision(args) -> None:
+    """``--revision``: the Hub id given as the model, at that revision (its snapshot folder from here on)."""
+    from sdft.models import hub
+
+    revision = getattr(args, "revision", None)
+    if revision is None:
+        return
+    if not hub.is_repo_id(args.model):
+        raise ValueError(f"--revision {revision}: a revision goes with a Hugging Face Hub id as the model, not "
+                         f"{args.model or 'the embedded model'}")
+    args.model = hub.at_revision(args.model, revision)
+
+
 def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
     from sdft.run.errors import NonFiniteError, OutOfMemory
 
     try:
+        _at_revision(args)
         if args.command != "generate":  # generate also reads checkpoints: it checks its own model
             check_model_folder(getattr(args, "model", None), adapter_ok=args.command == "teacher-check")
         command = {"train": _train, "config": _config, "export": _export, "generate": _generate,

@@ -42,6 +42,7 @@ from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
 from sdft.integrations.hub_push import HubPush
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, model_revision, plain
 from sdft.loss.spec import divergence_from_alpha
+from sdft.models import hub
 from sdft.models.lora import lora_values
 from sdft.run.loop import TrainResult, save_due
 from sdft.run.metrics import logs_step
@@ -241,16 +242,6 @@ def _own_tokenizer(model):
     return load_tokenizer(source)
 
 
-def _at_revision(model, revision: str | None):
-    """A Hub id with TRL's ``model_init_kwargs`` revision: that revision's snapshot, the folder sdft loads (a model
-    object, a local path, or no revision: ``model`` itself, as TRL ignores the revision there)."""
-    from sdft.models import hub
-
-    if revision is None or not hub.is_repo_id(model):
-        return model
-    return str(hub.fetch(model, revision).folder)
-
-
 def trl_eval_sets(dataset):
     """Held-out rows under TRL's prompt rule (``trl_examples``): one set, or a name -> set mapping
     (``eval_dataset={name: dataset}``, a DatasetDict among them), as the Trainer takes them."""
@@ -376,7 +367,7 @@ class SDFTTrainer:
         if peft_config is not None:
             config = SDFTConfig.from_dict({**config.to_dict(), **lora_values(peft_config)})
         self.args, self.trl_args = config, args
-        model = _at_revision(model, model_revision(args if args is not None else {}))
+        model = hub.at_revision(model, model_revision(args if args is not None else {}))  # as TRL loads a Hub id
         self.model, self.processing_class = model, processing_class or _own_tokenizer(model)
         self.eval_dataset, self.engine, self.eval_scorer = eval_dataset, engine, eval_scorer
         self._eval_sets = None

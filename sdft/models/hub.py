@@ -56,6 +56,14 @@ def fetch(repo_id: str, revision: str | None = None) -> HubModel:
     return model
 
 
+def at_revision(model, revision: str | None):
+    """``model`` at ``revision``: a Hub id's snapshot at that branch, tag or commit (the local folder sdft then
+    loads); anything else, or no revision, is ``model`` itself (as transformers ignores a revision there)."""
+    if revision is None or not is_repo_id(model):
+        return model
+    return str(fetch(model, revision).folder)
+
+
 def local(path: Path) -> Path:
     """``path``, or, for a Hub snapshot that is not on this machine (recorded by a checkpoint written on another),
     the same commit's snapshot here, fetched."""

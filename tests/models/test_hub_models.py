@@ -189,3 +189,14 @@ def test_the_trl_dropin_trains_a_hub_id_at_model_init_kwargs_revision(tmp_path, 
     rows = [{"prompt": r["prompt"], "privileged_context": r["demonstration"]} for r in ROWS]
     SDFTTrainer(model=REPO, args=args, train_dataset=rows).train()
     assert {c[:2] for c in hub_cache.calls} == {(REPO, "v1.0")}
+
+
+def test_the_cli_trains_a_hub_model_at_a_revision_and_refuses_one_without_a_hub_id(tmp_path, hub_cache, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    common = ["--data", str(rows), "--no-eval", "--set", "max_steps=1", "num_generations=2",
+              "per_device_train_batch_size=1", "max_completion_length=2"]
+    assert cli(["train", "--model", REPO, "--revision", "v2", *common, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert {c[:2] for c in hub_cache.calls} == {(REPO, "v2")}
+    assert cli(["train", "--revision", "v2", *common, f"output_dir={tmp_path / 'b'}"]) == 2
+    assert "a revision goes with a Hugging Face Hub id as the model" in capsys.readouterr().err
