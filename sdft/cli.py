@@ -30,6 +30,7 @@ from sdft.run.run_dir import (
     is_checkpoint_folder,
     plan_run,
     replace_file,
+    resume_base,
 )
 from sdft.run.schedule import LRSchedule
 from sdft.runtime.distributed import check_launcher, launched_size, leave
@@ -407,7 +408,9 @@ def _train(args, parser) -> int:
     kept = resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
                    bool(config.eval_data), report=quiet)  # reads and checks the files, before the model
     check_evaluation(config, eval_examples, kept)
-    check_run_model(config, plan_run(config, report=quiet), args.model, report=quiet)
+    resume = plan_run(config, report=quiet)
+    args.model = resume_base(args.model, resume)  # a Hub id resumes on its checkpoint's commit
+    check_run_model(config, resume, args.model, report=quiet)
     check_launcher()  # before the model loads
 
     import torch

@@ -28,6 +28,7 @@ from sdft.run.run_dir import (
     check_run_model,
     plan_run,
     report_line,
+    resume_base,
 )
 from sdft.run.schedule import LRSchedule
 from sdft.runtime.determinism import deterministic_algorithms
@@ -120,6 +121,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         dataset = load_skill("train")
     examples = load_examples(dataset)
     resume = plan_run(config, evaluating=eval_examples is not None)
+    model = resume_base(model, resume)
     check_model_folder(model)
     check_run_model(config, resume, model, evaluating=eval_examples is not None)
     config.check_device()

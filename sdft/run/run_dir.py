@@ -271,7 +271,13 @@ def changed_settings(before: dict, config) -> list[str]:
 
 
 def _named(source) -> str:
-    return "the embedded SmolLM2-135M-Instruct" if source is None else str(source)
+    """A base model as a line names it: a Hub snapshot by its id and commit, not its path in the cache."""
+    from sdft.models import hub
+
+    if source is None:
+        return "the embedded SmolLM2-135M-Instruct"
+    fetched = hub.origin(source)
+    return f"{fetched.repo_id} (commit {fetched.commit[:12]})" if fetched is not None else str(source)
 
 
 def other_base(checkpoint: Path, source) -> str | None:
@@ -339,6 +345,19 @@ def check_model_outside_run(config, source, evaluating: bool | None = None) -> N
         where = f"{config.output_dir}'s {top}" if top else f"output_dir {config.output_dir} itself"
         raise ValueError(f"the model {source} is in {where}, which this run writes or may replace: copy it out "
                          f"of {config.output_dir} first, or choose another output_dir")
+
+
+def resume_base(model, resume: Path | None):
+    """The model a run loads: ``model``, but a Hub id whose checkpoint ``resume`` was trained from one of its
+    snapshots resumes on that commit (fetched again where it is not), not on its branch's newest."""
+    from sdft.models import hub
+
+    if resume is None or not hub.is_repo_id(model):
+        return model
+    recorded = hub.origin(checkpoint_state(resume).get("model") or "")
+    if recorded is None or recorded.repo_id != model:
+        return model
+    return str(hub.local(recorded.folder))
 
 
 def check_resume_model(resume: Path, state: dict, source, report=report_line) -> None:

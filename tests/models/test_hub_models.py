@@ -40,12 +40,13 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub._fetched.clear()
     served, calls = {REPO: remote}, []
+    state = types.SimpleNamespace(served=served, calls=calls, cache=cache, main=COMMIT)
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
         calls.append((repo_id, revision, tuple(allow_patterns or ())))
         if repo_id not in served:
             raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find an appropriate cached snapshot\n...")
-        snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / (revision or COMMIT)
+        snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / (revision or state.main)
         snapshot.mkdir(parents=True, exist_ok=True)
         for f in served[repo_id].iterdir():
             if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns or ["*"]):
@@ -53,7 +54,7 @@ def hub_cache(tmp_path, monkeypatch):
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    yield types.SimpleNamespace(served=served, calls=calls, cache=cache)
+    yield state
     hub._fetched.clear()
 
 
@@ -200,3 +201,16 @@ def test_the_cli_trains_a_hub_model_at_a_revision_and_refuses_one_without_a_hub_
     assert {c[:2] for c in hub_cache.calls} == {(REPO, "v2")}
     assert cli(["train", "--revision", "v2", *common, f"output_dir={tmp_path / 'b'}"]) == 2
     assert "a revision goes with a Hugging Face Hub id as the model" in capsys.readouterr().err
+
+
+def test_a_resume_continues_on_the_commit_its_checkpoint_was_trained_from(tmp_path, hub_cache, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    argv = ["train", "--model", REPO, "--data", str(rows), "--no-eval", "--set", f"output_dir={tmp_path / 'run'}",
+            "num_generations=2", "per_device_train_batch_size=1", "max_completion_length=2", "save_steps=1"]
+    assert cli([*argv, "max_steps=1"]) == 0
+    hub._fetched.clear()  # a later day: the repository's main has moved on
+    hub_cache.main = "f" * 40
+    assert cli([*argv, "max_steps=2", "resume_from_checkpoint=true"]) == 0, capsys.readouterr().err
+    snapshot = hub_cache.cache / "models--sdft-test--tiny-chat" / "snapshots" / COMMIT
+    assert checkpoint_state(list_checkpoints(tmp_path / "run")[-1])["model"] == str(snapshot)
