@@ -64,6 +64,15 @@ def at_revision(model, revision: str | None):
     return str(fetch(model, revision).folder)
 
 
+def recorded_snapshot(model, recorded) -> str | None:
+    """``recorded`` (a checkpoint's base) when it is a snapshot of the Hub id ``model``: a checkpoint loads onto
+    the commit it was trained from, not its branch's newest; else None."""
+    if not is_repo_id(model) or not isinstance(recorded, str):
+        return None
+    snapshot = origin(recorded)
+    return recorded if snapshot is not None and snapshot.repo_id == model else None
+
+
 def local(path: Path) -> Path:
     """``path``, or, for a Hub snapshot that is not on this machine (recorded by a checkpoint written on another),
     the same commit's snapshot here, fetched."""

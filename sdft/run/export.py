@@ -236,8 +236,13 @@ def load_checkpoint_model(checkpoint, model=None):
 
 
 def _base_source(state: dict, model):
-    """The base model a checkpoint's weights load onto: ``model`` when given, else the one its state records."""
-    return model if model is not None else state.get("model")
+    """The base model a checkpoint's weights load onto: ``model`` when given (the Hub id of the recorded base: the
+    commit recorded), else the one its state records."""
+    from sdft.models import hub
+
+    if model is None:
+        return state.get("model")
+    return hub.recorded_snapshot(model, state.get("model")) or model
 
 
 def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None):
@@ -255,7 +260,8 @@ def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None
     if source == SOURCE_UNKNOWN:
         raise ValueError(f"{checkpoint} was trained from a model object built outside sdft.load_model, so it "
                          "does not say which base model it needs: pass the base model's path (--model)")
-    if source is not None and not Path(source).expanduser().exists() and hub.origin(source) is None:
+    if (source is not None and not Path(source).expanduser().exists() and hub.origin(source) is None
+            and not hub.is_repo_id(source)):
         raise FileNotFoundError(f"{checkpoint} was trained from {source}, which is not here: pass the base "
                                 "model's path on this machine (--model)")
     trained_from = other_base(checkpoint, source_of(source))

@@ -352,12 +352,8 @@ def resume_base(model, resume: Path | None):
     snapshots resumes on that commit (fetched again where it is not), not on its branch's newest."""
     from sdft.models import hub
 
-    if resume is None or not hub.is_repo_id(model):
-        return model
-    recorded = hub.origin(checkpoint_state(resume).get("model") or "")
-    if recorded is None or recorded.repo_id != model:
-        return model
-    return str(hub.local(recorded.folder))
+    snapshot = hub.recorded_snapshot(model, checkpoint_state(resume).get("model")) if resume is not None else None
+    return model if snapshot is None else str(hub.local(Path(snapshot)))
 
 
 def check_resume_model(resume: Path, state: dict, source, report=report_line) -> None:

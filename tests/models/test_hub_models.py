@@ -175,6 +175,9 @@ def test_a_checkpoint_from_another_machines_cache_exports_from_the_same_commit_h
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     assert cli(["export", str(checkpoint), str(tmp_path / "out")]) == 0
     assert (REPO, COMMIT) in {c[:2] for c in hub_cache.calls}
+    hub._fetched.clear()
+    hub_cache.main = "f" * 40  # its base named by Hub id, after main moved on: still the commit it trained from
+    assert cli(["export", str(checkpoint), str(tmp_path / "out2"), "--model", REPO]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
 
 
