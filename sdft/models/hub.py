@@ -15,11 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# A repository's config and tokenizer (what sdft checks before the weights load); the weights are not here.
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-               "tokenizer.model", "spiece.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
-               "model.safetensors.index.json")
+# A repository's config and tokenizer, whatever its tokenizer's files are called (tokenizer.json, vocab.txt, merges.txt,
+# tokenizer.model(.v3), spiece.model, *.tiktoken, tekken.json, chat_template.jinja, ...): what sdft checks before the
+# weights load. The weights (safetensors, bin) are not here.
+SMALL_FILES = ("*.json", "*.txt", "*.model", "*.model.v*", "*.tiktoken", "*.jinja")
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
