@@ -88,7 +88,8 @@ class SDFTConfig:
     output_dir: str = _opt("sdft-output", "folder for checkpoints, metrics.jsonl and the resolved config")
     # Optimisation
     learning_rate: float = _opt(1e-5, "AdamW learning rate", positive=True)
-    weight_decay: float = _opt(0.0, "AdamW weight decay", minimum=0.0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay, not on biases and norms (as the HF Trainer and TRL)",
+                               minimum=0.0)
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value (0: no clipping, the norm still "
                                      "logged, as the HF Trainer)", minimum=0)
     max_steps: int = _opt(40, "optimizer steps in the run", positive=True)

@@ -92,6 +92,7 @@ def main(argv=None):
         num_generations=2,
         max_completion_length=5,
         learning_rate=1e-3,
+        weight_decay=0.1,  # two AdamW groups (biases and norms not decayed), sharded and resumed
         progress_bar=False,
         device="cpu",
         divergence="forward_kl",

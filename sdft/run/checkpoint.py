@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdft.run.optimizer import regroup
 from sdft.run.writes import WRITE_ERRORS, write_reason
 from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
 from sdft.runtime.precision import restore_scale, scale_state
@@ -312,7 +313,8 @@ def load_checkpoint(path, model, optimizer, teacher, scaler=None) -> int:
     loss scaler; returns its step."""
     path = Path(path)
     load_trainable(path, model)
-    load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    load_optimizer_state(optimizer, regroup(state, optimizer))
     if teacher is not None and (path / "teacher.safetensors").exists():
         teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
