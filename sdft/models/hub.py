@@ -10,6 +10,7 @@ Everything downstream sees a local folder: the snapshot.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -109,22 +110,17 @@ def fetch_weights(model: HubModel) -> None:
                                 f"({model.folder}) and could not be fetched (offline?)")
 
 
-class _one_line:
-    """Turns the Hub's errors (several lines each, naming no model) into one line that names ``repo_id``."""
-
-    def __init__(self, repo_id: str, pushing: bool = False):
-        self.repo_id, self.pushing = repo_id, pushing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None:
-            return False
-        line = _explain_push(self.repo_id, err) if self.pushing else _explain(self.repo_id, err)
+@contextlib.contextmanager
+def _one_line(repo_id: str, pushing: bool = False):
+    """The Hub's errors (several lines each, naming no model) as one line that names ``repo_id``: FileNotFoundError
+    fetching, OSError pushing."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  # each kind is explained below; anything else goes on as it is
+        line = _explain_push(repo_id, err) if pushing else _explain(repo_id, err)
         if line is None:
-            return False
-        raise (OSError if self.pushing else FileNotFoundError)(line) from None
+            raise
+        raise (OSError if pushing else FileNotFoundError)(line) from None
 
 
 def _network(err: BaseException) -> bool:

@@ -298,8 +298,8 @@ def load_trained(path=None, dtype=torch.float32, base=None):
         from sdft.models.lora import quiet_peft
 
         if base is None:
-            named = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            base = adapter_base(path, named)
+            named = json.loads((Path(path) / "adapter_config.json").read_text())
+            base = hub.at_revision(adapter_base(path, named.get("base_model_name_or_path")), named.get("revision"))
         model, tokenizer = load_model(base, dtype)
         tokenizer = with_template_kwargs(tokenizer, export_template_kwargs(path))
         with quiet_peft():

@@ -138,8 +138,9 @@ def _write_folder(out: Path, model, tokenizer, force: bool = False, **save_optio
 
 
 def _hub_base(folder: Path) -> None:
-    """An adapter of a Hub model names its base by its Hub id, as peft's own do (a snapshot's path in one machine's
-    cache means nothing on another); rewritten after peft's save, which reads the base's config.json at that path."""
+    """An adapter of a Hub model names its base by its Hub id and the commit it was trained on (peft's
+    ``revision``), as peft's own do (a snapshot's path in one machine's cache means nothing on another); rewritten
+    after peft's save, which reads the base's config.json at that path."""
     from sdft.models import hub
 
     path = folder / "adapter_config.json"
@@ -148,7 +149,7 @@ def _hub_base(folder: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     fetched = hub.origin(config.get("base_model_name_or_path") or "")
     if fetched is not None:
-        config["base_model_name_or_path"] = fetched.repo_id
+        config["base_model_name_or_path"], config["revision"] = fetched.repo_id, fetched.commit
         path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 

@@ -104,12 +104,16 @@ def test_a_lora_export_names_its_base_by_hub_id_and_loads_back_from_it(tmp_path,
     train(REPO, ROWS, SDFTConfig(**{**BASE, "save_final_model": True}, output_dir=str(tmp_path / "run"),
                                  use_lora=True, lora_r=2))
     adapter = tmp_path / "run" / "final_model"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
+    named = json.loads((adapter / "adapter_config.json").read_text())
+    assert (named["base_model_name_or_path"], named["revision"]) == (REPO, COMMIT)
     hub._fetched.clear()
+    hub_cache.main = "f" * 40  # main moved on: the adapter still loads onto the commit it was trained on
+    hub_cache.calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # peft's about transformers' old names: not the user's
         model, tokenizer = load_trained(adapter)
     assert type(model).__name__ == "PeftModelForCausalLM" and tokenizer.eos_token == "<|im_end|>"
+    assert {c[:2] for c in hub_cache.calls} == {(REPO, COMMIT)}
 
 
 def test_generate_answers_with_a_hub_model(tmp_path, hub_cache, capsys):
