@@ -251,6 +251,11 @@ def trl_eval_sets(dataset):
     return {key: trl_examples(value) for key, value in sets.items()}
 
 
+def _names(callback) -> str:
+    """A callback's class name, given the class or an instance (as the Trainer's add_callback takes either)."""
+    return callback.__name__ if isinstance(callback, type) else type(callback).__name__
+
+
 def _handler(callbacks: list, model, processing_class) -> CallbackHandler:
     """The Trainer's ``CallbackHandler`` over the user's callbacks. transformers warns when it lacks its
     ``DefaultFlowCallback``, which decides when a Trainer logs, saves and evaluates: here sdft's loop
@@ -325,7 +330,8 @@ class SDFTTrainer:
     * ``callbacks`` (``TrainerCallback`` objects) are called at the Trainer's points: ``on_init_end``,
       ``on_train_begin``, ``on_step_begin``, ``on_step_end``, ``on_log``, ``on_save``, ``on_train_end``,
       ``on_evaluate``;
-      ``control.should_training_stop`` set by one ends the run after that step (its checkpoint written).
+      ``control.should_training_stop`` set by one ends the run after that step (its checkpoint written);
+      ``add_callback``, ``pop_callback``, ``remove_callback`` and ``log`` as the Trainer's.
     * ``evaluate(eval_dataset=None)`` answers the held-out prompts greedily and returns
       ``{"eval_score", "eval_perplexity", "eval_examples"}`` (``eval_scorer``: ``sdft.eval.scorers``'s
       names or a callable; default ``exact``). The SDFT loss on held-out data is not computed.
@@ -493,6 +499,33 @@ class SDFTTrainer:
 
     def is_local_process_zero(self) -> bool:
         return self.accelerator.is_local_main_process
+
+    def add_callback(self, callback):
+        """As ``Trainer.add_callback`` (a ``TrainerCallback`` class or instance). TRL's ``LogCompletionsCallback``
+        is not added, with one line: it generates through the Trainer's accelerate internals to log completions to
+        wandb or comet, a report that changes nothing in training (sdft's eval.json holds held-out answers)."""
+        if _names(callback) == "LogCompletionsCallback":
+            if self.is_world_process_zero():
+                print("sdft: LogCompletionsCallback is not run (it generates through the Trainer's accelerate "
+                      "internals); eval_dataset's answers are in eval.json", file=sys.stderr, flush=True)
+            return
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        """As ``Trainer.pop_callback``: the callback (a class or an instance) removed and returned."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback):
+        """As ``Trainer.remove_callback``."""
+        self.callback_handler.remove_callback(callback)
+
+    def log(self, logs: dict, start_time: float | None = None):
+        """As ``Trainer.log``: ``logs`` (with the epoch) appended to ``state.log_history`` at the current step and
+        given to the callbacks' ``on_log``; outside ``train()`` sdft's own reporters (metrics.jsonl, tensorboard,
+        wandb) do not see it."""
+        logs = {**logs, **({"epoch": self.state.epoch} if self.state.epoch is not None else {})}
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self._event("on_log", logs=logs)
 
     def log_metrics(self, split: str, metrics: dict):
         """As ``Trainer.log_metrics``: ``***** train metrics *****`` and the metrics, formatted, on process 0."""

@@ -744,3 +744,29 @@ def test_logging_first_step_logs_step_one_beside_every_logging_steps(tmp_path):
     trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok)
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
+
+
+def test_a_scripts_callback_calls_and_log_run_as_on_the_trainer(tmp_path, capsys):
+    """TRL's sdft.py adds LogCompletionsCallback and logs its own metrics with trainer.log before training."""
+    from transformers import TrainerCallback
+    from trl import LogCompletionsCallback
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = _tiny_trainer(tmp_path, max_steps=1, eval_dataset=ROWS[:2])
+    trainer.add_callback(Recorder)
+    trainer.log({"tool_eval_before/action_accuracy": 0.25})
+    epoch = {"epoch": trainer.state.epoch} if trainer.state.epoch is not None else {}
+    assert seen == [{"tool_eval_before/action_accuracy": 0.25, **epoch}]
+    assert trainer.state.log_history[-1] == {"tool_eval_before/action_accuracy": 0.25, **epoch, "step": 0}
+    completions = LogCompletionsCallback.__new__(LogCompletionsCallback)  # its constructor needs TRL's trainer
+    trainer.add_callback(completions)
+    assert "LogCompletionsCallback is not run" in capsys.readouterr().err
+    assert all(type(c) is not LogCompletionsCallback for c in trainer.callback_handler.callbacks)
+    assert isinstance(trainer.pop_callback(Recorder), Recorder)
+    trainer.train()
+    assert len(seen) == 1  # popped: not called again
