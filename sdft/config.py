@@ -18,6 +18,7 @@ from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.models.attention import FLASH, IMPLEMENTATIONS
 from sdft.prefix.attention import MODES as TREE_ATTENTION_MODES
+from sdft.runtime.optimizer import ADAMW, OptimizerSettings
 from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence import DIVERGENCES, make_spec
 
@@ -87,9 +88,17 @@ def _opt(default, help: str, *, choices=None, minimum=None, positive=False, belo
 class SDFTConfig:
     output_dir: str = _opt("sdft-output", "folder for checkpoints, metrics.jsonl and the resolved config")
     # Optimisation
-    learning_rate: float = _opt(1e-5, "AdamW learning rate", positive=True)
-    weight_decay: float = _opt(0.0, "AdamW weight decay, not on biases and norms (as the HF Trainer and TRL)",
+    learning_rate: float = _opt(1e-5, "peak learning rate of the optimizer", positive=True)
+    weight_decay: float = _opt(0.0, "weight decay, not on biases and norms (as the HF Trainer and TRL)",
                                minimum=0.0)
+    optim: str = _opt("adamw_torch_fused", "the optimizer by its HF Trainer name: adamw_torch_fused / adamw_torch "
+                      "(sdft's AdamW, fused where torch has it), or any other transformers builds (adafactor, sgd, "
+                      "rmsprop, adamw_8bit and paged_adamw_8bit with bitsandbytes, ...), one process or DDP")
+    optim_args: str = _opt("", "keywords of a non-AdamW optim as HF's optim_args, e.g. momentum=0.9 for sgd",
+                           kind="optional")
+    adam_beta1: float = _opt(0.9, "AdamW's beta1 (HF's adam_beta1)", minimum=0.0, below=1.0)
+    adam_beta2: float = _opt(0.999, "AdamW's beta2 (HF's adam_beta2)", minimum=0.0, below=1.0)
+    adam_epsilon: float = _opt(1e-8, "AdamW's epsilon (HF's adam_epsilon)", positive=True)
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this value (0: no clipping, the norm still "
                                      "logged, as the HF Trainer)", minimum=0)
     max_steps: int = _opt(40, "optimizer steps in the run", positive=True)
@@ -292,6 +301,10 @@ class SDFTConfig:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
         if self.load_best_model_at_end and self.parallel == "fsdp":
             raise ValueError("load_best_model_at_end keeps whole weights: not supported with parallel=fsdp")
+        if self.parallel == "fsdp" and self.optim not in ADAMW:
+            raise ValueError(f"optim={self.optim!r}: parallel=fsdp steps AdamW (adamw_torch_fused, adamw_torch) on its "
+                             "sharded weights; use parallel=ddp (or LoRA) for another optimizer")
+        OptimizerSettings.from_config(self).check()
         if self.attn_implementation in FLASH:
             if self.tree_attention != "auto":
                 raise ValueError(f"tree_attention={self.tree_attention} sets the prefix tree's mask, which "

@@ -82,6 +82,11 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         output_dir=str(arg(args, "output_dir", "sdft-output")),
         learning_rate=float(arg(args, "learning_rate", 5e-5)),
         weight_decay=float(arg(args, "weight_decay", 0.0)),
+        optim=str(plain(arg(args, "optim", "adamw_torch_fused"))),
+        optim_args=str(arg(args, "optim_args", None) or ""),
+        adam_beta1=float(arg(args, "adam_beta1", 0.9)),
+        adam_beta2=float(arg(args, "adam_beta2", 0.999)),
+        adam_epsilon=float(arg(args, "adam_epsilon", 1e-8)),
         max_grad_norm=float(arg(args, "max_grad_norm", 1.0) or 0.0),  # None or 0: no clipping, as the Trainer
         max_steps=max_steps,
         per_device_train_batch_size=prompts,
@@ -230,8 +235,6 @@ def _own_tokenizer(model):
     was loaded from (``config._name_or_path``); None for a path (sdft loads its tokenizer with it)."""
     if isinstance(model, (str, Path)) or model is None:
         return None
-    from sdft.models import hub
-
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if not source or not (Path(source).expanduser().is_dir() or hub.is_repo_id(source)):
         where = f"names {source!r}, which is not a local folder" if source else "names no folder it came from"
@@ -341,7 +344,8 @@ class SDFTTrainer:
       ends the run on the best of them (``metric_for_best_model``: ``eval_score`` or
       ``eval_perplexity``, or ``eval_{name}_score`` / ``eval_{name}_perplexity``), with
       ``state.best_global_step`` and ``state.best_metric``.
-    * ``optimizers`` other than ``(None, None)`` are refused: the step is sdft's own fused AdamW.
+    * ``optimizers`` other than ``(None, None)`` are refused: sdft builds the optimizer from ``args`` (``optim``,
+      ``optim_args``, the Adam keys, ``weight_decay``) as the Trainer does, and its schedule.
     * ``model``: a model object, a local folder or a Hugging Face Hub id (at ``model_init_kwargs``' revision),
       as TRL takes it (``sdft.models.hub``).
     * The rest of TRL's scripts (``trl/scripts/*.py``) runs as there: ``accelerator.print`` (and the
@@ -366,8 +370,9 @@ class SDFTTrainer:
         if train_dataset is None:
             raise ValueError("SDFTTrainer needs a train_dataset (columns prompt and privileged_context)")
         if tuple(optimizers or (None, None)) != (None, None):
-            raise ValueError("optimizers=(optimizer, scheduler): sdft steps its own fused AdamW with the schedule "
-                             "of args (learning_rate, lr_scheduler_type, warmup_*, weight_decay); pass (None, None)")
+            raise ValueError("optimizers=(optimizer, scheduler): sdft builds the optimizer from args (optim, "
+                             "optim_args, adam_*, weight_decay) and the schedule (learning_rate, lr_scheduler_type, "
+                             "warmup_*) as the Trainer does; pass (None, None)")
         self.examples = trl_examples(train_dataset)
         config = config_from_trl(args if args is not None else {}, len(self.examples), launched_size())
         if peft_config is not None:

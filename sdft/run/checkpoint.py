@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdft.run.optimizer import regroup
 from sdft.run.writes import WRITE_ERRORS, write_reason
+from sdft.runtime.optimizer import regroup
 from sdft.runtime.parallel import full_tensors, load_full, load_optimizer_state, optimizer_state
 from sdft.runtime.precision import restore_scale, scale_state
 

@@ -18,7 +18,6 @@ from sdft.run.errors import NonFiniteError, OutOfMemory
 from sdft.run.evaluator import Evaluator
 from sdft.run.export import export_model
 from sdft.run.metrics import MetricsLog, logs_step
-from sdft.run.optimizer import make_optimizer
 from sdft.run.prepare import Run, end_run, start_runner
 from sdft.run.reporting import Reporters, logged_record
 from sdft.run.run_dir import (
@@ -30,6 +29,7 @@ from sdft.run.run_dir import (
 from sdft.run.schedule import LRSchedule
 from sdft.run.writes import WriteError
 from sdft.runtime.distributed import World, barrier
+from sdft.runtime.optimizer import OptimizerSettings, make_optimizer
 from sdft.runtime.parallel import grad_norm_value
 from sdft.runtime.precision import compute_precision
 
@@ -129,7 +129,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     if main:
         start_run(config, run.resume, evaluating=run.eval_examples is not None, data=data, processes=world.size)
     barrier(world)
-    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    optimizer = make_optimizer(model, OptimizerSettings.from_config(config))
     schedule = LRSchedule.from_config(config)
     log = MetricsLog(out / METRICS_FILE)
     start = 0 if run.resume is None else load_checkpoint(run.resume, model, optimizer, teacher, runner.scaler)

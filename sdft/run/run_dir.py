@@ -374,12 +374,17 @@ LORA_SHAPE = ("lora_r", "lora_target_modules")  # with use_lora: the shapes of t
 
 def check_resume_weights(resume: Path, state: dict, config) -> None:
     """A resume keeps the settings that shape the trainable weights its checkpoint (``resume``, whose
-    ``state`` this is) holds (full weights or LoRA adapters of a rank on some modules): another value is one
-    line before the model loads, never a shape error after it."""
+    ``state`` this is) holds (full weights or LoRA adapters of a rank on some modules), and the optimizer whose
+    state it holds: another value is one line before the model loads, never a shape error after it."""
+    from sdft.runtime.optimizer import ADAMW
+
     before = state["config"]
     names = ["use_lora"] + (list(LORA_SHAPE) if config.use_lora and before.get("use_lora") else [])
     changed = [f"{n} {before[n]!r} -> {getattr(config, n)!r}" for n in names
                if n in before and before[n] != getattr(config, n)]
+    optim = before.get("optim", ADAMW[1])  # a checkpoint from before the field: AdamW's state
+    if optim != config.optim and not {optim, config.optim} <= set(ADAMW):  # its state is that optimizer's
+        changed.append(f"optim {optim!r} -> {config.optim!r}")
     if changed:
         raise ValueError(f"{resume} holds weights these settings no longer fit ({', '.join(changed)}): resume "
                          "with the checkpoint's values, or start afresh (another output_dir, or "

@@ -420,8 +420,8 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
 
 @pytest.mark.parametrize("change,message", [
     (dict(save_strategy="best"), "save_strategy='best': sdft checkpoints every save_steps"),
-    (dict(optim="sgd"), "optim='sgd': sdft's optimizer is AdamW"),
-    (dict(adam_beta2=0.95), "adam_beta2=0.95"),
+    (dict(optim="galore_adamw"), "optim='galore_adamw': sdft's loop does not drive it"),
+    (dict(optim="adamw_8bit"), "optim='adamw_8bit': You need to install `bitsandbytes`"),
     (dict(shuffle_dataset=False), "shuffle_dataset=False"),
     (dict(generation_kwargs={"num_beams": 4}), "generation_kwargs 'num_beams'"),
     (dict(torch_compile=True), "torch_compile=True"),
@@ -453,6 +453,13 @@ def test_trl_fields_that_map_onto_sdft_keys(tmp_path):
                               dataloader_num_workers=4, vllm_server_port=1234))
     assert (c.dtype, c.disable_dropout, c.full_determinism, c.gradient_checkpointing) == ("bfloat16", True, True, False)
     assert c.attn_implementation == "eager"
+
+
+def test_trls_optimizer_fields_are_the_runs(tmp_path):
+    c = config_from_trl(_args(tmp_path, max_steps=3, optim="sgd", optim_args="momentum=0.9", adam_beta2=0.95,
+                              adam_epsilon=1e-6))
+    assert (c.optim, c.optim_args, c.adam_beta1, c.adam_beta2, c.adam_epsilon) == ("sgd", "momentum=0.9", 0.9, 0.95,
+                                                                                  1e-6)
 
 
 def test_the_model_init_kwargs_of_trls_sdft_script_are_taken(tmp_path):
@@ -670,7 +677,7 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     import torch
 
     model = tiny_llama(vocab=40)
-    with pytest.raises(ValueError, match="sdft steps its own fused AdamW"):
+    with pytest.raises(ValueError, match="sdft builds the optimizer from args"):
         SDFTTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=ROWS,
                     optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
 

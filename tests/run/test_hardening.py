@@ -408,7 +408,7 @@ def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path
     that step usable."""
     from sdft.run import checkpoint
     from sdft.run.checkpoint import damage, save_checkpoint
-    from sdft.run.loop import make_optimizer
+    from sdft.runtime.optimizer import OptimizerSettings, make_optimizer
 
     result = _run(tmp_path, max_steps=2)
     config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path)})
@@ -420,7 +420,7 @@ def test_saving_a_step_again_keeps_the_old_copy_until_the_new_one_is_in(tmp_path
         real(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_renaming_the_new_copy_in)
-    optimizer = make_optimizer(result.model, config.learning_rate, config.weight_decay)
+    optimizer = make_optimizer(result.model, OptimizerSettings.from_config(config))
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, 2, result.model, optimizer, None, config, keep=2)
     monkeypatch.setattr(checkpoint.os, "replace", real)
