@@ -250,10 +250,12 @@ class SDFTConfig:
                                         "kept in output_dir/best_weights.pt: the returned model and final_model "
                                         "hold them (HF's load_best_model_at_end)")
     metric_for_best_model: str = _opt("score", "what load_best_model_at_end ranks: score or retention_score (higher "
-                                      "is better), perplexity or retention_text_perplexity (lower is better)",
-                                      choices=("score", "perplexity", "retention_score", "retention_text_perplexity"),
-                                      pattern=(r"[A-Za-z0-9][A-Za-z0-9_.-]*_(score|perplexity)",
-                                               "NAME_score / NAME_perplexity of a named evaluation set"))
+                                      "is better), perplexity, loss (the held-out loss, TRL's eval_loss) or "
+                                      "retention_text_perplexity (lower is better)",
+                                      choices=("score", "perplexity", "loss", "retention_score",
+                                               "retention_text_perplexity"),
+                                      pattern=(r"[A-Za-z0-9][A-Za-z0-9_.-]*_(score|perplexity|loss)",
+                                               "NAME_score / NAME_perplexity / NAME_loss of a named evaluation set"))
     progress_bar: bool = _opt(True, "show a tqdm progress bar")
     parallel: str = _opt("ddp", "with several processes (torchrun / accelerate launch): ddp replicates the model "
                          "and all-reduces gradients; fsdp shards every block and the rest with FSDP2 (full "

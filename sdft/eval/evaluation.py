@@ -122,8 +122,9 @@ def shorten(text, width: int) -> str:
 
 
 def eval_table(records: list[dict], examples, samples: int = 3, width: int = 60) -> str:
-    """A small text table: score and perplexity per evaluation, then a few answers first vs last."""
-    columns = [("score", "score", "7.3f"), ("perplexity", "perplexity", "10.3f"),
+    """A small text table: score, perplexity and the held-out loss per evaluation, then a few answers first vs
+    last."""
+    columns = [("score", "score", "7.3f"), ("perplexity", "perplexity", "10.3f"), ("loss", "loss", "10.4g"),
                ("retention_score", "kept", "7.3f"), ("retention_text_perplexity", "text_ppl", "9.3f")]
     columns = [c for c in columns if records and c[0] in records[0]]
     lines = [f"{'step':>6}" + "".join(f"  {name:>{fmt.split('.')[0]}}" for _, name, fmt in columns)]

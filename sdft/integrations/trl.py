@@ -137,9 +137,11 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     return config
 
 
-EVAL_KEYS = ("score", "perplexity", "examples")  # what evaluate() reports of each set, as eval_KEY
-BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity"}
-NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity)")  # a figure of one of eval_dataset={name: ...}'s sets
+# What an evaluation reports of each set, as eval_KEY (loss: during training, not under FSDP2)
+EVAL_KEYS = ("score", "perplexity", "examples", "loss")
+BEST_METRICS = {"score": "score", "eval_score": "score", "perplexity": "perplexity", "eval_perplexity": "perplexity",
+                "loss": "loss", "eval_loss": "loss"}  # the Trainer's default with load_best_model_at_end: loss
+NAMED_BEST = re.compile(r"eval_(.+)_(score|perplexity|loss)")  # a figure of one of eval_dataset={name: ...}'s sets
 
 
 def _warmup(steps: float, ratio: float, schedule: str) -> dict:
@@ -199,9 +201,8 @@ def evaluation_values(args, max_steps: int) -> dict:
     name = arg(args, "metric_for_best_model", None)
     named = NAMED_BEST.fullmatch(str(name)) if name is not None else None
     if name is not None and str(name) not in BEST_METRICS and not named:
-        raise ValueError(f"metric_for_best_model={name!r}: sdft's evaluation gives eval_score and eval_perplexity "
-                         "(eval_NAME_score, eval_NAME_perplexity for eval_dataset={NAME: ...}; greedy answers "
-                         "scored, no held-out SDFT loss)")
+        raise ValueError(f"metric_for_best_model={name!r}: sdft's evaluation gives eval_score, eval_perplexity and "
+                         "eval_loss (eval_NAME_score, ... for eval_dataset={NAME: ...})")
     metric = "score" if name is None else BEST_METRICS.get(str(name)) or f"{named[1]}_{named[2]}"
     greater = arg(args, "greater_is_better", None)
     if load_best and greater is not None and bool(greater) != metric.endswith("score"):
@@ -468,11 +469,12 @@ class SDFTTrainer:
         per set (as the Trainer evaluates each of ``eval_dataset={name: ...}``), at the step evaluated."""
         self.state.global_step = step
         for name in eval_sets(self._eval_sets):
-            found = {k: record[f"{name}_{k}" if name else k] for k in EVAL_KEYS}
+            keys = {k: f"{name}_{k}" if name else k for k in EVAL_KEYS}
+            found = {k: record[key] for k, key in keys.items() if key in record}
             self._report_evaluation(found, f"eval_{name}" if name else "eval", step)
 
     def _report_evaluation(self, found: dict, prefix: str, step: int) -> dict:
-        metrics = {f"{prefix}_{k}": found[k] for k in EVAL_KEYS}
+        metrics = {f"{prefix}_{k}": found[k] for k in EVAL_KEYS if k in found}
         self.state.log_history.append({**metrics, "step": step})
         self._event("on_evaluate", metrics=metrics)
         return metrics
@@ -480,7 +482,9 @@ class SDFTTrainer:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """The held-out prompts answered greedily and scored against their demonstrations, and the
         demonstrations' perplexity: ``{prefix_score, prefix_perplexity, prefix_examples}``; for
-        ``{name: dataset}``, each set's under ``prefix_name_``, as the Trainer names them."""
+        ``{name: dataset}``, each set's under ``prefix_name_``, as the Trainer names them. The held-out SDFT loss
+        (``eval_loss``) is reported by the evaluations during training (``eval_strategy``), where the run's
+        teacher is at hand, not here."""
         from sdft.data.chat import with_template_kwargs
         from sdft.eval.evaluation import evaluate
 

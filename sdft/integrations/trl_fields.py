@@ -91,9 +91,9 @@ HONOURED = {
                      "(and before training, and at the end); 'no': only evaluate()",
     "eval_steps": "eval_steps (a fraction of max_steps when below 1; not given: logging_steps, as HF)",
     "load_best_model_at_end": "load_best_model_at_end (needs eval_strategy='steps' or 'epoch' and an eval_dataset)",
-    "metric_for_best_model": "metric_for_best_model: eval_score (default) or eval_perplexity (eval_NAME_score / "
-                             "eval_NAME_perplexity for eval_dataset={NAME: ...}); eval_loss refused "
-                             "(sdft's evaluation computes no held-out SDFT loss)",
+    "metric_for_best_model": "metric_for_best_model: eval_score (default), eval_perplexity or eval_loss (the "
+                             "held-out SDFT loss, the Trainer's default 'loss'; eval_NAME_score, ... for "
+                             "eval_dataset={NAME: ...})",
     "steps_per_generation": "checked: rollouts sampled for several micro-steps of one optimizer step come from "
                             "the weights sdft samples each micro-step from (a divisor of gradient_accumulation_steps); "
                             "rollouts reused over optimizer steps are refused",

@@ -3,7 +3,7 @@
 or a resume keeps them, and put back into the model when the run ends.
 
 Ranking: the higher ``score`` / ``retention_score``, the lower ``perplexity`` /
-``retention_text_perplexity``; on a tie the earlier step (less drift for the same result), whatever
+``retention_text_perplexity`` / ``loss``; on a tie the earlier step (less drift for the same result), whatever
 order the steps are offered in (a resumed run offers again steps it had passed).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sdft.run.checkpoint import copy_trainable, trainable_state
 from sdft.run.run_dir import BEST_FILE, BEST_RECORD, best_record, replace_file
 from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
 
-LOWER_IS_BETTER = "perplexity"  # the end of the names of the figures ranked lowest first (NAME_perplexity too)
+LOWER_IS_BETTER = ("perplexity", "loss")  # the ends of the names of the figures ranked lowest first (NAME_loss too)
 
 
 class BestWeights:

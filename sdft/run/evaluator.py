@@ -14,15 +14,19 @@ from sdft.run.run_dir import EVAL_FILE, replace_file
 class Evaluator:
     """Evaluation on the user's held-out data during a run, kept in ``output_dir/eval.json``.
 
-    Each record: {"step", "score", "perplexity", "examples", "answers"}; step 0 is before training. Several
+    Each record: {"step", "score", "perplexity", "examples", "answers", "loss"} ("loss": the held-out loss of
+    the run's own objective, as TRL's eval_loss: SDFT's divergence, ``sdft.run.held_out``, or SFT's token
+    cross-entropy; not under FSDP2); step 0 is before training. Several
     named sets (``eval_dataset={name: rows}``) give each of these but "step" once per set, as NAME_score, ....
     A resumed run keeps the records up to its checkpoint's step.
     """
 
     FILE = EVAL_FILE
 
-    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None):
+    def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None,
+                 loss=None):
         self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
+        self.loss = loss  # (model, examples, found) -> the held-out loss (TRL's eval_loss); None: not computed
         self.retention = retention  # sdft.eval.retention.Retention: scored beside the new skill (None: not)
         self.write = write  # False on the other processes of a sharded run: they only help generate
         self.path = Path(output_dir) / self.FILE
@@ -42,6 +46,8 @@ class Evaluator:
         record = {"step": step}
         for name, examples in eval_sets(self.examples).items():
             found = evaluate(model, tokenizer, examples, self.scorer, self.max_new_tokens)
+            if self.loss is not None:
+                found["loss"] = self.loss(model, examples, found)
             record.update({f"{name}_{k}" if name else k: v for k, v in found.items()})
         if self.retention is not None:
             record.update(retention.score(model, tokenizer, self.retention))

@@ -108,19 +108,21 @@ def clip_and_step(model, optimizer, config, step: int, loss: float, scaler=None)
 _NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
 
-def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft", eval_callback=None) -> TrainResult:
+def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft", eval_callback=None,
+              eval_loss=None) -> TrainResult:
     """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
-    (SDFT only; None for SFT) is checkpointed and restored with the model.
+    (SDFT only; None for SFT) is checkpointed and restored with the model. ``eval_loss(model, examples, found)``:
+    the held-out loss each evaluation adds (SDFT's; not under FSDP2).
     """
     try:
-        return _run_steps(run, step_fn, teacher, step_callback, desc, eval_callback)
+        return _run_steps(run, step_fn, teacher, step_callback, desc, eval_callback, eval_loss)
     finally:
         end_run(run.on_end)
 
 
-def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -> TrainResult:
+def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback, eval_loss) -> TrainResult:
     config, model, world = run.config, run.model, run.world
     runner = run.runner or start_runner(run, teacher)
     out = Path(config.output_dir)
@@ -153,7 +155,7 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback) -
     try:  # a Ctrl-C from the first evaluation on is reported alike
         if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
             evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
-                                  retention=run.retention)
+                                  retention=run.retention, loss=None if runner.sharded else eval_loss)
             evaluator.truncate(start)
             if start == 0:
                 evaluate_at(0)

@@ -163,7 +163,7 @@ def data_notes(examples, eval_examples, config, processes: int) -> list[str]:
     return notes
 
 
-EVAL_FIGURES = ("score", "perplexity")  # what each evaluation set gives to rank by
+EVAL_FIGURES = ("score", "perplexity", "loss")  # what each evaluation set gives to rank by (loss: not under FSDP2)
 
 
 def check_evaluation(config, eval_examples, kept) -> None:

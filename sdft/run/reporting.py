@@ -69,13 +69,13 @@ def train_scalars(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-EVAL_NAMES = {"score": "score", "perplexity": "perplexity", "retention_score": "retention/score",
+EVAL_NAMES = {"score": "score", "perplexity": "perplexity", "loss": "loss", "retention_score": "retention/score",
               "retention_text_perplexity": "retention/text_perplexity"}
 
 
 def eval_scalars(record: dict) -> dict[str, float]:
-    """An evaluation's figures: the new skill's score and perplexity (each named set's as NAME/score, ...),
-    and what the run kept (retention/...)."""
+    """An evaluation's figures: the new skill's score, perplexity and held-out loss (each named set's as
+    NAME/score, ...), and what the run kept (retention/...)."""
     out = {name: float(record[key]) for key, name in EVAL_NAMES.items() if key in record}
     for key, value in record.items():
         named = NAMED_FIGURE.fullmatch(key)
@@ -84,7 +84,7 @@ def eval_scalars(record: dict) -> dict[str, float]:
     return out
 
 
-NAMED_FIGURE = re.compile(r"(.+)_(score|perplexity)")  # a named evaluation set's figure (sdft.data.examples)
+NAMED_FIGURE = re.compile(r"(.+)_(score|perplexity|loss)")  # a named evaluation set's figure (sdft.data.examples)
 
 
 def run_name() -> str:

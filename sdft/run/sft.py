@@ -12,6 +12,7 @@ import torch
 from sdft.config import SDFTConfig
 from sdft.data.chat import demonstration_ids
 from sdft.models.positions import check_room
+from sdft.run.held_out import cross_entropy
 from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import prepare, start_runner
@@ -67,4 +68,5 @@ def train_sft(model=None, dataset=None, config: SDFTConfig | dict | None = None,
                 "tokens": tokens, "tokens_per_s": tokens / elapsed,
                 "peak_memory_mib": peak_memory_mib(device), "seconds": elapsed, **scale}
 
-    return run_steps(run, step_fn, step_callback=step_callback, desc="sft", eval_callback=eval_callback)
+    return run_steps(run, step_fn, step_callback=step_callback, desc="sft", eval_callback=eval_callback,
+                     eval_loss=cross_entropy)

@@ -25,6 +25,7 @@ from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
 from sdft.rollout.sampling import Sampling
+from sdft.run.held_out import HeldOutLoss
 from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
 from sdft.run.metrics import peak_memory_mib
 from sdft.run.prepare import Run, prepare, start_runner
@@ -92,7 +93,8 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     def step_fn(optimizer, step):
         return _train_step(run, teacher, engine, loss, optimizer, encoded, step)
 
-    return run_steps(run, step_fn, teacher, step_callback, eval_callback=eval_callback)
+    held_out = HeldOutLoss(run, teacher, engine, loss, encode_examples)
+    return run_steps(run, step_fn, teacher, step_callback, eval_callback=eval_callback, eval_loss=held_out)
 
 
 def terminated_lengths(lengths: list[int], limit: int) -> dict:

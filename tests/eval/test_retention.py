@@ -35,7 +35,8 @@ def test_every_evaluation_scores_what_the_run_keeps(tmp_path):
     for r in records:
         assert 0 <= r["retention_score"] <= 1 and r["retention_text_perplexity"] > 1
         assert len(r["retention_answers"]) == 2 and "score" in r
-    assert set(eval_scalars(records[-1])) == {"score", "perplexity", "retention/score", "retention/text_perplexity"}
+    assert set(eval_scalars(records[-1])) == {"score", "perplexity", "loss", "retention/score",
+                                              "retention/text_perplexity"}
     table = eval_table(result.evaluations, [])
     assert "kept" in table.splitlines()[0] and "text_ppl" in table.splitlines()[0]
     line = summary(records)

@@ -427,7 +427,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(torch_compile=True), "torch_compile=True"),
     (dict(eval_strategy="never"), "eval_strategy='never': sdft evaluates as it trains"),
     (dict(load_best_model_at_end=True), "load_best_model_at_end=True ranks the evaluations during training"),
-    (dict(eval_strategy="steps", metric_for_best_model="eval_loss"), "metric_for_best_model='eval_loss'"),
+    (dict(eval_strategy="steps", metric_for_best_model="eval_accuracy"), "metric_for_best_model=.eval_accuracy."),
     (dict(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_perplexity",
           greater_is_better=True), "greater_is_better=True: perplexity is better when lower"),
     (dict(report_to=["trackio"]), "report_to='trackio'"),
@@ -605,7 +605,8 @@ def test_several_eval_sets_are_each_evaluated_and_named_as_the_trainer_names_the
                           eval_dataset={"sums": ROWS[:1], "more": ROWS[1:2]}, eval_scorer=lambda a, d: next(scores),
                           callbacks=[OnEvaluate()])
     trainer.train()
-    names = {n: [f"eval_{n}_examples", f"eval_{n}_perplexity", f"eval_{n}_score"] for n in ("sums", "more")}
+    names = {n: [f"eval_{n}_examples", f"eval_{n}_loss", f"eval_{n}_perplexity", f"eval_{n}_score"]
+             for n in ("sums", "more")}  # the held-out SDFT loss: during training, where the teacher is
     assert seen == [(step, names[n]) for step in (0, 1, 2) for n in ("sums", "more")]
     assert trainer.state.best_global_step == 0 and trainer.state.best_metric == 0.9  # "more": 0.9, 0.2, 0.4
     records = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -624,7 +625,7 @@ def test_a_mapping_of_eval_sets_and_its_metric_names_are_checked_before_the_mode
     trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, processing_class=tok,
                           eval_dataset={"sums": ROWS})
     with pytest.raises(ValueError, match="^metric_for_best_model=other_score: the evaluation gives sums_score, "
-                                         "sums_perplexity$"):
+                                         "sums_perplexity, sums_loss$"):
         trainer.train()
 
 
@@ -777,3 +778,22 @@ def test_a_scripts_callback_calls_and_log_run_as_on_the_trainer(tmp_path, capsys
     assert isinstance(trainer.pop_callback(Recorder), Recorder)
     trainer.train()
     assert len(seen) == 1  # popped: not called again
+
+
+def test_eval_loss_during_training_and_the_trainers_default_metric_for_load_best(tmp_path):
+    """A real TRL config with load_best_model_at_end and no metric_for_best_model: the Trainer's default, 'loss',
+    ranks the held-out SDFT loss (eval_loss, lower is better), which each evaluation during training reports."""
+    trl_sdft = pytest.importorskip("trl.experimental.sdft")
+    tok = tiny_tokenizer()
+    args = trl_sdft.SDFTConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
+                               max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=4,
+                               eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                               load_best_model_at_end=True, disable_tqdm=True, gradient_checkpointing=False)
+    assert args.metric_for_best_model == "loss"
+    trainer = SDFTTrainer(model=tiny_llama(vocab=len(tok)), args=args, train_dataset=ROWS, eval_dataset=ROWS[:2],
+                          processing_class=tok)
+    trainer.train()
+    losses = {r["step"]: r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r}
+    assert sorted(losses) == [0, 1, 2] and all(v >= 0 for v in losses.values())
+    assert trainer.state.best_global_step == min(losses, key=lambda s: (losses[s], s))
+    assert trainer.state.best_metric == losses[trainer.state.best_global_step]
