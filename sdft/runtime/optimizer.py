@@ -66,9 +66,19 @@ class OptimizerSettings:
             raise ValueError(f"optim={self.name!r}: {str(err).strip().splitlines()[0]}") from None
 
     def check(self) -> None:
-        """Before the model loads: the name, its package and its arguments."""
+        """Before the model loads: the name, its package and its arguments (the optimizer built over one
+        stand-in parameter)."""
         if self.name not in ADAMW:
-            self.factory()
+            cls, kwargs = self.factory()
+            given = [item.split("=", 1)[0].strip() for item in self.args.replace(" ", "").split(",") if item]
+            unread = [key for key in given if key not in kwargs]
+            if unread:  # transformers' factory passes on the keys each optimizer takes and drops the rest
+                raise ValueError(f"optim_args {unread[0]!r}: transformers' {self.name} does not read it (it sets "
+                                 f"{', '.join(k for k in kwargs if k != 'lr') or 'none'})")
+            try:
+                cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"optim={self.name!r} with optim_args={self.args!r}: {err}") from None
         elif self.args:
             raise ValueError(f"optim_args={self.args!r}: sdft's AdamW takes adam_beta1, adam_beta2 and adam_epsilon "
                              "as fields, no optim_args")

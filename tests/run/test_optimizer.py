@@ -84,8 +84,8 @@ def test_a_run_with_weight_decay_resumes_from_its_checkpoint(tmp_path):
     assert [r["step"] for r in first.metrics] == [1] and [r["step"] for r in resumed.metrics] == [2]
 
 
-@pytest.mark.parametrize("optim, optim_args", [("sgd", "momentum=0.9"), ("adafactor", ""), ("rmsprop", ""),
-                                               ("adagrad", ""), ("adamw_torch", "")])
+@pytest.mark.parametrize("optim, optim_args", [("sgd", "momentum=0.9,nesterov=true"), ("adafactor", ""),
+                                               ("rmsprop", ""), ("adagrad", ""), ("adamw_torch", "")])
 def test_every_optim_is_the_hf_trainers_own(tmp_path, optim, optim_args):
     """Class, keywords and groups as transformers builds them from real TrainingArguments of the same values."""
     from transformers import TrainingArguments
@@ -122,12 +122,13 @@ def test_a_run_with_adafactor_resumes_from_its_checkpoint(tmp_path):
     (["optim=adamw_turbo"], "not an optimizer transformers knows"),
     (["optim=sgd", "parallel=fsdp"], "parallel=fsdp steps AdamW"),
     (["optim_args=momentum=0.9"], "sdft's AdamW takes adam_beta1, adam_beta2 and adam_epsilon"),
+    (["optim=sgd", "optim_args=momentun=0.9"], "optim_args 'momentun': transformers' sgd does not read it"),
+    (["optim=sgd", "optim_args=momentum=-1"], "Invalid momentum value: -1"),
     (["adam_beta2=1.5"], "adam_beta2"),
 ])
 def test_an_optimizer_that_cannot_run_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, change, says):
-    import sdft.models.loading
-
-    monkeypatch.setattr(sdft.models.loading, "load_model", _no_load)
+    monkeypatch.setattr("sdft.run.prepare.load_model", _no_load)
+    monkeypatch.setattr("sdft.models.load_model", _no_load)
     assert cli(["train", "--no-eval", "--set", f"output_dir={tmp_path}", *change]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and says in err, err
