@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 from sdft.integrations.trl_fields import arg, plain
+from sdft.models import hub
+from sdft.models.loading import SOURCE_UNKNOWN, model_source
 
 CARD_KEYS = ("model_name", "dataset_name", "tags", "language", "license", "finetuned_from")
 
@@ -40,8 +42,6 @@ class HubPush:
 
     def create(self, token=None, private=None) -> str:
         """The repository's full id, created on the first call."""
-        from sdft.models import hub
-
         if self.repo is None:
             self.repo = hub.create_repo(self.name, token=token or self.token, revision=self.revision,
                                         private=self.private if private is None else private)
@@ -49,14 +49,9 @@ class HubPush:
 
     def push(self, folder: Path, model, config, commit_message: str, token=None, revision=None, private=None,
              card: dict | None = None):
-        """Upload ``folder`` (the trained ``model``'s, trained with sdft ``config``) with a model card."""
-        from sdft.models import hub
-
-        card = dict(card or {})
-        unknown = sorted(set(card) - set(CARD_KEYS))
-        if unknown:
-            raise TypeError(f"push_to_hub() got an unexpected keyword argument {unknown[0]!r} (model card keys: "
-                            f"{', '.join(CARD_KEYS)})")
+        """Upload ``folder`` (the trained ``model``'s, trained with sdft ``config``) with a model card (``card``:
+        ``check_card``'s keys)."""
+        card = check_card(card)
         repo = self.create(token, private)
         text = model_card(card.get("model_name") or repo.split("/")[-1], card.get("finetuned_from") or hub_base(model),
                           is_lora=hasattr(model, "peft_config"), config=config, card=card)
@@ -64,12 +59,18 @@ class HubPush:
                                revision=revision or self.revision)
 
 
+def check_card(card: dict | None) -> dict:
+    """``push_to_hub``'s model card keywords, as the Trainer's ``create_model_card`` takes them."""
+    unknown = sorted(set(card or {}) - set(CARD_KEYS))
+    if unknown:
+        raise TypeError(f"push_to_hub() got an unexpected keyword argument {unknown[0]!r} (model card keys: "
+                        f"{', '.join(CARD_KEYS)})")
+    return dict(card or {})
+
+
 def hub_base(model) -> str | None:
     """The Hub id ``model`` (or a LoRA model's base) was loaded from, else None (a local folder means nothing on
     the Hub)."""
-    from sdft.models import hub
-    from sdft.models.loading import SOURCE_UNKNOWN, model_source
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     source = model_source(base)
     if source in (None, SOURCE_UNKNOWN):

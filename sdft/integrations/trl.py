@@ -39,7 +39,7 @@ from transformers.trainer_utils import TrainOutput
 
 from sdft.config import LR_SCHEDULES, SDFTConfig
 from sdft.data.examples import as_plain, eval_sets, load_examples, named_sets
-from sdft.integrations.hub_push import HubPush
+from sdft.integrations.hub_push import HubPush, check_card
 from sdft.integrations.trl_fields import arg, check_fields, model_init_values, model_revision, plain
 from sdft.loss.spec import divergence_from_alpha
 from sdft.models import hub
@@ -578,6 +578,7 @@ class SDFTTrainer:
         and a model card (``card``: model_name, dataset_name, tags, language, license, finetuned_from) uploaded in
         one commit to ``hub_model_id``, created when missing, on process 0 (the others return None). Always
         blocking: returns the commit (``commit_url``). See ``sdft.integrations.hub_push``."""
+        check_card(card)  # before the model is written
         folder = self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
