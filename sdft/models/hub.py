@@ -105,9 +105,10 @@ def fetch_weights(model: HubModel) -> None:
         if not all((model.folder / name).is_file() for name in names):  # a repository of pickled weights
             snapshot_download(repo_id=model.repo_id, revision=model.commit,
                               allow_patterns=["pytorch_model*.bin", "pytorch_model.bin.index.json"])
-    if not any(model.folder.glob("*.safetensors")) and not any(model.folder.glob("pytorch_model*.bin")):
-        raise FileNotFoundError(f"model {model.repo_id}: its weights are not in the Hugging Face Hub's cache "
-                                f"({model.folder}) and could not be fetched (offline?)")
+    if not all((model.folder / name).is_file() for name in names) and not any(model.folder.glob("pytorch_model*.bin")):
+        missing = next(name for name in names if not (model.folder / name).is_file())
+        raise FileNotFoundError(f"model {model.repo_id}: its weights ({missing}) are not in the Hugging Face Hub's "
+                                f"cache ({model.folder}) and could not be fetched (offline?)")
 
 
 @contextlib.contextmanager

@@ -221,3 +221,18 @@ def test_a_resume_continues_on_the_commit_its_checkpoint_was_trained_from(tmp_pa
     assert cli([*argv, "max_steps=2", "resume_from_checkpoint=true"]) == 0, capsys.readouterr().err
     snapshot = hub_cache.cache / "models--sdft-test--tiny-chat" / "snapshots" / COMMIT
     assert checkpoint_state(list_checkpoints(tmp_path / "run")[-1])["model"] == str(snapshot)
+
+
+def test_weights_missing_from_the_cache_offline_are_one_line(tmp_path, hub_cache, capsys):
+    """Offline, a snapshot holding the config and tokenizer but not the weights: the Hub's stand-in serves nothing
+    more (as snapshot_download returns a cached folder as it is), and the load says which file is missing."""
+    hub.fetch(REPO)
+    hub_cache.served[REPO] = tmp_path / "empty"
+    (tmp_path / "empty").mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["train", "--model", REPO, "--data", str(rows), "--no-eval", "--set", f"output_dir={tmp_path / 'r'}",
+                "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("sdft: error: model sdft-test/tiny-chat: its weights (model.safetensors) "
+                                           "are not in the Hugging Face Hub's cache")
