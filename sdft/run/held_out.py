@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from sdft.run.run_dir import report_line
+
 
 class HeldOutLoss:
     """``(model, examples, found) -> float``: the held-out SDFT loss, for ``Evaluator``'s ``loss``."""
@@ -22,17 +24,31 @@ class HeldOutLoss:
         self._encoded: dict[int, list] = {}  # by the held-out set's identity: encoded once a run
 
     def encoded(self, examples) -> list:
+        """The rows' token ids, once a run; a row the training limits refuse (a teacher context over
+        max_prompt_length: held-out rows are only answered otherwise) is left out of the loss, and one line says
+        how many."""
         if id(examples) not in self._encoded:
-            run = self.run
-            self._encoded[id(examples)] = [dataclasses.replace(e, prompt_ids=e.prompt_ids.to(run.device),
-                                                               teacher_ids=e.teacher_ids.to(run.device))
-                                           for e in self.encode(examples, run.tokenizer, run.config)]
+            run, kept, left_out = self.run, [], []
+            for example in examples:
+                try:
+                    (e,) = self.encode([example], run.tokenizer, run.config)
+                except ValueError as err:
+                    left_out.append(str(err))
+                    continue
+                kept.append(dataclasses.replace(e, prompt_ids=e.prompt_ids.to(run.device),
+                                                teacher_ids=e.teacher_ids.to(run.device)))
+            if left_out and run.world.is_main:
+                report_line(f"sdft: the held-out loss leaves out {len(left_out)} of {len(examples)} rows that a "
+                            f"training step would refuse (the first: {left_out[0]})")
+            self._encoded[id(examples)] = kept
         return self._encoded[id(examples)]
 
     def __call__(self, model, examples, found=None) -> float:
         config = self.run.config
         encoded = self.encoded(examples)
         devices = [self.run.device] if self.run.device.type == "cuda" else []
+        if not encoded:
+            return math.nan
         total, count = 0.0, 0
         was_training = model.training
         model.eval()

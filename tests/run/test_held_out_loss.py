@@ -74,3 +74,12 @@ def test_the_sft_baselines_held_out_loss_is_its_token_cross_entropy(tmp_path):
     train_sft(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS[:2])
     for record in _evals(tmp_path):
         assert record["loss"] == pytest.approx(math.log(record["perplexity"]))
+
+
+def test_held_out_rows_too_long_for_a_training_step_are_left_out_of_the_loss_with_a_line(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    config = SDFTConfig(**BASE, max_steps=1, output_dir=str(tmp_path), max_prompt_length=80)
+    long = {"prompt": "add 1 2", "demonstration": "3" * 100}  # answered (its prompt fits), no teacher context fits
+    train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=[ROWS[0], long])
+    assert "the held-out loss leaves out 1 of 2 rows" in capsys.readouterr().err
+    assert all(math.isfinite(r["loss"]) for r in _evals(tmp_path))
