@@ -31,7 +31,7 @@ DISTILLATION_MODES = ("full_logits", "topk_logits", "sampled_token")
 LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
 NONFINITE_ACTIONS = ("stop", "skip")
-REPORT_BACKENDS = ("none", "tensorboard", "wandb")  # sdft.run.reporting writes each
+REPORT_BACKENDS = ("none", "tensorboard", "wandb", "trackio")  # sdft.run.reporting writes each
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PATH_FIELDS = ("output_dir", "eval_data", "retention_data", "retention_text", "resume_from_checkpoint")
 
@@ -225,7 +225,11 @@ class SDFTConfig:
                                   "(LoRA: the peft adapter)")
     merge_lora: bool = _opt(False, "LoRA: final_model (and sdft export) hold the merged full model instead")
     report_to: list[str] = _opt(["none"], "also log to: none | tensorboard | wandb (offline unless WANDB_MODE "
-                                "says otherwise), comma-separated; TRL's metric names")
+                                "says otherwise) | trackio (local unless trackio_space_id), comma-separated; TRL's "
+                                "metric names")
+    project: str = _opt("sdft", "trackio's project (TRL's project)")
+    trackio_space_id: str = _opt("", "a Hugging Face Space trackio also sends the metrics to (TRL's trackio_space_id; "
+                                 "empty: local only)", kind="optional")
     # Evaluation on the user's held-out data
     eval_data: str = _opt("", "jsonl of held-out prompt + demonstration rows: greedy answers scored before and "
                           "after training (output_dir/eval.json)", kind="optional")

@@ -77,7 +77,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
     warmup = _warmup(arg(args, "warmup_steps", 0) or 0, arg(args, "warmup_ratio", None) or 0.0, schedule)
     report_to = arg(args, "report_to", None) or ["none"]
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
-    report_to = [r for r in report_to if r in ("tensorboard", "wandb")] or ["none"]
+    report_to = [r for r in report_to if r in ("tensorboard", "wandb", "trackio")] or ["none"]
     values = dict(
         output_dir=str(arg(args, "output_dir", "sdft-output")),
         learning_rate=float(arg(args, "learning_rate", 5e-5)),
@@ -122,6 +122,8 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         save_total_limit=int(arg(args, "save_total_limit", None) or 0),
         save_only_model=bool(arg(args, "save_only_model", False)),
         report_to=report_to,
+        project=str(arg(args, "project", None) or "sdft"),
+        trackio_space_id=str(arg(args, "trackio_space_id", None) or ""),
         device="cpu" if arg(args, "use_cpu", False) else "auto",
         resume_from_checkpoint=arg(args, "resume_from_checkpoint", None) or False,
         overwrite_output_dir=bool(arg(args, "overwrite_output_dir", False)),

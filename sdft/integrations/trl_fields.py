@@ -49,6 +49,8 @@ HONOURED = {
     "seed": "seed",
     "use_cpu": "device=cpu",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
+    "project": "project (trackio's)",
+    "trackio_space_id": "trackio_space_id",
     "push_to_hub": "the trained model folder and a model card pushed at the end of train() and on save_model "
                    "(sdft.integrations.hub_push)",
     "hub_model_id": "the repository push_to_hub creates or pushes to (default: output_dir's folder name)",
@@ -146,10 +148,8 @@ IRRELEVANT = {
     "log_level": "verbosity of transformers' logger, which sdft's loop does not use",
     "log_level_replica": "verbosity of transformers' logger, which sdft's loop does not use",
     "run_name": "a wandb run's name: set WANDB_NAME",
-    "project": "trackio's project (report_to=trackio is refused)",
-    "trackio_space_id": "trackio (report_to=trackio is refused)",
-    "trackio_bucket_id": "trackio (report_to=trackio is refused)",
-    "trackio_static_space_id": "trackio (report_to=trackio is refused)",
+    "trackio_bucket_id": "trackio's storage bucket on the Hub: sdft's trackio keeps its local store",
+    "trackio_static_space_id": "a static trackio Space: sdft's trackio logs locally or to trackio_space_id",
     "eval_delay": "sdft evaluates from the start at every eval_steps",
     "per_device_eval_batch_size": "sdft answers the held-out prompts greedily in its own batches",
     "prediction_loss_only": "sdft's evaluation scores greedy answers; it computes no held-out loss",
@@ -200,7 +200,7 @@ IRRELEVANT = {
     "warmup_ratio": "older transformers' field, read as warmup_ratio when present (warmup_steps overrides it)",
 }
 
-REPORTERS = ("none", "tensorboard", "wandb")
+REPORTERS = ("none", "tensorboard", "wandb", "trackio")
 
 
 def arg(args, name, default=None):

@@ -14,7 +14,7 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 # a step record's key -> TRL's / the transformers Trainer's name, where the figure means the same
 TRL_NAMES = {
@@ -124,12 +124,30 @@ class _Wandb:
         self.run.finish()
 
 
+class _Trackio:
+    """trackio's local store (``TRACKIO_DIR``), and a Space's dashboard with ``trackio_space_id``, as the HF
+    Trainer's TrackioCallback logs; its project is ``project``."""
+
+    def __init__(self, output_dir: Path, config: dict):
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=config.get("project") or "sdft", name=run_name(), config=config,
+                     space_id=config.get("trackio_space_id") or None)
+
+    def log(self, scalars: dict[str, float], step: int):
+        self.trackio.log(scalars, step=step)
+
+    def close(self):
+        self.trackio.finish()
+
+
 class Reporters:
     """Every backend of ``report_to``; ``train(record)`` / ``eval(record)`` log a step to each."""
 
     def __init__(self, report_to: list[str], output_dir, config: dict):
         check_backends(report_to)
-        makers = {"tensorboard": _TensorBoard, "wandb": _Wandb}
+        makers = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio}
         self.backends = [makers[name](Path(output_dir), config) for name in dict.fromkeys(report_to)
                          if name != "none"]
 

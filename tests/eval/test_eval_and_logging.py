@@ -154,6 +154,27 @@ def test_tensorboard_logs_trl_metric_names(tmp_path):
     assert [e.step for e in events.Scalars("eval/score")] == [0, 2]
 
 
+def test_trackio_logs_trl_metric_names_in_its_local_store(tmp_path, monkeypatch):
+    """The real trackio, local: its store under TRACKIO_DIR, the project as TRL's project names it."""
+    import importlib
+
+    trackio = pytest.importorskip("trackio")
+    store = tmp_path / "trackio"  # TRACKIO_DIR, which trackio reads once, when it is imported
+    for name in ("trackio", "trackio.utils", "trackio.sqlite_storage"):
+        monkeypatch.setattr(importlib.import_module(name), "TRACKIO_DIR", store)
+    data = _jsonl(tmp_path / "eval.jsonl", ROWS[:1])
+    _train(tmp_path, report_to=["trackio"], eval_data=str(data), project="my-skill")
+    (run,) = trackio.SQLiteStorage.get_runs("my-skill")
+    assert socket.gethostname() in run  # <date>_<host>, as the TensorBoard run is named
+    logs = trackio.SQLiteStorage.get_logs("my-skill", run)
+    train_steps = [r["step"] for r in logs if "train/loss" in r]
+    eval_steps = [r["step"] for r in logs if "eval/score" in r]
+    assert train_steps == [1, 2] and eval_steps == [0, 2]
+    assert all("train/self_distillation/distillation_loss" in r for r in logs if "train/loss" in r)
+    assert all("eval/loss" in r and "eval/perplexity" in r for r in logs if "eval/score" in r)
+    assert (store / "my-skill.db").is_file()
+
+
 def test_wandb_gets_offline_mode_and_trl_names(tmp_path, monkeypatch):
     """wandb itself is not installed here: a stand-in module records what our glue hands it."""
     logged, inits = [], []

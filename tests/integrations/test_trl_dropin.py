@@ -430,7 +430,7 @@ def test_every_trl_config_field_is_honoured_refused_or_irrelevant():
     (dict(eval_strategy="steps", metric_for_best_model="eval_accuracy"), "metric_for_best_model=.eval_accuracy."),
     (dict(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_perplexity",
           greater_is_better=True), "greater_is_better=True: perplexity is better when lower"),
-    (dict(report_to=["trackio"]), "report_to='trackio'"),
+    (dict(report_to=["comet_ml"]), "report_to='comet_ml'"),
     (dict(model_init_kwargs={"device_map": "auto"}), "model_init_kwargs 'device_map'"),
     (dict(model_init_kwargs={"attn_implementation": "flash_attention_3"}),
      "model_init_kwargs attn_implementation='flash_attention_3'"),
@@ -460,6 +460,12 @@ def test_trls_optimizer_fields_are_the_runs(tmp_path):
                               adam_epsilon=1e-6))
     assert (c.optim, c.optim_args, c.adam_beta1, c.adam_beta2, c.adam_epsilon) == ("sgd", "momentum=0.9", 0.9, 0.95,
                                                                                   1e-6)
+
+
+def test_trls_trackio_fields_are_the_runs(tmp_path):
+    c = config_from_trl(_args(tmp_path, max_steps=3, report_to=["trackio"], project="skills",
+                              trackio_space_id="me/dashboard"))
+    assert (c.report_to, c.project, c.trackio_space_id) == (["trackio"], "skills", "me/dashboard")
 
 
 def test_the_model_init_kwargs_of_trls_sdft_script_are_taken(tmp_path):
