@@ -132,6 +132,8 @@ class SDFTConfig:
                                         "about one more student forward of time (TRL's default is on)")
     # Rollouts (student samples on-policy)
     num_generations: int = _opt(4, "G: sampled rollouts per prompt", positive=True)
+    num_generations_eval: int = _opt(0, "rollouts per held-out prompt for the held-out loss (0: num_generations; "
+                                     "TRL's num_generations_eval): fewer makes each evaluation cheaper", minimum=0)
     temperature: float = _opt(1.0, "sampling temperature of the rollouts", positive=True)
     top_k: int = _opt(0, "rollouts sample from the top_k most likely tokens (0: all; TRL's top_k)", minimum=0)
     top_p: float = _opt(1.0, "rollouts sample from the smallest set of tokens whose probability reaches top_p "

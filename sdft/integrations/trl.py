@@ -98,6 +98,7 @@ def config_from_trl(args, num_examples: int | None = None, world_size: int = 1) 
         **warmup,
         gradient_checkpointing=bool(_checkpointing(args)),
         num_generations=group,
+        num_generations_eval=int(arg(args, "num_generations_eval", None) or 0),
         **sampling_values(args),
         chat_template_kwargs=dict(arg(args, "chat_template_kwargs", None) or {}),
         tf32=bool(arg(args, "tf32", None) or False),

@@ -49,6 +49,8 @@ HONOURED = {
     "seed": "seed",
     "use_cpu": "device=cpu",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
+    "num_generations_eval": "num_generations_eval: rollouts per held-out prompt for eval_loss (the scored answers "
+                            "are one greedy answer per prompt)",
     "project": "project (trackio's)",
     "trackio_space_id": "trackio_space_id",
     "push_to_hub": "the trained model folder and a model card pushed at the end of train() and on save_model "
@@ -158,7 +160,6 @@ IRRELEVANT = {
     "eval_accumulation_steps": "sdft's evaluation scores greedy answers; it keeps no prediction tensors",
     "include_for_metrics": "sdft's evaluation scores greedy answers with eval_scorer",
     "batch_eval_metrics": "sdft's evaluation scores greedy answers with eval_scorer",
-    "num_generations_eval": "sdft's evaluation decodes one greedy answer per prompt",
     "save_on_each_node": "process 0 alone writes checkpoints (full tensors, readable by any process count)",
     "hub_always_push": "sdft's pushes wait for each other (none is skipped while another uploads)",
     "ignore_data_skip": "a resume recomputes the data order from the step, nothing is skipped or replayed",

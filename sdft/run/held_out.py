@@ -1,6 +1,6 @@
 """The SDFT loss on held-out rows, as TRL's ``eval_loss``: each evaluation samples fresh rollouts of every held-out
-prompt (``num_generations`` at the run's temperature), scores them with the teacher and takes the same divergence
-the training step takes, without a gradient, in eval mode.
+prompt (``num_generations_eval``, else ``num_generations``, at the run's temperature), scores them with the teacher
+and takes the same divergence the training step takes, without a gradient, in eval mode.
 
 The rollouts come from a random stream of their own (seeded by the run's seed, the same at every evaluation, so
 two evaluations differ by the weights alone), and the training's own stream is left as it was: a run samples the
@@ -58,7 +58,7 @@ class HeldOutLoss:
                 for start in range(0, len(encoded), config.per_device_train_batch_size):
                     chosen = encoded[start:start + config.per_device_train_batch_size]
                     sources = [e.teacher_ids if config.generate_from_teacher else e.prompt_ids for e in chosen]
-                    batch = self.engine.generate(model, sources, config.num_generations,
+                    batch = self.engine.generate(model, sources, config.num_generations_eval or config.num_generations,
                                                  config.max_completion_length, config.temperature)
                     if config.generate_from_teacher:  # sampled from the teacher context, scored from the prompt
                         batch = dataclasses.replace(batch, prompts=[e.prompt_ids for e in chosen])

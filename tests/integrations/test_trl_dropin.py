@@ -468,6 +468,11 @@ def test_trls_trackio_fields_are_the_runs(tmp_path):
     assert (c.report_to, c.project, c.trackio_space_id) == (["trackio"], "skills", "me/dashboard")
 
 
+def test_trls_num_generations_eval_is_the_held_out_losss(tmp_path):
+    assert config_from_trl(_args(tmp_path, max_steps=3, num_generations_eval=2)).num_generations_eval == 2
+    assert config_from_trl(_args(tmp_path, max_steps=3, num_generations_eval=None)).num_generations_eval == 0
+
+
 def test_the_model_init_kwargs_of_trls_sdft_script_are_taken(tmp_path):
     """trl/experimental/sdft/sdft.py sets revision, trust_remote_code, attn_implementation and dtype from its
     ModelConfig, whatever the model."""

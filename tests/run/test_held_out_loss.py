@@ -83,3 +83,17 @@ def test_held_out_rows_too_long_for_a_training_step_are_left_out_of_the_loss_wit
     train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=[ROWS[0], long])
     assert "the held-out loss leaves out 1 of 2 rows" in capsys.readouterr().err
     assert all(math.isfinite(r["loss"]) for r in _evals(tmp_path))
+
+
+def test_num_generations_eval_sets_the_rollouts_per_held_out_prompt(tmp_path):
+    tok = tiny_tokenizer()
+    seen = []
+
+    class Counting(FixedEngine):
+        def generate(self, model, prompts, num_generations, *args, **kwargs):
+            seen.append(num_generations)
+            return super().generate(model, prompts, num_generations, *args, **kwargs)
+
+    config = SDFTConfig(**BASE, max_steps=1, output_dir=str(tmp_path), num_generations_eval=1)
+    train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, engine=Counting(), eval_dataset=ROWS[:2])
+    assert seen == [1, 2, 1]  # before training, the step (num_generations), after it
