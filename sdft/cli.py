@@ -38,6 +38,7 @@ from sdft.runtime.distributed import check_launcher, launched_size, leave
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
 # SmolLM2-135M (weights + AdamW state), and the demo only needs the final one.
 DEMO_SAVE_TOTAL_LIMIT = 1
+REVISION_HELP = "with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)"
 MODEL_HELP = "local model folder, Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or .gguf (default: embedded SmolLM2)"
 
 
@@ -115,8 +116,7 @@ def _build_parser():
     tr = sub.add_parser("train", help="fine-tune a model with SDFT", epilog=keys,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--model", default=None, help=MODEL_HELP)
-    tr.add_argument("--revision", default=None,
-                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
+    tr.add_argument("--revision", default=None, help=REVISION_HELP)
     tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="SDFTConfig overrides (below); --set may repeat")
@@ -147,8 +147,7 @@ def _build_parser():
     ge.add_argument("model", nargs="?", default=None,
                     help="a model folder (e.g. OUTPUT_DIR/final_model), an sdft checkpoint (OUTPUT_DIR/checkpoint-N), "
                          "a Hugging Face Hub id, a LoRA adapter folder or a .gguf (default: the embedded SmolLM2)")
-    ge.add_argument("--revision", default=None,
-                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
+    ge.add_argument("--revision", default=None, help=REVISION_HELP)
     ge.add_argument("--base", default=None, metavar="PATH",
                     help="the base model folder of a LoRA adapter or a checkpoint (default: the one it names)")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -166,8 +165,7 @@ def _build_parser():
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None,
                     help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
-    tc.add_argument("--revision", default=None,
-                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
+    tc.add_argument("--revision", default=None, help=REVISION_HELP)
     tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
@@ -186,8 +184,7 @@ def _build_parser():
                     help="a validation jsonl per stage, evaluated during that stage (every eval_steps); with "
                          "--set load_best_model_at_end=true each stage ends on its best point")
     co.add_argument("--model", default=None, help=MODEL_HELP)
-    co.add_argument("--revision", default=None,
-                    help="with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)")
+    co.add_argument("--revision", default=None, help=REVISION_HELP)
     co.add_argument("--baseline", choices=["sft"], default=None,
                     help="also run the same stages with plain SFT and put both matrices side by side")
     co.add_argument("--scorer", nargs="+", default=None,

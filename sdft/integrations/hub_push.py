@@ -50,8 +50,8 @@ class HubPush:
     def push(self, folder: Path, model, config, commit_message: str, token=None, revision=None, private=None,
              card: dict | None = None):
         """Upload ``folder`` (the trained ``model``'s, trained with sdft ``config``) with a model card (``card``:
-        ``check_card``'s keys)."""
-        card = check_card(card)
+        what ``check_card`` returned)."""
+        card = card or {}
         repo = self.create(token, private)
         text = model_card(card.get("model_name") or repo.split("/")[-1], card.get("finetuned_from") or hub_base(model),
                           is_lora=hasattr(model, "peft_config"), config=config, card=card)

@@ -581,7 +581,7 @@ class SDFTTrainer:
         and a model card (``card``: model_name, dataset_name, tags, language, license, finetuned_from) uploaded in
         one commit to ``hub_model_id``, created when missing, on process 0 (the others return None). Always
         blocking: returns the commit (``commit_url``). See ``sdft.integrations.hub_push``."""
-        check_card(card)  # before the model is written
+        card = check_card(card)  # before the model is written
         folder = self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None

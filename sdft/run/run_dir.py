@@ -352,7 +352,9 @@ def resume_base(model, resume: Path | None):
     snapshots resumes on that commit (fetched again where it is not), not on its branch's newest."""
     from sdft.models import hub
 
-    snapshot = hub.recorded_snapshot(model, checkpoint_state(resume).get("model")) if resume is not None else None
+    if resume is None or not hub.is_repo_id(model):  # only then is the checkpoint's state read
+        return model
+    snapshot = hub.recorded_snapshot(model, checkpoint_state(resume).get("model"))
     return model if snapshot is None else str(hub.local(Path(snapshot)))
 
 
