@@ -62,7 +62,7 @@ class OptimizerSettings:
                                weight_decay=self.weight_decay, optim_target_modules=None)
         try:
             return Trainer.get_optimizer_cls_and_kwargs(args, model)
-        except ImportError as err:
+        except (ImportError, ValueError) as err:  # a missing package: ImportError, or ValueError before transformers 5
             raise ValueError(f"optim={self.name!r}: {str(err).strip().splitlines()[0]}") from None
 
     def check(self) -> None:

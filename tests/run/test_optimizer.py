@@ -117,13 +117,14 @@ def test_a_run_with_adafactor_resumes_from_its_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("change, says", [
-    (["optim=adamw_8bit"], "optim='adamw_8bit': You need to install `bitsandbytes`"),
+    (["optim=adamw_8bit"], ("optim='adamw_8bit': ", "`bitsandbytes`")),
     (["optim=galore_adamw"], "sdft's loop does not drive it"),
     (["optim=adamw_turbo"], "not an optimizer transformers knows"),
     (["optim=sgd", "parallel=fsdp"], "parallel=fsdp steps AdamW"),
     (["optim_args=momentum=0.9"], "sdft's AdamW takes adam_beta1, adam_beta2 and adam_epsilon"),
     (["optim=sgd", "optim_args=momentun=0.9"], "optim_args 'momentun': transformers' sgd does not read it"),
-    (["optim=sgd", "optim_args=momentum=-1"], "Invalid momentum value: -1"),
+    # transformers 5's sgd reads optim_args (torch: "Invalid momentum value: -1"), 4.x's reads none
+    (["optim=sgd", "optim_args=momentum=-1"], ("momentum",)),
     (["adam_beta2=1.5"], "adam_beta2"),
 ])
 def test_an_optimizer_that_cannot_run_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, change, says):
@@ -131,7 +132,7 @@ def test_an_optimizer_that_cannot_run_is_one_line_before_the_model_loads(tmp_pat
     monkeypatch.setattr("sdft.models.load_model", _no_load)
     assert cli(["train", "--no-eval", "--set", f"output_dir={tmp_path}", *change]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and says in err, err
+    assert err.count("\n") == 0 and all(part in err for part in ((says,) if isinstance(says, str) else says)), err
 
 
 def _no_load(*args, **kwargs):
