@@ -40,6 +40,8 @@ from sdft.runtime.distributed import check_launcher, launched_size, leave
 DEMO_SAVE_TOTAL_LIMIT = 1
 REVISION_HELP = "with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)"
 MODEL_HELP = "local model folder, Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or .gguf (default: embedded SmolLM2)"
+DATA_HELP = ("prompt + demonstration rows: a .jsonl/.json/.parquet/.csv file, a saved dataset folder, or a Hub "
+             "dataset id ORG/NAME[:CONFIG][:SPLIT] (split train)")
 
 
 def _overrides(parser, items: list[str]) -> dict[str, str]:
@@ -117,11 +119,12 @@ def _build_parser():
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--model", default=None, help=MODEL_HELP)
     tr.add_argument("--revision", default=None, help=REVISION_HELP)
-    tr.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
+    tr.add_argument("--data", default=None, help=DATA_HELP + "; default: the bundled skill")
     tr.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="SDFTConfig overrides (below); --set may repeat")
-    tr.add_argument("--eval-data", default=None, metavar="FILE",
-                    help="held-out jsonl (same columns): answers scored before/after training (eval_data)")
+    tr.add_argument("--eval-data", default=None, metavar="DATA",
+                    help="held-out rows, as --data takes them (a Hub id's split: test): answers scored before/after "
+                         "training (eval_data)")
     tr.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation before/after training")
     tr.add_argument("--config", default=None, metavar="FILE",
@@ -166,7 +169,7 @@ def _build_parser():
     tc.add_argument("--model", default=None,
                     help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
     tc.add_argument("--revision", default=None, help=REVISION_HELP)
-    tc.add_argument("--data", default=None, help="jsonl with prompt + demonstration (default: bundled skill)")
+    tc.add_argument("--data", default=None, help=DATA_HELP + "; default: the bundled skill")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
@@ -177,11 +180,13 @@ def _build_parser():
                          "default: those an sdft export trained with)")
     co = sub.add_parser("continual", help="train skills one after another and score what each stage kept",
                         epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
-    co.add_argument("--stages", nargs="+", required=True, metavar="FILE", help="jsonl per stage, in order")
-    co.add_argument("--eval-stages", nargs="+", default=None, metavar="FILE",
-                    help="a held-out jsonl per stage, scored after every stage")
-    co.add_argument("--validation-stages", nargs="+", default=None, metavar="FILE",
-                    help="a validation jsonl per stage, evaluated during that stage (every eval_steps); with "
+    co.add_argument("--stages", nargs="+", required=True, metavar="DATA",
+                    help="a dataset per stage, in order, as train --data takes them")
+    co.add_argument("--eval-stages", nargs="+", default=None, metavar="DATA",
+                    help="a held-out dataset per stage (a Hub id's split: test), scored after every stage")
+    co.add_argument("--validation-stages", nargs="+", default=None, metavar="DATA",
+                    help="a validation dataset per stage (a Hub id's split: test), evaluated during that stage "
+                         "(every eval_steps); with "
                          "--set load_best_model_at_end=true each stage ends on its best point")
     co.add_argument("--model", default=None, help=MODEL_HELP)
     co.add_argument("--revision", default=None, help=REVISION_HELP)
@@ -301,7 +306,8 @@ def _read_prompts(args) -> list[dict]:
         path = Path(args.prompts).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        from sdft.data.examples import read_text, to_messages
+        from sdft.data.examples import to_messages
+        from sdft.data.sources import read_text
 
         given = len(rows)
         for i, line in enumerate(read_text(path).splitlines(), 1):
@@ -376,6 +382,7 @@ def _export(args, parser) -> int:
 
 def _train(args, parser) -> int:
     from sdft.data.examples import load_examples
+    from sdft.data.sources import HELD_OUT_SPLIT
 
     pairs = _overrides(parser, args.set)
     base = _run_settings(args.config)
@@ -395,7 +402,7 @@ def _train(args, parser) -> int:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
     if args.data is not None:
         load_examples(args.data)
-    eval_examples = load_examples(config.eval_data) if config.eval_data else None
+    eval_examples = load_examples(config.eval_data, split=HELD_OUT_SPLIT) if config.eval_data else None
     from sdft.eval.retention import resolve
     from sdft.run.prepare import check_evaluation
 

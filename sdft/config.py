@@ -233,12 +233,13 @@ class SDFTConfig:
     trackio_space_id: str = _opt("", "a Hugging Face Space trackio also sends the metrics to (TRL's trackio_space_id; "
                                  "empty: local only)", kind="optional")
     # Evaluation on the user's held-out data
-    eval_data: str = _opt("", "jsonl of held-out prompt + demonstration rows: greedy answers scored before and "
-                          "after training (output_dir/eval.json)", kind="optional")
+    eval_data: str = _opt("", "held-out prompt + demonstration rows (a file, or a Hub id ORG/NAME[:CONFIG][:SPLIT], "
+                          "split test): greedy answers scored before and after training (output_dir/eval.json)",
+                          kind="optional")
     eval_scorer: str = _opt("exact", "exact | normalized | json | regex:PATTERN (first match, or its group 1, "
                             "equal in answer and demonstration)")
-    retention_data: str = _opt("auto", "jsonl of prompt + demonstration rows the model must keep answering, scored "
-                               "with every evaluation (retention_score in eval.json and the loggers); auto: the "
+    retention_data: str = _opt("auto", "prompt + demonstration rows (as eval_data) the model must keep answering, "
+                               "scored with every evaluation (retention_score in eval.json and the loggers); auto: the "
                                "bundled general probe for the embedded model when eval_data is set; empty: off",
                                kind="optional")
     retention_text: str = _opt("auto", "plain text (paragraphs, blank-line separated) whose perplexity must not rise, "

@@ -1,4 +1,5 @@
-"""Loading SDFT examples: a prompt and a demonstration, from jsonl, a list or a HF Dataset.
+"""Loading SDFT examples: a prompt and a demonstration, from a file or Hub id (``sdft.data.sources``), a list
+or a HF Dataset.
 
 Accepted columns: ``prompt`` (a string or chat messages) and ``demonstration`` (TRL's
 ``privileged_context`` and ``completion`` are accepted too; a messages-form completion is joined), or
@@ -10,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sdft.data.sources import HELD_OUT_SPLIT, read_rows
 
 DEMO_KEYS = ("demonstration", "privileged_context", "completion")
 ROLES = ("system", "user", "assistant", "tool")
@@ -36,7 +39,6 @@ def data_fingerprint(examples: list[Example]) -> dict:
     """The rows a run trains on, as a checkpoint records them: their count and a digest of their text
     (a resume on other data says so)."""
     import hashlib
-    import json
 
     text = json.dumps([[list(map(list, ex.prompt)), ex.demonstration] for ex in examples], ensure_ascii=False)
     return {"rows": len(examples), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
@@ -115,44 +117,6 @@ def to_example(row: dict, where: str) -> Example:
     return Example(to_messages(row["prompt"], where), _as_text(row[key], where), where)
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
-
-
-def _read_rows(path: Path) -> tuple[list, list[str] | None]:
-    """Rows of a data file, and where each is for messages: JSON lines (``path:LINE``, as a JSON error
-    names it), or one JSON list of rows (any suffix; None: ``load_examples`` names them ``row I``)."""
-    text = read_text(path)
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        return _whole_json(path, text), None
-    rows, wheres = [], []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-                wheres.append(f"{path}:{i}")
-            except json.JSONDecodeError as err:
-                try:  # one pretty-printed object or list spread over lines
-                    whole = json.loads(text)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-                return (whole if isinstance(whole, list) else [whole]), None
-    return rows, wheres
-
-
-def _whole_json(path: Path, text: str) -> list:
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: a .json dataset must hold a list of rows, got {type(rows).__name__}")
-    return rows
-
-
 def _columns_to_rows(columns: dict) -> list[dict]:
     """Rows of a column mapping (``{"prompt": [...], "demonstration": [...]}``, as ``Dataset.from_dict``
     takes); a mapping of single values (one row) is refused, since iterating it would yield its keys."""
@@ -167,17 +131,12 @@ def _columns_to_rows(columns: dict) -> list[dict]:
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def load_examples(data, name: str = "dataset") -> list[Example]:
-    """Examples from a .jsonl/.json path, a list of dicts (or of ``Example``), a mapping of columns, or
-    anything iterable of dicts (HF Dataset); ``name`` names a dataset that is not a file in messages."""
+def load_examples(data, name: str = "dataset", split: str = "train") -> list[Example]:
+    """Examples from a file, saved dataset or Hub id (``sdft.data.sources``; ``split``: the Hub split when the
+    id names none), a list of dicts (or of ``Example``), a mapping of columns, or anything iterable of dicts
+    (HF Dataset); ``name`` names a dataset that is not a file in messages."""
     if isinstance(data, (str, Path)):
-        path = Path(data).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"dataset file not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"dataset {path} is not a file (give a .jsonl or .json file)")
-        rows, wheres = _read_rows(path)
-        name = str(path)
+        rows, wheres, name = read_rows(data, split)
     elif isinstance(data, dict):
         rows, wheres = _columns_to_rows(data), None
     else:
@@ -219,8 +178,8 @@ def load_eval_sets(data) -> list[Example] | dict[str, list[Example]]:
     evaluated apart, its figures named ``NAME_score``, ``NAME_perplexity``, ...)."""
     sets = named_sets(data)
     if sets is None:
-        return load_examples(data, "eval_dataset")
-    return {key: load_examples(value, f"eval_dataset[{key!r}]") for key, value in sets.items()}
+        return load_examples(data, "eval_dataset", HELD_OUT_SPLIT)
+    return {key: load_examples(value, f"eval_dataset[{key!r}]", HELD_OUT_SPLIT) for key, value in sets.items()}
 
 
 def eval_sets(held_out) -> dict:

@@ -8,6 +8,7 @@ import torch
 
 from sdft.data.chat import chat_ids, checked_template_kwargs, with_template_kwargs
 from sdft.data.examples import load_examples
+from sdft.data.sources import HELD_OUT_SPLIT
 from sdft.models import eval_mode
 from sdft.models.positions import check_room, position_limit
 from sdft.rollout.engine import trim_completions
@@ -69,7 +70,7 @@ def skill_accuracy(model, tokenizer, dataset=None, scorer=None, max_new_tokens: 
     """Mean of each score over the examples; defaults to the bundled tool-call skill's eval split."""
     from sdft.data.skill import load_skill, score
 
-    examples = load_examples(load_skill("eval") if dataset is None else dataset)
+    examples = load_examples(load_skill("eval") if dataset is None else dataset, split=HELD_OUT_SPLIT)
     scorer = scorer or score
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)
     scores = [scorer(a, ex.demonstration) for a, ex in zip(answers, examples)]
@@ -107,7 +108,7 @@ def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48
     if chat_template_kwargs is not None:
         tokenizer = with_template_kwargs(tokenizer, checked_template_kwargs("chat_template_kwargs",
                                                                             chat_template_kwargs))
-    examples = load_examples(dataset)
+    examples = load_examples(dataset, split=HELD_OUT_SPLIT)
     score = get_scorer(scorer)
     answers = generate_answers(model, tokenizer, examples, max_new_tokens)
     scores = [float(score(a, ex.demonstration)) for a, ex in zip(answers, examples)]

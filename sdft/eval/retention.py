@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sdft.data.examples import Example, load_examples
+from sdft.data.sources import HELD_OUT_SPLIT
 from sdft.eval.evaluation import generate_answers
 from sdft.eval.scorers import Scorer, get_scorer
 from sdft.models import eval_mode
@@ -62,7 +63,8 @@ def resolve(data: str, text: str, scorer: str, embedded: bool, evaluating: bool,
     text = str(HELDOUT_TEXT) if text == "auto" and bundled else "" if text == "auto" else text
     if not data and not text:
         return None
-    return Retention(load_examples(data) if data else None, get_scorer(scorer), read_texts(text) if text else None)
+    examples = load_examples(data, split=HELD_OUT_SPLIT) if data else None
+    return Retention(examples, get_scorer(scorer), read_texts(text) if text else None)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 from sdft.config import SDFTConfig
 from sdft.data.chat import has_chat_template, with_template_kwargs
 from sdft.data.examples import Example, eval_sets, load_eval_sets, load_examples
+from sdft.data.sources import HELD_OUT_SPLIT
 from sdft.eval import retention
 from sdft.eval.scorers import get_scorer
 from sdft.models import enable_checkpointing, load_model
@@ -103,7 +104,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     if eval_dataset is not None:
         eval_examples = load_eval_sets(eval_dataset)
     else:
-        eval_examples = load_examples(config.eval_data) if config.eval_data else None
+        eval_examples = load_examples(config.eval_data, split=HELD_OUT_SPLIT) if config.eval_data else None
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
                              evaluating=eval_examples is not None, report=report_line)

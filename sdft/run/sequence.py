@@ -26,6 +26,7 @@ import torch
 from sdft.config import SDFTConfig
 from sdft.data.chat import with_template_kwargs
 from sdft.data.examples import load_examples
+from sdft.data.sources import HELD_OUT_SPLIT
 from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
 from sdft.eval.scorers import get_scorer
@@ -90,7 +91,8 @@ def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = 
         if sets is not None and len(sets) != len(stages):
             kind = "held-out" if what == "eval" else what
             raise ValueError(f"{len(sets)} {what} stages for {len(stages)} stages: give one {kind} set per stage")
-        found.append([load_examples(s) for s in sets] if sets is not None else [None] * len(stages))
+        held_out = [load_examples(s, split=HELD_OUT_SPLIT) for s in sets] if sets is not None else None
+        found.append(held_out or [None] * len(stages))
     return [load_examples(s) for s in stages], *found
 
 

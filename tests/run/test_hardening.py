@@ -169,7 +169,7 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [
-        (["--data", str(tmp_path)], "is not a file"),
+        (["--data", str(tmp_path)], "is a folder, not a dataset file"),
         (["--data", str(binary)], f"{binary}: not UTF-8 text"),
         (["--data", str(tmp_path / "none.jsonl")], "dataset file not found"),
         (["--set", f"output_dir={a_file}"], "exists and is not a folder"),

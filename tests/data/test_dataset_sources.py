@@ -1,0 +1,167 @@
+"""Datasets by name: JSON lines, JSON, Parquet, CSV, a saved dataset folder, or a Hub id with its split and
+configuration after colons. The Hub is a stand-in of ``datasets.load_dataset`` that records what it was asked
+and answers with the real Parquet builder over local files (so splits slice as the Hub's do); everything else
+runs through the real pyarrow and datasets."""
+import json
+
+import pytest
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+from sdft import SDFTConfig, train
+from sdft.cli import main as cli
+from sdft.data.examples import load_examples
+
+ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6)]]
+TEST_ROWS = [{"prompt": "add 7 8", "demonstration": "15"}]
+
+
+def _pairs(examples):
+    return [(e.messages()[-1]["content"], e.demonstration) for e in examples]
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub of one dataset, ``org/tiny``: configurations ``default`` (splits train, test) and ``main`` (train
+    only); each call's (repo, configuration, split) is recorded."""
+    import datasets
+
+    real = datasets.load_dataset
+    files = {(None, "train"): _parquet(tmp_path / "train.parquet", ROWS),
+             (None, "test"): _parquet(tmp_path / "test.parquet", TEST_ROWS),
+             ("main", "train"): _parquet(tmp_path / "main.parquet", ROWS[:1])}
+    calls = []
+
+    def load_dataset(repo, name=None, split=None, **kwargs):
+        calls.append((repo, name, split))
+        if repo != "org/tiny":
+            raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{repo}' doesn't exist on the Hub or cannot be "
+                                                           "accessed.")
+        splits = {s: str(f) for (n, s), f in files.items() if n == name}
+        if not splits:
+            raise ValueError(f"BuilderConfig '{name}' not found. Available: ['default', 'main']")
+        return real("parquet", data_files=splits, split=split, cache_dir=str(tmp_path / "cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_parquet_and_csv_files_read_as_jsonl_does(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    csv = tmp_path / "d.csv"
+    csv.write_text('prompt,demonstration\n"add 1 2",3\n"add 3 4",7\n"add 5 6",11\n')
+    expected = _pairs(load_examples(jsonl))
+    assert _pairs(load_examples(_parquet(tmp_path / "d.parquet", ROWS))) == expected
+    assert _pairs(load_examples(csv)) == expected
+
+
+def test_parquet_keeps_chat_messages():
+    rows = [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+             "demonstration": "a"}]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        ex, = load_examples(_parquet(Path(folder) / "chat.parquet", rows))
+    assert ex.messages() == rows[0]["prompt"]
+
+
+def test_a_bad_csv_record_is_named_by_its_line_and_a_quoted_field_may_span_lines(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text('prompt,demonstration\n"two\nlines",a\nq,\n')
+    with pytest.raises(ValueError, match=r"d.csv:4: the demonstration is empty"):
+        load_examples(csv)
+    csv.write_text('prompt,demonstration\nq,a,extra\n')
+    with pytest.raises(ValueError, match=r"d.csv:2: more fields than the header names"):
+        load_examples(csv)
+
+
+def test_a_damaged_parquet_file_is_one_line(tmp_path):
+    bad = tmp_path / "d.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"d.parquet: not a readable Parquet file"):
+        load_examples(bad)
+
+
+def test_a_saved_dataset_folder_reads_its_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(TEST_ROWS)}).save_to_disk(
+        str(tmp_path / "both"))
+    assert len(load_examples(tmp_path / "one")) == 3
+    assert _pairs(load_examples(tmp_path / "both", split="test")) == [("add 7 8", "15")]
+    with pytest.raises(ValueError, match=r"holds the splits train, test, not 'validation'"):
+        load_examples(tmp_path / "both", split="validation")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match=r"plain is a folder, not a dataset file"):
+        load_examples(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("name, split, asked, rows", [
+    ("org/tiny", "train", (None, "train"), 3),
+    ("org/tiny", "test", (None, "test"), 1),  # the held-out default
+    ("org/tiny:test", "train", (None, "test"), 1),
+    ("org/tiny:train[:2]", "train", (None, "train[:2]"), 2),
+    ("org/tiny:main:train", "test", ("main", "train"), 1),
+])
+def test_a_hub_id_names_its_split_and_configuration(hub, name, split, asked, rows):
+    assert len(load_examples(name, split=split)) == rows
+    assert hub == [("org/tiny", *asked)]
+
+
+def test_a_missing_file_is_never_looked_up_on_the_hub(hub, tmp_path):
+    for name in ("data/train.jsonl", str(tmp_path / "nope"), "rows.parquet"):
+        with pytest.raises(FileNotFoundError, match="dataset file not found"):
+            load_examples(name)
+    assert hub == []
+
+
+@pytest.mark.parametrize("data, says", [
+    ("org/missing", "dataset 'org/missing' (split 'train') is not a file here, and the Hub did not give it: "
+                    "Dataset 'org/missing' doesn't exist"),
+    ("org/tiny:nope:train", "dataset 'org/tiny' (configuration 'nope', split 'train') is not a file here, and the "
+                            "Hub did not give it: BuilderConfig 'nope' not found"),
+    ("org/tiny:validation", "split 'validation'"),
+])
+def test_what_the_hub_does_not_give_is_one_line_before_the_model_loads(hub, tmp_path, capsys, monkeypatch, data,
+                                                                        says):
+    monkeypatch.setattr("sdft.run.prepare.load_model", _no_load)
+    monkeypatch.setattr("sdft.models.load_model", _no_load)
+    assert cli(["train", "--data", data, "--no-eval", "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()  # datasets' own progress bars may come first, as a download's do
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and err.endswith(errors[0]) and says in errors[0], err
+
+
+def test_without_the_datasets_package_a_hub_id_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match=r"dataset 'org/tiny' is not a file here: a Hub dataset or a saved one "
+                                         r"needs the datasets package \(pip install datasets\)"):
+        load_examples("org/tiny")
+
+
+def test_a_run_trains_on_a_hub_split_and_evaluates_on_its_test_split(hub, tmp_path):
+    tok = tiny_tokenizer()
+    config = SDFTConfig(max_steps=1, per_device_train_batch_size=1, num_generations=2, max_completion_length=4,
+                        progress_bar=False, device="cpu", save_final_model=False, output_dir=str(tmp_path / "run"),
+                        eval_data="org/tiny", retention_data="", retention_text="")
+    result = train(tiny_llama(vocab=len(tok)), "org/tiny:train[:2]", config, tokenizer=tok)
+    assert [r["step"] for r in result.metrics] == [1]
+    assert ("org/tiny", None, "train[:2]") in hub and ("org/tiny", None, "test") in hub
+    assert [len(e["answers"]) for e in json.loads((tmp_path / "run" / "eval.json").read_text())] == [1, 1]
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model loaded")
