@@ -33,6 +33,8 @@ def read_text(path: Path) -> str:
 def read_rows(data, split: str) -> tuple[list, list[str] | None, str]:
     """(rows, wheres, name) of the dataset a path or Hub id names; ``split``: a Hub id's split when it
     names none."""
+    if not str(data).strip():
+        raise ValueError("dataset: the name is empty (give a file, a saved dataset folder or a Hub id)")
     path = Path(data).expanduser()
     if path.is_file():
         return (*_file_rows(path), str(path))
@@ -41,7 +43,8 @@ def read_rows(data, split: str) -> tuple[list, list[str] | None, str]:
     text = str(data)
     match = HUB_NAME.fullmatch(text)
     if match is None or path.suffix.lower() in FILE_SUFFIXES:
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        form = " (nor a Hub id: ORG/NAME[:CONFIG][:SPLIT])" if ":" in text and match is None else ""
+        raise FileNotFoundError(f"dataset file not found: {path}{form}")
     config, split = (match["first"], match["second"]) if match["second"] else (None, match["first"] or split)
     return _hub_rows(match["id"], config, split), None, f"{match['id']} {split}"
 

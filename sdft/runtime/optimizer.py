@@ -4,7 +4,7 @@ lets a checkpoint written with one group resume."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -63,18 +63,36 @@ class OptimizerSettings:
         try:
             return Trainer.get_optimizer_cls_and_kwargs(args, model)
         except (ImportError, ValueError) as err:  # a missing package: ImportError, or ValueError before transformers 5
-            raise ValueError(f"optim={self.name!r}: {str(err).strip().splitlines()[0]}") from None
+            given = f" with optim_args={self.args!r}" if self.args else ""
+            raise ValueError(f"optim={self.name!r}{given}: {str(err).strip().splitlines()[0]}") from None
+
+    def _reads(self, key: str, value: str) -> bool:
+        """Whether transformers' factory reads ``key`` of optim_args: giving it (the user's value, 0 or 1) changes
+        the keywords, or fails to parse. A key the factory sets itself but never reads (adafactor's
+        scale_parameter) leaves them as they are."""
+        alone = replace(self, args="").factory()[1]
+        for probe in (value, "0", "1"):
+            try:
+                if replace(self, args=f"{key}={probe}").factory()[1] != alone:
+                    return True
+            except (ValueError, TypeError, AttributeError):  # the factory parsed it (and refused the probe)
+                return True
+        return False
 
     def check(self) -> None:
         """Before the model loads: the name, its package and its arguments (the optimizer built over one
         stand-in parameter)."""
         if self.name not in ADAMW:
+            items = [item for item in self.args.replace(" ", "").split(",") if item]
+            for item in items:
+                if "=" not in item:
+                    raise ValueError(f"optim_args item {item!r}: each is KEY=VALUE, comma-separated (e.g. "
+                                     "momentum=0.9,nesterov=true)")
             cls, kwargs = self.factory()
-            given = [item.split("=", 1)[0].strip() for item in self.args.replace(" ", "").split(",") if item]
-            unread = [key for key in given if key not in kwargs]
-            if unread:  # transformers' factory passes on the keys each optimizer takes and drops the rest
+            unread = [key for key, value in (item.split("=", 1) for item in items) if not self._reads(key, value)]
+            if unread:  # transformers' factory takes the keys each optimizer reads and drops the rest
                 raise ValueError(f"optim_args {unread[0]!r}: transformers' {self.name} does not read it (it sets "
-                                 f"{', '.join(k for k in kwargs if k != 'lr') or 'none'})")
+                                 f"{', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'lr') or 'none'})")
             try:
                 cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
             except (TypeError, ValueError) as err:
