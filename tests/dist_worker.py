@@ -11,11 +11,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import tiny_llama  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
-from worker_exit import leave  # noqa: E402
 
 import sdft.run.trainer as trainer  # noqa: E402
 from sdft import SDFTConfig, train, train_sft  # noqa: E402
 from sdft.rollout.engine import RolloutBatch  # noqa: E402
+from sdft.runtime.distributed import leave  # noqa: E402
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
 
@@ -112,7 +112,7 @@ def main(argv=None):
     else:
         train(model, ROWS, config, tokenizer=tok, engine=FixedEngine(), step_callback=maybe_die)
     torch.save(captured, f"{args.out_path}.rank{rank}")
-    leave()
+    leave(0)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from datasets import Dataset  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
-from worker_exit import leave  # noqa: E402
 
 from sdft.integrations.trl_loss import FusedSDFTTrainer  # noqa: E402
+from sdft.runtime.distributed import leave  # noqa: E402
 
 ROWS = [{"prompt": [{"role": "user", "content": f"add {a} {b}"}], "privileged_context": f"{a} + {b} = {a + b}"}
         for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
@@ -34,7 +34,7 @@ def main(model_path, out_path, fused):
     after = dict(trainer.model.named_parameters())
     delta = {n: (after[n].detach() - before[n]) for n in before}
     torch.save(delta, f"{out_path}.rank{os.environ.get('RANK', '0')}")
-    leave()  # accelerate leaves its gloo group to the interpreter's finalisation
+    leave(0)  # accelerate leaves its gloo group to the interpreter's finalisation
 
 
 if __name__ == "__main__":

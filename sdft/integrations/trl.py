@@ -546,8 +546,12 @@ class SDFTTrainer:
         log_metrics(self, split, metrics)
 
     def metrics_format(self, metrics: dict) -> dict:
+        import inspect
+
         from transformers.trainer_pt_utils import metrics_format
 
+        if len(inspect.signature(metrics_format).parameters) == 2:  # transformers 4.x's takes the trainer first
+            return metrics_format(self, metrics)
         return metrics_format(metrics)
 
     def save_metrics(self, split: str, metrics: dict, combined: bool = True):

@@ -48,6 +48,7 @@ HONOURED = {
     "full_determinism": "full_determinism",
     "seed": "seed",
     "use_cpu": "device=cpu",
+    "overwrite_output_dir": "overwrite_output_dir (transformers 4.x's field; gone in 5)",
     "resume_from_checkpoint": "resume_from_checkpoint (also train(resume_from_checkpoint=...))",
     "num_generations_eval": "num_generations_eval: rollouts per held-out prompt for eval_loss (the scored answers "
                             "are one greedy answer per prompt)",
@@ -130,6 +131,19 @@ REFUSED = {
     "use_vllm": ((False,), "vLLM generation (pass a rollout engine: SDFTTrainer(..., engine=...))"),
     "use_teacher_server": ((False,), "a teacher server"),
     "num_iterations": ((1,), "reusing rollouts over several optimizer iterations"),
+    # transformers 4.x's TrainingArguments only (TRL 1.16 runs on 4.56.2 and newer)
+    "per_gpu_train_batch_size": ((None,), "the deprecated per_gpu_train_batch_size (use per_device_train_batch_size)"),
+    "use_mps_device": ((False,), "Apple's MPS device"),
+    "jit_mode_eval": ((False,), "TorchScript evaluation"),
+    "use_ipex": ((False,), "Intel's extension for PyTorch"),
+    "half_precision_backend": (("auto",), "a half-precision backend other than torch's autocast"),
+    "fp16_backend": (("auto",), "a half-precision backend other than torch's autocast"),
+    "tpu_num_cores": ((None,), "TPUs"),
+    "tpu_metrics_debug": ((False,), "TPU metrics"),
+    "past_index": ((-1,), "feeding a model output back as the next step's input (past_index)"),
+    "fsdp_min_num_params": ((0,), "transformers' FSDP (use SDFTConfig parallel=fsdp: FSDP2)"),
+    "fsdp_transformer_layer_cls_to_wrap": ((None,), "transformers' FSDP (use SDFTConfig parallel=fsdp: FSDP2)"),
+    "save_safetensors": ((True,), "checkpoints other than safetensors models (final_model is safetensors)"),
 }
 
 IRRELEVANT = {
@@ -199,6 +213,24 @@ IRRELEVANT = {
     "vllm_max_model_length": "only read with use_vllm, which is refused",
     "distillation_is_clip": "TRL applies it to reused rollouts only; sdft never reuses them (num_iterations=1)",
     "warmup_ratio": "older transformers' field, read as warmup_ratio when present (warmup_steps overrides it)",
+    # transformers 4.x's TrainingArguments only: folded by its __post_init__ into a field classified above, or
+    # about a part of the HF Trainer that sdft does not run
+    "no_cuda": "TrainingArguments copies it into use_cpu (honoured)",
+    "adafactor": "TrainingArguments turns True into optim='adafactor' (honoured)",
+    "torchdynamo": "TrainingArguments turns it into torch_compile (refused)",
+    "push_to_hub_model_id": "TrainingArguments folds it into hub_model_id (honoured)",
+    "push_to_hub_organization": "TrainingArguments folds it into hub_model_id (honoured)",
+    "push_to_hub_token": "TrainingArguments copies it into hub_token (honoured)",
+    "per_gpu_eval_batch_size": "sdft answers the held-out prompts greedily in its own batches",
+    "logging_dir": "report_to=tensorboard writes under output_dir/runs, as transformers 5 (which has no logging_dir)",
+    "fp16_opt_level": "apex's; sdft's fp16 is torch's autocast",
+    "group_by_length": "sdft packs each step's rollouts into one prefix tree: no padding for length groups to save",
+    "use_legacy_prediction_loop": "sdft's evaluation is its own, not the Trainer's prediction loop",
+    "include_inputs_for_metrics": "sdft's evaluation is its own, not the Trainer's compute_metrics",
+    "include_tokens_per_second": "sdft logs tokens_per_s with every step",
+    "ray_scope": "for the Trainer's Ray hyperparameter search, which sdft does not run",
+    "mp_parameters": "SageMaker's model-parallel arguments, which sdft does not read",
+    "_n_gpu": "the Trainer's own GPU count; sdft places one process per device",
 }
 
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")

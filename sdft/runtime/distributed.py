@@ -107,7 +107,8 @@ def _destroy_group():
 
 
 def leave(code: int):
-    """End a command-line process with ``code``. One that joined a process group (torchrun, accelerate)
+    """End a command-line process (or a test's torchrun worker) with ``code``. One that joined a process group
+    (torchrun, accelerate)
     leaves without the interpreter's finalisation once its exit handlers have run (the group destroyed,
     the loggers closed) and its output is flushed: gloo's threads, left to finalisation, can abort a
     finished process (SIGABRT, "terminate called without an active exception"; seen once with sdft's
@@ -115,6 +116,8 @@ def leave(code: int):
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
     atexit._run_exitfuncs()
+    if dist.is_initialized():  # a group another library made (accelerate's) and left to finalisation
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
