@@ -209,8 +209,9 @@ class SDFTConfig:
     logging_first_step: bool = _opt(False, "also write the first step (HF's logging_first_step)")
     save_strategy: str = _opt("steps", "when checkpoints are written: steps (every save_steps and at the end) | "
                               "epoch (at the end of each pass over the training rows, and at the end) | no (never, "
-                              "as HF's: nothing to resume after a crash or Ctrl-C; final_model is still written)",
-                              choices=("steps", "epoch", "no"))
+                              "as HF's: nothing to resume after a crash or Ctrl-C; final_model is still written) | "
+                              "best (after each evaluation during training that beats every earlier one by "
+                              "metric_for_best_model, as HF's)", choices=("steps", "epoch", "no", "best"))
     save_steps: int = _opt(20, "write a checkpoint every this many steps (and at the end)", positive=True)
     save_only_model: bool = _opt(False, "checkpoints hold the trainable weights alone, without the optimizer and "
                                  "RNG states (or an EMA teacher), as HF's save_only_model: a full fine-tune's take "
@@ -256,9 +257,9 @@ class SDFTConfig:
                                         "(before training, every eval_steps, the last step; the earliest on ties), "
                                         "kept in output_dir/best_weights.pt: the returned model and final_model "
                                         "hold them (HF's load_best_model_at_end)")
-    metric_for_best_model: str = _opt("score", "what load_best_model_at_end ranks: score or retention_score (higher "
-                                      "is better), perplexity, loss (the held-out loss, TRL's eval_loss) or "
-                                      "retention_text_perplexity (lower is better)",
+    metric_for_best_model: str = _opt("score", "what load_best_model_at_end and save_strategy=best rank: score or "
+                                      "retention_score (higher is better), perplexity, loss (the held-out loss, "
+                                      "TRL's eval_loss) or retention_text_perplexity (lower is better)",
                                       choices=("score", "perplexity", "loss", "retention_score",
                                                "retention_text_perplexity"),
                                       pattern=(r"[A-Za-z0-9][A-Za-z0-9_.-]*_(score|perplexity|loss)",

@@ -198,9 +198,11 @@ def evaluation_values(args, max_steps: int) -> dict:
         given = float(arg(args, "logging_steps", 10) if given is None else given)  # HF: logging_steps when unset
         every = every_steps(given, max_steps)
     load_best = bool(arg(args, "load_best_model_at_end", False))
-    if load_best and not every and strategy != "epoch":
-        raise ValueError("load_best_model_at_end=True ranks the evaluations during training: set "
-                         "eval_strategy='steps' or 'epoch' (and pass an eval_dataset)")
+    for setting, on in (("load_best_model_at_end=True", load_best),
+                        ("save_strategy='best'", plain(arg(args, "save_strategy", "steps")) == "best")):
+        if on and not every and strategy != "epoch":
+            raise ValueError(f"{setting} ranks the evaluations during training: set eval_strategy='steps' or "
+                             "'epoch' (and pass an eval_dataset)")
     name = arg(args, "metric_for_best_model", None)
     named = NAMED_BEST.fullmatch(str(name)) if name is not None else None
     if name is not None and str(name) not in BEST_METRICS and not named:

@@ -41,7 +41,7 @@ HONOURED = {
     "disable_tqdm": "progress_bar",
     "report_to": "report_to (none, tensorboard, wandb; others refused)",
     "save_strategy": "save_strategy: 'steps' (every save_steps and at the end), 'epoch' (at each pass's end and at "
-                     "the end) or 'no' (none); 'best' refused",
+                     "the end), 'best' (after each evaluation that beats the earlier ones) or 'no' (none)",
     "save_steps": "save_steps (a fraction of max_steps when below 1, as the Trainer)",
     "save_total_limit": "save_total_limit",
     "save_only_model": "save_only_model: checkpoints of the trainable weights alone (no resume from them, as HF)",
@@ -312,9 +312,9 @@ def check_fields(args) -> None:
     checks = [
         (
             "save_strategy",
-            plain(arg(args, "save_strategy", "steps")) in ("steps", "epoch", "no"),
-            "sdft checkpoints every save_steps ('steps') or epoch ('epoch') and at the end, or never ('no'); "
-            "load_best_model_at_end keeps the best evaluation's weights apart from the checkpoints",
+            plain(arg(args, "save_strategy", "steps")) in ("steps", "epoch", "best", "no"),
+            "sdft checkpoints every save_steps ('steps') or epoch ('epoch') and at the end, after a best evaluation "
+            "('best'), or never ('no')",
         ),
         ("shuffle_dataset", arg(args, "shuffle_dataset", True) is not False, "sdft always shuffles, seeded per epoch"),
         (

@@ -21,15 +21,11 @@ from sdft.run.writes import WRITE_ERRORS, WriteError, write_reason
 LOWER_IS_BETTER = ("perplexity", "loss")  # the ends of the names of the figures ranked lowest first (NAME_loss too)
 
 
-class BestWeights:
-    """The best evaluation's weights of a run in ``output_dir`` by ``metric`` (see the module doc)."""
+class Ranking:
+    """The best evaluation so far by ``metric`` (see the module doc): its step and value (None: none yet)."""
 
-    def __init__(self, output_dir, metric: str, write: bool = True):
-        self.out, self.metric, self.write = Path(output_dir), metric, write
-        self.step, self.value = None, None  # none yet (or unreadable): the next evaluation starts the ranking
-        record = best_record(self.out)
-        if record is not None and record["metric"] == metric and (self.out / BEST_FILE).is_file():
-            self.step, self.value = record["step"], record["value"]
+    def __init__(self, metric: str):
+        self.metric, self.step, self.value = metric, None, None
 
     def better(self, step: int, value: float) -> bool:
         if value != value:  # NaN never wins
@@ -40,12 +36,34 @@ class BestWeights:
             return step < self.step
         return value < self.value if self.metric.endswith(LOWER_IS_BETTER) else value > self.value
 
-    def offer(self, step: int, record: dict, model) -> bool:
-        """Keep ``model``'s weights when ``record`` (an evaluation at ``step``) beats the best so far."""
+    def value_of(self, record: dict) -> float:
         if self.metric not in record:
             raise ValueError(f"metric_for_best_model={self.metric} is not among this run's evaluation figures "
                              f"({', '.join(k for k in record if k != 'step' and not k.endswith('answers'))})")
-        value = float(record[self.metric])
+        return float(record[self.metric])
+
+    def offer(self, step: int, record: dict, model=None) -> bool:
+        """Whether ``record`` (an evaluation at ``step``) beats the best so far; it becomes the best if so."""
+        value = self.value_of(record)
+        if not self.better(step, value):
+            return False
+        self.step, self.value = step, value
+        return True
+
+
+class BestWeights(Ranking):
+    """The best evaluation's weights of a run in ``output_dir`` by ``metric`` (see the module doc)."""
+
+    def __init__(self, output_dir, metric: str, write: bool = True):
+        super().__init__(metric)  # none yet (or unreadable): the next evaluation starts the ranking
+        self.out, self.write = Path(output_dir), write
+        record = best_record(self.out)
+        if record is not None and record["metric"] == metric and (self.out / BEST_FILE).is_file():
+            self.step, self.value = record["step"], record["value"]
+
+    def offer(self, step: int, record: dict, model=None) -> bool:
+        """Keep ``model``'s weights when ``record`` (an evaluation at ``step``) beats the best so far."""
+        value = self.value_of(record)
         if not self.better(step, value):
             return False
         if self.write:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from sdft.config import SDFTConfig
 from sdft.data.examples import data_fingerprint
-from sdft.run.best import BestWeights
+from sdft.run.best import BestWeights, Ranking
 from sdft.run.checkpoint import load_checkpoint, newest_intact, resume_note, save_checkpoint
 from sdft.run.errors import NonFiniteError, OutOfMemory
 from sdft.run.evaluator import Evaluator
@@ -28,7 +28,7 @@ from sdft.run.run_dir import (
 )
 from sdft.run.schedule import LRSchedule
 from sdft.run.writes import WriteError
-from sdft.runtime.distributed import World, barrier
+from sdft.runtime.distributed import World, all_reduce_sum, barrier
 from sdft.runtime.optimizer import OptimizerSettings, make_optimizer
 from sdft.runtime.parallel import grad_norm_value
 from sdft.runtime.precision import compute_precision
@@ -143,14 +143,19 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback, e
     reporters = Reporters(config.report_to if main else ["none"], out, config.to_dict())
     evaluator = None  # under FSDP2 every process generates (the weights are sharded), process 0 writes
     best = BestWeights(out, config.metric_for_best_model, write=main) if config.load_best_model_at_end else None
+    # save_strategy=best: the evaluations during training that decide a checkpoint (not the one before training,
+    # as HF's eval_on_start; load_best_model_at_end ranks that one too)
+    saves_best = Ranking(config.metric_for_best_model) if config.save_strategy == "best" else None
 
-    def evaluate_at(step: int):
+    def evaluate_at(step: int) -> bool:
+        """Evaluate; whether save_strategy=best checkpoints this step."""
         record = runner(evaluator, run.tokenizer, step)
         reporters.eval(record)
         if best is not None:
             best.offer(step, record, model)
         if eval_callback is not None and main:
             eval_callback(step, record)
+        return saves_best is not None and step > 0 and saves_best.offer(step, record)
 
     try:  # a Ctrl-C from the first evaluation on is reported alike
         if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
@@ -162,23 +167,34 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback, e
             elif best is not None and best.step is None:  # resumed past a pick that was set aside: rank from here
                 for record in (r for r in evaluator.records if r["step"] == start):
                     best.offer(start, record, model)
+            if saves_best is not None:  # resumed: the evaluations up to the checkpoint rank as before
+                for record in evaluator.records:
+                    if 0 < record["step"] <= start:
+                        saves_best.offer(record["step"], record)
         history = []
         done = {"save": None, "eval": None}  # the last step checkpointed / evaluated
 
+        def save(step: int):
+            if done["save"] == step:
+                return
+            if main or runner.sharded:  # sharded: every process gathers, process 0 writes
+                save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
+                                run.model_source, write=main, data=data, processes=world.size,
+                                scaler=runner.scaler, only_model=config.save_only_model)
+            barrier(world)
+            done["save"] = step
+
         def settle(step: int, final: bool):
             """The checkpoint and the evaluation due after ``step``, each once; ``final`` (the last step, or a
-            stop asked by ``step_callback``) makes both due."""
-            if save_due(step, final, config, len(run.examples), world.size) and done["save"] != step:
-                if main or runner.sharded:  # sharded: every process gathers, process 0 writes
-                    save_checkpoint(out, step, model, optimizer, teacher, config, config.save_total_limit,
-                                    run.model_source, write=main, data=data, processes=world.size,
-                                    scaler=runner.scaler, only_model=config.save_only_model)
-                barrier(world)
-                done["save"] = step
-            if evaluator is not None and done["eval"] != step and eval_due(step, final, config, len(run.examples),
-                                                                           world.size):
-                evaluate_at(step)
+            stop asked by ``step_callback``) makes both due (save_strategy=best: a checkpoint after an
+            evaluation that is the best so far, and no other)."""
+            if save_due(step, final, config, len(run.examples), world.size):
+                save(step)
+            if done["eval"] != step and eval_due(step, final, config, len(run.examples), world.size):
+                new_best = evaluator is not None and evaluate_at(step)  # DDP: process 0 alone evaluates
                 done["eval"] = step
+                if saves_best is not None and all_reduce_sum(float(main and new_best), world) > 0:
+                    save(step)  # every process takes part in a checkpoint: process 0's ranking decides
 
         bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=desc,
                    disable=not (config.progress_bar and main))
@@ -248,9 +264,10 @@ def _due(step: int, final: bool, strategy: str, every: int, config, rows: int, p
 
 
 def save_due(step: int, final: bool, config, rows: int, processes: int) -> bool:
-    """Whether a checkpoint is written after optimizer step ``step`` (``save_strategy=no``: never)."""
-    return config.save_strategy != "no" and _due(step, final, config.save_strategy, config.save_steps, config, rows,
-                                                 processes)
+    """Whether a checkpoint is written after optimizer step ``step`` (``save_strategy=no``: never; ``best``: after
+    an evaluation, by its rank)."""
+    return config.save_strategy not in ("no", "best") and _due(step, final, config.save_strategy, config.save_steps,
+                                                               config, rows, processes)
 
 
 def eval_due(step: int, final: bool, config, rows: int, processes: int) -> bool:

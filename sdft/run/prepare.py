@@ -175,21 +175,27 @@ def check_evaluation(config, eval_examples, kept) -> None:
     if config.evaluation_rule and eval_examples is None and kept is None:
         raise ValueError(f"{config.evaluation_rule} evaluates eval_data during training, and the run has none: "
                          "give eval_data (or retention_data), or set eval_steps=0 and eval_strategy=steps")
-    if config.load_best_model_at_end:
+    if config.save_strategy == "best" and not config.evaluation_rule:
+        raise ValueError("save_strategy=best checkpoints after an evaluation during training that beats the earlier "
+                         "ones: set eval_steps (or eval_strategy=epoch) and give eval_data")
+    ranking = ("load_best_model_at_end" if config.load_best_model_at_end else
+               "save_strategy=best" if config.save_strategy == "best" else None)  # what ranks the evaluations
+    if ranking is not None:
         check_best_metric(config.metric_for_best_model, eval_examples is not None, kept,
-                          list(eval_examples) if isinstance(eval_examples, dict) else ())
+                          list(eval_examples) if isinstance(eval_examples, dict) else (), ranking)
 
 
-def check_best_metric(metric: str, evaluating: bool, kept, named=()) -> None:
-    """``load_best_model_at_end`` needs an evaluation that yields ``metric``: one line before the model loads.
-    ``named``: the names of the evaluation sets, where there are several (their figures are NAME_score, ...)."""
+def check_best_metric(metric: str, evaluating: bool, kept, named=(), setting="load_best_model_at_end") -> None:
+    """``setting`` (load_best_model_at_end, save_strategy=best) needs an evaluation that yields ``metric``: one
+    line before the model loads. ``named``: the names of the evaluation sets, where there are several (their
+    figures are NAME_score, ...)."""
     if metric in ("retention_score", "retention_text_perplexity"):
         if not (kept is not None and (kept.examples if metric == "retention_score" else kept.texts)):
             source = "retention_data" if metric == "retention_score" else "retention_text"
             raise ValueError(f"metric_for_best_model={metric} needs {source} (and eval_data to evaluate at all)")
         return
     if not evaluating:
-        raise ValueError(f"load_best_model_at_end ranks the evaluations on eval_data by {metric}: give eval_data")
+        raise ValueError(f"{setting} ranks the evaluations on eval_data by {metric}: give eval_data")
     figures = [f"{n}_{f}" for n in named for f in EVAL_FIGURES] if named else list(EVAL_FIGURES)
     if metric not in figures:
         raise ValueError(f"metric_for_best_model={metric}: the evaluation gives {', '.join(figures)}")

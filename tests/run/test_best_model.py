@@ -130,3 +130,48 @@ def test_best_weights_leave_the_last_weights_when_they_are_the_best(tmp_path):
         model.weight.fill_(9.0)  # changed after the last evaluation: restore must not touch the model
     assert best.restore(model, last_step=40) == 40
     assert torch.all(model.weight == 9.0)
+
+
+def _checkpoints(out) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+
+def test_save_strategy_best_checkpoints_each_new_best_evaluation_during_training(tmp_path):
+    """Evaluations at steps 0..4: 0.2 (before training: never a checkpoint, as HF's), 0.1 (the first during
+    training), 0.5, 0.5 (a tie: not better), 0.3. The checkpoints: steps 1 and 2, none at the last step."""
+    result = _run(tmp_path / "run", [0.2, 0.1, 0.5, 0.5, 0.3], save_strategy="best", load_best_model_at_end=False,
+                  save_total_limit=0)
+    assert _checkpoints(tmp_path / "run") == [1, 2]
+    assert [r["score"] for r in result.evaluations] == [0.2, 0.1, 0.5, 0.5, 0.3]
+
+
+def test_save_strategy_best_resumes_with_its_ranking(tmp_path):
+    """Cut after step 2 (best 0.5 at step 2); the resumed steps 3 and 4 score 0.4 and 0.6: only step 4 beats it."""
+    _run(tmp_path / "run", [0.2, 0.1, 0.5], steps=2, save_strategy="best", load_best_model_at_end=False,
+         save_total_limit=0)
+    assert _checkpoints(tmp_path / "run") == [1, 2]
+    _run(tmp_path / "run", [0.4, 0.6], save_strategy="best", load_best_model_at_end=False, save_total_limit=0,
+         resume_from_checkpoint=True)
+    assert _checkpoints(tmp_path / "run") == [1, 2, 4]
+
+
+def test_save_strategy_best_with_load_best_ends_on_the_best_weights(tmp_path):
+    result = _run(tmp_path / "run", [0.2, 0.1, 0.9, 0.5, 0.3], save_strategy="best", save_total_limit=1)
+    assert result.best_step == 2 and _checkpoints(tmp_path / "run") == [2]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(eval_steps=0), "save_strategy=best checkpoints after an evaluation during training that beats the earlier "
+                         "ones: set eval_steps"),
+    (dict(eval_steps=1, retention_data="kept.jsonl"), "save_strategy=best ranks the evaluations on eval_data by "
+                                                      "score: give eval_data"),
+])
+def test_save_strategy_best_without_evaluations_to_rank_is_one_line_before_the_model_loads(tmp_path, change,
+                                                                                          message):
+    (tmp_path / "kept.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    change = {**change, "retention_data": str(tmp_path / change["retention_data"])} if "retention_data" in change \
+        else change
+    config = SDFTConfig(**{"output_dir": str(tmp_path / "run"), "save_strategy": "best", "device": "cpu",
+                           "retention_data": "", "retention_text": "", **change})
+    with pytest.raises(ValueError, match=message):
+        train("/nonexistent/model", ROWS, config)
