@@ -170,6 +170,9 @@ def _build_parser():
                     help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
     tc.add_argument("--revision", default=None, help=REVISION_HELP)
     tc.add_argument("--data", default=None, help=DATA_HELP + "; default: the bundled skill")
+    tc.add_argument("--column-map", default=None, metavar="JSON",
+                    help="the dataset's column for each column sdft reads, e.g. '{\"prompt\": \"question\", "
+                         "\"demonstration\": \"answer\"}' (as the run's column_map)")
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
@@ -221,7 +224,7 @@ def _continual(args, parser) -> int:
     LRSchedule.from_config(config).check()
     # every file checked before the model loads
     check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end,
-                 config.evaluation_rule)
+                 config.evaluation_rule, config.column_map)
     stage_scorers(args.scorer or config.eval_scorer, len(args.stages))
     check_launcher()
 
@@ -255,12 +258,15 @@ def _teacher_check(args, parser) -> int:
 
     check_inputs(args.templates, args.scorer, args.limit, args.max_new_tokens)
     template_kwargs = _template_kwargs(args)
+    if args.column_map is not None and args.data is None:
+        raise ValueError("--column-map names the columns of --data: give --data")
     if args.data is None:
         from sdft.data.skill import load_skill
 
         data = load_skill("train")
     else:
-        data = load_examples(args.data)
+        column_map = SDFTConfig.from_strings({"column_map": args.column_map or "{}"}).column_map
+        data = load_examples(args.data, column_map=column_map)
     from sdft.models import load_trained
 
     model, tokenizer = load_trained(args.model)  # a LoRA adapter folder too: what is left to distil after a run?
@@ -401,8 +407,9 @@ def _train(args, parser) -> int:
     if args.scorer is not None and not config.eval_data:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
     if args.data is not None:
-        load_examples(args.data)
-    eval_examples = load_examples(config.eval_data, split=HELD_OUT_SPLIT) if config.eval_data else None
+        load_examples(args.data, column_map=config.column_map)
+    eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
+                     if config.eval_data else None)
     from sdft.eval.retention import resolve
     from sdft.run.prepare import check_evaluation
 

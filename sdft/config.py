@@ -14,6 +14,7 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from sdft.data.chat import checked_template_kwargs, json_mapping, parse_template_kwargs
+from sdft.data.examples import check_column_map
 from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.models.attention import FLASH, IMPLEMENTATIONS
@@ -233,6 +234,9 @@ class SDFTConfig:
     project: str = _opt("sdft", "trackio's project (TRL's project)")
     trackio_space_id: str = _opt("", "a Hugging Face Space trackio also sends the metrics to (TRL's trackio_space_id; "
                                  "empty: local only)", kind="optional")
+    column_map: dict = _opt({}, "the dataset's column for each column sdft reads, as JSON (torchtune's column_map), "
+                            "e.g. {\"prompt\": \"question\", \"demonstration\": \"answer\"}: applied to the training "
+                            "and held-out data", kind="kwargs")
     # Evaluation on the user's held-out data
     eval_data: str = _opt("", "held-out prompt + demonstration rows (a file, or a Hub id ORG/NAME[:CONFIG][:SPLIT], "
                           "split test): greedy answers scored before and after training (output_dir/eval.json)",
@@ -307,6 +311,7 @@ class SDFTConfig:
         get_scorer(self.eval_scorer)
         get_scorer(self.retention_scorer)
         check_template(self.teacher_template)
+        check_column_map("column_map", self.column_map)
         if self.parallel == "fsdp" and self.use_lora:
             raise ValueError("parallel=fsdp shards a full fine-tune; train LoRA adapters with parallel=ddp")
         if self.load_best_model_at_end and self.parallel == "fsdp":

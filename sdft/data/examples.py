@@ -99,6 +99,31 @@ def _split_messages(messages, where: str) -> dict:
     return {"prompt": messages[:-1], "demonstration": messages[-1].get("content")}
 
 
+COLUMNS = ("prompt", "messages") + DEMO_KEYS  # the columns a row is read by (column_map's keys)
+
+
+def check_column_map(name: str, value: dict) -> dict:
+    """``value`` if it maps columns sdft reads to names of dataset columns (torchtune's ``column_map``: e.g.
+    ``{"prompt": "question", "demonstration": "answer"}``); otherwise a one-line error naming ``name``."""
+    for ours, theirs in value.items():
+        if ours not in COLUMNS:
+            raise ValueError(f"{name} key {ours!r}: sdft reads the columns {', '.join(COLUMNS)}")
+        if not isinstance(theirs, str) or not theirs:
+            raise ValueError(f"{name} {ours!r} must name a column of the dataset, got {theirs!r}")
+    return value
+
+
+def _mapped(row, column_map: dict, where: str):
+    """``row`` with each of ``column_map``'s columns read from the dataset column it names."""
+    if not column_map or not isinstance(row, dict):
+        return row
+    missing = [theirs for theirs in column_map.values() if theirs not in row]
+    if missing:
+        raise ValueError(f"{where}: no column {missing[0]!r} for column_map (columns present: {sorted(row)})")
+    return {**{k: v for k, v in row.items() if k not in column_map},
+            **{ours: row[theirs] for ours, theirs in column_map.items()}}
+
+
 def to_example(row: dict, where: str) -> Example:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a mapping with 'prompt' and 'demonstration', got {type(row).__name__}")
@@ -131,10 +156,11 @@ def _columns_to_rows(columns: dict) -> list[dict]:
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
-def load_examples(data, name: str = "dataset", split: str = "train") -> list[Example]:
+def load_examples(data, name: str = "dataset", split: str = "train", column_map: dict | None = None) -> list[Example]:
     """Examples from a file, saved dataset or Hub id (``sdft.data.sources``; ``split``: the Hub split when the
     id names none), a list of dicts (or of ``Example``), a mapping of columns, or anything iterable of dicts
-    (HF Dataset); ``name`` names a dataset that is not a file in messages."""
+    (HF Dataset); ``name`` names a dataset that is not a file in messages; ``column_map`` (``check_column_map``)
+    names the dataset's columns that hold sdft's."""
     if isinstance(data, (str, Path)):
         rows, wheres, name = read_rows(data, split)
     elif isinstance(data, dict):
@@ -147,7 +173,8 @@ def load_examples(data, name: str = "dataset", split: str = "train") -> list[Exa
                             f"HF Dataset, got {type(data).__name__}") from None
     if wheres is None:
         wheres = [f"{name} row {i}" for i in range(len(rows))]
-    examples = [row if isinstance(row, Example) else to_example(row, where) for row, where in zip(rows, wheres)]
+    examples = [row if isinstance(row, Example) else to_example(_mapped(row, column_map, where), where)
+                for row, where in zip(rows, wheres)]
     if not examples:
         raise ValueError(f"{name} holds no examples")
     return examples
@@ -173,13 +200,14 @@ def named_sets(data) -> dict | None:
     return dict(data)
 
 
-def load_eval_sets(data) -> list[Example] | dict[str, list[Example]]:
+def load_eval_sets(data, column_map: dict | None = None) -> list[Example] | dict[str, list[Example]]:
     """Held-out rows: one dataset as ``load_examples`` reads it, or a mapping of names to datasets (each
     evaluated apart, its figures named ``NAME_score``, ``NAME_perplexity``, ...)."""
     sets = named_sets(data)
     if sets is None:
-        return load_examples(data, "eval_dataset", HELD_OUT_SPLIT)
-    return {key: load_examples(value, f"eval_dataset[{key!r}]", HELD_OUT_SPLIT) for key, value in sets.items()}
+        return load_examples(data, "eval_dataset", HELD_OUT_SPLIT, column_map)
+    return {key: load_examples(value, f"eval_dataset[{key!r}]", HELD_OUT_SPLIT, column_map)
+            for key, value in sets.items()}
 
 
 def eval_sets(held_out) -> dict:

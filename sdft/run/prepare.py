@@ -102,9 +102,10 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
     check_backends(config.report_to)
     LRSchedule.from_config(config).check()
     if eval_dataset is not None:
-        eval_examples = load_eval_sets(eval_dataset)
+        eval_examples = load_eval_sets(eval_dataset, config.column_map)
     else:
-        eval_examples = load_examples(config.eval_data, split=HELD_OUT_SPLIT) if config.eval_data else None
+        eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
+                         if config.eval_data else None)
     eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
                              evaluating=eval_examples is not None, report=report_line)
@@ -120,7 +121,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         from sdft.data.skill import load_skill
 
         dataset = load_skill("train")
-    examples = load_examples(dataset)
+    examples = load_examples(dataset, column_map=config.column_map)
     resume = plan_run(config, evaluating=eval_examples is not None)
     model = resume_base(model, resume)
     check_model_folder(model)

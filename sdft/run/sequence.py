@@ -73,10 +73,11 @@ def stage_dir(root: Path, k: int, name: str) -> Path:
 
 
 def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = False,
-                 during: str | None = None) -> tuple[list, list, list]:
-    """Every stage's rows (held-out and validation rows too) read and checked now, before any model loads;
-    ``load_best`` (``load_best_model_at_end``) and ``during`` (``SDFTConfig.evaluation_rule``: evaluations as a
-    stage trains) need the validation sets a stage's run evaluates."""
+                 during: str | None = None, column_map: dict | None = None) -> tuple[list, list, list]:
+    """Every stage's rows (held-out and validation rows too, read through ``column_map``) read and checked now,
+    before any model loads; ``load_best`` (``load_best_model_at_end``) and ``during``
+    (``SDFTConfig.evaluation_rule``: evaluations as a stage trains) need the validation sets a stage's run
+    evaluates."""
     if not stages:
         raise ValueError("train_sequence needs at least one stage")
     if during and validation_stages is None:
@@ -91,9 +92,10 @@ def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = 
         if sets is not None and len(sets) != len(stages):
             kind = "held-out" if what == "eval" else what
             raise ValueError(f"{len(sets)} {what} stages for {len(stages)} stages: give one {kind} set per stage")
-        held_out = [load_examples(s, split=HELD_OUT_SPLIT) for s in sets] if sets is not None else None
+        held_out = ([load_examples(s, split=HELD_OUT_SPLIT, column_map=column_map) for s in sets]
+                    if sets is not None else None)
         found.append(held_out or [None] * len(stages))
-    return [load_examples(s) for s in stages], *found
+    return [load_examples(s, column_map=column_map) for s in stages], *found
 
 
 def check_stage_rows(names, rows, configs, tokenizer, encode, done: int, positions: int | None = None) -> None:
@@ -181,7 +183,8 @@ def train_sequence(model=None, stages=(), config: SDFTConfig | dict | None = Non
         raise ValueError("train_sequence trains full weights from stage to stage; use_lora is not supported here")
     names = stage_names(stages, names)
     train_rows, eval_rows, validation_rows = check_stages(stages, eval_stages, validation_stages,
-                                                          config.load_best_model_at_end, config.evaluation_rule)
+                                                          config.load_best_model_at_end, config.evaluation_rule,
+                                                          config.column_map)
     overrides = list(stage_overrides) if stage_overrides is not None else [{}] * len(names)
     if len(overrides) != len(names) or not all(isinstance(o, dict) for o in overrides):
         raise ValueError(f"stage_overrides: give one dict of config values per stage ({len(names)})")

@@ -30,22 +30,25 @@ def _parquet(path, rows):
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A Hub of one dataset, ``org/tiny``: configurations ``default`` (splits train, test) and ``main`` (train
-    only); each call's (repo, configuration, split) is recorded."""
+    """A Hub of two datasets: ``org/tiny``, configurations ``default`` (splits train, test) and ``main`` (train
+    only), and ``org/qa`` (question / answer columns; train and test); each call's (repo, configuration, split)
+    is recorded."""
     import datasets
 
     real = datasets.load_dataset
-    files = {(None, "train"): _parquet(tmp_path / "train.parquet", ROWS),
-             (None, "test"): _parquet(tmp_path / "test.parquet", TEST_ROWS),
-             ("main", "train"): _parquet(tmp_path / "main.parquet", ROWS[:1])}
+    qa = _parquet(tmp_path / "qa.parquet", [{"question": r["prompt"], "answer": r["demonstration"]} for r in ROWS])
+    files = {("org/tiny", None, "train"): _parquet(tmp_path / "train.parquet", ROWS),
+             ("org/tiny", None, "test"): _parquet(tmp_path / "test.parquet", TEST_ROWS),
+             ("org/tiny", "main", "train"): _parquet(tmp_path / "main.parquet", ROWS[:1]),
+             ("org/qa", None, "train"): qa, ("org/qa", None, "test"): qa}
     calls = []
 
     def load_dataset(repo, name=None, split=None, **kwargs):
         calls.append((repo, name, split))
-        if repo != "org/tiny":
+        if repo not in {r for r, _, _ in files}:
             raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{repo}' doesn't exist on the Hub or cannot be "
                                                            "accessed.")
-        splits = {s: str(f) for (n, s), f in files.items() if n == name}
+        splits = {s: str(f) for (r, n, s), f in files.items() if r == repo and n == name}
         if not splits:
             raise ValueError(f"BuilderConfig '{name}' not found. Available: ['default', 'main']")
         return real("parquet", data_files=splits, split=split, cache_dir=str(tmp_path / "cache"))
@@ -169,3 +172,47 @@ def test_a_run_trains_on_a_hub_split_and_evaluates_on_its_test_split(hub, tmp_pa
 
 def _no_load(*args, **kwargs):
     raise AssertionError("the model loaded")
+
+
+QA = [{"question": f"add {a} {b}", "answer": str(a + b), "id": i} for i, (a, b) in enumerate([(1, 2), (3, 4)])]
+
+
+def test_column_map_reads_a_datasets_own_columns():
+    examples = load_examples(QA, column_map={"prompt": "question", "demonstration": "answer"})
+    assert _pairs(examples) == [("add 1 2", "3"), ("add 3 4", "7")]
+    with pytest.raises(ValueError, match=r"dataset row 0: no column 'query' for column_map \(columns present: "
+                                         r"\['answer', 'id', 'question'\]\)"):
+        load_examples(QA, column_map={"prompt": "query", "demonstration": "answer"})
+
+
+@pytest.mark.parametrize("value, says", [
+    ('{"question": "prompt"}', "column_map key 'question': sdft reads the columns prompt, messages, demonstration"),
+    ('{"prompt": 3}', "column_map 'prompt' must name a column of the dataset, got 3"),
+    ('{"prompt": ', "column_map must be a JSON object"),
+])
+def test_a_bad_column_map_is_one_line(tmp_path, capsys, value, says):
+    assert cli(["train", "--no-eval", "--set", f"column_map={value}", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err, err
+
+
+def test_a_run_maps_the_columns_of_its_training_and_held_out_data(hub, tmp_path):
+    """A Hub dataset whose rows are question/answer: the run reads both splits through column_map."""
+    tok = tiny_tokenizer()
+    config = SDFTConfig(max_steps=1, per_device_train_batch_size=1, num_generations=2, max_completion_length=4,
+                        progress_bar=False, device="cpu", save_final_model=False, output_dir=str(tmp_path / "run"),
+                        eval_data="org/qa:test[:1]", retention_data="", retention_text="",
+                        column_map={"prompt": "question", "demonstration": "answer"})
+    result = train(tiny_llama(vocab=len(tok)), "org/qa", config, tokenizer=tok)
+    assert [r["step"] for r in result.metrics] == [1] and len(result.evaluations) == 2
+    assert ("org/qa", None, "train") in hub and ("org/qa", None, "test[:1]") in hub
+
+
+def test_teacher_check_maps_columns_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sdft.models.load_trained", _no_load)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    assert cli(["teacher-check", "--data", str(data), "--column-map", '{"prompt": "question"}']) == 2
+    assert "qa.jsonl:1: missing field 'demonstration'" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model loaded"):
+        cli(["teacher-check", "--data", str(data), "--column-map", '{"prompt": "question", "demonstration": "answer"}'])
