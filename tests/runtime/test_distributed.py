@@ -80,6 +80,15 @@ def test_a_dead_rank_leaves_a_checkpoint_that_resumes_on_one_process(tmp_path):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_save_strategy_best_checkpoints_the_same_steps_on_every_process(tmp_path, parallel):
+    """Evaluations score 0.1 (before training), 0.5, 0.3, 0.9: checkpoints after steps 1 and 3, written by
+    every process together (process 0 decides; a process left out would hang the checkpoint's barrier)."""
+    _run([tmp_path / "dist", "sdft", 1, tmp_path / "run", "--parallel", parallel, "--steps", 3, "--save-best"],
+         tmp_path, procs=2)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+
+
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_is_close_to_full_precision(tmp_path, parallel, precision):
