@@ -21,7 +21,8 @@ HONOURED = {
     "learning_rate": "learning_rate",
     "lr_scheduler_type": "lr_scheduler_type: every HF schedule that is a function of the step (not "
                          "reduce_lr_on_plateau or greedy, which follow an evaluation metric)",
-    "lr_scheduler_kwargs": "lr_scheduler_kwargs, checked by transformers' scheduler when the trainer is built",
+    "lr_scheduler_kwargs": "lr_scheduler_kwargs, checked by transformers' scheduler when the trainer is built "
+                           "(inverse_sqrt's too, which transformers 4.x's Trainer drops)",
     "warmup_steps": "warmup_steps (below 1: warmup_ratio, as transformers 5 reads it); none with lr_scheduler_type="
                     "'constant', as HF",
     "weight_decay": "weight_decay",

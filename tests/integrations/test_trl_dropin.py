@@ -99,10 +99,15 @@ def _trainer_rates(args, max_steps: int) -> list:
     """The learning rate of each optimizer step under the HF Trainer's scheduler for ``args``."""
     import torch
     from transformers import get_scheduler
+    from transformers.optimization import get_inverse_sqrt_schedule
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-                              num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    warmup = args.get_warmup_steps(max_steps)
+    if getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "inverse_sqrt":  # 4.x drops its kwargs
+        scheduler = get_inverse_sqrt_schedule(optimizer, warmup, **args.lr_scheduler_kwargs)
+    else:
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     rates = []
     for _ in range(max_steps):
         rates.append(optimizer.param_groups[0]["lr"])
