@@ -40,6 +40,8 @@ from sdft.runtime.distributed import check_launcher, launched_size, leave
 DEMO_SAVE_TOTAL_LIMIT = 1
 REVISION_HELP = "with a Hugging Face Hub id as the model: its branch, tag or commit (default: main)"
 MODEL_HELP = "local model folder, Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct) or .gguf (default: embedded SmolLM2)"
+COLUMN_MAP_HELP = ("the dataset's column for each column sdft reads, e.g. '{\"prompt\": \"question\", "
+                   "\"demonstration\": \"answer\"}' (as a run's column_map)")
 DATA_HELP = ("prompt + demonstration rows: a .jsonl/.json/.parquet/.csv file, a saved dataset folder, or a Hub "
              "dataset id ORG/NAME[:CONFIG][:SPLIT] (split train)")
 
@@ -154,8 +156,10 @@ def _build_parser():
     ge.add_argument("--base", default=None, metavar="PATH",
                     help="the base model folder of a LoRA adapter or a checkpoint (default: the one it names)")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    ge.add_argument("--prompts", default=None, metavar="FILE",
-                    help="a jsonl with a 'prompt' column (e.g. your eval data), or a text file, one prompt a line")
+    ge.add_argument("--prompts", default=None, metavar="DATA",
+                    help="a dataset with a 'prompt' column, as train --data takes it (e.g. your eval data; a Hub "
+                         "id's split: test), or a text file, one prompt a line")
+    ge.add_argument("--column-map", default=None, metavar="JSON", help=COLUMN_MAP_HELP)
     ge.add_argument("--system", default=None, help="a system message put before every prompt")
     ge.add_argument("--max-new-tokens", type=int, default=128)
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -170,9 +174,7 @@ def _build_parser():
                     help="local model folder, Hub id, LoRA adapter folder or .gguf (default: embedded SmolLM2)")
     tc.add_argument("--revision", default=None, help=REVISION_HELP)
     tc.add_argument("--data", default=None, help=DATA_HELP + "; default: the bundled skill")
-    tc.add_argument("--column-map", default=None, metavar="JSON",
-                    help="the dataset's column for each column sdft reads, e.g. '{\"prompt\": \"question\", "
-                         "\"demonstration\": \"answer\"}' (as the run's column_map)")
+    tc.add_argument("--column-map", default=None, metavar="JSON", help=COLUMN_MAP_HELP)
     tc.add_argument("--templates", nargs="+", default=["fewshot", "paper"], metavar="TEMPLATE",
                     help="fewshot | paper | a format string with {prompt} and {demonstration}")
     tc.add_argument("--scorer", default="normalized", help="exact | normalized | json | regex:PATTERN")
@@ -309,29 +311,18 @@ def _read_prompts(args) -> list[dict]:
             raise ValueError(f"--prompt {k} of {len(args.prompt)} is empty" if len(args.prompt) > 1 else
                              "--prompt is empty")
     if args.prompts is not None:
-        path = Path(args.prompts).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path}: no such file")
-        from sdft.data.examples import to_messages
-        from sdft.data.sources import read_text
+        from sdft.data.examples import load_prompts
+        from sdft.data.sources import DATA_SUFFIXES, read_text
 
-        given = len(rows)
-        for i, line in enumerate(read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                rows.append({"prompt": line})
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{path}:{i}: a row needs a 'prompt' field")
-            to_messages(row["prompt"], f"{path}:{i}")  # the same checks as training's prompts
-            rows.append({"prompt": row["prompt"]})
-        if len(rows) == given:
-            raise ValueError(f"--prompts {path} holds no prompts")
+        path = Path(args.prompts).expanduser()
+        if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:  # a text file: a prompt a line
+            lines = [line for line in read_text(path).splitlines() if line.strip()]
+            if not lines:
+                raise ValueError(f"--prompts {path} holds no prompts")
+            rows += [{"prompt": line} for line in lines]
+        else:
+            column_map = SDFTConfig.from_strings({"column_map": args.column_map or "{}"}).column_map
+            rows += [{"prompt": prompt} for prompt in load_prompts(args.prompts, column_map=column_map)]
     if not rows:
         raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:  # nan fails both comparisons

@@ -180,6 +180,25 @@ def load_examples(data, name: str = "dataset", split: str = "train", column_map:
     return examples
 
 
+def load_prompts(data, split: str = HELD_OUT_SPLIT, column_map: dict | None = None) -> list:
+    """The prompts of a dataset named as ``load_examples`` takes it (its ``prompt`` column, or the turns before
+    the answer of ``messages``), checked as training's prompts are; no demonstration is needed."""
+    rows, wheres, name = read_rows(data, split)
+    wheres = wheres or [f"{name} row {i}" for i in range(len(rows))]
+    prompts = []
+    for row, where in zip(rows, wheres):
+        row = _mapped(row, column_map, where)
+        if isinstance(row, dict) and "prompt" not in row and "messages" in row:
+            row = _split_messages(row["messages"], where)
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"{where}: a row needs a 'prompt' field (or 'messages')")
+        to_messages(row["prompt"], where)
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{name} holds no prompts")
+    return prompts
+
+
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 HELD_OUT_SPLIT = "test"  # a Hub id's split for held-out data when it names none (TRL's dataset_test_split)
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")  # the files read as rows
+FILE_SUFFIXES = DATA_SUFFIXES + (".txt", ".arrow")  # names never looked up on the Hub
 HUB_NAME = re.compile(r"(?P<id>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)"
                       r"(?::(?P<first>[^:\[\]]+(?:\[[^\]]*\])?))?(?::(?P<second>[^:\[\]]+(?:\[[^\]]*\])?))?")
 

@@ -216,3 +216,19 @@ def test_teacher_check_maps_columns_before_the_model_loads(tmp_path, capsys, mon
     assert "qa.jsonl:1: missing field 'demonstration'" in capsys.readouterr().err
     with pytest.raises(AssertionError, match="the model loaded"):
         cli(["teacher-check", "--data", str(data), "--column-map", '{"prompt": "question", "demonstration": "answer"}'])
+
+
+def test_generate_answers_the_prompts_of_a_hub_split_through_column_map(hub, tmp_path, capsys):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
+    assert cli(["generate", str(folder), "--prompts", "org/qa", "--column-map", '{"prompt": "question"}',
+                "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("> add ") == 3 and ("org/qa", None, "test") in hub
+    text = tmp_path / "prompts.txt"
+    text.write_text("add 1 1\n\nadd 2 2\n")  # a text file: a prompt a line
+    assert cli(["generate", str(folder), "--prompts", str(text), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("> add ") == 2
+    assert cli(["generate", str(folder), "--prompts", "org/qa", "--max-new-tokens", "2"]) == 2
+    assert "org/qa test row 0: a row needs a 'prompt' field (or 'messages')" in capsys.readouterr().err

@@ -217,7 +217,7 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
     "argv,message",
     [
         (["generate"], "give --prompt TEXT or --prompts FILE"),
-        (["generate", "--prompts", "nope.txt"], "no such file"),
+        (["generate", "--prompts", "nope.txt"], "dataset file not found: nope.txt"),
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1"),
         (["generate", "--prompt", "x", "--temperature", "-1"], "finite number >= 0"),
         (["generate", "--prompt", "x", "--temperature", "nan"], "finite number >= 0"),
