@@ -67,8 +67,9 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     """Fine-tune ``model`` on ``dataset`` (prompt + demonstration rows) with SDFT.
 
     ``model``: None (embedded SmolLM2-135M-Instruct), a local path, or a transformers model (then
-    pass ``tokenizer``). ``dataset``: a .jsonl path, a list of dicts or a HF Dataset; None uses the
-    bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step; when it
+    pass ``tokenizer``). ``dataset``: a file (.jsonl, .json, .parquet, .csv), a saved dataset folder, a Hub
+    dataset id (``ORG/NAME[:CONFIG][:SPLIT]``; ``sdft.data.sources``), a list of dicts or a HF Dataset; None
+    uses the bundled tool-call skill. ``step_callback(step, record)`` is called after each optimizer step; when it
     returns True the run ends there (checkpoint, evaluation and final model as at ``max_steps``).
     ``engine``: the rollout engine (default: batched Hugging Face sampling, ``HFRolloutEngine``).
     ``eval_scorer``: a callable ``(answer, demonstration) -> float`` overriding ``config.eval_scorer``
