@@ -59,12 +59,21 @@ def resolve(data: str, text: str, scorer: str, embedded: bool, evaluating: bool,
         report("sdft: no retention check for this model (the bundled general probe is the embedded SmolLM2's): "
                "pass retention_data=FILE (rows it must keep answering) and/or retention_text=FILE to see what "
                "the run keeps")
+    auto = bundled and "auto" in (data, text)
     data = str(GENERAL_PROBE) if data == "auto" and bundled else "" if data == "auto" else data
     text = str(HELDOUT_TEXT) if text == "auto" and bundled else "" if text == "auto" else text
     if not data and not text:
         return None
-    examples = load_examples(data, split=HELD_OUT_SPLIT) if data else None
-    return Retention(examples, get_scorer(scorer), read_texts(text) if text else None)
+    kept = Retention(load_examples(data, split=HELD_OUT_SPLIT) if data else None, get_scorer(scorer),
+                     read_texts(text) if text else None)
+    if auto:  # on by default: say what it costs each evaluation, and how to turn it off
+        on = [(f"{len(kept.examples)} general prompts answered greedily: retention_score", "retention_data=''")
+              ] if kept.examples else []
+        on += [(f"the perplexity of {len(kept.texts)} paragraphs: retention_text_perplexity", "retention_text=''")
+               ] if kept.texts else []
+        report(f"sdft: each evaluation also checks what the embedded model keeps ({'; '.join(p for p, _ in on)}); "
+               f"{' and '.join(off for _, off in on)} turn{'s' if len(on) == 1 else ''} it off")
+    return kept
 
 
 @torch.no_grad()

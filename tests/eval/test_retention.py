@@ -9,7 +9,7 @@ import sdft.models
 from sdft import SDFTConfig, train
 from sdft.cli import main as cli
 from sdft.eval.evaluation import eval_table
-from sdft.eval.retention import GENERAL_PROBE, HELDOUT_TEXT, summary
+from sdft.eval.retention import GENERAL_PROBE, HELDOUT_TEXT, resolve, summary
 from sdft.eval.scorers import contains
 from sdft.run.reporting import eval_scalars
 
@@ -78,3 +78,14 @@ def test_the_bundled_probe_is_what_make_prior_probe_writes():
     assert all(row in made for row in rows) and len(rows) == 103  # the ones the base model answers right
     assert [made.index(row) for row in rows] == sorted(made.index(row) for row in rows)  # in candidate order
     assert len(HELDOUT_TEXT.read_text().strip().split("\n\n")) == 8
+
+
+def test_the_bundled_check_says_once_what_it_costs_and_how_to_turn_it_off():
+    said = []
+    resolve("auto", "", "contains", embedded=True, evaluating=True, report=said.append)
+    assert said == ["sdft: each evaluation also checks what the embedded model keeps (103 general prompts answered "
+                    "greedily: retention_score); retention_data='' turns it off"]
+    said.clear()
+    resolve("", "", "contains", embedded=True, evaluating=True, report=said.append)
+    resolve("auto", "auto", "contains", embedded=True, evaluating=False, report=said.append)
+    assert said == []
