@@ -22,13 +22,16 @@ def _limit(config: dict) -> int | None:
 
 
 def position_limit(model) -> int | None:
-    """Positions ``model`` (None: the embedded model, a local path, or a model object) can take; None where
+    """Positions ``model`` (None: the embedded model, a local path or Hub id, or a model object) can take; None where
     it has no hard limit or none can be read."""
     if model is None:
         return None
     if isinstance(model, (str, Path)):
-        try:
-            return _limit(json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8")))
+        from sdft.models import hub
+
+        folder = hub.fetch(model).folder if hub.is_repo_id(model) else Path(model).expanduser()  # a Hub id: its
+        try:  # snapshot's config, fetched with the tokenizer before the weights
+            return _limit(json.loads((folder / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError):  # a .gguf, or no readable config.json: loading says why
             return None
     config = getattr(model, "config", None)

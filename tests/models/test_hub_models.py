@@ -236,3 +236,20 @@ def test_weights_missing_from_the_cache_offline_are_one_line(tmp_path, hub_cache
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("sdft: error: model sdft-test/tiny-chat: its weights (model.safetensors) "
                                            "are not in the Hugging Face Hub's cache")
+
+
+def test_a_hub_models_position_table_is_checked_before_its_weights_load(hub_cache, tmp_path, monkeypatch):
+    """GPT-2's learned positions end at n_positions: a row with a rollout past them is one line, read from the
+    snapshot's config.json (fetched with the tokenizer), before the weights are fetched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=12, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        folder)
+    tok.save_pretrained(folder)
+    hub_cache.served["sdft-test/tiny-gpt2"] = folder
+    monkeypatch.setattr("sdft.models.hub.fetch_weights", lambda *a, **k: pytest.fail("the weights were fetched"))
+    config = SDFTConfig(**{**BASE, "max_completion_length": 8}, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"take \d+ positions, past the model's 12 \(n_positions"):
+        train("sdft-test/tiny-gpt2", ROWS, config)
