@@ -129,6 +129,10 @@ def _build_parser():
                          "training (eval_data)")
     tr.add_argument("--scorer", default=None, help="exact | normalized | json | regex:PATTERN (eval_scorer)")
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation before/after training")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="check everything a run checks before its weights load, measure every row with the "
+                         "model's tokenizer, print the plan (rows, steps, model size, output_dir) and stop: no "
+                         "weights load, nothing is written")
     tr.add_argument("--config", default=None, metavar="FILE",
                     help="settings from a JSON or YAML file (the keys --set takes), or a run's output_dir to train "
                          "as it did; --set and the flags above override them")
@@ -398,22 +402,33 @@ def _train(args, parser) -> int:
     if args.scorer is not None and not config.eval_data:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
     if args.data is not None:
-        load_examples(args.data, column_map=config.column_map)
+        examples = load_examples(args.data, column_map=config.column_map)
     eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
                      if config.eval_data else None)
     from sdft.eval.retention import resolve
     from sdft.run.prepare import check_evaluation
 
-    def quiet(message):  # the run itself says these things once it starts
-        return None
+    said = []  # what the run says once it starts; a dry run says it now
 
     kept = resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
-                   bool(config.eval_data), report=quiet)  # reads and checks the files, before the model
+                   bool(config.eval_data), report=said.append)  # reads and checks the files, before the model
     check_evaluation(config, eval_examples, kept)
-    resume = plan_run(config, report=quiet)
+    resume = plan_run(config, report=said.append)
     args.model = resume_base(args.model, resume)  # a Hub id resumes on its checkpoint's commit
-    check_run_model(config, resume, args.model, report=quiet)
+    check_run_model(config, resume, args.model, report=said.append)
     check_launcher()  # before the model loads
+    if args.dry_run:
+        from sdft.run.dry_run import dry_run
+        from sdft.run.prepare import data_notes
+
+        if args.data is None:
+            from sdft.data.skill import load_skill
+
+            examples = load_examples(load_skill("train"))
+        print("\n".join(dry_run(args.model, examples, eval_examples, config, resume, launched_size())
+                        + said + [n for n in data_notes(examples, eval_examples, config, launched_size()) if n]),
+              flush=True)
+        return 0
 
     import torch
 

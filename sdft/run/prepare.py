@@ -146,6 +146,11 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         raise
 
 
+def parameters_text(count: int) -> str:
+    """A parameter count as people say it: 1.5B, 135.0M."""
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
 def data_notes(examples, eval_examples, config, processes: int) -> list[str]:
     """What a user may not have meant, said once: a step that takes more prompts than the data holds, and
     held-out rows that are training rows (their score then measures recall, not the skill)."""
@@ -261,8 +266,7 @@ def _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer
     try:
         model.to(device)
     except torch.OutOfMemoryError:
-        count = sum(p.numel() for p in model.parameters())
-        size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+        size = parameters_text(sum(p.numel() for p in model.parameters()))
         raise OutOfMemory(f"the model does not fit on {device} in {config.dtype} ({size} parameters): "
                           "dtype=bfloat16 halves its weights, a device with more memory or "
                           "parallel=fsdp over several shards them") from None

@@ -253,3 +253,14 @@ def test_a_hub_models_position_table_is_checked_before_its_weights_load(hub_cach
     config = SDFTConfig(**{**BASE, "max_completion_length": 8}, output_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"take \d+ positions, past the model's 12 \(n_positions"):
         train("sdft-test/tiny-gpt2", ROWS, config)
+
+
+def test_a_dry_run_sizes_a_hub_model_from_its_config_without_its_weights(hub_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sdft.models.hub.fetch_weights", lambda *a, **k: pytest.fail("the weights were fetched"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["train", "--dry-run", "--model", REPO, "--data", str(tmp_path / "d.jsonl"), "--no-eval", "--set",
+                f"output_dir={tmp_path / 'run'}", "dtype=bfloat16"]) == 0
+    count = sum(p.numel() for p in tiny_llama(vocab=len(tiny_tokenizer())).parameters())
+    model_line = capsys.readouterr().out.splitlines()[1]
+    assert model_line.startswith(f"model: {REPO} (llama, {count / 1e6:.1f}M parameters: its weights take "
+                                 f"{count * 2 / 2**30:.2f} GiB in bfloat16")
