@@ -32,8 +32,9 @@ def prompt_ids(model, tokenizer, examples, max_new_tokens: int) -> list[torch.Te
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers, batched with left padding."""
+def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch_size: int = 16,
+                     progress=None) -> list[str]:
+    """Greedy answers, batched with left padding; ``progress(n)`` is called with each batch's size."""
     device = next(model.parameters()).device
     prompts, answers = prompt_ids(model, tokenizer, examples, max_new_tokens), []
     with eval_mode(model):
@@ -50,6 +51,8 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int = 48, batch
             completions, keep = trim_completions(out[:, width:], {tokenizer.eos_token_id}, tokenizer.pad_token_id)
             for row, m in zip(completions, keep):
                 answers.append(tokenizer.decode(row[m], skip_special_tokens=True))
+            if progress is not None:
+                progress(len(chunk))
     return answers
 
 
@@ -99,10 +102,11 @@ def demonstration_perplexity(model, tokenizer, examples) -> float:
 
 
 def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48,
-             chat_template_kwargs: dict | None = None) -> dict:
+             chat_template_kwargs: dict | None = None, progress=None) -> dict:
     """Greedy answers to ``dataset``'s prompts scored against their demonstrations (``sdft.eval.scorers``),
     and the perplexity of the demonstrations: {"score", "perplexity", "examples", "answers"}.
-    ``chat_template_kwargs``: template variables the chats render with (as a run's config takes them)."""
+    ``chat_template_kwargs``: template variables the chats render with (as a run's config takes them);
+    ``progress(n)``: called as answers are made (a progress bar's ``update``)."""
     from sdft.eval.scorers import get_scorer
 
     if chat_template_kwargs is not None:
@@ -110,7 +114,7 @@ def evaluate(model, tokenizer, dataset, scorer="exact", max_new_tokens: int = 48
                                                                             chat_template_kwargs))
     examples = load_examples(dataset, split=HELD_OUT_SPLIT)
     score = get_scorer(scorer)
-    answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+    answers = generate_answers(model, tokenizer, examples, max_new_tokens, progress=progress)
     scores = [float(score(a, ex.demonstration)) for a, ex in zip(answers, examples)]
     return {"score": sum(scores) / len(scores), "perplexity": demonstration_perplexity(model, tokenizer, examples),
             "examples": len(examples), "answers": answers}

@@ -94,11 +94,12 @@ def text_perplexity(model, tokenizer, texts: list[str]) -> float:
     return math.exp(nll / max(count, 1))
 
 
-def score(model, tokenizer, retention: Retention) -> dict:
-    """{"retention_score", "retention_answers"} for the rows, {"retention_text_perplexity"} for the text."""
+def score(model, tokenizer, retention: Retention, progress=None) -> dict:
+    """{"retention_score", "retention_answers"} for the rows, {"retention_text_perplexity"} for the text;
+    ``progress(n)``: called as answers are made."""
     out = {}
     if retention.examples:
-        answers = generate_answers(model, tokenizer, retention.examples, ANSWER_TOKENS)
+        answers = generate_answers(model, tokenizer, retention.examples, ANSWER_TOKENS, progress=progress)
         scores = [float(retention.scorer(a, ex.demonstration)) for a, ex in zip(answers, retention.examples)]
         out["retention_score"] = sum(scores) / len(scores)
         out["retention_answers"] = answers

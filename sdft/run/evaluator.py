@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sdft.data.examples import eval_sets
 from sdft.eval import retention
 from sdft.eval.evaluation import evaluate
@@ -24,11 +26,12 @@ class Evaluator:
     FILE = EVAL_FILE
 
     def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None,
-                 loss=None):
+                 loss=None, progress: bool = False):
         self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
         self.loss = loss  # (model, examples, found) -> the held-out loss (TRL's eval_loss); None: not computed
         self.retention = retention  # sdft.eval.retention.Retention: scored beside the new skill (None: not)
         self.write = write  # False on the other processes of a sharded run: they only help generate
+        self.progress = progress  # a bar of the answers each evaluation makes (they can take minutes)
         self.path = Path(output_dir) / self.FILE
         self.records = self._read()
 
@@ -43,14 +46,17 @@ class Evaluator:
         self.records = [r for r in self.records if r.get("step", 0) <= step]
 
     def __call__(self, model, tokenizer, step: int) -> dict:
-        record = {"step": step}
-        for name, examples in eval_sets(self.examples).items():
-            found = evaluate(model, tokenizer, examples, self.scorer, self.max_new_tokens)
-            if self.loss is not None:
-                found["loss"] = self.loss(model, examples, found)
-            record.update({f"{name}_{k}" if name else k: v for k, v in found.items()})
-        if self.retention is not None:
-            record.update(retention.score(model, tokenizer, self.retention))
+        record, sets = {"step": step}, eval_sets(self.examples)
+        kept = len(self.retention.examples or ()) if self.retention is not None else 0
+        with tqdm(total=sum(map(len, sets.values())) + kept, desc=f"evaluation at step {step}", unit="answer",
+                  leave=False, disable=not self.progress) as bar:
+            for name, examples in sets.items():
+                found = evaluate(model, tokenizer, examples, self.scorer, self.max_new_tokens, progress=bar.update)
+                if self.loss is not None:
+                    found["loss"] = self.loss(model, examples, found)
+                record.update({f"{name}_{k}" if name else k: v for k, v in found.items()})
+            if self.retention is not None:
+                record.update(retention.score(model, tokenizer, self.retention, progress=bar.update))
         self.records = [r for r in self.records if r["step"] != step] + [record]
         if not self.write:
             return record

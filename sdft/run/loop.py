@@ -160,7 +160,8 @@ def _run_steps(run: Run, step_fn, teacher, step_callback, desc, eval_callback, e
     try:  # a Ctrl-C from the first evaluation on is reported alike
         if (run.eval_examples is not None or run.retention is not None) and (main or runner.sharded):
             evaluator = Evaluator(run.eval_examples, run.eval_scorer, config.eval_tokens, out, write=main,
-                                  retention=run.retention, loss=None if runner.sharded else eval_loss)
+                                  retention=run.retention, loss=None if runner.sharded else eval_loss,
+                                  progress=config.progress_bar and main)
             evaluator.truncate(start)
             if start == 0:
                 evaluate_at(0)

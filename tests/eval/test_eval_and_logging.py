@@ -304,3 +304,19 @@ def test_metrics_are_written_every_logging_steps_and_the_first_step_when_asked(t
           tokenizer=tok)
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == steps
+
+
+def test_each_evaluation_shows_a_bar_of_its_answers(tmp_path, capsys):
+    """Held-out rows and the retention rows together: an evaluation can take minutes, and says so as it goes."""
+    tok = tiny_tokenizer()
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    config = SDFTConfig(max_steps=1, per_device_train_batch_size=1, num_generations=2, max_completion_length=4,
+                        progress_bar=True, device="cpu", save_final_model=False, output_dir=str(tmp_path / "run"),
+                        retention_data=str(keep), retention_text="")
+    train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS)
+    err = capsys.readouterr().err
+    assert "evaluation at step 0:" in err and "evaluation at step 1:" in err and "/5 [" in err  # 3 held out + 2 kept
+    config = SDFTConfig(**{**config.to_dict(), "progress_bar": False, "output_dir": str(tmp_path / "quiet")})
+    train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS)
+    assert "evaluation at step" not in capsys.readouterr().err
