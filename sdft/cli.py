@@ -43,7 +43,7 @@ MODEL_HELP = "local model folder, Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruc
 COLUMN_MAP_HELP = ("the dataset's column for each column sdft reads, e.g. '{\"prompt\": \"question\", "
                    "\"demonstration\": \"answer\"}' (as a run's column_map)")
 DATA_HELP = ("prompt + demonstration rows: a .jsonl/.json/.parquet/.csv file, a saved dataset folder, or a Hub "
-             "dataset id ORG/NAME[:CONFIG][:SPLIT] (split train)")
+             "dataset id ORG/NAME[@REVISION][:CONFIG][:SPLIT] (split train)")
 
 
 def _overrides(parser, items: list[str]) -> dict[str, str]:

@@ -4,8 +4,9 @@ by ``Dataset.save_to_disk``, or a Hugging Face Hub dataset id.
 A Hub id names its split and configuration after colons: ``ORG/NAME`` (the caller's default split: ``train``
 for training data, ``test`` for held-out data, TRL's ``dataset_train_split`` / ``dataset_test_split``),
 ``ORG/NAME:SPLIT`` or ``ORG/NAME:CONFIG:SPLIT``; a split may be sliced as ``datasets`` slices it
-(``train[:1000]``). A name is a Hub id only where no file or folder of that name exists, and only when it
-has no data file's suffix (a missing ``data/train.jsonl`` is a missing file, never a Hub lookup).
+(``train[:1000]``). ``ORG/NAME@REVISION`` pins a branch, tag or commit (as the Hub's file system names one).
+A name is a Hub id only where no file or folder of that name exists, and only when it has no data file's
+suffix (a missing ``data/train.jsonl`` is a missing file, never a Hub lookup).
 
 ``read_rows(name, split)`` gives the rows and, for messages, where each came from (``file:LINE``, or None:
 the caller numbers them).
@@ -20,7 +21,7 @@ from pathlib import Path
 HELD_OUT_SPLIT = "test"  # a Hub id's split for held-out data when it names none (TRL's dataset_test_split)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")  # the files read as rows
 FILE_SUFFIXES = DATA_SUFFIXES + (".txt", ".arrow")  # names never looked up on the Hub
-HUB_NAME = re.compile(r"(?P<id>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)"
+HUB_NAME = re.compile(r"(?P<id>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[\w./-]+))?"
                       r"(?::(?P<first>[^:\[\]]+(?:\[[^\]]*\])?))?(?::(?P<second>[^:\[\]]+(?:\[[^\]]*\])?))?")
 
 
@@ -47,7 +48,8 @@ def read_rows(data, split: str) -> tuple[list, list[str] | None, str]:
         form = " (nor a Hub id: ORG/NAME[:CONFIG][:SPLIT])" if ":" in text and match is None else ""
         raise FileNotFoundError(f"dataset file not found: {path}{form}")
     config, split = (match["first"], match["second"]) if match["second"] else (None, match["first"] or split)
-    return _hub_rows(match["id"], config, split), None, f"{match['id']} {split}"
+    pinned = f"{match['id']}@{match['revision']}" if match["revision"] else match["id"]
+    return _hub_rows(match["id"], config, split, match["revision"]), None, f"{pinned} {split}"
 
 
 def _file_rows(path: Path) -> tuple[list, list[str] | None]:
@@ -134,14 +136,15 @@ def _saved_rows(path: Path, split: str) -> list:
     return list(loaded)
 
 
-def _hub_rows(repo: str, config: str | None, split: str) -> list:
+def _hub_rows(repo: str, config: str | None, split: str, revision: str | None = None) -> list:
     """A split of a Hub dataset through ``datasets.load_dataset`` (its cache; ``HF_HUB_OFFLINE=1`` reads only
-    the cache)."""
+    the cache), at ``revision`` (a branch, tag or commit; None: main)."""
     datasets = _datasets(repo)
     try:
-        loaded = datasets.load_dataset(repo, name=config, split=split)
+        loaded = datasets.load_dataset(repo, name=config, split=split, revision=revision)
     except Exception as err:  # the library's errors have no common base (DatasetNotFoundError, ValueError, ...)
-        raise ValueError(f"dataset {repo!r} ({'configuration ' + repr(config) + ', ' if config else ''}split "
+        at = f"revision {revision!r}, " if revision else ""
+        raise ValueError(f"dataset {repo!r} ({at}{'configuration ' + repr(config) + ', ' if config else ''}split "
                          f"{split!r}) is not a file here, and the Hub did not give it: {_first_line(err)}") from None
     return list(loaded)
 

@@ -43,8 +43,8 @@ def hub(tmp_path, monkeypatch):
              ("org/qa", None, "train"): qa, ("org/qa", None, "test"): qa}
     calls = []
 
-    def load_dataset(repo, name=None, split=None, **kwargs):
-        calls.append((repo, name, split))
+    def load_dataset(repo, name=None, split=None, revision=None, **kwargs):
+        calls.append((repo, name, split) + ((revision,) if revision else ()))
         if repo not in {r for r, _, _ in files}:
             raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{repo}' doesn't exist on the Hub or cannot be "
                                                            "accessed.")
@@ -116,6 +116,8 @@ def test_a_saved_dataset_folder_reads_its_split(tmp_path):
     ("org/tiny:test", "train", (None, "test"), 1),
     ("org/tiny:train[:2]", "train", (None, "train[:2]"), 2),
     ("org/tiny:main:train", "test", ("main", "train"), 1),
+    ("org/tiny@v1.0:test", "train", (None, "test", "v1.0"), 1),  # a branch, tag or commit, as hf:// names one
+    ("org/tiny@0123abcd:main:train[:1]", "test", ("main", "train[:1]", "0123abcd"), 1),
 ])
 def test_a_hub_id_names_its_split_and_configuration(hub, name, split, asked, rows):
     assert len(load_examples(name, split=split)) == rows
