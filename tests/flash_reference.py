@@ -53,10 +53,13 @@ def stand_in_flash_attn(monkeypatch):
     import pytest
     from transformers import modeling_flash_attention_utils as fa_utils
 
-    if not all(hasattr(fa_utils, name) for name in ("_pad_input", "_unpad_input", "_loaded_implementation")):
+    # the loader's cache: transformers 5's names what it loaded, 4.x's keeps the functions it imported
+    cached = ("_loaded_implementation",) if hasattr(fa_utils, "_loaded_implementation") else (
+        "_flash_fn", "_flash_varlen_fn", "_pad_fn", "_unpad_fn", "_process_flash_kwargs_fn")
+    if not all(hasattr(fa_utils, name) for name in ("_pad_input", "_unpad_input", *cached)):
         import transformers
 
-        pytest.skip(f"the stand-in plugs into transformers 5's flash-attn loader, not {transformers.__version__}'s")
+        pytest.skip(f"the stand-in does not know transformers {transformers.__version__}'s flash-attn loader")
     package = types.ModuleType("flash_attn")
     package.flash_attn_func = flash_attn_func
     package.flash_attn_varlen_func = flash_attn_varlen_func
@@ -67,11 +70,13 @@ def stand_in_flash_attn(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.bert_padding", padding)
     monkeypatch.setattr(fa_utils, "is_flash_attn_2_available", lambda *a, **k: True)
-    monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
+    for name in cached:
+        monkeypatch.setattr(fa_utils, name, None)
     try:
         yield
     finally:
-        fa_utils._loaded_implementation = None
+        for name in cached:
+            setattr(fa_utils, name, None)
 
 
 def as_flash(model):

@@ -117,8 +117,14 @@ def test_a_run_on_a_flash_model_takes_the_same_first_step_as_sdpa(tmp_path, flas
 def test_a_bf16_run_on_a_flash_model_computes_attention_in_bf16(tmp_path, flash_calls, monkeypatch):
     """mixed_precision=bf16 (autocast on fp32 weights): transformers hands flash-attn bf16 queries, as its
     kernels need, and the run trains."""
-    import flash_reference
+    import inspect
 
+    import flash_reference
+    from transformers.integrations import flash_attention
+
+    if "get_autocast_gpu_dtype" in inspect.getsource(flash_attention):
+        pytest.skip("transformers 4.x casts flash-attn's inputs under CUDA's autocast only (get_autocast_gpu_dtype): "
+                    "a CPU run cannot show it")
     tok = tiny_tokenizer()
     dtypes = []
     attend = flash_reference._attend
