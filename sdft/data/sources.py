@@ -29,7 +29,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8 JSON lines") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the dataset as UTF-8") from None
 
 
 def read_rows(data, split: str) -> tuple[list, list[str] | None, str]:
@@ -45,7 +45,7 @@ def read_rows(data, split: str) -> tuple[list, list[str] | None, str]:
     text = str(data)
     match = HUB_NAME.fullmatch(text)
     if match is None or path.suffix.lower() in FILE_SUFFIXES:
-        form = " (nor a Hub id: ORG/NAME[:CONFIG][:SPLIT])" if ":" in text and match is None else ""
+        form = " (nor a Hub id: ORG/NAME[@REVISION][:CONFIG][:SPLIT])" if ":" in text and match is None else ""
         raise FileNotFoundError(f"dataset file not found: {path}{form}")
     config, split = (match["first"], match["second"]) if match["second"] else (None, match["first"] or split)
     pinned = f"{match['id']}@{match['revision']}" if match["revision"] else match["id"]

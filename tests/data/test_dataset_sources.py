@@ -128,7 +128,8 @@ def test_a_missing_file_is_never_looked_up_on_the_hub(hub, tmp_path):
     for name in ("data/train.jsonl", str(tmp_path / "nope"), "rows.parquet"):
         with pytest.raises(FileNotFoundError, match="dataset file not found"):
             load_examples(name)
-    with pytest.raises(FileNotFoundError, match=r"org/x:a:b:c \(nor a Hub id: ORG/NAME\[:CONFIG\]\[:SPLIT\]\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"org/x:a:b:c \(nor a Hub id: ORG/NAME\[@REVISION\]\[:CONFIG\]\[:SPLIT\]\)"):
         load_examples("org/x:a:b:c")
     with pytest.raises(ValueError, match="dataset: the name is empty"):
         load_examples("")
