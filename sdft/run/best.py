@@ -36,19 +36,21 @@ class Ranking:
             return step < self.step
         return value < self.value if self.metric.endswith(LOWER_IS_BETTER) else value > self.value
 
-    def value_of(self, record: dict) -> float:
+    def offer(self, step: int, record: dict, model=None) -> bool:
+        """Whether ``record`` (an evaluation at ``step``) beats the best so far; it becomes the best if so (after
+        ``keep``)."""
         if self.metric not in record:
             raise ValueError(f"metric_for_best_model={self.metric} is not among this run's evaluation figures "
                              f"({', '.join(k for k in record if k != 'step' and not k.endswith('answers'))})")
-        return float(record[self.metric])
-
-    def offer(self, step: int, record: dict, model=None) -> bool:
-        """Whether ``record`` (an evaluation at ``step``) beats the best so far; it becomes the best if so."""
-        value = self.value_of(record)
+        value = float(record[self.metric])
         if not self.better(step, value):
             return False
+        self.keep(step, value, model)
         self.step, self.value = step, value
         return True
+
+    def keep(self, step: int, value: float, model) -> None:
+        """What a new best does besides ranking first (here: nothing)."""
 
 
 class BestWeights(Ranking):
@@ -61,24 +63,20 @@ class BestWeights(Ranking):
         if record is not None and record["metric"] == metric and (self.out / BEST_FILE).is_file():
             self.step, self.value = record["step"], record["value"]
 
-    def offer(self, step: int, record: dict, model=None) -> bool:
-        """Keep ``model``'s weights when ``record`` (an evaluation at ``step``) beats the best so far."""
-        value = self.value_of(record)
-        if not self.better(step, value):
-            return False
-        if self.write:
-            tmp = self.out / (BEST_FILE + ".tmp")
-            try:
-                torch.save(trainable_state(model), tmp)
-            except WRITE_ERRORS as err:
-                tmp.unlink(missing_ok=True)
-                kept = f"the pick of step {self.step} is kept" if self.step is not None else "nothing was picked yet"
-                raise WriteError(f"could not write {self.out / BEST_FILE}: {write_reason(err, self.out)}; "
-                                 f"{kept}") from None
-            os.replace(tmp, self.out / BEST_FILE)
-            replace_file(self.out / BEST_RECORD, json.dumps({"step": step, "value": value, "metric": self.metric}))
-        self.step, self.value = step, value
-        return True
+    def keep(self, step: int, value: float, model) -> None:
+        """``model``'s weights, the new best, written to disk (by the process that writes)."""
+        if not self.write:
+            return
+        tmp = self.out / (BEST_FILE + ".tmp")
+        try:
+            torch.save(trainable_state(model), tmp)
+        except WRITE_ERRORS as err:
+            tmp.unlink(missing_ok=True)
+            kept = f"the pick of step {self.step} is kept" if self.step is not None else "nothing was picked yet"
+            raise WriteError(f"could not write {self.out / BEST_FILE}: {write_reason(err, self.out)}; "
+                             f"{kept}") from None
+        os.replace(tmp, self.out / BEST_FILE)
+        replace_file(self.out / BEST_RECORD, json.dumps({"step": step, "value": value, "metric": self.metric}))
 
     def restore(self, model, last_step: int) -> int | None:
         """Put the best weights (read from disk: every process of a DDP run reads the same) into ``model``
