@@ -80,6 +80,12 @@ def local(path: Path) -> Path:
     return path if recorded is None else fetch(recorded.repo_id, recorded.commit).folder
 
 
+def folder_of(model) -> Path:
+    """The local folder a model name stands for: a Hub id's snapshot (config and tokenizer, fetched), else the
+    path (``local``: a recorded snapshot not on this machine, fetched)."""
+    return fetch(model).folder if is_repo_id(model) else local(Path(model).expanduser())
+
+
 def origin(folder) -> HubModel | None:
     """The Hub model whose snapshot ``folder`` is (the cache's ``models--OWNER--NAME/snapshots/COMMIT``), or None
     for any other folder: checkpoints record the snapshot, and an export names its repository."""

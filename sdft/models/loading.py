@@ -152,7 +152,7 @@ def is_embedded(model) -> bool:
 def _model_path(model) -> Path:
     """The local model ``model`` names (a Hub id: its snapshot's config and tokenizer, fetched), checked as far
     as can be without loading it."""
-    path = hub.fetch(model).folder if hub.is_repo_id(model) else hub.local(Path(model).expanduser())
+    path = hub.folder_of(model)
     if not path.exists():
         raise FileNotFoundError(f"model path not found: {path} (give a local folder with config.json, a Hugging "
                                 "Face Hub id, a .gguf file, or omit it to use the embedded SmolLM2-135M-Instruct)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdft.models import hub
+
 LEARNED_POSITIONS = {"gpt2": "n_positions"}  # model_type: the config field of its position table's rows
 
 
@@ -27,11 +29,8 @@ def position_limit(model) -> int | None:
     if model is None:
         return None
     if isinstance(model, (str, Path)):
-        from sdft.models import hub
-
-        folder = hub.fetch(model).folder if hub.is_repo_id(model) else Path(model).expanduser()  # a Hub id: its
-        try:  # snapshot's config, fetched with the tokenizer before the weights
-            return _limit(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+        try:  # a Hub id: its snapshot's config, fetched with the tokenizer before the weights
+            return _limit(json.loads((hub.folder_of(model) / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError):  # a .gguf, or no readable config.json: loading says why
             return None
     config = getattr(model, "config", None)

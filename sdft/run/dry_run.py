@@ -50,7 +50,7 @@ def model_line(model, dtype: str) -> str:
     ``dtype`` (built on the meta device from its config: nothing is allocated)."""
     if model is None:
         return "the embedded SmolLM2-135M-Instruct"
-    folder = hub.fetch(model).folder if hub.is_repo_id(model) else Path(model).expanduser()
+    folder = hub.folder_of(model)
     if not (folder / "config.json").is_file():  # a .gguf
         return str(model)
     from transformers import AutoConfig, AutoModelForCausalLM
