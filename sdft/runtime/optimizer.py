@@ -66,11 +66,11 @@ class OptimizerSettings:
             given = f" with optim_args={self.args!r}" if self.args else ""
             raise ValueError(f"optim={self.name!r}{given}: {str(err).strip().splitlines()[0]}") from None
 
-    def _reads(self, key: str, value: str) -> bool:
+    def _reads(self, key: str, value: str, alone: dict | None = None) -> bool:
         """Whether transformers' factory reads ``key`` of optim_args: giving it (the user's value, 0 or 1) changes
-        the keywords, or fails to parse. A key the factory sets itself but never reads (adafactor's
-        scale_parameter) leaves them as they are."""
-        alone = replace(self, args="").factory()[1]
+        the keywords (``alone``: those without optim_args), or fails to parse. A key the factory sets itself but
+        never reads (adafactor's scale_parameter) leaves them as they are."""
+        alone = replace(self, args="").factory()[1] if alone is None else alone
         for probe in (value, "0", "1"):
             try:
                 if replace(self, args=f"{key}={probe}").factory()[1] != alone:
@@ -89,7 +89,9 @@ class OptimizerSettings:
                     raise ValueError(f"optim_args item {item!r}: each is KEY=VALUE, comma-separated (e.g. "
                                      "momentum=0.9,nesterov=true)")
             cls, kwargs = self.factory()
-            unread = [key for key, value in (item.split("=", 1) for item in items) if not self._reads(key, value)]
+            alone = replace(self, args="").factory()[1]
+            unread = [key for key, value in (item.split("=", 1) for item in items)
+                      if not self._reads(key, value, alone)]
             if unread:  # transformers' factory takes the keys each optimizer reads and drops the rest
                 raise ValueError(f"optim_args {unread[0]!r}: transformers' {self.name} does not read it (it sets "
                                  f"{', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'lr') or 'none'})")
