@@ -258,6 +258,11 @@ def _continual(args, parser) -> int:
     return 0
 
 
+def _column_map(args) -> dict:
+    """``--column-map``, read and checked as a run's ``column_map`` field is."""
+    return SDFTConfig.from_strings({"column_map": args.column_map or "{}"}).column_map
+
+
 def _teacher_check(args, parser) -> int:
     from sdft.data.examples import load_examples
     from sdft.eval.teacher_check import check_inputs, format_rows, teacher_check, verdict
@@ -271,8 +276,7 @@ def _teacher_check(args, parser) -> int:
 
         data = load_skill("train")
     else:
-        column_map = SDFTConfig.from_strings({"column_map": args.column_map or "{}"}).column_map
-        data = load_examples(args.data, column_map=column_map)
+        data = load_examples(args.data, column_map=_column_map(args))
     from sdft.models import load_trained
 
     model, tokenizer = load_trained(args.model)  # a LoRA adapter folder too: what is left to distil after a run?
@@ -325,8 +329,7 @@ def _read_prompts(args) -> list[dict]:
                 raise ValueError(f"--prompts {path} holds no prompts")
             rows += [{"prompt": line} for line in lines]
         else:
-            column_map = SDFTConfig.from_strings({"column_map": args.column_map or "{}"}).column_map
-            rows += [{"prompt": prompt} for prompt in load_prompts(args.prompts, column_map=column_map)]
+            rows += [{"prompt": prompt} for prompt in load_prompts(args.prompts, column_map=_column_map(args))]
     if not rows:
         raise ValueError("sdft generate: give --prompt TEXT or --prompts FILE")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:  # nan fails both comparisons
@@ -401,8 +404,8 @@ def _train(args, parser) -> int:
     LRSchedule.from_config(config).check()
     if args.scorer is not None and not config.eval_data:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
-    if args.data is not None:
-        examples = load_examples(args.data, column_map=config.column_map)
+    # read once here, before the model, and handed to the run (a Hub dataset is not fetched twice)
+    examples = load_examples(args.data, column_map=config.column_map) if args.data is not None else None
     eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
                      if config.eval_data else None)
     from sdft.eval.retention import resolve
@@ -418,16 +421,14 @@ def _train(args, parser) -> int:
     check_run_model(config, resume, args.model, report=said.append)
     check_launcher()  # before the model loads
     if args.dry_run:
+        from sdft.data.skill import load_skill
         from sdft.run.dry_run import dry_run
         from sdft.run.prepare import data_notes
 
-        if args.data is None:
-            from sdft.data.skill import load_skill
-
-            examples = load_examples(load_skill("train"))
-        print("\n".join(dry_run(args.model, examples, eval_examples, config, resume, launched_size())
-                        + said + [n for n in data_notes(examples, eval_examples, config, launched_size()) if n]),
-              flush=True)
+        rows = examples if examples is not None else load_examples(load_skill("train"))
+        processes = launched_size()
+        print("\n".join(dry_run(args.model, rows, eval_examples, config, resume, processes)
+                        + said + [n for n in data_notes(rows, eval_examples, config, processes) if n]), flush=True)
         return 0
 
     import torch
@@ -445,10 +446,10 @@ def _train(args, parser) -> int:
         model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
         tokenizer = with_template_kwargs(tokenizer, config.chat_template_kwargs)
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
-        result = train(model, args.data, config, tokenizer=tokenizer)
+        result = train(model, None, config, tokenizer=tokenizer)  # the bundled skill
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)
     else:  # train loads the model itself, once every row has been measured with its tokenizer
-        result = train(args.model, args.data, config)
+        result = train(args.model, examples, config, eval_dataset=eval_examples)
     if rank != 0:
         return 0
     if result.evaluations:
