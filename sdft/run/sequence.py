@@ -92,9 +92,8 @@ def check_stages(stages, eval_stages, validation_stages=None, load_best: bool = 
         if sets is not None and len(sets) != len(stages):
             kind = "held-out" if what == "eval" else what
             raise ValueError(f"{len(sets)} {what} stages for {len(stages)} stages: give one {kind} set per stage")
-        held_out = ([load_examples(s, split=HELD_OUT_SPLIT, column_map=column_map) for s in sets]
-                    if sets is not None else None)
-        found.append(held_out or [None] * len(stages))
+        found.append([load_examples(s, split=HELD_OUT_SPLIT, column_map=column_map) for s in sets]
+                     if sets is not None else [None] * len(stages))
     return [load_examples(s, column_map=column_map) for s in stages], *found
 
 
