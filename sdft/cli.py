@@ -131,7 +131,8 @@ def _build_parser():
     tr.add_argument("--no-eval", action="store_true", help="skip the evaluation before/after training")
     tr.add_argument("--dry-run", action="store_true",
                     help="check everything a run checks before its weights load, measure every row with the "
-                         "model's tokenizer, print the plan (rows, steps, model size, output_dir) and stop: no "
+                         "model's tokenizer, print the plan (rows, steps, model size, the memory its training "
+                         "state takes, output_dir) and stop: no "
                          "weights load, nothing is written")
     tr.add_argument("--config", default=None, metavar="FILE",
                     help="settings from a JSON or YAML file (the keys --set takes), or a run's output_dir to train "

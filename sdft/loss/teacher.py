@@ -46,6 +46,13 @@ def store_parameters_in(model, dtype: torch.dtype | None) -> None:
             param.data = param.data.to(dtype)
 
 
+def store_frozen_copy(model, sharded: bool, dtype: torch.dtype | None) -> None:
+    """Keep a frozen teacher copy in the dtype it computes in (None: no autocast, nothing changes): every
+    parameter where FSDP2 gathers it in ``dtype`` (``sharded``), else its linear layers, which autocast
+    computes in ``dtype``."""
+    (store_parameters_in if sharded else store_linears_in)(model, dtype)
+
+
 class Teacher:
     def __init__(self, student, mode: str = "live", ema_decay: float = 0.99):
         self.mode = mode
@@ -79,13 +86,12 @@ class Teacher:
         """Run a teacher copy like the student (``runner``: the student's ``sdft.runtime.parallel.Runner``):
         under FSDP2 the copy is sharded the same way, so each process holds 1/N of it and the EMA update
         works shard by shard; under DDP every process keeps a full replica (no gradients to reduce)."""
-        frozen = self.mode == "frozen" and self.copy is not None
-        if self.copy is not None and runner.sharded:
-            if frozen:
-                store_parameters_in(self.copy, autocast_dtype(runner.mixed_precision))
+        if self.copy is None:
+            return
+        if self.mode == "frozen":
+            store_frozen_copy(self.copy, runner.sharded, autocast_dtype(runner.mixed_precision))
+        if runner.sharded:
             self._runner = Runner(self.copy, runner.world, "fsdp", runner.mixed_precision)
-        elif frozen:
-            store_linears_in(self.copy, autocast_dtype(runner.mixed_precision))
 
     @torch.no_grad()
     def score(self, contexts, completions, mask, pad_id: int, share_prefix: bool = True,

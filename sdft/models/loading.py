@@ -45,6 +45,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 CACHE_WEIGHTS = "model.safetensors"  # safetensors, never a pickle: reading the cache cannot run code
 
 
+def config_folder(model=None) -> Path | None:
+    """The folder whose config.json describes ``model`` (None: the embedded one; a path or a Hub id, whose
+    config is fetched, not its weights); None for a .gguf, and for the embedded model before its first load."""
+    folder = _cache_dir() if model is None else hub.folder_of(model)
+    return folder if (folder / "config.json").is_file() else None
+
+
 def _cache_version(cache: Path) -> str | None:
     """The transformers version that wrote the cache (its config.json's), None when unreadable."""
     try:

@@ -1,20 +1,21 @@
 """``sdft train --dry-run``: what a run would do, checked as the run checks it, before renting the device it
 needs: every row measured with the model's tokenizer (over-long rows are the run's own one-line errors), the
-steps, the model's size, and what ``output_dir`` holds. No weights load (but the embedded model's, whose
-tokenizer lives in its GGUF) and nothing is written."""
+steps, the model's size and the memory its training state takes (``sdft.run.memory_plan``), and what
+``output_dir`` holds. No weights load (but the embedded model's, whose tokenizer lives in its GGUF) and
+nothing is written."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from sdft.data.examples import Example, eval_sets
-from sdft.models import hub
-from sdft.models.loading import load_model, load_tokenizer
+from sdft.models.loading import config_folder, load_model, load_tokenizer
 from sdft.models.positions import position_limit
+from sdft.run.memory_plan import device_memory, training_state
 from sdft.run.prepare import parameters_text
 from sdft.run.trainer import encode_examples
+from sdft.runtime.parallel import run_device
 
 
 def dry_run(model, examples: list[Example], eval_examples, config, resume: Path | None,
@@ -31,9 +32,10 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
     teachers = [e.teacher_ids.numel() for e in encoded]
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
     held_out = sum(len(rows) for rows in eval_sets(eval_examples).values())
+    meta = meta_model(model)
     lines = [
         "sdft: dry run: every check a run makes before its weights load passed; nothing was written",
-        f"model: {model_line(model, config.dtype)}",
+        f"model: {model_line(model, meta, config.dtype)}",
         f"training rows: {len(examples)}; prompt tokens {min(prompts)}-{max(prompts)} (mean "
         f"{sum(prompts) / len(prompts):.0f}), teacher context tokens up to {max(teachers)} of "
         f"max_prompt_length={config.max_prompt_length}" + (f"; held-out rows: {held_out}" if held_out else ""),
@@ -42,23 +44,32 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         "rows)",
         f"output_dir: {config.output_dir}: " + (f"resumes from {resume}" if resume is not None else "a new run"),
     ]
+    if meta is not None:
+        device = run_device(config.device)
+        state, available = training_state(meta, config, processes, device), device_memory(device)
+        lines += [state.line(available)] + [w for w in [state.warning(available, config)] if w]
     return lines
 
 
-def model_line(model, dtype: str) -> str:
-    """The model's name and, for a Hugging Face folder or Hub id, its parameter count and weights' size in
-    ``dtype`` (built on the meta device from its config: nothing is allocated)."""
-    if model is None:
-        return "the embedded SmolLM2-135M-Instruct"
-    folder = hub.folder_of(model)
-    if not (folder / "config.json").is_file():  # a .gguf
-        return str(model)
+def meta_model(model):
+    """``model`` (None, a path or a Hub id) built on the meta device from its config.json, in float32 as its
+    config builds it (nothing is allocated); None for a .gguf."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    folder = config_folder(model)
+    if folder is None:
+        return None
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+def model_line(model, meta, dtype: str) -> str:
+    """The model's name and, with its ``meta`` model, its family, parameter count and weights' size in
+    ``dtype``."""
+    name = "the embedded SmolLM2-135M-Instruct" if model is None else str(model)
+    if meta is None:
+        return name
     count = sum(p.numel() for p in meta.parameters())  # a tied head is one parameter
     size = count * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "?")
-    return (f"{model} ({name}, {parameters_text(count)} parameters: its weights take {size / 2**30:.2f} GiB in "
-            f"{dtype}, before gradients, optimizer state, a teacher copy and activations)")
+    return (f"{name} ({meta.config.model_type}, {parameters_text(count)} parameters: its weights take "
+            f"{size / 2**30:.2f} GiB in {dtype})")

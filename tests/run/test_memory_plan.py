@@ -1,0 +1,113 @@
+"""The dry run's memory plan counts the tensors a run really holds: its weights, gradients, AdamW state and
+teacher copy, checked against a one-step run of the same model and settings."""
+import json
+
+import pytest
+import torch
+from tiny_model import tiny_llama
+from tiny_tokenizer import tiny_tokenizer
+
+from sdft import SDFTConfig, train
+from sdft.cli import main as cli
+from sdft.run import loop, trainer
+from sdft.run.dry_run import meta_model
+from sdft.run.export import save_hf_folder
+from sdft.run.memory_plan import TrainingState, training_state
+
+ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tok = tiny_tokenizer()
+    return save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path_factory.mktemp("m") / "model")
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _held(folder, tmp_path, monkeypatch, settings) -> dict:
+    """The bytes a one-step run of ``settings`` held, by part, read from its own optimizer and teacher."""
+    seen = {}
+
+    def recording_optimizer(model, opt_settings):
+        optimizer = make(model, opt_settings)
+        seen["model"] = model
+
+        def at_step(opt, args, kwargs):
+            seen["gradients"] = _nbytes(p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None)
+        optimizer.register_step_pre_hook(at_step)
+        seen["optimizer"] = optimizer
+        return optimizer
+
+    class RecordingTeacher(trainer.Teacher):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["teacher"] = self
+
+    make = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(trainer, "Teacher", RecordingTeacher)
+    config = SDFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=1,
+                        num_generations=2, max_completion_length=3, progress_bar=False, device="cpu",
+                        save_strategy="no", save_final_model=False, **settings)
+    train(str(folder), ROWS, config)
+    state = seen["optimizer"].state.values()
+    held = {"weights": _nbytes(seen["model"].parameters()), "gradients": seen["gradients"],
+            "AdamW state": _nbytes(s[k] for s in state for k in ("exp_avg", "exp_avg_sq"))}
+    copy = seen["teacher"].copy
+    if copy is not None:
+        held[f"{config.teacher_mode} teacher copy"] = _nbytes(copy.parameters())
+    return held, config
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # full fine-tuning in fp32 with a frozen teacher copy
+    {"mixed_precision": "bf16"},  # the frozen copy's linear layers kept in bf16
+    {"use_lora": True, "teacher_mode": "ema"},  # fp32 adapters on the model, an EMA copy of both
+    {"use_lora": True, "dtype": "bfloat16"},  # a bf16 base, fp32 adapters, the teacher: adapters off
+    {"dtype": "bfloat16", "teacher_mode": "live"},
+], ids=["fp32", "bf16-autocast", "lora-ema", "lora-bf16-weights", "bf16-weights-live"])
+def test_the_plan_counts_the_bytes_a_run_holds(folder, tmp_path, monkeypatch, settings):
+    held, config = _held(folder, tmp_path, monkeypatch, settings)
+    plan = training_state(meta_model(str(folder)), config, 1, torch.device("cpu"))
+    assert dict(plan.parts) == held
+    assert not plan.uncounted
+
+
+def test_under_fsdp_each_process_holds_its_share_and_under_ddp_the_buckets_too(folder):
+    config = SDFTConfig(device="cpu")
+    alone = dict(training_state(meta_model(str(folder)), config, 1, torch.device("cpu")).parts)
+    fsdp = dict(training_state(meta_model(str(folder)), SDFTConfig(device="cpu", parallel="fsdp"), 4,
+                               torch.device("cpu")).parts)
+    ddp = dict(training_state(meta_model(str(folder)), config, 4, torch.device("cpu")).parts)
+    assert fsdp == {k: v // 4 for k, v in alone.items()}
+    assert ddp == {**alone, "DDP's gradient buckets": alone["gradients"]}
+
+
+def test_another_optimizers_state_is_named_as_not_counted(folder):
+    plan = training_state(meta_model(str(folder)), SDFTConfig(device="cpu", optim="sgd"), 1, torch.device("cpu"))
+    assert "AdamW state" not in dict(plan.parts)
+    assert plan.line().endswith("; optim=sgd's state not counted)")
+
+
+def test_a_state_over_the_device_memory_is_said_with_what_shrinks_it():
+    plan = TrainingState((("weights", 3 * 2**30), ("gradients", 3 * 2**30), ("frozen teacher copy", 2**29)))
+    available = ("cuda:0", 4 * 2**30)
+    assert plan.line(available) == ("memory per process before activations: 6.50 GiB (weights 3.00 GiB + gradients "
+                                    "3.00 GiB + frozen teacher copy 0.50 GiB) of cuda:0's 4.00 GiB")
+    assert plan.warning(available, SDFTConfig()) == (
+        "sdft: the run would not fit: its weights, gradients and optimizer state take 6.50 GiB before activations, "
+        "more than cuda:0's 4.00 GiB; use_lora=true, dtype=bfloat16, parallel=fsdp over several processes, "
+        "teacher_mode=live (no teacher copy) shrink them")
+    assert plan.warning(("cuda:0", 8 * 2**30), SDFTConfig()) is None
+
+
+def test_the_dry_run_prints_the_memory_plan(folder, tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert cli(["train", "--dry-run", "--model", str(folder), "--data", str(tmp_path / "d.jsonl"), "--no-eval",
+                "--set", f"output_dir={tmp_path / 'run'}", "use_lora=true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plan = training_state(meta_model(str(folder)), SDFTConfig(use_lora=True, device="cpu"), 1, torch.device("cpu"))
+    assert lines[5].startswith(plan.line().split(")")[0] + ")")
