@@ -41,6 +41,7 @@ from benchmarks.measure import (  # noqa: E402
     peak_extra_mib,
     run_in_subprocess,
     sync,
+    write_report,
     write_results,
 )
 
@@ -227,16 +228,15 @@ def main(argv=None):
         row = {**row, "attention": "flex", "dense_mask_gib": None, **out}
         print(row, flush=True)
         rows.append(row)
-    env = environment(torch.device("cpu"))
-    header = (f"# Prefix-tree attention: dense mask vs FlexAttention block mask\n\nEnvironment: {env}. "
-              f"See the docstring of benchmarks/bench_tree_attention.py for the settings. Peak resident memory "
-              f"above the loaded model (first call, then the median of 3 later ones; the large row: one), "
-              f"freed heap pages returned before each; ms of the first call (compile included) "
-              f"and the median of {args.reps} more (the large row: 1 more).\n\n"
-              f"Command: `python benchmarks/bench_tree_attention.py {' '.join(argv or sys.argv[1:])}`\n\n")
+    settings = ("See the docstring of benchmarks/bench_tree_attention.py for the settings. Peak resident memory "
+                "above the loaded model (first call, then the median of 3 later ones; the large row: one), "
+                "freed heap pages returned before each; ms of the first call (compile included) "
+                f"and the median of {args.reps} more (the large row: 1 more).")
     cols = ["setting", "pass", "attention", "first_ms", "ms", "first_peak_extra_mib", "peak_extra_mib",
             "token_passes", "dense_mask_gib"]
-    write_results(args.out, args.stem, {"environment": env, "rows": rows}, header + markdown_table(rows, cols))
+    write_report(args.out, args.stem, "Prefix-tree attention: dense mask vs FlexAttention block mask", settings,
+                 f"python benchmarks/bench_tree_attention.py {' '.join(argv or sys.argv[1:])}", {"rows": rows}, rows,
+                 cols)
 
 
 if __name__ == "__main__":

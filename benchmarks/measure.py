@@ -117,6 +117,16 @@ def write_results(out_dir: Path, stem: str, payload: dict, table: str):
     print(table)
 
 
+def write_report(out_dir: Path, stem: str, title: str, settings: str, command: str, payload: dict, rows: list[dict],
+                 columns: list[str] | None = None, device: torch.device = torch.device("cpu")):
+    """A run's results as the benchmarks write them: ``payload`` with the environment as JSON, and a markdown
+    table of ``rows`` under a header with the environment, ``settings`` (what was run) and ``command``."""
+    env = environment(device)
+    header = f"# {title}\n\nEnvironment: {env}. {settings}\n\nCommand: `{command}`\n\n"
+    table = markdown_table(rows, columns or list(rows[0]))
+    write_results(out_dir, stem, {"environment": env, **payload}, header + table)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if v is None:

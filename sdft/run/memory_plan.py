@@ -1,5 +1,6 @@
 """What a run keeps in memory on each process from its first step to its last, before activations: the
-weights, their gradients, the optimizer's state, a teacher copy and DDP's gradient buckets. Counted on the
+weights, their gradients (under DDP, views into its all-reduce buckets: no second copy), the optimizer's
+state and a teacher copy. Counted on the
 meta device from the model's config, through the run's own LoRA and teacher-copy functions, so the
 numbers are those of the tensors the run will hold (nothing is allocated); ``sdft train --dry-run`` prints
 them beside the device's memory, before a GPU is rented for a run that cannot fit.
@@ -88,8 +89,6 @@ def training_state(meta_model, config, processes: int, device: torch.device) -> 
         parts.append(("AdamW state", 2 * trainable // share))  # exp_avg and exp_avg_sq, in the weights' dtype
     if teacher is not None:
         parts.append((f"{config.teacher_mode} teacher copy", _bytes(teacher.parameters()) // share))
-    if config.parallel == "ddp" and processes > 1:
-        parts.append(("DDP's gradient buckets", trainable))
     return TrainingState(tuple(parts), "" if adamw else f"optim={config.optim}'s state")
 
 

@@ -64,14 +64,18 @@ def shard(model, mixed_precision: str = "no") -> Whole:
 
 def replicate(model):
     """DDP around ``Whole(model)``, without a buffer broadcast before every forward (a decoder's buffers,
-    such as its rotary tables, never change in training). torch 2.13 renamed ``broadcast_buffers`` to
+    such as its rotary tables, never change in training), and with each gradient a view into DDP's
+    all-reduce buckets (``gradient_as_bucket_view``): DDP keeps the buckets for the whole run, and separate
+    gradients beside them would take as much memory again through every backward and optimizer step (4 bytes
+    a trainable parameter in fp32: 28 GB for a 7B model). torch 2.13 renamed ``broadcast_buffers`` to
     ``forward_sync_buffers`` and warns on the old name; earlier versions know only the old one."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
 
     new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    return DistributedDataParallel(Whole(model), **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+    return DistributedDataParallel(Whole(model), gradient_as_bucket_view=True,
+                                   **{"forward_sync_buffers" if new else "broadcast_buffers": False})
 
 
 class Runner:

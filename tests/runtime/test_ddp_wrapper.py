@@ -1,4 +1,5 @@
-"""sdft's DDP wrapper: no per-forward buffer broadcast, and no deprecation warning printed on every rank."""
+"""sdft's DDP wrapper: no per-forward buffer broadcast, no deprecation warning printed on every rank, and
+gradients that are views into DDP's buckets rather than a second copy beside them."""
 import warnings
 
 import torch
@@ -7,7 +8,7 @@ import torch.distributed as dist
 from sdft.runtime.parallel import replicate
 
 
-def test_ddp_wraps_without_a_deprecation_warning_or_a_buffer_broadcast(tmp_path):
+def test_ddp_wraps_without_a_deprecation_warning_a_buffer_broadcast_or_a_second_gradient_copy(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = torch.nn.Linear(4, 4)
@@ -17,5 +18,10 @@ def test_ddp_wraps_without_a_deprecation_warning_or_a_buffer_broadcast(tmp_path)
             root = replicate(model)
         assert root.broadcast_buffers is False  # the property torch 2.13 keeps for forward_sync_buffers
         assert root.module.model is model
+        assert root.gradient_as_bucket_view
+        root(lambda m, x: m(x).sum(), torch.ones(2, 4)).backward()
+        bucket = model.weight.grad.untyped_storage()
+        assert bucket.data_ptr() == model.bias.grad.untyped_storage().data_ptr()  # both live in one bucket
+        assert bucket.nbytes() >= (model.weight.numel() + model.bias.numel()) * 4
     finally:
         dist.destroy_process_group()
