@@ -22,17 +22,13 @@ from pathlib import Path
 from sdft.config import SDFTConfig, describe_fields
 from sdft.data.chat import parse_template_kwargs
 from sdft.run.checkpoint import CheckpointError, checkpoint_state
-from sdft.run.reporting import check_backends
+from sdft.run.prepare import check_run, check_settings
 from sdft.run.run_dir import (
     CONFIG_FILE,
     check_model_folder,
-    check_run_model,
     is_checkpoint_folder,
-    plan_run,
     replace_file,
-    resume_base,
 )
-from sdft.run.schedule import LRSchedule
 from sdft.runtime.distributed import check_launcher, launched_size, leave
 
 # The demo (no --model, no --data) keeps one checkpoint: each is ~1.6 GB for full fine-tuning of
@@ -213,7 +209,6 @@ def _build_parser():
 
 def _continual(args, parser) -> int:
     """``sdft continual``: ``train_sequence`` for SDFT (and the SFT baseline) into output_dir/{sdft,sft}."""
-
     from sdft.run.sequence import (
         check_sequence_folder,
         check_stages,
@@ -226,9 +221,7 @@ def _continual(args, parser) -> int:
 
     base = _run_settings(args.config)
     config = SDFTConfig.from_strings(_overrides(parser, args.set), base)
-    config.check_device()
-    check_backends(config.report_to)
-    LRSchedule.from_config(config).check()
+    check_settings(config)
     # every file checked before the model loads
     check_stages(args.stages, args.eval_stages, args.validation_stages, config.load_best_model_at_end,
                  config.evaluation_rule, config.column_map)
@@ -386,9 +379,6 @@ def _export(args, parser) -> int:
 
 
 def _train(args, parser) -> int:
-    from sdft.data.examples import load_examples
-    from sdft.data.sources import HELD_OUT_SPLIT
-
     pairs = _overrides(parser, args.set)
     base = _run_settings(args.config)
     demo = args.model is None and args.data is None
@@ -400,36 +390,21 @@ def _train(args, parser) -> int:
     if args.no_eval:
         pairs["eval_data"] = ""
     config = SDFTConfig.from_strings(pairs, base)
-    config.check_device()
-    check_backends(config.report_to)
-    LRSchedule.from_config(config).check()
     if args.scorer is not None and not config.eval_data:
         raise ValueError(f"--scorer {args.scorer} scores the answers to --eval-data: give --eval-data FILE")
-    # read once here, before the model, and handed to the run (a Hub dataset is not fetched twice)
-    examples = load_examples(args.data, column_map=config.column_map) if args.data is not None else None
-    eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
-                     if config.eval_data else None)
-    from sdft.eval.retention import resolve
-    from sdft.run.prepare import check_evaluation
-
     said = []  # what the run says once it starts; a dry run says it now
-
-    kept = resolve(config.retention_data, config.retention_text, config.retention_scorer, args.model is None,
-                   bool(config.eval_data), report=said.append)  # reads and checks the files, before the model
-    check_evaluation(config, eval_examples, kept)
-    resume = plan_run(config, report=said.append)
-    args.model = resume_base(args.model, resume)  # a Hub id resumes on its checkpoint's commit
-    check_run_model(config, resume, args.model, report=said.append)
+    # the rows are read once, here, before the model, and handed to the run (a Hub dataset is not fetched twice)
+    checked = check_run(args.model, args.data, config, report=said.append)
+    config, eval_examples = checked.config, checked.eval_examples
     check_launcher()  # before the model loads
     if args.dry_run:
-        from sdft.data.skill import load_skill
         from sdft.run.dry_run import dry_run
         from sdft.run.prepare import data_notes
 
-        rows = examples if examples is not None else load_examples(load_skill("train"))
         processes = launched_size()
-        print("\n".join(dry_run(args.model, rows, eval_examples, config, resume, processes)
-                        + said + [n for n in data_notes(rows, eval_examples, config, processes) if n]), flush=True)
+        print("\n".join(dry_run(checked.model, checked.examples, eval_examples, config, checked.resume, processes)
+                        + said + [n for n in data_notes(checked.examples, eval_examples, config, processes) if n]),
+              flush=True)
         return 0
 
     import torch
@@ -444,13 +419,13 @@ def _train(args, parser) -> int:
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:
-        model, tokenizer = models.load_model(args.model, getattr(torch, config.dtype))
+        model, tokenizer = models.load_model(checked.model, getattr(torch, config.dtype))
         tokenizer = with_template_kwargs(tokenizer, config.chat_template_kwargs)
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
         result = train(model, None, config, tokenizer=tokenizer)  # the bundled skill
         print("skill accuracy after:", skill_accuracy(result.model, tokenizer), flush=True)
     else:  # train loads the model itself, once every row has been measured with its tokenizer
-        result = train(args.model, examples, config, eval_dataset=eval_examples)
+        result = train(checked.model, checked.examples, config, eval_dataset=eval_examples)
     if rank != 0:
         return 0
     if result.evaluations:

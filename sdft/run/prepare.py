@@ -91,25 +91,33 @@ def start_runner(run: Run, teacher=None) -> Runner:
     return run.runner
 
 
-def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None, encode=None) -> Run:
-    """Validate config, data and output_dir (cheap, before any model loads), then load the model.
+@dataclass(frozen=True)
+class Checked:
+    """What the checks a run makes before any model loads give it (``check_run``)."""
 
-    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
-    tokenizer, config, positions=)``: the rows' token ids on the CPU (``Run.encoded``), taken before the
-    weights load, so that a row over the length limits (or the model's positions) is one line before a
-    large model loads."""
-    config = with_model_adapters(as_config(config), model)
+    config: SDFTConfig
+    model: object  # what the run loads: None, a path (a Hub id resumed at its checkpoint's commit) or an object
+    examples: list[Example]
+    eval_examples: list[Example] | dict | None
+    retention: object  # sdft.eval.retention.resolve's: what the run must keep, or None
+    resume: Path | None  # the checkpoint the run continues from
+
+
+def check_settings(config: SDFTConfig) -> None:
+    """The checks of a config that read nothing else: its loggers are installed, its schedule takes its
+    keywords, its device is here."""
     check_backends(config.report_to)
     LRSchedule.from_config(config).check()
-    if eval_dataset is not None:
-        eval_examples = load_eval_sets(eval_dataset, config.column_map)
-    else:
-        eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
-                         if config.eval_data else None)
-    eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
-    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
-                             evaluating=eval_examples is not None, report=report_line)
-    check_evaluation(config, eval_examples, kept)
+    config.check_device()
+
+
+def check_run(model, dataset, config, tokenizer=None, eval_dataset=None, report=report_line) -> Checked:
+    """Every check of a run that needs no weights, cheap ones first: config, device, evaluation and
+    retention data, the training rows, ``output_dir``, and the model against them. ``report``: where the
+    lines a run says once go (``sdft train --dry-run`` prints them with its plan). ``dataset`` None: the
+    bundled skill; ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``."""
+    config = with_model_adapters(as_config(config), model)
+    check_settings(config)
     if model is not None and not isinstance(model, (str, Path, torch.nn.Module)):
         raise TypeError(f"model must be None (the embedded model), a local path or a transformers model, "
                         f"got {type(model).__name__}")
@@ -117,16 +125,38 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         raise ValueError("pass the tokenizer together with a model object")
     if isinstance(model, torch.nn.Module):
         check_vocabulary(tokenizer, embedding_rows(model), "the model object")
+    if eval_dataset is not None:
+        eval_examples = load_eval_sets(eval_dataset, config.column_map)
+    else:
+        eval_examples = (load_examples(config.eval_data, split=HELD_OUT_SPLIT, column_map=config.column_map)
+                         if config.eval_data else None)
+    evaluating = eval_examples is not None
+    kept = retention.resolve(config.retention_data, config.retention_text, config.retention_scorer, is_embedded(model),
+                             evaluating=evaluating, report=report)
+    check_evaluation(config, eval_examples, kept)
     if dataset is None:
         from sdft.data.skill import load_skill
 
         dataset = load_skill("train")
     examples = load_examples(dataset, column_map=config.column_map)
-    resume = plan_run(config, evaluating=eval_examples is not None)
+    resume = plan_run(config, report=report, evaluating=evaluating)
     model = resume_base(model, resume)
     check_model_folder(model)
-    check_run_model(config, resume, model, evaluating=eval_examples is not None)
-    config.check_device()
+    check_run_model(config, resume, model, evaluating=evaluating, report=report)
+    return Checked(config, model, examples, eval_examples, kept, resume)
+
+
+def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None, encode=None) -> Run:
+    """Validate config, data and output_dir (``check_run``: cheap, before any model loads), then load the model.
+
+    ``eval_dataset`` (rows as ``dataset`` takes them) stands in for ``config.eval_data``. ``encode(examples,
+    tokenizer, config, positions=)``: the rows' token ids on the CPU (``Run.encoded``), taken before the
+    weights load, so that a row over the length limits (or the model's positions) is one line before a
+    large model loads."""
+    checked = check_run(model, dataset, config, tokenizer, eval_dataset)
+    config, model, examples, eval_examples, resume = (checked.config, checked.model, checked.examples,
+                                                      checked.eval_examples, checked.resume)
+    eval_scorer = get_scorer(eval_scorer if eval_scorer is not None else config.eval_scorer)
     world = setup(config.device)
     lock = _take_output_dir(config.output_dir, world)
     on_end = [lock.release] if lock is not None else []
@@ -139,7 +169,7 @@ def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=No
         on_end.append(deterministic_algorithms(config.full_determinism))
         on_end.append(tf32_matmuls(config.tf32))
         run = _load(model, tokenizer, config, examples, resume, eval_examples, eval_scorer, world, on_end, encode)
-        run.retention = kept
+        run.retention = checked.retention
         return run
     except BaseException:
         end_run(on_end)
