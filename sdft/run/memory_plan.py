@@ -1,13 +1,14 @@
 """What a run keeps in memory on each process from its first step to its last, before activations: the
 weights, their gradients (under DDP, views into its all-reduce buckets: no second copy), the optimizer's
-state and a teacher copy. Counted on the
-meta device from the model's config, through the run's own LoRA and teacher-copy functions, so the
+state and a teacher copy. Counted on the meta device from the model's config, through the run's own LoRA,
+teacher-copy and optimizer functions (the optimizer takes one step there, which creates its state), so the
 numbers are those of the tensors the run will hold (nothing is allocated); ``sdft train --dry-run`` prints
 them beside the device's memory, before a GPU is rented for a run that cannot fit.
 
 Not counted: activations (the rollouts' KV cache, the scoring passes and their backward, which
 ``gradient_checkpointing`` and smaller ``per_device_train_batch_size`` x ``num_generations`` x
-``max_completion_length`` cut), FSDP2's gathered block, and the CUDA context."""
+``max_completion_length`` cut), FSDP2's gathered block, the CUDA context, and the state of an optimizer
+that cannot step on the meta device (bitsandbytes': named as not counted)."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ import torch
 
 from sdft.loss.teacher import store_frozen_copy
 from sdft.models.lora import LoraSettings, apply_lora
-from sdft.runtime.optimizer import ADAMW
+from sdft.runtime.optimizer import OptimizerSettings, make_optimizer
 from sdft.runtime.precision import autocast_dtype, compute_precision
 
 GIB = 2**30
@@ -38,7 +39,7 @@ class TrainingState:
     that exists but is not counted (another optimizer's state), named."""
 
     parts: tuple[tuple[str, int], ...]
-    uncounted: str = ""
+    uncounted: str = ""  # e.g. "optim=adamw_8bit's state"
 
     @property
     def total(self) -> int:
@@ -83,13 +84,33 @@ def training_state(meta_model, config, processes: int, device: torch.device) -> 
             if config.teacher_mode == "frozen":
                 store_frozen_copy(teacher, sharded, autocast_dtype(precision))
     trainable = _bytes(p for p in model.parameters() if p.requires_grad)
-    adamw = config.optim in ADAMW
     parts = [("weights", _bytes(model.parameters()) // share), ("gradients", trainable // share)]
-    if adamw:
-        parts.append(("AdamW state", 2 * trainable // share))  # exp_avg and exp_avg_sq, in the weights' dtype
+    optimizer = optimizer_state(model, OptimizerSettings.from_config(config))
+    if optimizer is not None:
+        parts.append((f"{optimizer[0]} state", optimizer[1] // share))
     if teacher is not None:
         parts.append((f"{config.teacher_mode} teacher copy", _bytes(teacher.parameters()) // share))
-    return TrainingState(tuple(parts), "" if adamw else f"optim={config.optim}'s state")
+    return TrainingState(tuple(parts), "" if optimizer is not None else f"optim={config.optim}'s state")
+
+
+def optimizer_state(meta_model, settings: OptimizerSettings) -> tuple[str, int] | None:
+    """(the optimizer's class name, the bytes of its state) once the run's optimizer has taken one step over
+    ``meta_model``'s trainable parameters on the meta device (state appears at the first step); None for an
+    optimizer that cannot step there (bitsandbytes' kernels need a GPU)."""
+    params = [p for p in meta_model.parameters() if p.requires_grad]
+    try:
+        with torch.device("meta"):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            optimizer = make_optimizer(meta_model, settings)
+            optimizer.step()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    finally:
+        for p in params:
+            p.grad = None
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return type(optimizer).__name__, _bytes(state)
 
 
 def device_memory(device: torch.device) -> tuple[str, int] | None:

@@ -1,4 +1,4 @@
-"""The dry run's memory plan counts the tensors a run really holds: its weights, gradients, AdamW state and
+"""The dry run's memory plan counts the tensors a run really holds: its weights, gradients, optimizer state and
 teacher copy, checked against a one-step run of the same model and settings."""
 import json
 
@@ -9,7 +9,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 from sdft import SDFTConfig, train
 from sdft.cli import main as cli
-from sdft.run import loop, trainer
+from sdft.run import loop, memory_plan, trainer
 from sdft.run.dry_run import meta_model
 from sdft.run.export import save_hf_folder
 from sdft.run.memory_plan import TrainingState, training_state
@@ -53,9 +53,10 @@ def _held(folder, tmp_path, monkeypatch, settings) -> dict:
                         num_generations=2, max_completion_length=3, progress_bar=False, device="cpu",
                         save_strategy="no", save_final_model=False, **settings)
     train(str(folder), ROWS, config)
-    state = seen["optimizer"].state.values()
+    optimizer = seen["optimizer"]
     held = {"weights": _nbytes(seen["model"].parameters()), "gradients": seen["gradients"],
-            "AdamW state": _nbytes(s[k] for s in state for k in ("exp_avg", "exp_avg_sq"))}
+            f"{type(optimizer).__name__} state": _nbytes(t for s in optimizer.state.values() for t in s.values()
+                                                         if torch.is_tensor(t))}
     copy = seen["teacher"].copy
     if copy is not None:
         held[f"{config.teacher_mode} teacher copy"] = _nbytes(copy.parameters())
@@ -68,7 +69,9 @@ def _held(folder, tmp_path, monkeypatch, settings) -> dict:
     {"use_lora": True, "teacher_mode": "ema"},  # fp32 adapters on the model, an EMA copy of both
     {"use_lora": True, "dtype": "bfloat16"},  # a bf16 base, fp32 adapters, the teacher: adapters off
     {"dtype": "bfloat16", "teacher_mode": "live"},
-], ids=["fp32", "bf16-autocast", "lora-ema", "lora-bf16-weights", "bf16-weights-live"])
+    {"optim": "adafactor", "use_lora": True},  # factored second moments: rows and columns, not the matrix
+    {"optim": "rmsprop", "weight_decay": 0.1},  # one buffer per parameter, in two weight-decay groups
+], ids=["fp32", "bf16-autocast", "lora-ema", "lora-bf16-weights", "bf16-weights-live", "adafactor", "rmsprop"])
 def test_the_plan_counts_the_bytes_a_run_holds(folder, tmp_path, monkeypatch, settings):
     held, config = _held(folder, tmp_path, monkeypatch, settings)
     plan = training_state(meta_model(str(folder)), config, 1, torch.device("cpu"))
@@ -86,9 +89,13 @@ def test_under_fsdp_each_process_holds_its_share_and_under_ddp_all_of_it_once(fo
     assert ddp == alone  # the gradients are views into DDP's buckets (sdft.runtime.parallel.replicate)
 
 
-def test_another_optimizers_state_is_named_as_not_counted(folder):
+def test_an_optimizer_that_cannot_step_on_the_meta_device_is_named_as_not_counted(folder, monkeypatch):
+    def needs_a_gpu(model, settings):  # as bitsandbytes' 8-bit optimizers
+        raise RuntimeError("Tensor on device meta is not on the expected device cuda:0")
+
+    monkeypatch.setattr(memory_plan, "make_optimizer", needs_a_gpu)
     plan = training_state(meta_model(str(folder)), SDFTConfig(device="cpu", optim="sgd"), 1, torch.device("cpu"))
-    assert "AdamW state" not in dict(plan.parts)
+    assert [name for name, _ in plan.parts] == ["weights", "gradients", "frozen teacher copy"]
     assert plan.line().endswith("; optim=sgd's state not counted)")
 
 
