@@ -5,7 +5,11 @@ teacher-copy and optimizer functions (the optimizer takes one step there, which 
 numbers are those of the tensors the run will hold (nothing is allocated); ``sdft train --dry-run`` prints
 them beside the device's memory, before a GPU is rented for a run that cannot fit.
 
-Not counted: activations (the rollouts' KV cache, the scoring passes and their backward, which
+Beside it, the largest transient: the rollouts' KV cache for the micro-batch of the longest prompts
+(``rollout_cache``), whose bytes per token come from a one-token pass of the meta model, so every
+architecture's own cache (grouped-query heads, sliding windows) is counted as it is built.
+
+Not counted: the other activations (the scoring passes and their backward, which
 ``gradient_checkpointing`` and smaller ``per_device_train_batch_size`` x ``num_generations`` x
 ``max_completion_length`` cut), FSDP2's gathered block, the CUDA context, and the state of an optimizer
 that cannot step on the meta device (bitsandbytes': named as not counted)."""
@@ -18,7 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from sdft.loss.teacher import store_frozen_copy
+from sdft.models.attention import FLASH
 from sdft.models.lora import LoraSettings, apply_lora
+from sdft.models.parts import kv_cache
 from sdft.runtime.optimizer import OptimizerSettings, make_optimizer
 from sdft.runtime.precision import autocast_dtype, compute_precision
 
@@ -29,7 +35,7 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
@@ -47,24 +53,30 @@ class TrainingState:
 
     def line(self, available: tuple[str, int] | None = None) -> str:
         """One line of the plan; ``available``: (the device's name, its memory in bytes) to compare against."""
-        parts = " + ".join(f"{name} {_size(n)}" for name, n in self.parts if n)
-        text = f"memory per process before activations: {_size(self.total)} ({parts}"
+        parts = " + ".join(f"{name} {size_text(n)}" for name, n in self.parts if n)
+        text = f"memory per process before activations: {size_text(self.total)} ({parts}"
         text += f"; {self.uncounted} not counted)" if self.uncounted else ")"
         if available is not None:
-            text += f" of {available[0]}'s {_size(available[1])}"
+            text += f" of {available[0]}'s {size_text(available[1])}"
         return text
 
-    def warning(self, available: tuple[str, int] | None, config) -> str | None:
-        """One line when the state alone does not fit ``available``, naming the switches that shrink it."""
-        if available is None or self.total <= available[1]:
+    def warning(self, available: tuple[str, int] | None, config, cache: int = 0) -> str | None:
+        """One line when the state alone, or with the rollouts' KV cache (``cache`` bytes), does not fit
+        ``available``, naming the switches that shrink what is over."""
+        if available is None or self.total + cache <= available[1]:
             return None
+        if self.total <= available[1]:
+            return (f"sdft: the run would not fit: its training state ({size_text(self.total)}) and the rollouts' "
+                    f"KV cache ({size_text(cache)}) take more than {available[0]}'s {size_text(available[1])}; "
+                    "a smaller per_device_train_batch_size, num_generations or max_completion_length shrinks the cache "
+                    "(gradient_accumulation_steps keeps the step's prompts)")
         fixes = [s for s, off in (("use_lora=true", not config.use_lora),
                                   ("dtype=bfloat16", config.dtype == "float32"),
                                   ("parallel=fsdp over several processes", config.parallel != "fsdp"),
                                   ("teacher_mode=live (no teacher copy)",
                                    any(name.endswith("teacher copy") for name, _ in self.parts))) if off]
-        return (f"sdft: the run would not fit: its weights, gradients and optimizer state take {_size(self.total)} "
-                f"before activations, more than {available[0]}'s {_size(available[1])}"
+        return (f"sdft: the run would not fit: its weights, gradients and optimizer state take "
+                f"{size_text(self.total)} before activations, more than {available[0]}'s {size_text(available[1])}"
                 + (f"; {', '.join(fixes)} shrink them" if fixes else ""))
 
 
@@ -111,6 +123,30 @@ def optimizer_state(meta_model, settings: OptimizerSettings) -> tuple[str, int] 
             p.grad = None
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return type(optimizer).__name__, _bytes(state)
+
+
+def cache_per_token(meta_model, dtype: torch.dtype) -> int | None:
+    """Bytes one token adds to ``meta_model``'s KV cache in ``dtype``, read off the cache a one-token pass on
+    the meta device builds (None where the pass or its cache cannot be read there)."""
+    try:
+        with torch.no_grad():
+            out = meta_model.to(dtype)(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta"), use_cache=True,
+                                       logits_to_keep=1)
+        layers = kv_cache(out).layers
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
+        return None
+    return _bytes(t for layer in layers for t in vars(layer).values() if torch.is_tensor(t))
+
+
+def rollout_cache(per_token: int, prompt_tokens: list[int], config) -> int:
+    """Bytes of the KV cache the rollouts of one micro-batch of the longest prompts hold (``per_token``: what a
+    token adds, ``cache_per_token``): the prompts' prefix tree prefilled once, then every rollout's own
+    tokens (``sdft.rollout.engine``); a flash-attention model copies its prompt's cache to each rollout."""
+    batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
+    longest = sorted(prompt_tokens)[-batch:]
+    if config.attn_implementation in FLASH:
+        return per_token * len(longest) * group * (max(longest) + length)
+    return per_token * (sum(longest) + len(longest) * group * length)
 
 
 def device_memory(device: torch.device) -> tuple[str, int] | None:

@@ -12,7 +12,7 @@ from sdft.cli import main as cli
 from sdft.run import loop, memory_plan, trainer
 from sdft.run.dry_run import meta_model
 from sdft.run.export import save_hf_folder
-from sdft.run.memory_plan import TrainingState, training_state
+from sdft.run.memory_plan import TrainingState, cache_per_token, rollout_cache, training_state
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
 
@@ -118,3 +118,46 @@ def test_the_dry_run_prints_the_memory_plan(folder, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     plan = training_state(meta_model(str(folder)), SDFTConfig(use_lora=True, device="cpu"), 1, torch.device("cpu"))
     assert lines[5].startswith(plan.line().split(")")[0] + ")")
+    c = SDFTConfig()
+    assert lines[6].startswith(f"rollouts: a micro-batch of the {c.per_device_train_batch_size} longest prompts x "
+                               f"{c.num_generations} rollouts of up to {c.max_completion_length} tokens holds a KV "
+                               "cache of up to ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rollout_cache_is_the_bytes_the_engine_reserves(folder, monkeypatch, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from sdft.rollout import engine
+
+    reserved = []
+
+    def recording(cache, room):
+        reserve(cache, room)
+        reserved.append(_nbytes(getattr(layer, name) for layer in cache.layers for name in ("key_room", "value_room")))
+
+    reserve = engine.reserve_room
+    monkeypatch.setattr(engine, "reserve_room", recording)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tok = tiny_tokenizer()
+    prompt = torch.tensor(tok("add 12 34")["input_ids"])
+    config = SDFTConfig(per_device_train_batch_size=1, num_generations=3, max_completion_length=5)
+    engine.HFRolloutEngine(tok).generate(model, [prompt], 3, 5, temperature=1.0)
+    assert reserved == [rollout_cache(cache_per_token(meta_model(str(folder)), dtype), [4, prompt.numel(), 2], config)]
+
+
+def test_the_longest_prompts_fill_the_micro_batch_and_flash_copies_each_prompts_cache():
+    tree = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=10)
+    assert rollout_cache(8, [5, 30, 20, 7], tree) == 8 * ((30 + 20) + 2 * 4 * 10)
+    flash = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=10,
+                       attn_implementation="flash_attention_2", tree_attention="auto")
+    assert rollout_cache(8, [5, 30, 20, 7], flash) == 8 * 2 * 4 * (30 + 10)
+
+
+def test_a_rollout_cache_over_what_the_state_leaves_is_said_with_what_shrinks_it():
+    plan = TrainingState((("weights", 2 * 2**30),))
+    assert plan.warning(("cuda:0", 4 * 2**30), SDFTConfig(), cache=2**30) is None
+    assert plan.warning(("cuda:0", 4 * 2**30), SDFTConfig(), cache=3 * 2**30) == (
+        "sdft: the run would not fit: its training state (2.00 GiB) and the rollouts' KV cache (3.00 GiB) take more "
+        "than cuda:0's 4.00 GiB; a smaller per_device_train_batch_size, num_generations or max_completion_length "
+        "shrinks the cache (gradient_accumulation_steps keeps the step's prompts)")
