@@ -112,6 +112,25 @@ def _summary(seconds: list[float], extra: dict) -> dict:
             "peak_memory_mib": _peak_mib(), **extra}
 
 
+def _plan(config, data, tokenizer) -> dict:
+    """The dry run's memory plan for this run (``sdft.run.memory_plan``: training state before activations, and
+    the rollouts' KV cache), in MiB, to set beside the peak the run reaches: the gap is the activations."""
+    from sdft.data.examples import load_examples
+    from sdft.run.dry_run import meta_model
+    from sdft.run.memory_plan import cache_per_token, rollout_cache, training_state
+    from sdft.run.trainer import encode_examples
+    from sdft.runtime.parallel import run_device
+    from sdft.runtime.precision import autocast_dtype, compute_precision
+
+    device = run_device(config.device)
+    meta = meta_model(model_dir())
+    state = training_state(meta, config, 1, device)
+    compute = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
+    prompts = [e.prompt_ids.numel() for e in encode_examples(load_examples(data), tokenizer, config)]
+    cache = rollout_cache(cache_per_token(meta, compute) or 0, prompts, config)
+    return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": cache / 2**20}
+
+
 def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",
              teacher: str = "frozen", precision: str = "no", dtype: str = "float32") -> dict:
     """Our side (weights loaded in ``dtype``): ``sdft.train`` (``sdft_gc``: with gradient checkpointing,
@@ -137,6 +156,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
         gradient_checkpointing=method.startswith("sdft_gc"), share_teacher_prefix=method == "sdft_joint",
         cpu_trim_memory=not method.endswith("_notrim"), mixed_precision=precision, dtype=dtype)
     model, tokenizer = sdft.load_model(model_dir(), getattr(torch, dtype))
+    plan = _plan(config, data, tokenizer) if method != "sft" else {}
     fn = sdft.train_sft if method == "sft" else sdft.train
     result = fn(model, data, config, tokenizer=tokenizer)
     records = result.metrics
@@ -145,7 +165,7 @@ def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "
                     {"tokens_per_step": statistics.mean(r["tokens"] for r in records),
                      "tokens_processed": records[-1].get("tokens_processed"),
                      "tokens_processed_unshared": records[-1].get("tokens_processed_unshared"),
-                     "loss": records[-1]["loss"]})
+                     "loss": records[-1]["loss"], **plan})
 
 
 def run_trl(setting: str, group: int, prompts: int, steps: int, fused: bool | str = False,
@@ -257,6 +277,8 @@ def main(argv=None):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
+        if "sdft" in r and "plan_state_mib" in r["sdft"]:  # the dry run's plan, before the scoring activations
+            line["sdft_plan_mib"] = r["sdft"]["plan_state_mib"] + r["sdft"]["plan_rollout_cache_mib"]
         if "sdft" in r and r["sdft"].get("tokens_processed"):
             line["sdft_token_passes_vs_unshared"] = (r["sdft"]["tokens_processed"]
                                                      / r["sdft"]["tokens_processed_unshared"])

@@ -87,7 +87,7 @@ def training_state(meta_model, config, processes: int, device: torch.device) -> 
     sharded = config.parallel == "fsdp" and processes > 1
     share = processes if sharded else 1  # FSDP2: every process holds 1/N of each
     with torch.device("meta"):
-        model = meta_model.to(getattr(torch, config.dtype))
+        model = copy.deepcopy(meta_model).to(getattr(torch, config.dtype))  # the caller's stays as it is
         if config.use_lora:
             model = apply_lora(model, LoraSettings.from_config(config))
         teacher = None
@@ -130,8 +130,8 @@ def cache_per_token(meta_model, dtype: torch.dtype) -> int | None:
     the meta device builds (None where the pass or its cache cannot be read there)."""
     try:
         with torch.no_grad():
-            out = meta_model.to(dtype)(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta"), use_cache=True,
-                                       logits_to_keep=1)
+            model = copy.deepcopy(meta_model).to(dtype)  # the caller's stays as it is
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta"), use_cache=True, logits_to_keep=1)
         layers = kv_cache(out).layers
     except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
         return None

@@ -161,3 +161,11 @@ def test_a_rollout_cache_over_what_the_state_leaves_is_said_with_what_shrinks_it
         "sdft: the run would not fit: its training state (2.00 GiB) and the rollouts' KV cache (3.00 GiB) take more "
         "than cuda:0's 4.00 GiB; a smaller per_device_train_batch_size, num_generations or max_completion_length "
         "shrinks the cache (gradient_accumulation_steps keeps the step's prompts)")
+
+
+def test_the_plan_leaves_the_callers_meta_model_as_it_was(folder):
+    meta = meta_model(str(folder))
+    before = [(n, p.dtype) for n, p in meta.named_parameters()]
+    training_state(meta, SDFTConfig(device="cpu", use_lora=True, dtype="bfloat16"), 1, torch.device("cpu"))
+    cache_per_token(meta, torch.bfloat16)
+    assert [(n, p.dtype) for n, p in meta.named_parameters()] == before
