@@ -126,8 +126,8 @@ def _plan(config, data, tokenizer) -> dict:
     meta = meta_model(model_dir())
     state = training_state(meta, config, 1, device)
     compute = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
-    prompts = [e.prompt_ids.numel() for e in encode_examples(load_examples(data), tokenizer, config)]
-    cache = rollout_cache(cache_per_token(meta, compute) or 0, prompts, config)
+    prompts = [e.prompt_ids.tolist() for e in encode_examples(load_examples(data), tokenizer, config)]
+    cache = rollout_cache(cache_per_token(meta, compute) or 0, prompts, config, meta.config)
     return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": cache / 2**20}
 
 

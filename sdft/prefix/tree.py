@@ -14,9 +14,18 @@ so groups are packed into several rows ("bins") when sharing would save less tha
 ``pack_groups`` adds a group to the current row only if the merged row's cost ``n + n**2 / R``
 (``R``: how many attention pairs cost as much as one token's matmuls, see ``pairs_per_token``)
 is no more than the two rows apart. A group (a context and its continuations) never splits.
+
+Rollout decoding (``Decoding``) adds what a row costs over the steps that follow its prefill: every
+sampled token of a row attends over the whole row (its prompt nodes and every rollout's tokens so far,
+a dense mask), so a row of Q rollouts over n nodes pays ``Q*n*L + Q**2 * L**2 / 2`` pairs in L steps.
+Prompts then share a row only where the nodes they share save more than that: a long common system
+message, not a chat template's header. Rows are padded to the widest and to the most rollouts, and padding
+slots pass through the model too, so the rollout packing (``sdft.rollout.engine.pack_prompts``) takes the
+cheapest by ``decoding_cost`` of a few layouts: the prefill's own packing, the one above, a row per prompt.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +100,24 @@ def pairs_per_token(config) -> float:
     return 2 * weights / (4 * heads * head_dim)
 
 
-def _cost(nodes: int, pairs: float) -> float:
-    return nodes + nodes * nodes / pairs
+@dataclass(frozen=True)
+class Decoding:
+    """The decoding that follows a prefill of prompts: ``queries`` rollouts of each prompt, ``steps`` tokens
+    each at most, every step's attention paid at ``pairs`` pairs a token (``pairs_per_token``)."""
+
+    queries: int
+    steps: int
+    pairs: float
+
+
+def _cost(nodes: int, pairs: float, groups: int = 1, decoding: Decoding | None = None) -> float:
+    """A row's cost in token passes: its prefill (nodes and, under a dense mask, their pairs), and under
+    ``decoding`` the attention of its ``groups`` prompts' rollouts over the row in every step."""
+    cost = nodes + nodes * nodes / pairs
+    if decoding is not None:
+        q, steps = groups * decoding.queries, decoding.steps
+        cost += (q * nodes * steps + q * q * steps * steps / 2) / decoding.pairs
+    return cost
 
 
 @dataclass
@@ -126,12 +151,30 @@ class PackedTrees:
         return self.sequence_row[sequence] * self.width + nodes
 
 
+def decoding_cost(packed: PackedTrees, pairs: float, decoding: Decoding) -> float:
+    """What prefilling ``packed`` (under ``pairs``, see ``_cost``) and decoding over its rows costs in token
+    passes, padding included: every row is as wide as the widest and decodes as many rollout slots as the
+    fullest, each slot attending over the whole row at every step."""
+    rows, width = packed.ids.shape
+    slots = max(Counter(packed.sequence_row).values()) * decoding.queries
+    steps = decoding.steps
+    prefill = rows * (width + width * width / pairs)
+    decode = rows * slots * steps * (1 + (width + slots * steps / 2) / decoding.pairs)
+    return prefill + decode
+
+
+def pack_apart(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, device=None) -> PackedTrees:
+    """``pack_groups``'s layout with every group in a row of its own."""
+    return _layout(groups, [[g] for g in range(len(groups))], pad_id, device)
+
+
 def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pairs: float,
-                device=None) -> PackedTrees:
+                device=None, decoding: Decoding | None = None) -> PackedTrees:
     """Pack ``groups`` of (context, continuations) into tries, one row per bin.
 
     Sequence ``k`` (in group order, then continuation order) is ``context + continuation``; a group
-    without continuations contributes its context alone as one sequence.
+    without continuations contributes its context alone as one sequence. ``decoding``: the groups are
+    prompts whose rollouts decode over their rows next (``Decoding``), which the bins' costs include.
     """
     tries = []
     for context, conts in groups:
@@ -146,7 +189,9 @@ def pack_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pa
     for g in order:
         if bin_root is not None:
             merged = bin_size + sizes[g] - _common(bin_root, tries[g])
-            if _cost(merged, pairs) <= _cost(bin_size, pairs) + _cost(sizes[g], pairs):
+            held = len(bins[-1])
+            if (_cost(merged, pairs, held + 1, decoding)
+                    <= _cost(bin_size, pairs, held, decoding) + _cost(sizes[g], pairs, 1, decoding)):
                 bins[-1].append(g)
                 _merge(bin_root, tries[g])
                 bin_size = merged

@@ -10,6 +10,7 @@ the loop ends as soon as every row has finished.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,7 +18,7 @@ import torch
 
 from sdft.models import eval_mode, kv_cache, passing_cache
 from sdft.prefix.packed import as_attention_mask, pack_for, right_pad, supports_tree, tree_forward
-from sdft.prefix.tree import pack_groups
+from sdft.prefix.tree import Decoding, PackedTrees, decoding_cost, pack_apart, pack_groups, pairs_per_token
 from sdft.rollout.decode_gemm import small_batch_linears
 from sdft.rollout.sampling import Sampling
 
@@ -126,9 +127,31 @@ def release_room(cache):
             layer.__dict__.pop(name, None)
 
 
+def pack_prompts(prompts: list[list[int]], pad_id: int, pairs: float, config, group: int, steps: int,
+                 device=None) -> PackedTrees:
+    """The rows the prompts are prefilled in, for the prefill's attention (``pairs``,
+    ``sdft.prefix.packed.pack_for``) and the decoding of ``group`` rollouts of up to ``steps`` tokens each
+    that follows over the same rows (``config``: the model's, for what a decoding step's pairs cost): the
+    cheapest by ``decoding_cost`` of the prefill's own packing, that packing with the decoding's cost, and a
+    row per prompt."""
+    groups = [(p, []) for p in prompts]
+    decoding = Decoding(group, steps, pairs_per_token(config))
+    layouts = [pack_groups(groups, pad_id, pairs, device), pack_groups(groups, pad_id, pairs, device, decoding),
+               pack_apart(groups, pad_id, device)]
+    return min(layouts, key=lambda packed: decoding_cost(packed, pairs, decoding))
+
+
+def cache_positions(packed: PackedTrees, group: int, steps: int) -> int:
+    """The positions the tree decoder's KV cache holds over ``packed``'s rows: each row's nodes (padded to the
+    widest) and room for ``steps`` tokens of as many rollouts as the fullest row has."""
+    queries = max(Counter(packed.sequence_row).values()) * group
+    return packed.ids.shape[0] * (packed.width + queries * steps)
+
+
 class _TreeDecoder:
     """Prefill the prompts' prefix tree once (a system message shared by several prompts is one
-    set of nodes), then decode every sample as one query token of its prompt's row.
+    set of nodes, where that saves more than their rollouts then pay attending over each other's
+    tokens: ``pack_prompts``), then decode every sample as one query token of its prompt's row.
 
     Sample ``k = b*G + g`` is query slot ``q`` of row ``r`` (the row holding prompt b's tree). It
     sees its prompt's nodes (the prefill mask's row of the prompt's last node) and its own earlier
@@ -139,7 +162,8 @@ class _TreeDecoder:
         self.model, self.pad_id = model, pad_id
         device = prompts[0].device
         packed, _ = pack_for(model, attention, lambda pairs: (
-            pack_groups([(p.tolist(), []) for p in prompts], pad_id, pairs, device), None))
+            pack_prompts([p.tolist() for p in prompts], pad_id, pairs, model.config, group, max_new_tokens, device),
+            None))
         last = torch.stack([nodes[-1] for nodes in packed.sequence_nodes])
         row = torch.tensor(packed.sequence_row, device=device)
         keep = torch.unique(last)

@@ -51,12 +51,12 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         lines.append(state.line(available))
         compute = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
         per_token = cache_per_token(meta, compute)
-        cache = 0 if per_token is None else rollout_cache(
-            per_token, teachers if config.generate_from_teacher else prompts, config)
+        sources = [(e.teacher_ids if config.generate_from_teacher else e.prompt_ids).tolist() for e in encoded]
+        cache = 0 if per_token is None else rollout_cache(per_token, sources, config, meta.config)
         if cache:
             lines.append(f"rollouts: a micro-batch of the {config.per_device_train_batch_size} longest prompts x "
-                         f"{config.num_generations} rollouts of up to {config.max_completion_length} tokens holds a "
-                         f"KV cache of up to {size_text(cache)} ({per_token} bytes a token in {str(compute)[6:]})")
+                         f"{config.num_generations} rollouts of up to {config.max_completion_length} tokens reserves "
+                         f"a KV cache of {size_text(cache)} ({per_token} bytes a token in {str(compute)[6:]})")
         lines += [w for w in [state.warning(available, config, cache)] if w]
     return lines
 

@@ -138,15 +138,21 @@ def cache_per_token(meta_model, dtype: torch.dtype) -> int | None:
     return _bytes(t for layer in layers for t in vars(layer).values() if torch.is_tensor(t))
 
 
-def rollout_cache(per_token: int, prompt_tokens: list[int], config) -> int:
-    """Bytes of the KV cache the rollouts of one micro-batch of the longest prompts hold (``per_token``: what a
-    token adds, ``cache_per_token``): the prompts' prefix tree prefilled once, then every rollout's own
-    tokens (``sdft.rollout.engine``); a flash-attention model copies its prompt's cache to each rollout."""
-    batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
-    longest = sorted(prompt_tokens)[-batch:]
+def rollout_cache(per_token: int, prompts: list[list[int]], config, model_config) -> int:
+    """Bytes of the KV cache the rollouts of one micro-batch of the longest ``prompts`` (token ids) hold
+    (``per_token``: what a token adds, ``cache_per_token``): their rows as the engine packs them under the
+    dense mask (``sdft.rollout.engine.pack_prompts``; FlexAttention's packing on CUDA may share a long
+    prefix more) with room for every rollout; a flash-attention model copies its prompt's cache to each
+    rollout (``model_config``: the model's)."""
+    from sdft.prefix.tree import pairs_per_token
+    from sdft.rollout.engine import cache_positions, pack_prompts
+
+    batch, group, steps = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
+    longest = sorted(prompts, key=len)[-batch:]
     if config.attn_implementation in FLASH:
-        return per_token * len(longest) * group * (max(longest) + length)
-    return per_token * (sum(longest) + len(longest) * group * length)
+        return per_token * len(longest) * group * (max(map(len, longest)) + steps)
+    packed = pack_prompts(longest, 0, pairs_per_token(model_config), model_config, group, steps)  # any pad id
+    return per_token * cache_positions(packed, group, steps)
 
 
 def device_memory(device: torch.device) -> tuple[str, int] | None:

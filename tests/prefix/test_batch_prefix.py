@@ -8,6 +8,8 @@ cache expansion) is of order one. In float32 the same comparison
 is made norm-wise with a bound derived from the arithmetic (see ``_fp32_bound``), independent of
 this machine's SIMD width or thread count.
 """
+from collections import Counter
+
 import pytest
 import torch
 from rollout_groups import each_row_alone as _one_row_at_a_time
@@ -202,6 +204,41 @@ def test_cost_model_keeps_unrelated_long_prompts_apart_and_shared_ones_together(
     system = list(range(1000, 1600))
     shared = [(system + [b], [[1], [2]]) for b in range(3)]
     assert pack_groups(shared, PAD, 3000.0).row_sizes == [600 + 3 * 3]
+
+
+def test_prompts_whose_rollouts_decode_long_share_a_row_only_for_a_long_common_prefix():
+    """A row's rollouts attend over the whole row at every decoding step: prompts sharing a chat template's
+    header decode in rows of their own (even where the block mask would put everything in one tree); a long
+    common system message is still prefilled once when the decoding is short."""
+    from sdft.prefix.tree import Decoding, pack_groups
+
+    header = list(range(1000, 1020))
+    prompts = [(header + [b * 100 + i for i in range(40)], []) for b in range(8)]
+    long_decoding = Decoding(queries=4, steps=1024, pairs=3000.0)
+    assert len(pack_groups(prompts, PAD, float("inf")).row_sizes) == 1
+    assert len(pack_groups(prompts, PAD, float("inf"), decoding=long_decoding).row_sizes) == 8
+    system = [(list(range(1000, 3000)) + [b], []) for b in range(8)]
+    assert pack_groups(system, PAD, float("inf"), decoding=Decoding(4, 24, 3000.0)).row_sizes == [2000 + 8]
+
+
+def test_the_rollout_rows_are_the_cheapest_layout_padding_included():
+    """Rows pad to the fullest row's rollouts: four uneven rows of 16 prompts decode 20 slots a step for 16
+    rollouts, so the engine takes a row per prompt there (16 slots, each over its own prompt only), and one
+    row for prompts under a long common system message whose rollouts are short."""
+    from sdft.prefix.tree import Decoding, decoding_cost, pack_apart, pack_groups
+    from sdft.rollout.engine import pack_prompts
+
+    config = tiny_llama().config
+    header = list(range(1000, 1030))
+    prompts = [header + [b * 100 + i for i in range(8 + b % 3)] for b in range(16)]
+    uneven = pack_groups([(p, []) for p in prompts], PAD, 3000.0, decoding=Decoding(1, 128, 3000.0))
+    assert max(Counter(uneven.sequence_row).values()) * len(uneven.row_sizes) > 16  # padding slots
+    apart = pack_apart([(p, []) for p in prompts], PAD)
+    decoding = Decoding(1, 128, 3000.0)
+    assert decoding_cost(apart, 3000.0, decoding) < decoding_cost(uneven, 3000.0, decoding)
+    assert len(pack_prompts(prompts, PAD, 3000.0, config, 1, 128).row_sizes) == 16
+    system = [list(range(1000, 3000)) + [b] for b in range(8)]
+    assert pack_prompts(system, PAD, 3000.0, config, 2, 8).row_sizes == [2000 + 8]
 
 
 def test_kv_pass_under_gradient_checkpointing_falls_back_to_unshared():

@@ -1,5 +1,6 @@
 """The dry run's memory plan counts the tensors a run really holds: its weights, gradients, optimizer state and
 teacher copy, checked against a one-step run of the same model and settings."""
+import dataclasses
 import json
 
 import pytest
@@ -120,8 +121,8 @@ def test_the_dry_run_prints_the_memory_plan(folder, tmp_path, capsys):
     assert lines[5].startswith(plan.line().split(")")[0] + ")")
     c = SDFTConfig()
     assert lines[6].startswith(f"rollouts: a micro-batch of the {c.per_device_train_batch_size} longest prompts x "
-                               f"{c.num_generations} rollouts of up to {c.max_completion_length} tokens holds a KV "
-                               "cache of up to ")
+                               f"{c.num_generations} rollouts of up to {c.max_completion_length} tokens reserves a "
+                               "KV cache of ")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -143,15 +144,22 @@ def test_the_rollout_cache_is_the_bytes_the_engine_reserves(folder, monkeypatch,
     prompt = torch.tensor(tok("add 12 34")["input_ids"])
     config = SDFTConfig(per_device_train_batch_size=1, num_generations=3, max_completion_length=5)
     engine.HFRolloutEngine(tok).generate(model, [prompt], 3, 5, temperature=1.0)
-    assert reserved == [rollout_cache(cache_per_token(meta_model(str(folder)), dtype), [4, prompt.numel(), 2], config)]
+    per_token = cache_per_token(meta_model(str(folder)), dtype)
+    assert reserved == [rollout_cache(per_token, [[5] * 4, prompt.tolist(), [7, 8]], config, model.config)]
+    prompts = [torch.tensor(tok(text)["input_ids"]) for text in ("add 1 2", "add 12 34 and 56", "add 1 3", "x")]
+    engine.HFRolloutEngine(tok).generate(model, prompts[:3], 3, 5, temperature=1.0)  # the three longest
+    assert reserved[1] == rollout_cache(per_token, [p.tolist() for p in prompts],
+                                        dataclasses.replace(config, per_device_train_batch_size=3), model.config)
 
 
 def test_the_longest_prompts_fill_the_micro_batch_and_flash_copies_each_prompts_cache():
+    model_config = tiny_llama().config
+    prompts = [list(range(100 * b, 100 * b + n)) for b, n in enumerate([5, 30, 20, 7])]  # nothing shared
     tree = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=10)
-    assert rollout_cache(8, [5, 30, 20, 7], tree) == 8 * ((30 + 20) + 2 * 4 * 10)
+    assert rollout_cache(8, prompts, tree, model_config) == 8 * 2 * (30 + 4 * 10)  # a row each, padded
     flash = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=10,
                        attn_implementation="flash_attention_2", tree_attention="auto")
-    assert rollout_cache(8, [5, 30, 20, 7], flash) == 8 * 2 * 4 * (30 + 10)
+    assert rollout_cache(8, prompts, flash, model_config) == 8 * 2 * 4 * (30 + 10)
 
 
 def test_a_rollout_cache_over_what_the_state_leaves_is_said_with_what_shrinks_it():
