@@ -9,9 +9,9 @@ seed (``same_tokens``: their first 8 tokens agree; the layouts round differently
 only the packing differs.
 
 Model: SmolLM2-135M-Instruct (``SDFT_BENCH_MODEL`` or the embedded one, see ``bench_trl.model_dir``); the
-bundled tool-call prompts under the model's chat template, fp32, every rollout ``--steps`` tokens (EOS is
-suppressed for the timing). Each side runs in its own process; the median of ``--reps`` calls after one
-warm-up call.
+bundled tool-call prompts under the model's chat template, fp32 on CPU and bf16 on CUDA, every rollout
+``--steps`` tokens (EOS is suppressed for the timing). Each side runs in its own process; the median of
+``--reps`` calls after one warm-up call.
 
     python benchmarks/bench_rollout_rows.py     # results/rollout_rows_cpu.{json,md}
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.measure import run_in_subprocess, write_report  # noqa: E402
+from benchmarks.measure import run_in_subprocess, sync, write_report  # noqa: E402
 
 
 def run_side(side: str, prompts: int, group: int, steps: int, reps: int) -> dict:
@@ -51,10 +51,14 @@ def run_side(side: str, prompts: int, group: int, steps: int, reps: int) -> dict
         return packed
 
     engine.pack_prompts = recording
-    model, tokenizer = sdft.load_model(model_dir(), torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what a run's rollouts compute in there
+    model, tokenizer = sdft.load_model(model_dir(), dtype)
+    model.to(device)
     rows = load_skill("train")[:prompts]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"][0] for r in rows]
+                                         return_tensors="pt", return_dict=True)["input_ids"][0].to(device)
+           for r in rows]
     rollout = engine.HFRolloutEngine(tokenizer)
     stop = engine.eos_ids
     engine.eos_ids = lambda model_, tokenizer_: {-1}  # no token stops a rollout
@@ -63,6 +67,7 @@ def run_side(side: str, prompts: int, group: int, steps: int, reps: int) -> dict
         torch.manual_seed(0)
         t0 = time.perf_counter()
         batch = rollout.generate(model, ids, group, steps, temperature=1.0)
+        sync(device)
         seconds.append(time.perf_counter() - t0)
     engine.eos_ids = stop
     return {"seconds": statistics.median(seconds[1:]), "all_seconds": seconds, "tokens": batch.num_tokens,
@@ -92,12 +97,16 @@ def main(argv=None):
         print(row, flush=True)
         results.append({**row, "runs": runs})
     table = [{k: v for k, v in r.items() if k != "runs"} for r in results]
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     write_report(args.out, args.stem, "Rollout rows packed for the prefill alone vs for the decoding too",
                  f"{args.prompts} bundled tool-call prompts under SmolLM2's chat template (its default system "
-                 f"message shared), G rollouts of {args.steps} tokens each (no EOS), fp32, dense mask; median "
+                 f"message shared), G rollouts of {args.steps} tokens each (no EOS), "
+                 f"{'bf16' if device.type == 'cuda' else 'fp32'}, dense mask; median "
                  f"seconds of one generate call over {args.reps} calls after a warm-up, each side in its own process.",
                  f"python benchmarks/bench_rollout_rows.py {' '.join(argv or sys.argv[1:])}".strip(),
-                 {"rows": results}, table)
+                 {"rows": results}, table, device=device)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ if [ -n "$DRY" ]; then
   STEP=(--sides sdft trl --steps 2)
   STEP_SETTINGS=(short_g4)
   STEP32=(--settings short_g4 --sides sdft --steps 2)
+  ROWS=(--prompts 4 --groups 2 --steps 8 --reps 1)
 else
   TESTS=(tests/kernels tests/prefix/test_tree_attention.py tests/runtime/test_mixed_precision.py)
   PYTEST_FLAGS=()
@@ -119,6 +120,7 @@ else
   STEP=(--sides trl sdft --steps 4)
   STEP_SETTINGS=(short_g8 long_g8)
   STEP32=(--settings long_g8 --sides sdft --steps 4)
+  ROWS=(--prompts 16 --groups 8 --steps 256 --reps 1)
 fi
 
 # --- 1. correctness on the device: kernels vs float64, flex vs dense (values, gradients), bf16 runs --
@@ -147,5 +149,10 @@ done
 section "our step at fp32" 40 $PY benchmarks/bench_trl.py "${STEP32[@]}" --precision no --out "$RES" \
   --stem trl_step_suite_fp32
 tables "$RES/trl_step_suite_fp32.md"
+
+# --- 5. rollouts over prompt rows packed for the prefill alone vs for the decoding too (last: the least
+# needed; the CPU measured 1.22x / 1.48x at G=1 / 4)
+section "rollout rows" 50 $PY benchmarks/bench_rollout_rows.py "${ROWS[@]}" --out "$RES" --stem rollout_rows_suite
+tables "$RES/rollout_rows_suite.md"
 
 say "suite done in ${SECONDS}s"
