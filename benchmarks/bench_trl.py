@@ -117,18 +117,16 @@ def _plan(config, data, tokenizer) -> dict:
     the rollouts' KV cache), in MiB, to set beside the peak the run reaches: the gap is the activations."""
     from sdft.data.examples import load_examples
     from sdft.run.dry_run import meta_model
-    from sdft.run.memory_plan import cache_per_token, rollout_cache, training_state
+    from sdft.run.memory_plan import rollout_plan, training_state
     from sdft.run.trainer import encode_examples
     from sdft.runtime.parallel import run_device
-    from sdft.runtime.precision import autocast_dtype, compute_precision
 
     device = run_device(config.device)
     meta = meta_model(model_dir())
     state = training_state(meta, config, 1, device)
-    compute = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
     prompts = [e.prompt_ids.tolist() for e in encode_examples(load_examples(data), tokenizer, config)]
-    cache = rollout_cache(cache_per_token(meta, compute) or 0, prompts, config, meta.config)
-    return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": cache / 2**20}
+    cache = rollout_plan(meta, prompts, config, device)
+    return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": (cache.total if cache else 0) / 2**20}
 
 
 def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",

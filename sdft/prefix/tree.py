@@ -140,6 +140,11 @@ class PackedTrees:
         """Real (non-padding) tokens in the pass: what the tree costs in token passes."""
         return sum(self.row_sizes)
 
+    @property
+    def fullest_row(self) -> int:
+        """How many sequences the row holding the most has (every row has that many slots when decoding)."""
+        return max(Counter(self.sequence_row).values())
+
     def visible(self) -> torch.Tensor:
         """[R, 1, T, T] bool: query i sees key j when j is an ancestor of i or i itself."""
         t = self.width
@@ -156,7 +161,7 @@ def decoding_cost(packed: PackedTrees, pairs: float, decoding: Decoding) -> floa
     passes, padding included: every row is as wide as the widest and decodes as many rollout slots as the
     fullest, each slot attending over the whole row at every step."""
     rows, width = packed.ids.shape
-    slots = max(Counter(packed.sequence_row).values()) * decoding.queries
+    slots = packed.fullest_row * decoding.queries
     steps = decoding.steps
     prefill = rows * (width + width * width / pairs)
     decode = rows * slots * steps * (1 + (width + slots * steps / 2) / decoding.pairs)

@@ -10,7 +10,6 @@ the loop ends as soon as every row has finished.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,8 +143,7 @@ def pack_prompts(prompts: list[list[int]], pad_id: int, pairs: float, config, gr
 def cache_positions(packed: PackedTrees, group: int, steps: int) -> int:
     """The positions the tree decoder's KV cache holds over ``packed``'s rows: each row's nodes (padded to the
     widest) and room for ``steps`` tokens of as many rollouts as the fullest row has."""
-    queries = max(Counter(packed.sequence_row).values()) * group
-    return packed.ids.shape[0] * (packed.width + queries * steps)
+    return packed.ids.shape[0] * (packed.width + packed.fullest_row * group * steps)
 
 
 class _TreeDecoder:

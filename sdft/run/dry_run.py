@@ -12,11 +12,10 @@ import torch
 from sdft.data.examples import Example, eval_sets
 from sdft.models.loading import config_folder, load_model, load_tokenizer
 from sdft.models.positions import position_limit
-from sdft.run.memory_plan import cache_per_token, device_memory, rollout_cache, size_text, training_state
+from sdft.run.memory_plan import device_memory, rollout_plan, training_state
 from sdft.run.prepare import parameters_text
 from sdft.run.trainer import encode_examples
 from sdft.runtime.parallel import run_device
-from sdft.runtime.precision import autocast_dtype, compute_precision
 
 
 def dry_run(model, examples: list[Example], eval_examples, config, resume: Path | None,
@@ -49,15 +48,11 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         device = run_device(config.device)
         state, available = training_state(meta, config, processes, device), device_memory(device)
         lines.append(state.line(available))
-        compute = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
-        per_token = cache_per_token(meta, compute)
         sources = [(e.teacher_ids if config.generate_from_teacher else e.prompt_ids).tolist() for e in encoded]
-        cache = 0 if per_token is None else rollout_cache(per_token, sources, config, meta.config)
-        if cache:
-            lines.append(f"rollouts: a micro-batch of the {config.per_device_train_batch_size} longest prompts x "
-                         f"{config.num_generations} rollouts of up to {config.max_completion_length} tokens reserves "
-                         f"a KV cache of {size_text(cache)} ({per_token} bytes a token in {str(compute)[6:]})")
-        lines += [w for w in [state.warning(available, config, cache)] if w]
+        cache = rollout_plan(meta, sources, config, device)
+        if cache is not None and cache.total:
+            lines.append(cache.line(config))
+        lines += [w for w in [state.warning(available, config, cache.total if cache else 0)] if w]
     return lines
 
 

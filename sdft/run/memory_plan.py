@@ -155,6 +155,30 @@ def rollout_cache(per_token: int, prompts: list[list[int]], config, model_config
     return per_token * cache_positions(packed, group, steps)
 
 
+@dataclass(frozen=True)
+class RolloutCache:
+    """The KV cache the rollouts of a micro-batch of the longest prompts reserve (``rollout_plan``)."""
+
+    total: int  # bytes
+    per_token: int  # bytes a token adds
+    dtype: torch.dtype  # what the rollouts compute (and cache) in
+
+    def line(self, config) -> str:
+        return (f"rollouts: a micro-batch of the {config.per_device_train_batch_size} longest prompts x "
+                f"{config.num_generations} rollouts of up to {config.max_completion_length} tokens reserves a KV "
+                f"cache of {size_text(self.total)} ({self.per_token} bytes a token in {str(self.dtype)[6:]})")
+
+
+def rollout_plan(meta_model, prompts: list[list[int]], config, device: torch.device) -> RolloutCache | None:
+    """The rollouts' KV cache for ``prompts`` (token ids) on ``device``, in the dtype they compute in there
+    (autocast's, else the weights'); None where the meta model's cache cannot be read."""
+    dtype = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
+    per_token = cache_per_token(meta_model, dtype)
+    if per_token is None:
+        return None
+    return RolloutCache(rollout_cache(per_token, prompts, config, meta_model.config), per_token, dtype)
+
+
 def device_memory(device: torch.device) -> tuple[str, int] | None:
     """(name, bytes) of the memory a run on ``device`` has: a CUDA device's, or this machine's RAM for the CPU
     (None where it cannot be read)."""
