@@ -69,6 +69,22 @@ def _check_apart(checkpoint: Path, out: Path, base) -> None:
                              "and the checkpoint would read it as its base): choose another folder")
 
 
+def _check_final_model(checkpoint: Path, out: Path) -> None:
+    """An export into a run's ``final_model/`` writes the run's newest checkpoint there (the command a run
+    prints when its final write failed), never an older one over the model the run ended with."""
+    from sdft.run.checkpoint import newest_intact
+    from sdft.run.run_dir import FINAL_MODEL, RECORD_FILE
+
+    run = out.parent
+    if out.name != FINAL_MODEL or not (run / RECORD_FILE).is_file() or not out.is_dir() or not any(out.iterdir()):
+        return
+    newest = newest_intact(run, report=lambda message: None)
+    if newest is None or newest.resolve() != checkpoint.resolve():
+        raise ValueError(f"export target {out} is the model the run in {run} ended with; {checkpoint} is not that "
+                         f"run's newest checkpoint ({newest}), so the export would replace the run's result with "
+                         "other weights: choose another folder")
+
+
 def check_target(out, force: bool = False) -> bool:
     """Refuse (one line) to write over a folder that is not an earlier export: the user's files are
     never wiped. ``force`` writes there anyway, the old folder moved aside, not deleted. True when the
@@ -212,6 +228,7 @@ def export_checkpoint(checkpoint, out, model=None, merge_lora: bool = False, for
     check_checkpoint(checkpoint)
     state = checkpoint_state(path)
     _check_apart(path, out, _base_source(state, model))
+    _check_final_model(path, out)
     check_target(out, force)
     base, tokenizer = _checked_checkpoint_model(path, model, state)
     return export_model(base, tokenizer, out, merge_lora, force)

@@ -129,3 +129,17 @@ def test_a_run_folder_or_a_model_folder_given_as_the_checkpoint_says_what_to_pas
                                          f"checkpoint-N folders \\(the newest is {run / 'checkpoint-2'}\\)$"):
         train(model_dir, ROWS, config)
     assert not (tmp_path / "x").exists() and not (tmp_path / "again" / "metrics.jsonl").exists()
+
+
+def test_an_export_never_replaces_a_runs_final_model_with_an_older_checkpoint(tmp_path, model_dir, capsys):
+    _train(tmp_path, model_dir, save_steps=1)
+    run = tmp_path / "run"
+    final = (run / "final_model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli(["export", str(run / "checkpoint-1"), str(run / "final_model")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdft: error: export target {run / 'final_model'} is the model the run in {run} ended with; "
+        f"{run / 'checkpoint-1'} is not that run's newest checkpoint ({run / 'checkpoint-2'}), so the export would "
+        "replace the run's result with other weights: choose another folder")
+    assert (run / "final_model" / "model.safetensors").read_bytes() == final
+    assert cli(["export", str(run / "checkpoint-2"), str(run / "final_model")]) == 0  # what a failed final write says
