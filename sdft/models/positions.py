@@ -37,6 +37,28 @@ def position_limit(model) -> int | None:
     return _limit(config.to_dict()) if hasattr(config, "to_dict") else None
 
 
+def built_positions(config) -> int | None:
+    """The positions a rotary model was trained for (``max_position_embeddings`` of a transformers ``config``),
+    None for a model with a learned table (``position_limit``: a hard limit) or none given."""
+    if config is None or getattr(config, "model_type", None) in LEARNED_POSITIONS:
+        return None
+    size = getattr(config, "max_position_embeddings", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def past_built_positions(longest_context: int, max_completion_length: int, built: int | None) -> str | None:
+    """A line when the longest context (prompt or teacher context, in tokens) and a whole rollout take more
+    positions than the model was trained for (``built_positions``): rotary positions run past them (no error, as
+    transformers' generate), but the model's outputs there are untrained, and the user should know."""
+    taken = longest_context + max_completion_length - 1  # a generated sequence's last token is never fed
+    if built is None or taken <= built:
+        return None
+    return (f"sdft: the longest context ({longest_context} tokens) and a rollout of max_completion_length="
+            f"{max_completion_length} take {taken} positions, past the {built} the model was trained for "
+            "(max_position_embeddings): rotary positions run on past them, but the model's outputs there are "
+            "untrained; lower max_completion_length unless the model handles longer contexts")
+
+
 def check_room(tokens: int, limit: int | None, where: str, what: str, fix: str) -> None:
     """One line when a pass over ``tokens`` positions (``what`` it holds, of the row ``where``; a generated
     sequence's last token is never fed, so it takes none) goes past ``limit``."""

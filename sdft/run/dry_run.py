@@ -14,7 +14,7 @@ from sdft.models.loading import config_folder, load_model, load_tokenizer
 from sdft.models.positions import position_limit
 from sdft.run.memory_plan import device_memory, rollout_plan, training_state
 from sdft.run.prepare import parameters_text
-from sdft.run.trainer import encode_examples
+from sdft.run.trainer import encode_examples, positions_note
 from sdft.runtime.parallel import run_device
 
 
@@ -53,6 +53,8 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         if cache is not None and cache.total:
             lines.append(cache.line(config))
         lines += [w for w in [state.warning(available, config, cache.total if cache else 0)] if w]
+    note = positions_note(encoded, config.max_completion_length, getattr(meta, "config", None))
+    lines += [note] if note is not None else []
     return lines
 
 

@@ -20,7 +20,7 @@ from sdft.data.templates import teacher_messages
 from sdft.loss.batch import BatchLoss
 from sdft.loss.teacher import Teacher
 from sdft.models import output_layer
-from sdft.models.positions import check_room
+from sdft.models.positions import built_positions, check_room, past_built_positions
 from sdft.prefix.packed import tokens_processed
 from sdft.rollout.checks import check_engine, check_rollouts
 from sdft.rollout.engine import HFRolloutEngine, RolloutEngine
@@ -61,6 +61,14 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
     return encoded
 
 
+def positions_note(encoded, max_completion_length: int, model_config) -> str | None:
+    """``past_built_positions`` for the rows' token ids (``encode_examples``'s; None: not encoded here)."""
+    if not encoded:
+        return None
+    longest = max(max(e.prompt_ids.numel(), e.teacher_ids.numel()) for e in encoded)
+    return past_built_positions(longest, max_completion_length, built_positions(model_config))
+
+
 def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tokenizer=None,
           step_callback=None, engine: RolloutEngine | None = None, eval_scorer=None,
           eval_dataset=None, eval_callback=None) -> TrainResult:
@@ -80,6 +88,9 @@ def train(model=None, dataset=None, config: SDFTConfig | dict | None = None, tok
     if engine is not None:
         check_engine(engine)
     run = prepare(model, dataset, config, tokenizer, eval_scorer, eval_dataset, encode=encode_examples)
+    note = positions_note(run.encoded, run.config.max_completion_length, getattr(run.model, "config", None))
+    if note is not None and run.world.is_main:
+        report_line(note)
     encoded = [EncodedExample(e.prompt_ids.to(run.device), e.teacher_ids.to(run.device)) for e in run.encoded]
     teacher = Teacher(run.model, run.config.teacher_mode, run.config.ema_decay)
     start_runner(run, teacher)

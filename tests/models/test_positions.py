@@ -15,7 +15,7 @@ from sdft.data.chat import chat_ids
 from sdft.data.examples import load_examples
 from sdft.data.templates import teacher_messages
 from sdft.eval.evaluation import evaluate, generate_answers
-from sdft.models.positions import position_limit
+from sdft.models.positions import built_positions, position_limit
 from sdft.run.export import save_hf_folder
 
 ROW = {"prompt": "add 1 2", "demonstration": "3"}
@@ -84,3 +84,16 @@ def test_a_held_out_prompt_past_the_table_is_one_line_before_it_is_answered(tmp_
     heldout.write_text(json.dumps(ROW) + "\n")
     with pytest.raises(ValueError, match="heldout.jsonl:1: the prompt and an answer"):
         evaluate(model, tok, str(heldout), max_new_tokens=48)
+
+
+def test_a_rotary_run_past_the_positions_its_model_was_trained_for_says_so_once(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+    teacher = _teacher_tokens(tok, _config(tmp_path))
+    model.config.max_position_embeddings = teacher + 7
+    train(model, [ROW], _config(tmp_path, max_completion_length=8), tokenizer=tok)  # fills them exactly
+    assert "trained for" not in capsys.readouterr().err
+    train(model, [ROW], _config(tmp_path, max_completion_length=9, output_dir=str(tmp_path / "b")), tokenizer=tok)
+    err = capsys.readouterr().err
+    assert err.count(f"take {teacher + 8} positions, past the {teacher + 7} the model was trained for") == 1
+    assert built_positions(_gpt2(96)[0].config) is None  # a learned table is a hard limit instead
