@@ -57,6 +57,32 @@ TRL_ALIASES = {
 }
 
 
+# names users bring from the HF Trainer (and TRL, torchtune) that sdft spells otherwise: name -> what to set here
+SPELLED_OTHERWISE = {
+    "num_train_epochs": "max_steps, in optimizer steps; `sdft train --dry-run` says how many passes over the rows "
+                        "they make",
+    "epochs": "max_steps, in optimizer steps; `sdft train --dry-run` says how many passes over the rows they make",
+    "bf16": "mixed_precision=bf16",
+    "fp16": "mixed_precision=fp16",
+    "torch_dtype": "dtype",
+    "model_name_or_path": "the --model argument",
+    "dataset_name": "the --data argument",
+    "beta": "divergence=jsd distillation_alpha (GKD's beta)",
+}
+
+
+def unknown_options(unknown: list[str], known) -> str:
+    """One line naming the options SDFTConfig lacks, each with the name it likely meant."""
+    import difflib
+
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+        hint = SPELLED_OTHERWISE.get(name) or (close[0] if close else None)
+        named.append(f"{name} (here: {hint})" if hint else name)
+    return f"unknown SDFTConfig option(s): {', '.join(named)}; `sdft train --help` lists them all"
+
+
 def _translate_aliases(values: dict, text: bool = False) -> dict:
     """Replace TRL's names by ours (CLI text parsed first when ``text``); both given is an error."""
     out = dict(values)
@@ -399,8 +425,7 @@ class SDFTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}; "
-                             "`sdft train --help` lists them all")
+            raise ValueError(unknown_options(unknown, known))
         return cls(**values)
 
     @classmethod
@@ -411,8 +436,7 @@ class SDFTConfig:
         pairs = {k: v for k, v in pairs.items() if k not in TRL_ALIASES}
         unknown = sorted(set(pairs) - set(by_name))
         if unknown:
-            raise ValueError(f"unknown SDFTConfig option(s): {', '.join(unknown)}; "
-                             "`sdft train --help` lists them all")
+            raise ValueError(unknown_options(unknown, by_name))
         clash = sorted(set(aliases) & set(pairs))
         if clash:
             raise ValueError(f"give {clash[0]} or its TRL name, not both")

@@ -43,7 +43,9 @@ def _steps(folder):
     ("share_prefix=maybe", "share_prefix must be true or false"),
     ("divergence=kl", "unknown divergence 'kl'"),
     ("ema_decay=1", "ema_decay must be below 1"),
-    ("lr=1", "unknown SDFTConfig option(s): lr"),
+    ("lr=1", "unknown SDFTConfig option(s): lr;"),
+    ("max_step=1", "unknown SDFTConfig option(s): max_step (here: max_steps);"),
+    ("bf16=true", "unknown SDFTConfig option(s): bf16 (here: mixed_precision=bf16);"),
 ])
 def test_cli_values_are_parsed_by_type_and_checked(text, message, capsys, monkeypatch):
     monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
@@ -555,7 +557,8 @@ def test_a_config_file_or_a_run_folder_gives_the_settings_and_set_overrides_them
     for text, name, message in (("max_steps: [2\n", "bad.yaml", "bad.yaml: not valid YAML"),
                                 ('{"max_steps": 2,}', "bad.json", "bad.json: not valid JSON"),
                                 ("[1]", "list.json", "list.json: a config file holds a mapping"),
-                                ('{"epochs": 3}', "unknown.json", "unknown.json: unknown SDFTConfig option(s): epochs"),
+                                ('{"epochs": 3}', "unknown.json",
+                                 "unknown.json: unknown SDFTConfig option(s): epochs (here: max_steps, in optimizer"),
                                 ('{"max_steps": "x"}', "typed.json", "typed.json: max_steps must be an integer")):
         (tmp_path / name).write_text(text)
         assert cli(["train", "--config", str(tmp_path / name)]) == 2
