@@ -28,10 +28,10 @@ class Evaluator:
     def __init__(self, examples, scorer, max_new_tokens: int, output_dir, write: bool = True, retention=None,
                  loss=None, progress: bool = False):
         self.examples, self.scorer, self.max_new_tokens = examples, scorer, max_new_tokens
-        self.loss = loss  # (model, examples, found) -> the held-out loss (TRL's eval_loss); None: not computed
+        self.loss = loss  # (model, examples, found, progress=) -> the held-out loss (TRL's eval_loss); None: none
         self.retention = retention  # sdft.eval.retention.Retention: scored beside the new skill (None: not)
         self.write = write  # False on the other processes of a sharded run: they only help generate
-        self.progress = progress  # a bar of the answers each evaluation makes (they can take minutes)
+        self.progress = progress  # a bar of the rows each evaluation answers and scores (they can take minutes)
         self.path = Path(output_dir) / self.FILE
         self.records = self._read()
 
@@ -48,12 +48,13 @@ class Evaluator:
     def __call__(self, model, tokenizer, step: int) -> dict:
         record, sets = {"step": step}, eval_sets(self.examples)
         kept = len(self.retention.examples or ()) if self.retention is not None else 0
-        with tqdm(total=sum(map(len, sets.values())) + kept, desc=f"evaluation at step {step}", unit="answer",
-                  leave=False, disable=not self.progress) as bar:
+        held_out = sum(map(len, sets.values())) * (2 if self.loss is not None else 1)  # answered, then the loss
+        with tqdm(total=held_out + kept, desc=f"evaluation at step {step}", unit="row", leave=False,
+                  disable=not self.progress) as bar:
             for name, examples in sets.items():
                 found = evaluate(model, tokenizer, examples, self.scorer, self.max_new_tokens, progress=bar.update)
                 if self.loss is not None:
-                    found["loss"] = self.loss(model, examples, found)
+                    found["loss"] = self.loss(model, examples, found, progress=bar.update)
                 record.update({f"{name}_{k}" if name else k: v for k, v in found.items()})
             if self.retention is not None:
                 record.update(retention.score(model, tokenizer, self.retention, progress=bar.update))

@@ -43,9 +43,11 @@ class HeldOutLoss:
             self._encoded[id(examples)] = kept
         return self._encoded[id(examples)]
 
-    def __call__(self, model, examples, found=None) -> float:
+    def __call__(self, model, examples, found=None, progress=lambda rows: None) -> float:
+        """``progress(rows)``: called as rows are scored (a progress bar's ``update``)."""
         config = self.run.config
         encoded = self.encoded(examples)
+        progress(len(examples) - len(encoded))  # the rows left out
         devices = [self.run.device] if self.run.device.type == "cuda" else []
         if not encoded:
             return math.nan
@@ -66,12 +68,14 @@ class HeldOutLoss:
                                            self.run.tokenizer.pad_token_id)
                     total += float(loss)
                     count += self.batch_loss.normaliser(batch)
+                    progress(len(chosen))
         finally:
             model.train(was_training)
         return total / max(count, 1)
 
 
-def cross_entropy(model, examples, found) -> float:
+def cross_entropy(model, examples, found, progress=lambda rows: None) -> float:
     """The SFT baseline's held-out loss, as TRL's SFTTrainer's eval_loss: the mean token cross-entropy of the
     demonstrations given their prompts, the log of the perplexity the evaluation measured."""
+    progress(len(examples))
     return math.log(found["perplexity"])

@@ -113,8 +113,8 @@ def run_steps(run: Run, step_fn, teacher=None, step_callback=None, desc="sdft", 
     """The optimizer loop shared by SDFT and the SFT baseline: resume, steps, metrics, checkpoints.
 
     ``step_fn(optimizer, step)`` runs one optimizer step and returns its metrics record. ``teacher``
-    (SDFT only; None for SFT) is checkpointed and restored with the model. ``eval_loss(model, examples, found)``:
-    the held-out loss each evaluation adds (SDFT's; not under FSDP2).
+    (SDFT only; None for SFT) is checkpointed and restored with the model. ``eval_loss(model, examples, found,
+    progress=)``: the held-out loss each evaluation adds (SDFT's; not under FSDP2).
     """
     try:
         return _run_steps(run, step_fn, teacher, step_callback, desc, eval_callback, eval_loss)

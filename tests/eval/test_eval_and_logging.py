@@ -306,8 +306,9 @@ def test_metrics_are_written_every_logging_steps_and_the_first_step_when_asked(t
     assert logged == steps
 
 
-def test_each_evaluation_shows_a_bar_of_its_answers(tmp_path, capsys):
-    """Held-out rows and the retention rows together: an evaluation can take minutes, and says so as it goes."""
+def test_each_evaluation_shows_a_bar_of_its_answers_and_its_held_out_loss(tmp_path, capsys):
+    """Held-out rows (answered, then scored for the loss) and the retention rows together: an evaluation can
+    take minutes, and says so as it goes."""
     tok = tiny_tokenizer()
     keep = tmp_path / "keep.jsonl"
     keep.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
@@ -316,7 +317,8 @@ def test_each_evaluation_shows_a_bar_of_its_answers(tmp_path, capsys):
                         retention_data=str(keep), retention_text="")
     train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS)
     err = capsys.readouterr().err
-    assert "evaluation at step 0:" in err and "evaluation at step 1:" in err and "/5 [" in err  # 3 held out + 2 kept
+    assert "evaluation at step 0:" in err and "evaluation at step 1:" in err
+    assert "8/8 [" in err  # 3 held-out rows answered, then their loss, and 2 kept
     config = SDFTConfig(**{**config.to_dict(), "progress_bar": False, "output_dir": str(tmp_path / "quiet")})
     train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok, eval_dataset=ROWS)
     assert "evaluation at step" not in capsys.readouterr().err
