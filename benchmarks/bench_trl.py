@@ -113,9 +113,11 @@ def _summary(seconds: list[float], extra: dict) -> dict:
 
 
 def _plan(config, data, tokenizer) -> dict:
-    """The dry run's memory plan for this run (``sdft.run.memory_plan``: training state before activations, and
-    the rollouts' KV cache), in MiB, to set beside the peak the run reaches: the gap is the activations."""
+    """The dry run's memory plan for this run (``sdft.run.memory_plan``: training state before activations, the
+    rollouts' KV cache, and the scoring pass's activations, ``sdft.run.activation_plan``), in MiB, to set beside
+    the peak the run reaches."""
     from sdft.data.examples import load_examples
+    from sdft.run.activation_plan import scoring_plan
     from sdft.run.dry_run import meta_model
     from sdft.run.memory_plan import rollout_plan, training_state
     from sdft.run.trainer import encode_examples
@@ -126,7 +128,9 @@ def _plan(config, data, tokenizer) -> dict:
     state = training_state(meta, config, 1, device)
     prompts = [e.prompt_ids.tolist() for e in encode_examples(load_examples(data), tokenizer, config)]
     cache = rollout_plan(meta, prompts, config, device)
-    return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": (cache.total if cache else 0) / 2**20}
+    scoring = scoring_plan(meta, prompts, config, device)
+    return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": (cache.total if cache else 0) / 2**20,
+            "plan_scoring_mib": (scoring.total if scoring else 0) / 2**20}
 
 
 def run_sdft(setting: str, group: int, prompts: int, steps: int, method: str = "sdft",
@@ -275,8 +279,9 @@ def main(argv=None):
             if "trl" in r and ours in r:
                 line[f"{ours}_speedup_vs_trl"] = r["trl"]["seconds_per_step"] / r[ours]["seconds_per_step"]
                 line[f"{ours}_memory_vs_trl"] = r[ours]["peak_memory_mib"] / r["trl"]["peak_memory_mib"]
-        if "sdft" in r and "plan_state_mib" in r["sdft"]:  # the dry run's plan, before the scoring activations
-            line["sdft_plan_mib"] = r["sdft"]["plan_state_mib"] + r["sdft"]["plan_rollout_cache_mib"]
+        if "sdft" in r and "plan_state_mib" in r["sdft"]:  # the dry run's plan: state + the larger transient
+            line["sdft_plan_mib"] = r["sdft"]["plan_state_mib"] + max(r["sdft"]["plan_rollout_cache_mib"],
+                                                                      r["sdft"].get("plan_scoring_mib", 0))
         if "sdft" in r and r["sdft"].get("tokens_processed"):
             line["sdft_token_passes_vs_unshared"] = (r["sdft"]["tokens_processed"]
                                                      / r["sdft"]["tokens_processed_unshared"])

@@ -12,6 +12,7 @@ import torch
 from sdft.data.examples import Example, eval_sets
 from sdft.models.loading import config_folder, load_model, load_tokenizer
 from sdft.models.positions import position_limit
+from sdft.run.activation_plan import scoring_plan
 from sdft.run.memory_plan import device_memory, rollout_plan, training_state
 from sdft.run.prepare import parameters_text
 from sdft.run.trainer import encode_examples, positions_note
@@ -52,7 +53,11 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         cache = rollout_plan(meta, sources, config, device)
         if cache is not None and cache.total:
             lines.append(cache.line(config))
-        lines += [w for w in [state.warning(available, config, cache.total if cache else 0)] if w]
+        scoring = scoring_plan(meta, [e.prompt_ids.tolist() for e in encoded], config, device)
+        if scoring is not None:
+            lines.append(scoring.line(config))
+        lines += [w for w in [state.warning(available, config, cache.total if cache else 0,
+                                            scoring.total if scoring else 0)] if w]
     note = positions_note(encoded, config.max_completion_length, getattr(meta, "config", None))
     lines += [note] if note is not None else []
     return lines

@@ -9,9 +9,9 @@ Beside it, the largest transient: the rollouts' KV cache for the micro-batch of 
 (``rollout_cache``), whose bytes per token come from a one-token pass of the meta model, so every
 architecture's own cache (grouped-query heads, sliding windows) is counted as it is built.
 
-Not counted: the other activations (the scoring passes and their backward, which
-``gradient_checkpointing`` and smaller ``per_device_train_batch_size`` x ``num_generations`` x
-``max_completion_length`` cut), FSDP2's gathered block, the CUDA context, and the state of an optimizer
+After the rollouts, the scoring pass's activations (``sdft.run.activation_plan``), counted the same way.
+
+Not counted: FSDP2's gathered block, the CUDA context, the backward's transients, and the state of an optimizer
 that cannot step on the meta device (bitsandbytes': named as not counted)."""
 from __future__ import annotations
 
@@ -60,16 +60,20 @@ class TrainingState:
             text += f" of {available[0]}'s {size_text(available[1])}"
         return text
 
-    def warning(self, available: tuple[str, int] | None, config, cache: int = 0) -> str | None:
-        """One line when the state alone, or with the rollouts' KV cache (``cache`` bytes), does not fit
-        ``available``, naming the switches that shrink what is over."""
-        if available is None or self.total + cache <= available[1]:
+    def warning(self, available: tuple[str, int] | None, config, cache: int = 0, activations: int = 0) -> str | None:
+        """One line when the state alone, or with the step's largest transient (the rollouts' KV cache,
+        ``cache`` bytes, or the scoring pass's ``activations``: one is freed before the other is made), does not
+        fit ``available``, naming the switches that shrink what is over."""
+        if available is None or self.total + max(cache, activations) <= available[1]:
             return None
         if self.total <= available[1]:
-            return (f"sdft: the run would not fit: its training state ({size_text(self.total)}) and the rollouts' "
-                    f"KV cache ({size_text(cache)}) take more than {available[0]}'s {size_text(available[1])}; "
-                    "a smaller per_device_train_batch_size, num_generations or max_completion_length shrinks the cache "
-                    "(gradient_accumulation_steps keeps the step's prompts)")
+            what, it = ("the rollouts' KV cache", "the cache") if cache >= activations else (
+                "the scoring pass's activations", "them")
+            also = "; so does gradient_checkpointing=true" if it == "them" and not config.gradient_checkpointing else ""
+            return (f"sdft: the run would not fit: its training state ({size_text(self.total)}) and {what} "
+                    f"({size_text(max(cache, activations))}) take more than {available[0]}'s "
+                    f"{size_text(available[1])}; a smaller per_device_train_batch_size, num_generations or "
+                    f"max_completion_length shrinks {it} (gradient_accumulation_steps keeps the step's prompts){also}")
         fixes = [s for s, off in (("use_lora=true", not config.use_lora),
                                   ("dtype=bfloat16", config.dtype == "float32"),
                                   ("parallel=fsdp over several processes", config.parallel != "fsdp"),
@@ -169,10 +173,16 @@ class RolloutCache:
                 f"cache of {size_text(self.total)} ({self.per_token} bytes a token in {str(self.dtype)[6:]})")
 
 
+def compute_dtype(config, device: torch.device) -> torch.dtype:
+    """What a run computes (and caches, and saves for its backward) in on ``device``: autocast's, else the
+    weights'."""
+    return autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
+
+
 def rollout_plan(meta_model, prompts: list[list[int]], config, device: torch.device) -> RolloutCache | None:
     """The rollouts' KV cache for ``prompts`` (token ids) on ``device``, in the dtype they compute in there
-    (autocast's, else the weights'); None where the meta model's cache cannot be read."""
-    dtype = autocast_dtype(compute_precision(config.mixed_precision, device)) or getattr(torch, config.dtype)
+    (``compute_dtype``); None where the meta model's cache cannot be read."""
+    dtype = compute_dtype(config, device)
     per_token = cache_per_token(meta_model, dtype)
     if per_token is None:
         return None

@@ -123,6 +123,17 @@ def test_the_dry_run_prints_the_memory_plan(folder, tmp_path, capsys):
     assert lines[6].startswith(f"rollouts: a micro-batch of the {c.per_device_train_batch_size} longest prompts x "
                                f"{c.num_generations} rollouts of up to {c.max_completion_length} tokens reserves a "
                                "KV cache of ")
+    assert lines[7].startswith("scoring: the student's pass over that micro-batch (")
+
+
+def test_activations_over_what_the_state_leaves_are_said_with_what_cuts_them():
+    plan = TrainingState((("weights", 2 * 2**30),))
+    assert plan.warning(("cuda:0", 4 * 2**30), SDFTConfig(), cache=2**30, activations=2**31) is None
+    assert plan.warning(("cuda:0", 4 * 2**30), SDFTConfig(), cache=2**30, activations=3 * 2**30) == (
+        "sdft: the run would not fit: its training state (2.00 GiB) and the scoring pass's activations (3.00 GiB) "
+        "take more than cuda:0's 4.00 GiB; a smaller per_device_train_batch_size, num_generations or "
+        "max_completion_length shrinks them (gradient_accumulation_steps keeps the step's prompts); so does "
+        "gradient_checkpointing=true")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

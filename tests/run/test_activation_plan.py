@@ -1,0 +1,75 @@
+"""The dry run's activation count is the bytes the student's real scoring pass saves for its backward: the
+meta model's count against the real pass through sdft's own tree code on this CPU (fp32, LoRA, gradient
+checkpointing, a model with grouped-query heads)."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdft import SDFTConfig
+from sdft.models import decoder_of
+from sdft.models.lora import LoraSettings, apply_lora
+from sdft.models.parts import enable_checkpointing
+from sdft.prefix.packed import context_hidden
+from sdft.run.activation_plan import scoring_plan
+
+PROMPTS = [list(range(3, 40)), list(range(50, 70)) + list(range(3, 20))]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def _real_saved(model, config) -> int:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+        return _saved(model, config)
+
+
+def _saved(model, config) -> int:
+    """Bytes autograd saves during the real student pass over the micro-batch (each storage once, weights
+    left out), and its output."""
+    g, length = config.num_generations, config.max_completion_length
+    completions = torch.arange(len(PROMPTS) * g * length).reshape(-1, length) % 250 + 5
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        hidden = context_hidden(decoder_of(model), [torch.tensor(p) for p in PROMPTS], completions,
+                                torch.ones_like(completions, dtype=torch.bool), 0, None, True)
+    return sum(seen.values()) + hidden.numel() * hidden.element_size()
+
+
+@pytest.mark.parametrize("change", [{}, {"use_lora": True}, {"gradient_checkpointing": True},
+                                    {"mixed_precision": "bf16"}])
+def test_the_count_is_what_the_real_scoring_pass_saves(change):
+    config = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=24, device="cpu",
+                        **change)
+    with torch.device("meta"):
+        meta = _model()
+    plan = scoring_plan(meta, PROMPTS, config, torch.device("cpu"))
+    model = _model().train()
+    if config.use_lora:
+        model = apply_lora(model, LoraSettings.from_config(config))
+    full = _real_saved(model, config)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+        real = _real_saved(model, config) + full // 3  # one layer recomputes at a time
+    else:
+        real = full
+    assert plan.checkpointed == config.gradient_checkpointing
+    size = 2 if config.mixed_precision == "bf16" else 4
+    assert plan.teacher == 8 * 24 * 64 * size  # the teacher's states
+    saved_masks = plan.mask - plan.rows * plan.width ** 2  # a float copy of the bool mask in each layer
+    layers = 1 if config.gradient_checkpointing else 3  # checkpointing: only in the layer recomputing
+    assert saved_masks == layers * plan.rows * plan.width ** 2 * size
+    low, high = (1.0, 1.2) if config.mixed_precision == "bf16" else (0.95, 1.05)  # autocast emulated: over
+    assert low < (plan.saved + saved_masks) / real < high, (plan.saved + saved_masks, real)
