@@ -5,14 +5,14 @@ Counted, not modelled: the meta model (with the run's dtype, LoRA and gradient c
 over a packed micro-batch of the longest prompts, each followed by ``num_generations`` distinct rollouts of
 ``max_completion_length`` tokens, and every tensor autograd saves is summed once (``saved_tensors_hooks``).
 Attention saves what the memory-efficient kernels save (queries, keys and values, heads repeated as SDPA takes
-them, the output and a log-sum-exp row), not a ``[heads x N x N]`` matrix; eager attention's probabilities are
-added where the model uses it. Under the dense tree mask SDPA also saves, in every layer, the mask as an additive
-``[rows, 1, width, width]`` tensor in the compute dtype: that quadratic part is added from the packing, and it is
-what the block mask (FlexAttention, on CUDA) removes. Autocast is emulated on the meta device (matrix products
-in bf16, each trainable weight cast once). On this CPU the count came within 5% of the bytes the real pass saves
-in fp32, with LoRA and with gradient checkpointing, and about 10% over under bf16 autocast
-(``tests/run/test_activation_plan.py``). Not counted: the backward's own transients (about one layer's
-activations).
+them, the output and a log-sum-exp row), not a ``[heads x N x N]`` matrix; a model on eager attention runs
+eager's products and keeps its probabilities. Under the dense tree mask SDPA also saves, in every layer, the
+mask as an additive ``[rows, 1, width, width]`` tensor in the compute dtype: that quadratic part is added from
+the packing, and it is what the block mask (FlexAttention, on CUDA) removes. Autocast is emulated on the meta
+device (matrix products in bf16, each trainable weight cast once). On this CPU the count came within 5% of the
+bytes the real pass saves in fp32, with LoRA, with gradient checkpointing and on eager attention, 10% over
+(SmolLM2-135M) under bf16 autocast (``tests/run/test_activation_plan.py``). Not counted: the backward's own
+transients (about one layer's activations).
 """
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # SDPA under a tree mask takes them repeated
-    out = _SavedByAttention.apply(query, key, value)
-    if getattr(module.config, "_sdft_counted_from", None) == "eager":  # eager keeps the probabilities too
-        probabilities = query.new_empty(*query.shape[:-1], key.shape[-2])
-        out = out + (probabilities.sum(-1, keepdim=True) * 0)
+    if getattr(module.config, "_sdft_counted_from", None) == "eager":  # eager's own products and probabilities
+        scores = torch.matmul(query, key.transpose(2, 3))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
+    else:
+        out = _SavedByAttention.apply(query, key, value)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -186,6 +187,7 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     completions = min(len(prompts), config.per_device_train_batch_size) * config.num_generations
     teacher = completions * config.max_completion_length * hidden * torch.empty((), dtype=dtype).element_size()
     dense = config.share_prefix and not (device.type == "cuda" and config.tree_attention != "dense")
-    copies = 1 if config.gradient_checkpointing else meta_model.config.get_text_config().num_hidden_layers
+    eager = meta_model.config._attn_implementation == "eager"  # one additive mask for every layer
+    copies = 1 if config.gradient_checkpointing or eager else meta_model.config.get_text_config().num_hidden_layers
     mask = rows * width * width * (1 + copies * torch.empty((), dtype=dtype).element_size()) if dense else 0
     return ScoringActivations(total, teacher, mask, rows, width, config.gradient_checkpointing)

@@ -15,11 +15,11 @@ from sdft.run.activation_plan import scoring_plan
 PROMPTS = [list(range(3, 40)), list(range(50, 70)) + list(range(3, 20))]
 
 
-def _model(seed=0):
+def _model(seed=0, attention="sdpa"):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation="sdpa")
+                         attn_implementation=attention)
     return LlamaForCausalLM(config)
 
 
@@ -73,3 +73,16 @@ def test_the_count_is_what_the_real_scoring_pass_saves(change):
     assert saved_masks == layers * plan.rows * plan.width ** 2 * size
     low, high = (1.0, 1.2) if config.mixed_precision == "bf16" else (0.95, 1.05)  # autocast emulated: over
     assert low < (plan.saved + saved_masks) / real < high, (plan.saved + saved_masks, real)
+
+
+def test_an_eager_model_counts_its_attention_probabilities():
+    config = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=24, device="cpu")
+    with torch.device("meta"):
+        meta = _model(attention="eager")
+    plan = scoring_plan(meta, PROMPTS, config, torch.device("cpu"))
+    assert plan.mask == plan.rows * plan.width ** 2 * (1 + 4)  # the bool mask, and one additive copy for all layers
+    real = _real_saved(_model(attention="eager").train(), config)
+    assert 0.95 < plan.saved / real < 1.05, (plan.saved, real)
+    sdpa = scoring_plan(_model(attention="sdpa").to("meta"), PROMPTS, config, torch.device("cpu"))
+    probabilities = 3 * plan.rows * 8 * plan.width ** 2 * 4  # [heads x width x width] in every layer
+    assert 0.95 < (plan.saved - sdpa.saved) / probabilities < 1.05
