@@ -566,7 +566,12 @@ def parse_text(f, text: str):
         except ValueError:
             raise ValueError(f"{name} must be a number, got {text!r}") from None
     if kind == "list[str]":
-        return [part.strip() for part in text.split(",") if part.strip()]
+        if text.strip().startswith("["):  # a JSON list, as a config file writes it
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"{name} must be names separated by commas or a JSON list, got {text!r}") from None
+        return [part.strip().strip("'\"") for part in text.split(",") if part.strip()]
     if kind == "json":
         return parse_template_kwargs(name, text)
     if kind == "kwargs":

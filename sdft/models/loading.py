@@ -52,6 +52,18 @@ def config_folder(model=None) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def meta_model(model):
+    """``model`` (None, a path or a Hub id) built on the meta device from its config.json, in float32 as its
+    config builds it (nothing is allocated); None for a .gguf."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = config_folder(model)
+    if folder is None:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
 def _cache_version(cache: Path) -> str | None:
     """The transformers version that wrote the cache (its config.json's), None when unreadable."""
     try:

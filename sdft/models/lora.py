@@ -34,10 +34,26 @@ def apply_lora(model, settings: LoraSettings):
     """``model`` wrapped with peft adapters as ``settings`` asks."""
     from peft import LoraConfig, get_peft_model
 
+    check_targets(model, settings.target_modules)
     lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=lora_targets(settings.target_modules), task_type="CAUSAL_LM")
     with quiet_peft():
         return get_peft_model(model, lora)
+
+
+def check_targets(model, names) -> None:
+    """One line naming the ``lora_target_modules`` that match no linear layer of ``model`` (a meta model will
+    do: only names are read), with the names its linear layers have."""
+    import torch
+
+    if lora_targets(names) in (None, "all-linear"):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and "." in name})
+    missing = [n for n in names if not any(full == n or full.endswith("." + n) for full, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"lora_target_modules {', '.join(missing)}: no such layer in the model; its linear layers "
+                         f"are {', '.join(linear)} (or all-linear, or auto: peft's default for its family)")
 
 
 @contextlib.contextmanager

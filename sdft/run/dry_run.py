@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sdft.data.examples import Example, eval_sets
-from sdft.models.loading import config_folder, load_model, load_tokenizer
+from sdft.models.loading import load_model, load_tokenizer, meta_model
 from sdft.models.positions import position_limit
 from sdft.run.activation_plan import scoring_plan
 from sdft.run.memory_plan import device_memory, rollout_plan, training_state
@@ -61,18 +61,6 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
     note = positions_note(encoded, config.max_completion_length, getattr(meta, "config", None))
     lines += [note] if note is not None else []
     return lines
-
-
-def meta_model(model):
-    """``model`` (None, a path or a Hub id) built on the meta device from its config.json, in float32 as its
-    config builds it (nothing is allocated); None for a .gguf."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = config_folder(model)
-    if folder is None:
-        return None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def model_line(model, meta, dtype: str) -> str:

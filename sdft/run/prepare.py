@@ -17,8 +17,8 @@ from sdft.eval.scorers import get_scorer
 from sdft.models import enable_checkpointing, load_model
 from sdft.models.attention import use_implementation
 from sdft.models.head import verify_head
-from sdft.models.loading import is_embedded, load_tokenizer, model_source
-from sdft.models.lora import LoraSettings, adapters_of, apply_lora
+from sdft.models.loading import is_embedded, load_tokenizer, meta_model, model_source
+from sdft.models.lora import LoraSettings, adapters_of, apply_lora, check_targets
 from sdft.models.positions import position_limit
 from sdft.models.vocabulary import check_vocabulary, embedding_rows
 from sdft.run.errors import OutOfMemory
@@ -143,7 +143,24 @@ def check_run(model, dataset, config, tokenizer=None, eval_dataset=None, report=
     model = resume_base(model, resume)
     check_model_folder(model)
     check_run_model(config, resume, model, evaluating=evaluating, report=report)
+    if config.use_lora:
+        check_lora_layers(model, config.lora_target_modules)
     return Checked(config, model, examples, eval_examples, kept, resume)
+
+
+def check_lora_layers(model, names) -> None:
+    """``lora_target_modules`` name layers the model has: read from its config (on the meta device) before its
+    weights load, or from the model object (one that carries adapters already keeps them)."""
+    if isinstance(model, torch.nn.Module):
+        if not adapters_of(model):
+            check_targets(model, names)
+        return
+    try:
+        meta = meta_model(model)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError):  # loading says why, in one line
+        return
+    if meta is not None:
+        check_targets(meta, names)
 
 
 def prepare(model, dataset, config, tokenizer, eval_scorer=None, eval_dataset=None, encode=None) -> Run:

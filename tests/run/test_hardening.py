@@ -131,6 +131,10 @@ def test_cli_lists_and_parses_typed_values(capsys):
                                       "learning_rate": "3e-4", "use_lora": "true", "output_dir": "123"})
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.max_steps == 7
     assert config.use_lora is True and config.output_dir == "123" and config.learning_rate == 3e-4
+    for text in ('["q_proj", "v_proj"]', "'q_proj','v_proj'", '"q_proj", "v_proj"'):  # as a config file quotes them
+        assert SDFTConfig.from_strings({"lora_target_modules": text}).lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="names separated by commas or a JSON list"):
+        SDFTConfig.from_strings({"lora_target_modules": '["q_proj",'})
     with pytest.raises(SystemExit):
         cli(["train", "--help"])
     help_text = capsys.readouterr().out
@@ -180,6 +184,24 @@ def test_bad_paths_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
         assert cli(["train", "--no-eval", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+
+
+def test_lora_targets_the_model_lacks_are_one_line_naming_its_layers_before_the_weights_load(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
+    monkeypatch.setattr(sdft.models, "load_model", _no_model_load)
+    message = ("lora_target_modules qkv: no such layer in the model; its linear layers are down_proj, gate_proj, "
+               "k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear, or auto: peft's default for its family)")
+    assert cli(["train", "--no-eval", "--model", str(folder), "--set", f"output_dir={tmp_path / 'run'}",
+                "use_lora=true", "lora_target_modules=q_proj,qkv"]) == 2
+    assert capsys.readouterr().err.strip() == f"sdft: error: {message}"
+    config = SDFTConfig(**{**BASE, "output_dir": str(tmp_path / "obj"), "use_lora": True,
+                           "lora_target_modules": ["qkv"]})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(tiny_llama(vocab=len(tok)), ROWS, config, tokenizer=tok)  # a model object: the same line
 
 
 def test_a_checkpoint_or_run_folder_given_as_the_model_says_what_to_pass(tmp_path, capsys):
