@@ -11,8 +11,8 @@ mask as an additive ``[rows, 1, width, width]`` tensor in the compute dtype: tha
 the packing, and it is what the block mask (FlexAttention, on CUDA) removes. Autocast is emulated on the meta
 device (matrix products in bf16, each trainable weight cast once). On this CPU the count came within 5% of the
 bytes the real pass saves in fp32, with LoRA, with gradient checkpointing and on eager attention, 10% over
-(SmolLM2-135M) under bf16 autocast (``tests/run/test_activation_plan.py``). Not counted: the backward's own
-transients (about one layer's activations).
+(SmolLM2-135M) under bf16 autocast (``tests/run/test_activation_plan.py``). The backward's own transients (the
+gradients of the layer it is in) are taken as one more layer's activations.
 """
 from __future__ import annotations
 
@@ -114,13 +114,14 @@ class ScoringActivations:
     saved: int  # bytes the student's pass saves for its backward, its final states included
     teacher: int  # bytes of the teacher's final states, kept for the loss
     mask: int  # bytes of the dense tree mask and the additive copy SDPA saves in each layer (none: block mask)
+    backward: int  # the backward's transients, taken as one layer's activations (its gradients as it runs)
     rows: int  # the student's pass: packed rows of ``width`` slots
     width: int
     checkpointed: bool
 
     @property
     def total(self) -> int:
-        return self.saved + self.teacher + self.mask
+        return self.saved + self.teacher + self.mask + self.backward
 
     def line(self, config) -> str:
         from sdft.run.memory_plan import size_text
@@ -173,8 +174,9 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
         autocast = _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
         with autocast:
             total = saved_bytes(model, rows, width)  # autocast's weight casts among them
+        layers = model.config.get_text_config().num_hidden_layers
+        backward = total // layers
         if config.gradient_checkpointing:  # the layers' inputs, and one layer's activations as it recomputes
-            layers = model.config.get_text_config().num_hidden_layers
             enable_checkpointing(model)
             autocast = _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
             with autocast:
@@ -190,4 +192,4 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     eager = meta_model.config._attn_implementation == "eager"  # one additive mask for every layer
     copies = 1 if config.gradient_checkpointing or eager else meta_model.config.get_text_config().num_hidden_layers
     mask = rows * width * width * (1 + copies * torch.empty((), dtype=dtype).element_size()) if dense else 0
-    return ScoringActivations(total, teacher, mask, rows, width, config.gradient_checkpointing)
+    return ScoringActivations(total, teacher, mask, backward, rows, width, config.gradient_checkpointing)

@@ -11,7 +11,7 @@ architecture's own cache (grouped-query heads, sliding windows) is counted as it
 
 After the rollouts, the scoring pass's activations (``sdft.run.activation_plan``), counted the same way.
 
-Not counted: FSDP2's gathered block, the CUDA context, the backward's transients, and the state of an optimizer
+Not counted: FSDP2's gathered block, the CUDA context, and the state of an optimizer
 that cannot step on the meta device (bitsandbytes': named as not counted)."""
 from __future__ import annotations
 
