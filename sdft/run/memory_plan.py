@@ -11,8 +11,10 @@ architecture's own cache (grouped-query heads, sliding windows) is counted as it
 
 After the rollouts, the scoring pass's activations (``sdft.run.activation_plan``), counted the same way.
 
-Not counted: FSDP2's gathered block, the CUDA context, and the state of an optimizer
-that cannot step on the meta device (bitsandbytes': named as not counted)."""
+bitsandbytes' optimizers cannot step on the meta device: their state comes from their layout.
+
+Not counted: FSDP2's gathered block, the CUDA context, and the state of another optimizer that cannot step on
+the meta device (named as not counted)."""
 from __future__ import annotations
 
 import copy
@@ -109,11 +111,40 @@ def training_state(meta_model, config, processes: int, device: torch.device) -> 
     return TrainingState(tuple(parts), "" if optimizer is not None else f"optim={config.optim}'s state")
 
 
+# bitsandbytes' optimizers by their HF Trainer names: (states a value, bits a state), for ``bitsandbytes_state``
+BITSANDBYTES = {
+    **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"), (2, 8)),
+    **dict.fromkeys(("paged_adamw_32bit", "paged_adamw"), (2, 32)),
+    **dict.fromkeys(("lion_8bit", "paged_lion_8bit", "rmsprop_bnb_8bit"), (1, 8)),
+    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "rmsprop_bnb", "rmsprop_bnb_32bit"), (1, 32)),
+}
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps a smaller tensor's state in 32 bits
+BNB_BLOCK = 2048  # values per block of a blockwise 8-bit state, each block with one float32 absmax
+
+
+def bitsandbytes_state(name: str, params) -> int | None:
+    """Bytes of the state bitsandbytes' optimizer ``name`` keeps for ``params``, from its layout (its kernels do
+    not run on the meta device): per state, 4 bytes a value for 32-bit states and tensors under 4096 values, else
+    one byte a value and a float32 absmax per block of 2048. None for a name not in ``BITSANDBYTES``."""
+    if name not in BITSANDBYTES:
+        return None
+    states, bits = BITSANDBYTES[name]
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += states * (4 * n if bits == 32 or n < BNB_MIN_8BIT else n + 4 * -(-n // BNB_BLOCK))
+    return total
+
+
 def optimizer_state(meta_model, settings: OptimizerSettings) -> tuple[str, int] | None:
     """(the optimizer's class name, the bytes of its state) once the run's optimizer has taken one step over
-    ``meta_model``'s trainable parameters on the meta device (state appears at the first step); None for an
-    optimizer that cannot step there (bitsandbytes' kernels need a GPU)."""
+    ``meta_model``'s trainable parameters on the meta device (state appears at the first step); bitsandbytes'
+    (whose kernels need a GPU) from its layout (``bitsandbytes_state``); None for another optimizer that cannot
+    step there."""
     params = [p for p in meta_model.parameters() if p.requires_grad]
+    layout = bitsandbytes_state(settings.name, params)
+    if layout is not None:
+        return f"{settings.name} (bitsandbytes)", layout
     try:
         with torch.device("meta"):
             for p in params:

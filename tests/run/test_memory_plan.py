@@ -13,7 +13,8 @@ from sdft.cli import main as cli
 from sdft.run import loop, memory_plan, trainer
 from sdft.run.dry_run import meta_model
 from sdft.run.export import save_hf_folder
-from sdft.run.memory_plan import TrainingState, cache_per_token, rollout_cache, training_state
+from sdft.run.memory_plan import TrainingState, cache_per_token, optimizer_state, rollout_cache, training_state
+from sdft.runtime.optimizer import OptimizerSettings
 
 ROWS = [{"prompt": f"add {a} {b}", "demonstration": str(a + b)} for a, b in [(1, 2), (3, 4)]]
 
@@ -98,6 +99,20 @@ def test_an_optimizer_that_cannot_step_on_the_meta_device_is_named_as_not_counte
     plan = training_state(meta_model(str(folder)), SDFTConfig(device="cpu", optim="sgd"), 1, torch.device("cpu"))
     assert [name for name, _ in plan.parts] == ["weights", "gradients", "frozen teacher copy"]
     assert plan.line().endswith("; optim=sgd's state not counted)")
+
+
+@pytest.mark.parametrize("optim,per_value", [("adamw_8bit", 2), ("paged_adamw_32bit", 8), ("lion_8bit", 1),
+                                             ("rmsprop_bnb", 4)])
+def test_bitsandbytes_state_comes_from_its_layout(folder, optim, per_value):
+    """bitsandbytes is not installed here (a config naming it is refused): its state's layout is read as is."""
+    meta = meta_model(str(folder))
+    name, state = optimizer_state(meta, OptimizerSettings(optim))
+    sizes = [p.numel() for p in meta.parameters()]
+    if per_value in (2, 1):  # 8 bits a value, a float32 absmax per 2048, 32 bits under 4096 values
+        expected = sum(per_value * (n + 4 * -(-n // 2048)) if n >= 4096 else 4 * per_value * n for n in sizes)
+    else:
+        expected = per_value * sum(sizes)
+    assert (name, state) == (f"{optim} (bitsandbytes)", expected)
 
 
 def test_a_state_over_the_device_memory_is_said_with_what_shrinks_it():
