@@ -160,6 +160,8 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     from sdft.runtime.precision import autocast_dtype, compute_precision
 
     rows, width = _slots(prompts, config, meta_model.config, device)
+    attention = meta_model.config._attn_implementation if config.attn_implementation == "auto" else \
+        config.attn_implementation
     lower = autocast_dtype(compute_precision(config.mixed_precision, device))
     dtype = lower or getattr(torch, config.dtype)
     _register()
@@ -168,7 +170,7 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
             model = copy.deepcopy(meta_model).to(getattr(torch, config.dtype))  # the caller's stays as it is
             if config.use_lora:
                 model = apply_lora(model, LoraSettings.from_config(config))
-        model.config._sdft_counted_from = model.config._attn_implementation
+        model.config._sdft_counted_from = attention
         model.config._attn_implementation = COUNTING
         model.train()
         autocast = _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
@@ -189,7 +191,7 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     completions = min(len(prompts), config.per_device_train_batch_size) * config.num_generations
     teacher = completions * config.max_completion_length * hidden * torch.empty((), dtype=dtype).element_size()
     dense = config.share_prefix and not (device.type == "cuda" and config.tree_attention != "dense")
-    eager = meta_model.config._attn_implementation == "eager"  # one additive mask for every layer
+    eager = attention == "eager"  # one additive mask for every layer
     copies = 1 if config.gradient_checkpointing or eager else meta_model.config.get_text_config().num_hidden_layers
     mask = rows * width * width * (1 + copies * torch.empty((), dtype=dtype).element_size()) if dense else 0
     return ScoringActivations(total, teacher, mask, backward, rows, width, config.gradient_checkpointing)

@@ -83,6 +83,10 @@ def test_an_eager_model_counts_its_attention_probabilities():
     assert plan.mask == plan.rows * plan.width ** 2 * (1 + 4)  # the bool mask, and one additive copy for all layers
     real = _real_saved(_model(attention="eager").train(), config)
     assert 0.95 < plan.saved / real < 1.05, (plan.saved, real)
+    named = scoring_plan(_model(attention="sdpa").to("meta"), PROMPTS,
+                         SDFTConfig(**{**config.to_dict(), "attn_implementation": "eager"}), torch.device("cpu"))
+    assert named == plan  # the run's attn_implementation, over the model's own
+    assert meta.config._attn_implementation == "eager" and not hasattr(meta.config, "_sdft_counted_from")  # as it was
     sdpa = scoring_plan(_model(attention="sdpa").to("meta"), PROMPTS, config, torch.device("cpu"))
     probabilities = 3 * plan.rows * 8 * plan.width ** 2 * 4  # [heads x width x width] in every layer
     assert 0.95 < (plan.saved - sdpa.saved) / probabilities < 1.05
