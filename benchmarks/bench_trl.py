@@ -126,9 +126,10 @@ def _plan(config, data, tokenizer) -> dict:
     device = run_device(config.device)
     meta = meta_model(model_dir())
     state = training_state(meta, config, 1, device)
-    prompts = [e.prompt_ids.tolist() for e in encode_examples(load_examples(data), tokenizer, config)]
+    encoded = encode_examples(load_examples(data), tokenizer, config)
+    prompts = [e.prompt_ids.tolist() for e in encoded]
     cache = rollout_plan(meta, prompts, config, device)
-    scoring = scoring_plan(meta, prompts, config, device)
+    scoring = scoring_plan(meta, prompts, config, device, [e.teacher_ids.tolist() for e in encoded])
     return {"plan_state_mib": state.total / 2**20, "plan_rollout_cache_mib": (cache.total if cache else 0) / 2**20,
             "plan_scoring_mib": (scoring.total if scoring else 0) / 2**20}
 

@@ -3,7 +3,8 @@ saves for its backward, beside the teacher's hidden states and the dense tree ma
 
 Counted, not modelled: the meta model (with the run's dtype, LoRA and gradient checkpointing) runs its forward
 over a packed micro-batch of the longest prompts, each followed by ``num_generations`` distinct rollouts of
-``max_completion_length`` tokens, and every tensor autograd saves is summed once (``saved_tensors_hooks``).
+``max_completion_length`` tokens (a live teacher's contexts in the same tree where the run joins them), and
+every tensor autograd saves is summed once (``saved_tensors_hooks``).
 Attention saves what the memory-efficient kernels save (queries, keys and values, heads repeated as SDPA takes
 them, the output and a log-sum-exp row), not a ``[heads x N x N]`` matrix; a model on eager attention runs
 eager's products and keeps its probabilities. Under the dense tree mask SDPA also saves, in every layer, the
@@ -132,34 +133,50 @@ class ScoringActivations:
                 f"about {size_text(self.total)} of activations for its backward{how}{mask}")
 
 
-def _slots(prompts: list[list[int]], config, model_config, device: torch.device) -> tuple[int, int]:
+def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, config, model_config,
+           device: torch.device) -> tuple[int, int]:
     """(rows, width) of the student's pass over the micro-batch of the longest ``prompts`` with distinct
     rollouts of full length: the prefix tree as the run packs it (one tree under the block mask on CUDA, rows
-    by the dense mask's cost elsewhere), or a padded row per rollout without prefix sharing."""
-    from sdft.prefix.packed import pack_rollouts
+    by the dense mask's cost elsewhere), the live teacher's contexts in the same tree where the run would join
+    them (``share_teacher_prefix``, by ``joint_pass_pays``'s rule), or a padded row per rollout without prefix
+    sharing."""
+    from sdft.prefix.packed import pack_sides
     from sdft.prefix.tree import pairs_per_token
 
     batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
-    longest = sorted(prompts, key=len)[-batch:]
+    joint = config.share_teacher_prefix and config.teacher_mode == "live" and teacher_contexts is not None
+    size = (lambda i: len(prompts[i]) + len(teacher_contexts[i])) if joint else (lambda i: len(prompts[i]))
+    chosen = sorted(range(len(prompts)), key=size)[-batch:]
+    longest = [prompts[i] for i in chosen]
     if not config.share_prefix or config.attn_implementation == "flash_attention_2":
         return len(longest) * group, max(map(len, longest)) + length - 1
     contexts = [torch.tensor(p) for p in longest]
     completions = torch.arange(len(longest) * group * length).reshape(-1, length) + 1  # distinct rollouts
+    mask = torch.ones_like(completions, dtype=torch.bool)
     block = device.type == "cuda" and config.tree_attention != "dense"
     pairs = float("inf") if block else pairs_per_token(model_config)
-    packed, _ = pack_rollouts(contexts, completions, torch.ones_like(completions, dtype=torch.bool), 0, pairs)
+    sides = [contexts]
+    if joint:
+        teachers = [torch.tensor(teacher_contexts[i]) for i in chosen]
+        nodes = [pack_sides(s, completions, mask, 0, pairs)[0].num_nodes
+                 for s in ([contexts], [teachers], [contexts, teachers])]
+        if 3 * nodes[2] < 3 * nodes[0] + nodes[1]:  # joint_pass_pays
+            sides = [contexts, teachers]
+    packed, _ = pack_sides(sides, completions, mask, 0, pairs)
     return packed.ids.shape[0], packed.width
 
 
-def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.device) -> ScoringActivations | None:
+def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.device,
+                 teacher_contexts: list[list[int]] | None = None) -> ScoringActivations | None:
     """The activations of the student's scoring pass on ``device`` over the micro-batch of the longest ``prompts``
-    (token ids), in the run's dtype and autocast, with the teacher's hidden states and (dense tree mask) the
-    mask beside them; None where the meta model cannot run the count."""
+    (token ids; ``teacher_contexts``: each one's, for a pass that joins a live teacher), in the run's dtype and
+    autocast, with the teacher's hidden states and (dense tree mask) the mask beside them; None where the meta
+    model cannot run the count."""
     from sdft.models.lora import LoraSettings, apply_lora
     from sdft.models.parts import enable_checkpointing
     from sdft.runtime.precision import autocast_dtype, compute_precision
 
-    rows, width = _slots(prompts, config, meta_model.config, device)
+    rows, width = _slots(prompts, teacher_contexts, config, meta_model.config, device)
     attention = meta_model.config._attn_implementation if config.attn_implementation == "auto" else \
         config.attn_implementation
     lower = autocast_dtype(compute_precision(config.mixed_precision, device))

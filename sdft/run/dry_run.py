@@ -53,7 +53,8 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         cache = rollout_plan(meta, sources, config, device)
         if cache is not None and cache.total:
             lines.append(cache.line(config))
-        scoring = scoring_plan(meta, [e.prompt_ids.tolist() for e in encoded], config, device)
+        scoring = scoring_plan(meta, [e.prompt_ids.tolist() for e in encoded], config, device,
+                               [e.teacher_ids.tolist() for e in encoded])
         if scoring is not None:
             lines.append(scoring.line(config))
         lines += [w for w in [state.warning(available, config, cache.total if cache else 0,

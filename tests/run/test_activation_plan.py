@@ -90,3 +90,34 @@ def test_an_eager_model_counts_its_attention_probabilities():
     sdpa = scoring_plan(_model(attention="sdpa").to("meta"), PROMPTS, config, torch.device("cpu"))
     probabilities = 3 * plan.rows * 8 * plan.width ** 2 * 4  # [heads x width x width] in every layer
     assert 0.95 < (plan.saved - sdpa.saved) / probabilities < 1.05
+
+
+def test_a_live_teacher_joined_to_the_students_tree_is_counted_in_its_pass():
+    from sdft.prefix.packed import joint_tree_hidden
+
+    system = list(range(10, 290))  # a long shared system message, short rollouts: the joint pass pays
+    prompts, teachers = [system + [5, 6, 7], system + [8, 9]], [system + [20, 21, 5, 6, 7], system + [22, 8, 9]]
+    config = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=8, device="cpu",
+                        teacher_mode="live", share_teacher_prefix=True)
+    with torch.device("meta"):
+        meta = _model()
+    alone = scoring_plan(meta, prompts, config, torch.device("cpu"))  # no teacher contexts given: the student's
+    plan = scoring_plan(meta, prompts, config, torch.device("cpu"), teachers)
+    assert plan.rows * plan.width > alone.rows * alone.width
+    model = _model().train()
+    completions = torch.arange(8 * 8).reshape(8, 8) % 250 + 5
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def keep(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        student, _ = joint_tree_hidden(decoder_of(model), [torch.tensor(p) for p in prompts],
+                                       [torch.tensor(t) for t in teachers], completions,
+                                       torch.ones_like(completions, dtype=torch.bool), 0)
+    real = sum(seen.values()) + student.numel() * student.element_size()
+    saved_masks = plan.mask - plan.rows * plan.width ** 2
+    assert 0.95 < (plan.saved + saved_masks) / real < 1.05, (plan.saved + saved_masks, real)
