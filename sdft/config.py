@@ -58,10 +58,10 @@ TRL_ALIASES = {
 
 
 # names users bring from the HF Trainer (and TRL, torchtune) that sdft spells otherwise: name -> what to set here
+_STEPS = "max_steps, in optimizer steps; `sdft train --dry-run` says how many passes over the rows they make"
 SPELLED_OTHERWISE = {
-    "num_train_epochs": "max_steps, in optimizer steps; `sdft train --dry-run` says how many passes over the rows "
-                        "they make",
-    "epochs": "max_steps, in optimizer steps; `sdft train --dry-run` says how many passes over the rows they make",
+    "num_train_epochs": _STEPS,
+    "epochs": _STEPS,
     "bf16": "mixed_precision=bf16",
     "fp16": "mixed_precision=fp16",
     "torch_dtype": "dtype",

@@ -218,9 +218,16 @@ def joint_pass_pays(decoder, prompts, teacher_contexts, completions, completion_
     (teacher-only nodes sit in the same tensors as the student's, so they run backward too, on a zero
     gradient), with S, T, J the node counts of the student tree, the teacher tree and the joint tree.
     Long shared system messages pay; short prompts with long demonstrations do not."""
-    count = [pack_for(decoder, attention, lambda pairs: pack_sides(sides, completions, completion_mask, pad_id,
-                                                                   pairs))[0].num_nodes
-             for sides in ([prompts], [teacher_contexts], [prompts, teacher_contexts])]
+    def pack(sides):
+        return pack_for(decoder, attention, lambda pairs: pack_sides(sides, completions, completion_mask, pad_id,
+                                                                     pairs))[0]
+
+    return joint_nodes_pay(pack, prompts, teacher_contexts)
+
+
+def joint_nodes_pay(pack, prompts, teacher_contexts) -> bool:
+    """``joint_pass_pays``'s rule over ``pack(sides)`` (the packed trees of a list of sides)."""
+    count = [pack(sides).num_nodes for sides in ([prompts], [teacher_contexts], [prompts, teacher_contexts])]
     return 3 * count[2] < 3 * count[0] + count[1]
 
 

@@ -124,13 +124,18 @@ class ScoringActivations:
     def total(self) -> int:
         return self.saved + self.teacher + self.mask + self.backward
 
-    def line(self, config) -> str:
+    def line(self) -> str:
         from sdft.run.memory_plan import size_text
 
         how = " (gradient_checkpointing: layer inputs and one layer's recompute)" if self.checkpointed else ""
         mask = f", {size_text(self.mask)} of it the dense tree mask's copies" if self.mask else ""
         return (f"scoring: the student's pass over that micro-batch ({self.rows} x {self.width} packed tokens) holds "
                 f"about {size_text(self.total)} of activations for its backward{how}{mask}")
+
+
+def _block_mask(config, device: torch.device) -> bool:
+    """Whether the student's tree pass takes the block mask (FlexAttention on CUDA) rather than the dense one."""
+    return device.type == "cuda" and config.tree_attention != "dense"
 
 
 def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, config, model_config,
@@ -140,7 +145,7 @@ def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, c
     by the dense mask's cost elsewhere), the live teacher's contexts in the same tree where the run would join
     them (``share_teacher_prefix``, by ``joint_pass_pays``'s rule), or a padded row per rollout without prefix
     sharing."""
-    from sdft.prefix.packed import pack_sides
+    from sdft.prefix.packed import joint_nodes_pay, pack_sides
     from sdft.prefix.tree import pairs_per_token
 
     batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
@@ -153,16 +158,17 @@ def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, c
     contexts = [torch.tensor(p) for p in longest]
     completions = torch.arange(len(longest) * group * length).reshape(-1, length) + 1  # distinct rollouts
     mask = torch.ones_like(completions, dtype=torch.bool)
-    block = device.type == "cuda" and config.tree_attention != "dense"
-    pairs = float("inf") if block else pairs_per_token(model_config)
+    pairs = float("inf") if _block_mask(config, device) else pairs_per_token(model_config)
+
+    def pack(sides):
+        return pack_sides(sides, completions, mask, 0, pairs)[0]
+
     sides = [contexts]
     if joint:
         teachers = [torch.tensor(teacher_contexts[i]) for i in chosen]
-        nodes = [pack_sides(s, completions, mask, 0, pairs)[0].num_nodes
-                 for s in ([contexts], [teachers], [contexts, teachers])]
-        if 3 * nodes[2] < 3 * nodes[0] + nodes[1]:  # joint_pass_pays
+        if joint_nodes_pay(pack, contexts, teachers):
             sides = [contexts, teachers]
-    packed, _ = pack_sides(sides, completions, mask, 0, pairs)
+    packed = pack(sides)
     return packed.ids.shape[0], packed.width
 
 
@@ -174,13 +180,19 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     model cannot run the count."""
     from sdft.models.lora import LoraSettings, apply_lora
     from sdft.models.parts import enable_checkpointing
+    from sdft.run.memory_plan import compute_dtype
     from sdft.runtime.precision import autocast_dtype, compute_precision
 
     rows, width = _slots(prompts, teacher_contexts, config, meta_model.config, device)
     attention = meta_model.config._attn_implementation if config.attn_implementation == "auto" else \
         config.attn_implementation
-    lower = autocast_dtype(compute_precision(config.mixed_precision, device))
-    dtype = lower or getattr(torch, config.dtype)
+    lower = autocast_dtype(compute_precision(config.mixed_precision, device))  # None: no autocast
+    size = torch.empty((), dtype=compute_dtype(config, device)).element_size()
+    layers = meta_model.config.get_text_config().num_hidden_layers
+
+    def autocast():
+        return _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
+
     _register()
     try:
         with torch.device("meta"):
@@ -190,25 +202,21 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
         model.config._sdft_counted_from = attention
         model.config._attn_implementation = COUNTING
         model.train()
-        autocast = _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
-        with autocast:
+        with autocast():
             total = saved_bytes(model, rows, width)  # autocast's weight casts among them
-        layers = model.config.get_text_config().num_hidden_layers
-        backward = total // layers
+        layer = total // layers  # one layer's activations: the backward's transients, a checkpointed recompute
         if config.gradient_checkpointing:  # the layers' inputs, and one layer's activations as it recomputes
             enable_checkpointing(model)
-            autocast = _MetaAutocast(lower) if lower is not None else contextlib.nullcontext()
-            with autocast:
-                total = saved_bytes(model, rows, width) + total // layers
+            with autocast() as casting:
+                total = saved_bytes(model, rows, width) + layer
             # autocast's cache holds every trainable weight's cast until the forward ends
-            total += sum(t.nbytes for t in getattr(autocast, "cache", {}).values())
+            total += sum(t.nbytes for t in getattr(casting, "cache", {}).values())
     except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, KeyError):
         return None
     hidden = meta_model.config.get_text_config().hidden_size
     completions = min(len(prompts), config.per_device_train_batch_size) * config.num_generations
-    teacher = completions * config.max_completion_length * hidden * torch.empty((), dtype=dtype).element_size()
-    dense = config.share_prefix and not (device.type == "cuda" and config.tree_attention != "dense")
-    eager = attention == "eager"  # one additive mask for every layer
-    copies = 1 if config.gradient_checkpointing or eager else meta_model.config.get_text_config().num_hidden_layers
-    mask = rows * width * width * (1 + copies * torch.empty((), dtype=dtype).element_size()) if dense else 0
-    return ScoringActivations(total, teacher, mask, backward, rows, width, config.gradient_checkpointing)
+    teacher = completions * config.max_completion_length * hidden * size
+    dense = config.share_prefix and not _block_mask(config, device)
+    copies = 1 if config.gradient_checkpointing or attention == "eager" else layers  # eager: one additive mask
+    mask = rows * width * width * (1 + copies * size) if dense else 0
+    return ScoringActivations(total, teacher, mask, layer, rows, width, config.gradient_checkpointing)

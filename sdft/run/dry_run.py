@@ -56,7 +56,7 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         scoring = scoring_plan(meta, [e.prompt_ids.tolist() for e in encoded], config, device,
                                [e.teacher_ids.tolist() for e in encoded])
         if scoring is not None:
-            lines.append(scoring.line(config))
+            lines.append(scoring.line())
         lines += [w for w in [state.warning(available, config, cache.total if cache else 0,
                                             scoring.total if scoring else 0)] if w]
     note = positions_note(encoded, config.max_completion_length, getattr(meta, "config", None))

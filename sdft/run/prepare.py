@@ -149,11 +149,9 @@ def check_run(model, dataset, config, tokenizer=None, eval_dataset=None, report=
 
 
 def check_lora_layers(model, names) -> None:
-    """``lora_target_modules`` name layers the model has: read from its config (on the meta device) before its
-    weights load, or from the model object (one that carries adapters already keeps them)."""
+    """``lora_target_modules`` name layers the model has, read from its config (on the meta device) before its
+    weights load; a model object is checked where its adapters are made (``apply_lora``)."""
     if isinstance(model, torch.nn.Module):
-        if not adapters_of(model):
-            check_targets(model, names)
         return
     try:
         meta = meta_model(model)
