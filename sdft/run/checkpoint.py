@@ -47,16 +47,27 @@ def trainable_state(model) -> dict:
 
 
 def rng_state() -> dict:
+    """The CPU generator's state and this process's CUDA device's (never every device's: a run resumes on
+    a machine with fewer GPUs, where another device's index does not exist)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict):
+    """Restore ``rng_state``'s; the CUDA state (a list per device, as checkpoints before this wrote it: the
+    current device's entry, where it has one) only where CUDA is here."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def _sha256(path: Path) -> str:

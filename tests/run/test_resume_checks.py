@@ -136,3 +136,39 @@ def test_a_resume_on_another_number_of_processes_says_the_step_changes(tmp_path,
     start_run(config, plan_run(config), processes=4)
     assert ("resuming on 4 processes, checkpoint-1 was written by 1: a step now takes 8 prompts instead of 2, "
             "in another order") in capsys.readouterr().err
+
+
+class _Cuda:
+    """A stand-in for ``torch.cuda``'s generator calls on a machine with ``devices`` GPUs."""
+
+    def __init__(self, devices, current=0):
+        self.devices, self.current, self.set = devices, current, []
+
+    def install(self, monkeypatch):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.full((4,), self.current, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: self.set.append(int(state[0])))
+        return self
+
+
+def test_a_checkpoint_written_on_many_gpus_restores_its_rng_on_fewer(monkeypatch):
+    import torch
+
+    from sdft.run.checkpoint import rng_state, set_rng_state
+
+    written = _Cuda(devices=8, current=0).install(monkeypatch)
+    state = rng_state()
+    assert state["cuda"].shape == (4,), "this device's state alone, not one per device"
+    set_rng_state(state)
+    assert written.set == [0]
+    # an older checkpoint: a state per device, from an 8-GPU machine, restored on device 2 of a smaller one
+    older = {"cpu": torch.get_rng_state(), "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    resumed = _Cuda(devices=4, current=2).install(monkeypatch)
+    set_rng_state(older)
+    assert resumed.set == [2]
+    beyond = _Cuda(devices=16, current=9).install(monkeypatch)
+    set_rng_state(older)
+    assert beyond.set == [], "a device the writing machine did not have keeps its own state"
