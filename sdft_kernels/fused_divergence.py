@@ -1,6 +1,8 @@
 """``fused_linear_divergence``: LM head + student/teacher divergence without [N, V] logits."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -108,6 +110,13 @@ def implementation(objective, per_row: dict, backend: str, device: torch.device,
     return ChunkedObjective(objective, per_row, softcap)
 
 
+def on_device_of(tensor: torch.Tensor):
+    """``tensor``'s CUDA device as the current one while the kernels launch: Triton launches on the current
+    device, which is not the tensors' for a model on ``cuda:1`` in a process whose current device is 0
+    (autograd's backward runs on the tensors' device by itself)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -208,10 +217,11 @@ def fused_linear_divergence(
     shared = teacher_weight is None or teacher_weight is weight
     args = (h_s.contiguous(), h_t, weight.contiguous(), t_weight.detach().contiguous(), spec, impl)
     wants_grad = torch.is_grad_enabled() and (h_s.requires_grad or weight.requires_grad)
-    if reduction != "none" and hasattr(impl, "forward_with_grad") and wants_grad:
-        scale = 1.0 if reduction == "sum" else 1.0 / max(h_s.shape[0], 1)
-        return _ScalarDivergence.apply(*args, scale)
-    rows = _RowDivergence.apply(*args, shared)
+    with on_device_of(h_s):
+        if reduction != "none" and hasattr(impl, "forward_with_grad") and wants_grad:
+            scale = 1.0 if reduction == "sum" else 1.0 / max(h_s.shape[0], 1)
+            return _ScalarDivergence.apply(*args, scale)
+        rows = _RowDivergence.apply(*args, shared)
     if reduction == "sum":
         return rows.sum()
     if reduction == "mean":

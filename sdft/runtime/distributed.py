@@ -93,6 +93,8 @@ def setup(device_name: str) -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = device_name != "cpu" and torch.cuda.is_available()
+        if cuda:  # each process on its own GPU: NCCL's collectives, Triton and new CUDA tensors use the current one
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(_destroy_group)
     return World(rank, size, local_rank)

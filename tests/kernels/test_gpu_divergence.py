@@ -14,3 +14,11 @@ def test_gpu_matches_reference(divergence, beta, dtype, tol, h_teacher):
     ours, ref = run_both(s, t, w, tw, mask=mask, divergence=divergence, beta=beta, temperature=0.9,
                          backend="triton")
     assert_close(ours, ref, tol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_run_on_the_tensors_gpu_when_it_is_not_the_current_one():
+    s, t, w, tw, mask = make_inputs(257, 64, 1000, seed=3, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    ours, ref = run_both(s, t, w, tw, mask=mask, divergence="forward_kl", backend="triton")
+    assert_close(ours, ref, 1e-4)

@@ -43,3 +43,18 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fused_linear_divergence(**_ok(), backend="triton")
+
+
+def test_the_kernels_launch_under_the_cuda_tensors_own_device():
+    """Triton launches on the current device; a model on cuda:1 needs its device made current (the guard is
+    built here without CUDA; the GPU test runs it on a second GPU)."""
+    import contextlib
+
+    from sdft_kernels.fused_divergence import on_device_of
+
+    class OnSecondGpu:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    guard = on_device_of(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(on_device_of(torch.zeros(1)), contextlib.nullcontext)

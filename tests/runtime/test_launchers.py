@@ -38,3 +38,24 @@ def test_the_cli_refuses_it_before_the_model_loads(monkeypatch, tmp_path, capsys
     assert cli.main(["train", "--set", f"output_dir={tmp_path / 'out'}", "max_steps=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--num_processes 2 started 1 process" in err[0]
+
+
+def test_each_gpu_process_takes_its_local_rank_s_gpu_before_joining_the_group(monkeypatch):
+    """NCCL, Triton and new CUDA tensors use the current device: left at 0, every process of a node would
+    run its collectives on GPU 0 ("duplicate GPU") and launch the fused kernels on another GPU's tensors."""
+    import torch
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(distributed.atexit, "register", lambda f: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("device", index)))
+    world = distributed.setup("auto")
+    assert calls == [("device", 1), ("group", "nccl")] and (world.rank, world.local_rank) == (3, 1)
+    calls.clear()
+    distributed.setup("cpu")
+    assert calls == [("group", "gloo")]
