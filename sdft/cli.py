@@ -169,6 +169,7 @@ def _build_parser():
     ge.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                     help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (default: those the run "
                          "trained with, for an sdft export or checkpoint)")
+    _placement_arguments(ge)
     tc = sub.add_parser("teacher-check", help="how often the teacher context reproduces the demonstration, "
                         "per template: is there anything for SDFT to distil?")
     tc.add_argument("--model", default=None,
@@ -184,6 +185,7 @@ def _build_parser():
     tc.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                     help="extra chat template variables, e.g. '{\"enable_thinking\": false}' (as the run will use; "
                          "default: those an sdft export trained with)")
+    _placement_arguments(tc)
     co = sub.add_parser("continual", help="train skills one after another and score what each stage kept",
                         epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
     co.add_argument("--stages", nargs="+", required=True, metavar="DATA",
@@ -273,7 +275,9 @@ def _teacher_check(args, parser) -> int:
         data = load_examples(args.data, column_map=_column_map(args))
     from sdft.models import load_trained
 
-    model, tokenizer = load_trained(args.model)  # a LoRA adapter folder too: what is left to distil after a run?
+    device, dtype = _placed(args)
+    model, tokenizer = load_trained(args.model, dtype)  # a LoRA adapter folder too: what is left to distil after a run?
+    model.to(device)
     tokenizer = _render_with(tokenizer, template_kwargs)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
     print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
@@ -281,6 +285,24 @@ def _teacher_check(args, parser) -> int:
     print(format_rows(rows))
     print(verdict(rows))
     return 0
+
+
+def _placement_arguments(parser):
+    """--device and --dtype of a command that answers prompts (``sdft.runtime.inference``)."""
+    from sdft.runtime.inference import DTYPES
+
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU where there is one, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="the weights' dtype: auto is bfloat16 on a GPU that has it, float32 elsewhere")
+
+
+def _placed(args):
+    """(device, dtype) the command's model answers on, checked before it loads."""
+    from sdft.runtime.inference import check_device, inference_dtype
+
+    device = check_device(args.device, "--device")
+    return device, inference_dtype(args.dtype, device)
 
 
 def _template_kwargs(args) -> dict | None:
@@ -351,12 +373,14 @@ def _generate(args, parser) -> int:
         check_model_folder(args.model, adapter_ok=True)
     examples = load_examples([{**row, "demonstration": "-"} for row in _read_prompts(args)])
     template_kwargs = _template_kwargs(args)
+    device, dtype = _placed(args)
     if checkpoint:
         from sdft.run.export import load_checkpoint_model
 
         model, tokenizer = load_checkpoint_model(args.model, args.base)
     else:
-        model, tokenizer = load_trained(args.model, base=args.base)
+        model, tokenizer = load_trained(args.model, dtype, base=args.base)
+    model.to(device=device, dtype=dtype)
     tokenizer = _render_with(tokenizer, template_kwargs)
     if args.temperature > 0:
         answers = sample_answers(model, tokenizer, examples, args.max_new_tokens, args.temperature,
@@ -414,12 +438,14 @@ def _train(args, parser) -> int:
     from sdft.eval.evaluation import eval_table, skill_accuracy
     from sdft.eval.retention import summary as retention_summary
     from sdft.run.trainer import train
+    from sdft.runtime.parallel import run_device
 
     processes, rank = launched_size(), int(os.environ.get("RANK", "0"))
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number
     bundled_eval = not args.no_eval and args.data is None and not config.eval_data and processes == 1
     if bundled_eval:
         model, tokenizer = models.load_model(checked.model, getattr(torch, config.dtype))
+        model.to(run_device(config.device))  # where the run trains it: both accuracies on the same device
         tokenizer = with_template_kwargs(tokenizer, config.chat_template_kwargs)
         print("skill accuracy before:", skill_accuracy(model, tokenizer), flush=True)
         result = train(model, None, config, tokenizer=tokenizer)  # the bundled skill

@@ -19,6 +19,7 @@ from sdft.data.templates import check_template
 from sdft.eval.scorers import get_scorer
 from sdft.models.attention import FLASH, IMPLEMENTATIONS
 from sdft.prefix.attention import MODES as TREE_ATTENTION_MODES
+from sdft.runtime.inference import DEVICE_PATTERN
 from sdft.runtime.optimizer import ADAMW, OptimizerSettings
 from sdft_kernels import IS_LEVELS, TOPK_SUPPORTS
 from sdft_kernels.divergence import DIVERGENCES, make_spec
@@ -33,7 +34,6 @@ LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 MODE_ALIASES = {"full": "full_logits", "topk": "topk_logits"}
 NONFINITE_ACTIONS = ("stop", "skip")
 REPORT_BACKENDS = ("none", "tensorboard", "wandb", "trackio")  # sdft.run.reporting writes each
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PATH_FIELDS = ("output_dir", "eval_data", "retention_data", "retention_text", "resume_from_checkpoint")
 
 
@@ -396,16 +396,11 @@ class SDFTConfig:
     def check_device(self):
         """The device is here, and the attention implementation runs on it (run-time checks, kept out of
         ``__post_init__`` so that a config saved on a GPU machine still reads, shows and exports on a CPU one)."""
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={self.device!r} but no CUDA device is available; use device=cpu")
         from sdft.models.attention import check_implementation
-        from sdft.runtime.parallel import run_device
+        from sdft.runtime.inference import check_device
         from sdft.runtime.precision import check_tf32, compute_precision
 
-        device = run_device(self.device)
+        device = check_device(self.device)
         check_implementation(self.attn_implementation, device.type, compute_precision(self.mixed_precision, device),
                              self.dtype)
         check_tf32(self.tf32, device)

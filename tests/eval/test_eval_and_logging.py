@@ -198,6 +198,33 @@ def test_wandb_gets_offline_mode_and_trl_names(tmp_path, monkeypatch):
     assert logged[0][1]["train/self_distillation/distillation_loss"] == logged[0][1]["train/loss"]
 
 
+def test_cli_generate_answers_in_the_dtype_asked_for(tmp_path, capsys, monkeypatch):
+    from sdft.eval import evaluation
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
+    seen = []
+    answer = evaluation.generate_answers
+    monkeypatch.setattr(evaluation, "generate_answers",
+                        lambda model, *a: seen.append(next(model.parameters()).dtype) or answer(model, *a))
+    for dtype in ("auto", "bfloat16"):
+        assert cli(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                    "--dtype", dtype]) == 0
+    assert seen == [torch.float32, torch.bfloat16], "auto: float32 on the CPU, as before"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["teacher-check"]])
+def test_a_gpu_asked_for_where_there_is_none_is_one_line_before_the_model_loads(command, capsys, monkeypatch):
+    import sdft.models
+
+    monkeypatch.setattr(sdft.models, "load_trained", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli(command + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sdft: error: --device=cuda but no CUDA device is available; use --device=cpu"
+
+
 def test_cli_generate_answers_prompts(tmp_path, capsys):
     from sdft.run.export import save_hf_folder
 
@@ -226,6 +253,8 @@ def test_cli_generate_answers_prompts(tmp_path, capsys):
         (["generate", "--prompt", "x", "--top-k", "5"], "give --temperature too"),
         (["generate", "--prompt", " "], "--prompt is empty"),
         (["generate", "--prompt", "x", "--prompt", ""], "--prompt 2 of 2 is empty"),
+        (["generate", "--prompt", "x", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["teacher-check", "--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_cli_generate_errors_are_one_line(argv, message, capsys):
