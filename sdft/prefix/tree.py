@@ -255,6 +255,8 @@ def _layout(groups, bins, pad_id, device) -> PackedTrees:
         ids[r, :n] = torch.tensor(tok)
         positions[r, :n] = torch.tensor(depth)
         ends[r, :n] = torch.tensor(end)
-    nodes = [torch.tensor([n.index for n in paths[s]], dtype=torch.long, device=device) for s in range(k)]
+    # one host-to-device copy for every sequence's nodes (a copy each costs ~10 us of launch on a GPU)
+    flat = torch.tensor([n.index for s in range(k) for n in paths[s]], dtype=torch.long).to(device)
+    nodes = list(flat.split([len(paths[s]) for s in range(k)]))
     return PackedTrees(ids.to(device), positions.to(device), ends.to(device),
                        [sequence_row[s] for s in range(k)], nodes, [len(r[0]) for r in rows])
