@@ -12,7 +12,7 @@ Which attention a tree pass takes (``tree_attention`` in the config):
 
 * ``dense``: the [R, 1, T, T] mask through the model's own attention (sdpa / eager);
 * ``flex``: the block mask through ``torch.nn.attention.flex_attention`` wherever it runs (on CPU
-  only passes without gradient: it has no CPU backward);
+  only passes without gradient: it has no CPU backward; on CUDA rows of at least one block, ``use_flex``);
 * ``auto``: flex on CUDA for packed rows of at least ``FLEX_MIN_NODES`` tokens (an arbitrary dense
   mask takes SDPA off its flash kernels there, and its memory grows with T**2), dense elsewhere: on
   this CPU the first flex call compiles for tens of seconds (about 24 s in a probe; the comparison is
@@ -58,8 +58,17 @@ def may_use_flex(mode: str, model) -> bool:
 
 
 def use_flex(mode: str, width: int, model) -> bool:
-    """The rule: does a tree pass of packed width ``width`` take the block mask?"""
-    return may_use_flex(mode, model) and (mode == "flex" or width >= FLEX_MIN_NODES)
+    """The rule: does a tree pass of packed width ``width`` take the block mask?
+
+    On CUDA never for a row narrower than one block: there the block mask skips nothing, and a query
+    shorter than 128 takes inductor's flex-decoding kernel, which in torch releases the package admits
+    (>= 2.6) may refuse query-head groups that are not a power of two (Qwen2.5-0.5B's 7 query heads per KV
+    head; the pinned 2.13 falls back to the main kernel by itself)."""
+    if not may_use_flex(mode, model):
+        return False
+    if width < BLOCK and next(model.parameters()).device.type == "cuda":
+        return False
+    return mode == "flex" or width >= FLEX_MIN_NODES
 
 
 def block_mask(ends: torch.Tensor, block: int = BLOCK):

@@ -150,6 +150,25 @@ def test_the_rule_keeps_the_dense_mask_on_cpu_and_wherever_flex_cannot_run():
     assert not tree_attention.may_use_flex("flex", decoder)  # dropout: transformers' flex refuses it
 
 
+def test_on_cuda_a_row_narrower_than_one_block_keeps_the_dense_mask():
+    """A query under 128 tokens would take inductor's flex-decoding kernel on CUDA, which older torch lets
+    refuse GQA groups that are not a power of two; one block is nothing to skip. (A stand-in decoder.)"""
+
+    from types import SimpleNamespace
+
+    class OnCuda:
+        _supports_flex_attn, training, config = True, False, tiny_llama().config
+
+        def parameters(self):
+            return iter([SimpleNamespace(device=torch.device("cuda"))])
+
+    decoder = OnCuda()
+    assert not tree_attention.use_flex("flex", tree_attention.BLOCK - 1, decoder)
+    assert tree_attention.use_flex("flex", tree_attention.BLOCK, decoder)
+    assert not tree_attention.use_flex("auto", tree_attention.FLEX_MIN_NODES - 1, decoder)
+    assert tree_attention.use_flex("auto", tree_attention.FLEX_MIN_NODES, decoder)
+
+
 def test_a_flex_mode_pass_with_gradient_on_cpu_falls_back_to_the_dense_mask(flex_calls):
     """``tree_attention=flex`` must not break CPU training: the student's pass takes the dense mask."""
     model = tiny_llama().train()
