@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sdft.config import SDFTConfig
-from sdft.data.chat import chat_ids
+from sdft.data.chat import chat_ids_many
 from sdft.data.examples import Example
 from sdft.data.templates import teacher_messages
 from sdft.loss.batch import BatchLoss
@@ -44,12 +44,12 @@ def encode_examples(examples: list[Example], tokenizer, config: SDFTConfig, devi
                     positions: int | None = None) -> list[EncodedExample]:
     """Token ids of every prompt and teacher context; too long ones are an error naming the example: over
     ``max_prompt_length``, or with a whole rollout past the model's ``positions`` (``position_limit``)."""
+    wheres = [ex.where or f"example {i}" for i, ex in enumerate(examples)]
+    prompts = chat_ids_many(tokenizer, [ex.messages() for ex in examples], device, wheres)
+    teachers = chat_ids_many(tokenizer, [teacher_messages(ex.messages(), ex.demonstration, config.teacher_template)
+                                         for ex in examples], device, [f"{w} (its teacher context)" for w in wheres])
     encoded = []
-    for i, ex in enumerate(examples):
-        where = ex.where or f"example {i}"
-        prompt = chat_ids(tokenizer, ex.messages(), device, where=where)
-        teacher = chat_ids(tokenizer, teacher_messages(ex.messages(), ex.demonstration, config.teacher_template),
-                           device, where=f"{where} (its teacher context)")
+    for where, prompt, teacher in zip(wheres, prompts, teachers):
         for what, ids in (("prompt", prompt), ("teacher context (prompt + demonstration)", teacher)):
             if ids.numel() > config.max_prompt_length:
                 raise ValueError(f"{where}: the {what} has {ids.numel()} tokens, over "

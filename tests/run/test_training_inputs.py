@@ -168,3 +168,48 @@ def test_a_chat_template_that_does_not_parse_is_one_line():
     tok.chat_template = "{% for m in messages %}{{ m['content'] }"
     with pytest.raises(ValueError, match=r"the tokenizer's chat template does not parse \(unexpected '}', line 1\)"):
         chat_ids(tok, [{"role": "user", "content": "q"}], "cpu")
+
+
+@pytest.mark.parametrize("template", ["chat", "none"])
+def test_rows_encoded_in_batches_get_the_ids_each_gets_alone(template, monkeypatch):
+    """``encode_examples`` renders and tokenizes templated chats a batch at a time: the same ids as
+    ``chat_ids`` chat by chat, for chat rows, plain-text rows (TRL's standard format), a tokenizer without a
+    template and template variables, across a batch boundary."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    import sdft.data.chat
+    from sdft.data.chat import chat_ids, with_template_kwargs
+    from sdft.run.trainer import encode_examples
+
+    monkeypatch.setattr(sdft.data.chat, "CHAT_BATCH", 3)
+    tok = tiny_tokenizer()
+    if template == "none":
+        tok.chat_template = None
+    else:
+        tok.chat_template = "{% if greeting %}{{ greeting }}{% endif %}" + tok.chat_template
+        tok = with_template_kwargs(tok, {"greeting": "hello "})
+    rows = [{"prompt": f"add {i} {i + 1}", "demonstration": str(2 * i + 1)} for i in range(5)]
+    rows += [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+              "demonstration": "yo"}]
+    examples = load_examples(rows) + load_examples([{"prompt": "plain text", "completion": "done"}])
+    config = SDFTConfig(device="cpu")
+    encoded = encode_examples(examples, tok, config)
+    for ex, got in zip(examples, encoded, strict=True):
+        assert got.prompt_ids.tolist() == chat_ids(tok, ex.messages(), "cpu").tolist()
+        teacher = teacher_messages(ex.messages(), ex.demonstration, config.teacher_template)
+        assert got.teacher_ids.tolist() == chat_ids(tok, teacher, "cpu").tolist()
+    if template == "chat":
+        assert tok.decode(encoded[0].prompt_ids).startswith("hello ")
+
+
+def test_a_refused_chat_in_a_batch_names_its_own_row():
+    from tiny_tokenizer import CHAT_TEMPLATE, tiny_tokenizer
+
+    from sdft.run.trainer import encode_examples
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'bad' %}"
+                         "{{ raise_exception('no') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE)
+    rows = [{"prompt": p, "demonstration": "a"} for p in ("q", "r", "bad", "s")]
+    with pytest.raises(ValueError, match=r"^dataset row 2: the tokenizer's chat template refuses it \(no\)"):
+        encode_examples(load_examples(rows), tok, SDFTConfig(device="cpu"))
