@@ -114,8 +114,9 @@ def chat_ids(tokenizer, messages: list[dict], device, add_generation_prompt: boo
 CHAT_BATCH = 256  # chats a templated batch renders and tokenizes together
 
 
-def chat_ids_many(tokenizer, chats: list[list[dict]], device, wheres: list[str]) -> list[torch.Tensor]:
-    """``chat_ids`` of many chats, the assistant turn opened: the same ids, but templated chats go through
+def chat_ids_many(tokenizer, chats: list[list[dict]], device, wheres: list[str],
+                  add_generation_prompt: bool = True) -> list[torch.Tensor]:
+    """``chat_ids`` of many chats: the same ids, but templated chats go through
     ``apply_chat_template`` a batch at a time, one tokenizer call a batch instead of one a chat (20,000 rows:
     10.4 s against 30.8 s, ``benchmarks/bench_encode_rows.py``). A batch the template refuses is done again
     chat by chat, so the line names the row."""
@@ -123,15 +124,15 @@ def chat_ids_many(tokenizer, chats: list[list[dict]], device, wheres: list[str])
     templated = has_chat_template(tokenizer)
     batched = [i for i, chat in enumerate(chats) if templated and chat[0]["role"] != PLAIN]
     for i in sorted(set(range(len(chats))) - set(batched)):
-        out[i] = chat_ids(tokenizer, chats[i], device, where=wheres[i])
+        out[i] = chat_ids(tokenizer, chats[i], device, add_generation_prompt, where=wheres[i])
     for start in range(0, len(batched), CHAT_BATCH):
         part = batched[start:start + CHAT_BATCH]
         try:
             with _template_errors(None):
-                ids = tokenizer.apply_chat_template([chats[i] for i in part], add_generation_prompt=True,
-                                                    return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template([chats[i] for i in part], return_dict=True,
+                                                    add_generation_prompt=add_generation_prompt)["input_ids"]
         except ValueError:
-            ids = [chat_ids(tokenizer, chats[i], "cpu", where=wheres[i]).tolist() for i in part]
+            ids = [chat_ids(tokenizer, chats[i], "cpu", add_generation_prompt, where=wheres[i]).tolist() for i in part]
         for i, row in zip(part, ids):
             out[i] = torch.tensor(row, dtype=torch.long, device=device)
     return out
@@ -147,9 +148,22 @@ def text_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
 
 def demonstration_ids(tokenizer, example, device, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """(ids [P+D], number of prompt tokens P): the chat with the demonstration as the assistant turn."""
-    prompt = chat_ids(tokenizer, example.messages(), device, where=example.where)
-    full = chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.demonstration}],
-                    device, add_generation_prompt=False, where=example.where)
+    return demonstration_ids_many(tokenizer, [example], device, max_tokens)[0]
+
+
+def demonstration_ids_many(tokenizer, examples, device, max_tokens: int | None = None) -> list[tuple]:
+    """``demonstration_ids`` of many rows, their chats rendered and tokenized a batch at a time
+    (``chat_ids_many``)."""
+    wheres = [example.where for example in examples]
+    prompts = chat_ids_many(tokenizer, [example.messages() for example in examples], device, wheres)
+    fulls = chat_ids_many(tokenizer, [example.messages() + [{"role": "assistant", "content": example.demonstration}]
+                                      for example in examples], device, wheres, add_generation_prompt=False)
+    return [_with_demonstration(prompt, full, example, max_tokens)
+            for prompt, full, example in zip(prompts, fulls, examples)]
+
+
+def _with_demonstration(prompt, full, example, max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """(full, P) once the prompt's ids are checked to be a prefix of the full chat's, within ``max_tokens``."""
     if full.numel() <= prompt.numel() or not torch.equal(full[: prompt.numel()], prompt):
         raise ValueError("the chat template does not extend the prompt with the assistant turn; "
                          "scoring a demonstration needs the prompt tokens to be a prefix of the full chat")

@@ -10,7 +10,7 @@ import time
 import torch
 
 from sdft.config import SDFTConfig
-from sdft.data.chat import demonstration_ids
+from sdft.data.chat import demonstration_ids_many
 from sdft.models.positions import check_room
 from sdft.run.held_out import cross_entropy
 from sdft.run.loop import TrainResult, batch_indices, clip_and_step, run_steps
@@ -30,7 +30,7 @@ def encode_demonstrations(examples, tokenizer, config, positions: int | None = N
     """Each row's chat with its demonstration, on the CPU; a row over the two length limits, or past the
     model's ``positions`` (``position_limit``), is an error."""
     limit = config.max_prompt_length + config.max_completion_length
-    encoded = [demonstration_ids(tokenizer, ex, "cpu", limit) for ex in examples]
+    encoded = demonstration_ids_many(tokenizer, examples, "cpu", limit)
     for i, (ex, (ids, _)) in enumerate(zip(examples, encoded)):
         check_room(ids.numel(), positions, ex.where or f"example {i}", "the prompt with its demonstration",
                    "shorten the row")

@@ -172,9 +172,9 @@ def test_a_chat_template_that_does_not_parse_is_one_line():
 
 @pytest.mark.parametrize("template", ["chat", "none"])
 def test_rows_encoded_in_batches_get_the_ids_each_gets_alone(template, monkeypatch):
-    """``encode_examples`` renders and tokenizes templated chats a batch at a time: the same ids as
-    ``chat_ids`` chat by chat, for chat rows, plain-text rows (TRL's standard format), a tokenizer without a
-    template and template variables, across a batch boundary."""
+    """``encode_examples`` (and SFT's ``encode_demonstrations``) render and tokenize templated chats a batch at
+    a time: the same ids as ``chat_ids`` chat by chat, for chat rows, plain-text rows (TRL's standard format),
+    a tokenizer without a template and template variables, across a batch boundary."""
     from tiny_tokenizer import tiny_tokenizer
 
     import sdft.data.chat
@@ -200,6 +200,12 @@ def test_rows_encoded_in_batches_get_the_ids_each_gets_alone(template, monkeypat
         assert got.teacher_ids.tolist() == chat_ids(tok, teacher, "cpu").tolist()
     if template == "chat":
         assert tok.decode(encoded[0].prompt_ids).startswith("hello ")
+    from sdft.run.sft import encode_demonstrations
+
+    for ex, (ids, prompt_length) in zip(examples, encode_demonstrations(examples, tok, config), strict=True):
+        full = ex.messages() + [{"role": "assistant", "content": ex.demonstration}]
+        assert ids.tolist() == chat_ids(tok, full, "cpu", add_generation_prompt=False).tolist()
+        assert prompt_length == chat_ids(tok, ex.messages(), "cpu").numel()
 
 
 def test_a_refused_chat_in_a_batch_names_its_own_row():
