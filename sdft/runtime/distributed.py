@@ -94,6 +94,11 @@ def setup(device_name: str) -> World:
     if not dist.is_initialized():
         cuda = device_name != "cpu" and torch.cuda.is_available()
         if cuda:  # each process on its own GPU: NCCL's collectives, Triton and new CUDA tensors use the current one
+            count = torch.cuda.device_count()
+            if local_rank >= count:
+                raise ValueError(f"process {rank} has LOCAL_RANK {local_rank}, but this machine has {count} CUDA "
+                                 f"device{'' if count == 1 else 's'}: start at most {count} processes a machine "
+                                 f"(torchrun --nproc_per_node {count}), or set device=cpu")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(_destroy_group)

@@ -54,8 +54,14 @@ def test_each_gpu_process_takes_its_local_rank_s_gpu_before_joining_the_group(mo
     monkeypatch.setattr(distributed.atexit, "register", lambda f: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("device", index)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     world = distributed.setup("auto")
     assert calls == [("device", 1), ("group", "nccl")] and (world.rank, world.local_rank) == (3, 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")  # three processes started on a machine with two GPUs
+    with pytest.raises(ValueError, match=r"process 3 has LOCAL_RANK 2, but this machine has 2 CUDA devices: start "
+                                         r"at most 2 processes a machine \(torchrun --nproc_per_node 2\)"):
+        distributed.setup("auto")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     calls.clear()
     distributed.setup("cpu")
     assert calls == [("group", "gloo")]
