@@ -124,12 +124,13 @@ class Teacher:
             if s.requires_grad:
                 t.lerp_(s.detach(), 1.0 - self.ema_decay)
 
-    def state_dict(self):
-        """The EMA weights as full tensors (gathered from every process under FSDP2: all call it)."""
+    def state_dict(self, keep: bool = True):
+        """The EMA weights as full tensors (gathered from every process under FSDP2: all call it; ``keep``
+        False: a process that does not write takes part and gets None)."""
         if self.mode != "ema":
             return None
         names = {n for n, p in self.student.named_parameters() if p.requires_grad}
-        return full_tensors({n: p for n, p in self.copy.named_parameters() if n in names})
+        return full_tensors({n: p for n, p in self.copy.named_parameters() if n in names}, keep)
 
     def load_state_dict(self, state):
         if self.mode != "ema" or state is None:

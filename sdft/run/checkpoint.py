@@ -40,10 +40,11 @@ class CheckpointSaveError(CheckpointError):
     """Saving a checkpoint failed (full disk, read-only or forbidden folder); the older ones are intact."""
 
 
-def trainable_state(model) -> dict:
-    """The trainable tensors, full (gathered from every process under FSDP2: all call this)."""
-    state = full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad})
-    return {n: t.contiguous() for n, t in state.items()}
+def trainable_state(model, keep: bool = True) -> dict | None:
+    """The trainable tensors, full (gathered from every process under FSDP2: all call this; ``keep`` False:
+    a process that does not write takes part and gets None)."""
+    state = full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}, keep)
+    return None if state is None else {n: t.contiguous() for n, t in state.items()}
 
 
 def rng_state() -> dict:
@@ -191,9 +192,9 @@ def save_checkpoint(output_dir, step: int, model, optimizer, teacher, config, ke
     the resume say when that changes the step's size; ``scaler``, an fp16 run's loss scale, is continued
     by the resume; ``only_model``: the weights without the optimizer and RNG states, HF's save_only_model);
     under FSDP2 every process calls this (the gathers are collective) and only the one with ``write`` writes."""
-    trainable = trainable_state(model)
-    optimizer_full = None if only_model else optimizer_state(optimizer)
-    teacher_state = teacher.state_dict() if teacher is not None and not only_model else None
+    trainable = trainable_state(model, keep=write)
+    optimizer_full = None if only_model else optimizer_state(optimizer, keep=write)
+    teacher_state = teacher.state_dict(keep=write) if teacher is not None and not only_model else None
     if not write:
         return None
     out = Path(output_dir)

@@ -143,7 +143,7 @@ class Runner:
         gathered from every process (all call this; process 0 gets the copy, the others None)."""
         if not self.sharded:
             return self.model
-        state = full_tensors(self.model.state_dict())
+        state = full_tensors(self.model.state_dict(), keep=self.world.is_main)
         if not self.world.is_main:
             return None
         from transformers import AutoModelForCausalLM
@@ -154,18 +154,23 @@ class Runner:
         return plain
 
 
-def full_tensors(state: dict) -> dict:
+def full_tensors(state: dict, keep: bool = True) -> dict | None:
     """``state`` (nested dicts/lists of tensors) with every DTensor gathered into a full tensor on the
-    CPU; a collective under FSDP2: every process calls it, in the same order."""
+    CPU; a collective under FSDP2: every process calls it, in the same order. ``keep`` False (a process
+    that does not write): the gathers are taken part in, one tensor at a time, and nothing is kept, so
+    the processes of a machine do not each hold the whole state in its memory; None is returned."""
     if isinstance(state, dict):
-        return {k: full_tensors(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(full_tensors(v) for v in state)
-    if _is_dtensor(state):
-        return state.full_tensor().cpu()
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    return state
+        out = {k: full_tensors(v, keep) for k, v in state.items()}
+    elif isinstance(state, (list, tuple)):
+        out = type(state)(full_tensors(v, keep) for v in state)
+    elif _is_dtensor(state):
+        full = state.full_tensor()
+        out = full.cpu() if keep else None
+    elif isinstance(state, torch.Tensor):
+        out = state.detach().cpu() if keep else None
+    else:
+        out = state
+    return out if keep else None
 
 
 def _shard_like(value: torch.Tensor, target) -> torch.Tensor:
@@ -181,9 +186,9 @@ def load_full(target: torch.Tensor, value: torch.Tensor) -> None:
         target.copy_(_shard_like(value, target) if _is_dtensor(target) else value)
 
 
-def optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict with full tensors (gathered under FSDP2)."""
-    return full_tensors(optimizer.state_dict())
+def optimizer_state(optimizer, keep: bool = True) -> dict | None:
+    """The optimizer's state dict with full tensors (gathered under FSDP2; ``keep``: as ``full_tensors``)."""
+    return full_tensors(optimizer.state_dict(), keep)
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:

@@ -25,3 +25,14 @@ def test_ddp_wraps_without_a_deprecation_warning_a_buffer_broadcast_or_a_second_
         assert bucket.nbytes() >= (model.weight.numel() + model.bias.numel()) * 4
     finally:
         dist.destroy_process_group()
+
+
+def test_a_process_that_does_not_write_keeps_nothing_of_a_gathered_state():
+    """Under FSDP2 every process takes part in the gathers of a checkpoint, but only the writer keeps the
+    full tensors: the others would each hold the whole state in the machine's memory."""
+    from sdft.runtime.parallel import full_tensors
+
+    state = {"w": torch.ones(2, 3), "groups": [{"lr": 0.1, "params": [0]}], "step": torch.tensor(3.0)}
+    kept = full_tensors(state)
+    assert torch.equal(kept["w"], state["w"]) and kept["groups"] == state["groups"]
+    assert full_tensors(state, keep=False) is None

@@ -44,7 +44,7 @@ def _same_gradients(single: dict, got: dict):
 
 @pytest.mark.parametrize("method,parallel,teacher", [
     ("sdft", "ddp", "frozen"), ("sdft_seq", "ddp", "frozen"), ("sft", "ddp", "frozen"), ("sdft", "ddp", "lora"),
-    ("sdft", "fsdp", "frozen"), ("sdft", "fsdp", "live"), ("sft", "fsdp", "frozen")])
+    ("sdft", "fsdp", "frozen"), ("sdft", "fsdp", "live"), ("sdft", "fsdp", "ema"), ("sft", "fsdp", "frozen")])
 def test_two_processes_take_the_single_process_step(tmp_path, method, parallel, teacher):
     """teacher "lora": LoRA adapters under DDP with the frozen teacher (the base, adapters off)."""
     lora = teacher == "lora"
@@ -59,8 +59,10 @@ def test_two_processes_take_the_single_process_step(tmp_path, method, parallel, 
     # the checkpoint and the exported model hold full tensors, whatever the sharding
     from safetensors.torch import load_file
 
-    for name, value in load_file(str(run2 / "checkpoint-1" / "trainable.safetensors")).items():
-        assert value.shape == load_file(str(tmp_path / "run1" / "checkpoint-1" / "trainable.safetensors"))[name].shape
+    for kept in ("trainable",) + (("teacher",) if teacher == "ema" else ()):  # process 0 writes what all gathered
+        one = load_file(str(tmp_path / "run1" / "checkpoint-1" / f"{kept}.safetensors"))
+        two = load_file(str(run2 / "checkpoint-1" / f"{kept}.safetensors"))
+        assert set(two) == set(one) and all(two[name].shape == value.shape for name, value in one.items())
     assert (run2 / "final_model" / ("adapter_config.json" if lora else "config.json")).is_file()
 
 
