@@ -53,15 +53,24 @@ def config_folder(model=None) -> Path | None:
 
 
 def meta_model(model):
-    """``model`` (None, a path or a Hub id) built on the meta device from its config.json, in float32 as its
-    config builds it (nothing is allocated); None for a .gguf."""
+    """``model`` (None, a path or a Hub id) built on the meta device from its config.json (a .gguf: the config
+    its metadata gives, about 10 s to read), in float32 as its config builds it (nothing is allocated); None
+    where no config is here (the embedded model before its first load) or a .gguf's does not read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = config_folder(model)
-    if folder is None:
+    if folder is not None:
+        config = AutoConfig.from_pretrained(folder)
+    elif isinstance(model, (str, Path)) and Path(model).suffix == ".gguf" and Path(model).expanduser().is_file():
+        path = Path(model).expanduser()
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError):  # loading says why
+            return None
+    else:
         return None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _cache_version(cache: Path) -> str | None:

@@ -63,3 +63,20 @@ def test_a_dry_run_names_the_checkpoint_a_run_resumes_from(folder, tmp_path, cap
                 "resume_from_checkpoint=true"]) == 0
     assert f"output_dir: {out}: resumes from {out / 'checkpoint-1'}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_gguf_model_gets_the_memory_plan_from_its_metadata(tmp_path, capsys, monkeypatch):
+    """A .gguf has no config.json: its metadata gives the config the plan counts (no weights load)."""
+    from sdft.models.loading import EMBEDDED_GGUF, embedded_model_dir
+
+    gguf = embedded_model_dir() / EMBEDDED_GGUF
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    monkeypatch.setattr("sdft.run.dry_run.load_model", _no_load)
+    monkeypatch.setattr("sdft.models.load_model", _no_load)
+    assert cli(["train", "--dry-run", "--model", str(gguf), "--data", str(tmp_path / "d.jsonl"), "--no-eval",
+                "--set", f"output_dir={tmp_path / 'run'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"model: {gguf} (llama, 134.5M parameters: its weights take 0.50 GiB in float32)"
+    assert any(line.startswith("memory per process before activations: 2.51 GiB") for line in lines)
+    assert any(line.startswith("scoring: the student's pass over that micro-batch") for line in lines)
