@@ -99,7 +99,7 @@ EOF
 # --- sizes: the real ones on the GPU, tiny ones for the dry run ---------------------------------
 if [ -n "$DRY" ]; then
   TESTS=(tests/kernels/test_gpu_divergence.py tests/runtime/test_mixed_precision.py
-         tests/prefix/test_tree_attention.py -k "cuda or bf16")
+         tests/prefix/test_tree_attention.py tests/runtime/test_inference_placement.py -k "cuda or bf16 or gpu")
   PYTEST_FLAGS=()
   DIV=(--n 64 --reps 1 --impls sdft naive gemm_floor)
   DIV_SHAPES=(smollm2)
@@ -109,7 +109,8 @@ if [ -n "$DRY" ]; then
   STEP32=(--settings short_g4 --sides sdft --steps 2)
   ROWS=(--prompts 4 --groups 2 --steps 8 --reps 1)
 else
-  TESTS=(tests/kernels tests/prefix/test_tree_attention.py tests/runtime/test_mixed_precision.py)
+  TESTS=(tests/kernels tests/prefix/test_tree_attention.py tests/runtime/test_mixed_precision.py
+         tests/runtime/test_inference_placement.py)
   PYTEST_FLAGS=()
   # pytest-xdist: the Triton compiles run on 12 CPU cores at once; pytest-timeout: no test hangs the run
   $PY -c "import xdist" 2>/dev/null && PYTEST_FLAGS+=(-n 12)

@@ -43,3 +43,24 @@ def test_a_training_run_on_a_gpu_index_the_machine_lacks_is_refused_before_the_m
     _gpus(monkeypatch, 1)
     with pytest.raises(ValueError, match=r"device=cuda:1 but this machine has 1 CUDA device \(cuda:0\)"):
         SDFTConfig(device="cuda:1").check_device()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_answers_on_the_gpu_in_bf16_by_default(tmp_path, capsys, monkeypatch):
+    from tiny_model import tiny_llama
+    from tiny_tokenizer import tiny_tokenizer
+
+    from sdft.cli import main as cli
+    from sdft.eval import evaluation
+    from sdft.run.export import save_hf_folder
+
+    tok = tiny_tokenizer()
+    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
+    seen = []
+    answer = evaluation.generate_answers
+    monkeypatch.setattr(evaluation, "generate_answers",
+                        lambda model, *a: seen.append(next(model.parameters())) or answer(model, *a))
+    assert cli(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    assert seen[0].is_cuda and seen[0].dtype == expected
