@@ -17,6 +17,7 @@ from sdft.run.memory_plan import device_memory, rollout_plan, training_state
 from sdft.run.prepare import parameters_text
 from sdft.run.trainer import encode_examples, positions_note
 from sdft.runtime.parallel import run_device
+from sdft.runtime.precision import compute_precision, cpu_precision_note
 
 
 def dry_run(model, examples: list[Example], eval_examples, config, resume: Path | None,
@@ -45,8 +46,11 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
         "rows)",
         f"output_dir: {config.output_dir}: " + (f"resumes from {resume}" if resume is not None else "a new run"),
     ]
+    device = run_device(config.device)
+    lines.append(compute_line(config, device, processes))
+    emulated = cpu_precision_note(config.mixed_precision, device, config.dtype)
+    lines += [emulated] if emulated is not None else []
     if meta is not None:
-        device = run_device(config.device)
         state, available = training_state(meta, config, processes, device), device_memory(device)
         lines.append(state.line(available))
         sources = [(e.teacher_ids if config.generate_from_teacher else e.prompt_ids).tolist() for e in encoded]
@@ -62,6 +66,18 @@ def dry_run(model, examples: list[Example], eval_examples, config, resume: Path 
     note = positions_note(encoded, config.max_completion_length, getattr(meta, "config", None))
     lines += [note] if note is not None else []
     return lines
+
+
+def compute_line(config, device: torch.device, processes: int) -> str:
+    """Where the run computes and in what precision (``mixed_precision`` resolved for ``device``)."""
+    where = "the CPU" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    if processes > 1:
+        where = f"{processes} processes" + (", each on its own GPU" if device.type == "cuda" else " on the CPU")
+    precision = compute_precision(config.mixed_precision, device)
+    what = {"bf16": f"bf16 autocast over {config.dtype} weights and optimizer state",
+            "fp16": "fp16 autocast with dynamic loss scaling over float32 weights and optimizer state",
+            }.get(precision, f"{config.dtype} throughout")
+    return f"compute: {where}, {what} (mixed_precision={config.mixed_precision})"
 
 
 def model_line(model, meta, dtype: str) -> str:

@@ -40,7 +40,21 @@ def test_a_dry_run_prints_the_plan_and_writes_nothing(folder, tmp_path, capsys, 
     assert lines[2].startswith("training rows: 3; prompt tokens ")
     assert lines[3] == "steps: 6, each 2 prompts x 3 rollouts of up to 48 tokens (4 passes over the rows)"
     assert lines[4] == f"output_dir: {out}: a new run"
+    assert lines[5] == "compute: the CPU, float32 throughout (mixed_precision=auto)"
     assert not out.exists()
+
+
+def test_a_dry_run_says_the_precision_and_when_the_cpu_emulates_it(folder, tmp_path, capsys, monkeypatch):
+    from sdft.runtime import precision
+
+    path, _ = folder
+    monkeypatch.setattr(precision, "native_16bit", lambda name: False)
+    assert cli(["train", "--dry-run", "--model", str(path), "--data", str(tmp_path / "d.jsonl"), "--no-eval",
+                "--set", f"output_dir={tmp_path / 'run'}", "mixed_precision=bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[5] == ("compute: the CPU, bf16 autocast over float32 weights and optimizer state "
+                        "(mixed_precision=bf16)")
+    assert lines[6].startswith("sdft: mixed_precision=bf16 on a CPU without bf16 matrix instructions")
 
 
 def test_a_dry_run_refuses_an_over_long_row_as_the_run_does(folder, tmp_path, capsys):

@@ -133,12 +133,13 @@ def test_the_dry_run_prints_the_memory_plan(folder, tmp_path, capsys):
                 "--set", f"output_dir={tmp_path / 'run'}", "use_lora=true"]) == 0
     lines = capsys.readouterr().out.splitlines()
     plan = training_state(meta_model(str(folder)), SDFTConfig(use_lora=True, device="cpu"), 1, torch.device("cpu"))
-    assert lines[5].startswith(plan.line().split(")")[0] + ")")
+    assert lines[5] == "compute: the CPU, float32 throughout (mixed_precision=auto)"
+    assert lines[6].startswith(plan.line().split(")")[0] + ")")
     c = SDFTConfig()
-    assert lines[6].startswith(f"rollouts: a micro-batch of the {c.per_device_train_batch_size} longest prompts x "
+    assert lines[7].startswith(f"rollouts: a micro-batch of the {c.per_device_train_batch_size} longest prompts x "
                                f"{c.num_generations} rollouts of up to {c.max_completion_length} tokens reserves a "
                                "KV cache of ")
-    assert lines[7].startswith("scoring: the student's pass over that micro-batch (")
+    assert lines[8].startswith("scoring: the student's pass over that micro-batch (")
 
 
 def test_activations_over_what_the_state_leaves_are_said_with_what_cuts_them():
