@@ -198,22 +198,6 @@ def test_wandb_gets_offline_mode_and_trl_names(tmp_path, monkeypatch):
     assert logged[0][1]["train/self_distillation/distillation_loss"] == logged[0][1]["train/loss"]
 
 
-def test_cli_generate_answers_in_the_dtype_asked_for(tmp_path, capsys, monkeypatch):
-    from sdft.eval import evaluation
-    from sdft.run.export import save_hf_folder
-
-    tok = tiny_tokenizer()
-    folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
-    seen = []
-    answer = evaluation.generate_answers
-    monkeypatch.setattr(evaluation, "generate_answers",
-                        lambda model, *a: seen.append(next(model.parameters()).dtype) or answer(model, *a))
-    for dtype in ("auto", "bfloat16"):
-        assert cli(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
-                    "--dtype", dtype]) == 0
-    assert seen == [torch.float32, torch.bfloat16], "auto: float32 on the CPU, as before"
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["teacher-check"]])
 def test_a_gpu_asked_for_where_there_is_none_is_one_line_before_the_model_loads(command, capsys, monkeypatch):

@@ -45,9 +45,8 @@ def test_a_training_run_on_a_gpu_index_the_machine_lacks_is_refused_before_the_m
         SDFTConfig(device="cuda:1").check_device()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_generate_answers_on_the_gpu_in_bf16_by_default(tmp_path, capsys, monkeypatch):
+def _answered_with(tmp_path, monkeypatch, *flags) -> list:
+    """The first parameter of the model each ``sdft generate ... FLAGS`` answered with (a tiny model)."""
     from tiny_model import tiny_llama
     from tiny_tokenizer import tiny_tokenizer
 
@@ -57,10 +56,23 @@ def test_generate_answers_on_the_gpu_in_bf16_by_default(tmp_path, capsys, monkey
 
     tok = tiny_tokenizer()
     folder = save_hf_folder(tiny_llama(vocab=len(tok)), tok, tmp_path / "model")
-    seen = []
-    answer = evaluation.generate_answers
+    seen, answer = [], evaluation.generate_answers
     monkeypatch.setattr(evaluation, "generate_answers",
                         lambda model, *a: seen.append(next(model.parameters())) or answer(model, *a))
-    assert cli(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert cli(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", *flags]) == 0
+    return seen
+
+
+@pytest.mark.parametrize("dtype,expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_generate_answers_on_the_cpu_in_the_dtype_asked_for(tmp_path, monkeypatch, dtype, expected):
+    """auto: float32 on the CPU, as before."""
+    (weight,) = _answered_with(tmp_path, monkeypatch, "--device", "cpu", "--dtype", dtype)
+    assert weight.device.type == "cpu" and weight.dtype == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_answers_on_the_gpu_in_bf16_by_default(tmp_path, monkeypatch):
+    (weight,) = _answered_with(tmp_path, monkeypatch)
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    assert seen[0].is_cuda and seen[0].dtype == expected
+    assert weight.is_cuda and weight.dtype == expected
