@@ -377,7 +377,7 @@ def _generate(args, parser) -> int:
     if checkpoint:
         from sdft.run.export import load_checkpoint_model
 
-        model, tokenizer = load_checkpoint_model(args.model, args.base)
+        model, tokenizer = load_checkpoint_model(args.model, args.base, dtype)
     else:
         model, tokenizer = load_trained(args.model, dtype, base=args.base)
     model.to(device=device, dtype=dtype)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from sdft.data.chat import template_kwargs_of, with_template_kwargs
 from sdft.models.loading import EXPORT_MARK  # a later export may replace a folder that holds it
 from sdft.run.writes import WriteError, refused_write, write_reason
@@ -245,12 +247,14 @@ def check_checkpoint(checkpoint) -> None:
         raise checkpoint_error(path, problem, "export")
 
 
-def load_checkpoint_model(checkpoint, model=None):
+def load_checkpoint_model(checkpoint, model=None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) a checkpoint holds: its base (``model``, or the one it records; None there means
-    the embedded SmolLM2) with its trained weights (LoRA adapters applied as it was trained). The checkpoint
-    and the base are checked before the base loads."""
+    the embedded SmolLM2) with its trained weights (LoRA adapters applied as it was trained), in ``dtype``
+    (the base loads in it: no float32 copy first). The checkpoint and the base are checked before the base
+    loads."""
     check_checkpoint(checkpoint)
-    return _checked_checkpoint_model(Path(checkpoint).expanduser(), model)
+    loaded, tokenizer = _checked_checkpoint_model(Path(checkpoint).expanduser(), model, dtype=dtype)
+    return loaded.to(dtype), tokenizer  # LoRA adapters too (peft makes them in float32 over a 16-bit base)
 
 
 def _base_source(state: dict, model):
@@ -263,7 +267,8 @@ def _base_source(state: dict, model):
     return hub.recorded_snapshot(model, state.get("model")) or model
 
 
-def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None):
+def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None,
+                              dtype: torch.dtype = torch.float32):
     """``load_checkpoint_model`` for a checkpoint ``check_checkpoint`` passed (its files are hashed once);
     ``state``: its state.json when already read."""
     from sdft.config import SDFTConfig
@@ -287,7 +292,7 @@ def _checked_checkpoint_model(checkpoint: Path, model, state: dict | None = None
         raise ValueError(f"{checkpoint} was trained from {trained_from}, which is still here, not from {source}: "
                          "drop --model to use its own base")
     config = SDFTConfig.from_dict(state["config"])
-    base, tokenizer = load_model(source)
+    base, tokenizer = load_model(source, dtype)
     if config.use_lora:
         base = apply_lora(base, LoraSettings.from_config(config))
     load_trainable(checkpoint, base)

@@ -257,6 +257,12 @@ def test_generate_answers_from_a_checkpoint_as_from_its_export(tmp_path, capsys,
         assert cli(["generate", str(model), "--prompt", "add 1 2", "--max-new-tokens", "6"]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].startswith("> add 1 2\n")
+    from sdft.run.export import load_checkpoint_model
+
+    full, _ = load_checkpoint_model(checkpoint)
+    half, _ = load_checkpoint_model(checkpoint, dtype=torch.bfloat16)  # the base loads in bf16: no fp32 copy first
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters(), strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
 
 
 def test_model_folder_with_broken_config_json(tmp_path, capsys):
