@@ -121,7 +121,7 @@ def _plan(config, data, tokenizer) -> dict:
     from sdft.run.dry_run import meta_model
     from sdft.run.memory_plan import rollout_plan, training_state
     from sdft.run.trainer import encode_examples
-    from sdft.runtime.parallel import run_device
+    from sdft.runtime.inference import run_device
 
     device = run_device(config.device)
     meta = meta_model(model_dir())

@@ -438,7 +438,7 @@ def _train(args, parser) -> int:
     from sdft.eval.evaluation import eval_table, skill_accuracy
     from sdft.eval.retention import summary as retention_summary
     from sdft.run.trainer import train
-    from sdft.runtime.parallel import run_device
+    from sdft.runtime.inference import run_device
 
     processes, rank = launched_size(), int(os.environ.get("RANK", "0"))
     # the bundled skill's before/after check is a one-process convenience; eval_data works on any number

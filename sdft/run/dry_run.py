@@ -16,7 +16,7 @@ from sdft.run.activation_plan import scoring_plan
 from sdft.run.memory_plan import device_memory, rollout_plan, training_state
 from sdft.run.prepare import parameters_text
 from sdft.run.trainer import encode_examples, positions_note
-from sdft.runtime.parallel import run_device
+from sdft.runtime.inference import run_device
 from sdft.runtime.precision import compute_precision, cpu_precision_note
 
 

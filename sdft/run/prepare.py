@@ -34,7 +34,8 @@ from sdft.run.run_dir import (
 from sdft.run.schedule import LRSchedule
 from sdft.runtime.determinism import deterministic_algorithms
 from sdft.runtime.distributed import World, all_reduce_sum, setup
-from sdft.runtime.parallel import Runner, run_device
+from sdft.runtime.inference import run_device
+from sdft.runtime.parallel import Runner
 from sdft.runtime.precision import compute_precision, cpu_precision_note, tf32_matmuls
 
 

@@ -15,14 +15,20 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def check_device(name: str, field: str = "device") -> torch.device:
-    """``name`` (auto, cpu, cuda, cuda:N) as a device of this machine; one line where it is not one."""
-    if not DEVICE_PATTERN.match(name):
-        raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N, got {name!r}")
+def run_device(name: str) -> torch.device:
+    """The ``device`` setting as a device: ``auto`` is CUDA where there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
+    return torch.device(name)
+
+
+def check_device(name: str, field: str = "device") -> torch.device:
+    """``name`` (auto, cpu, cuda, cuda:N) as a device of this machine (``run_device``); one line where it is
+    not one."""
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = run_device(name)
+    if device.type == "cuda" and name != "auto":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(f"{field}={name} but no CUDA device is available; use {field}=cpu")

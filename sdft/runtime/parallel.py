@@ -26,13 +26,6 @@ from sdft.runtime.heap_trim import trim_freed_memory
 from sdft.runtime.precision import autocast_dtype, loss_scaler
 
 
-def run_device(name: str) -> torch.device:
-    """The ``device`` setting as a device: ``auto`` is CUDA where there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Whole(torch.nn.Module):
     """A model whose forward runs any function of it, so a wrapper's hooks surround that function."""
 
