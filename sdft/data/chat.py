@@ -120,18 +120,22 @@ def chat_ids_many(tokenizer, chats: list[list[dict]], device, wheres: list[str],
     ``apply_chat_template`` a batch at a time, one tokenizer call a batch instead of one a chat (20,000 rows:
     10.4 s against 30.8 s, ``benchmarks/bench_encode_rows.py``). A batch the template refuses is done again
     chat by chat, so the line names the row."""
+    from jinja2.exceptions import TemplateError
+
     out: list[torch.Tensor | None] = [None] * len(chats)
     templated = has_chat_template(tokenizer)
-    batched = [i for i, chat in enumerate(chats) if templated and chat[0]["role"] != PLAIN]
-    for i in sorted(set(range(len(chats))) - set(batched)):
-        out[i] = chat_ids(tokenizer, chats[i], device, add_generation_prompt, where=wheres[i])
+    batched = []
+    for i, chat in enumerate(chats):
+        if templated and chat[0]["role"] != PLAIN:
+            batched.append(i)
+        else:
+            out[i] = chat_ids(tokenizer, chat, device, add_generation_prompt, where=wheres[i])
     for start in range(0, len(batched), CHAT_BATCH):
         part = batched[start:start + CHAT_BATCH]
         try:
-            with _template_errors(None):
-                ids = tokenizer.apply_chat_template([chats[i] for i in part], return_dict=True,
-                                                    add_generation_prompt=add_generation_prompt)["input_ids"]
-        except ValueError:
+            ids = tokenizer.apply_chat_template([chats[i] for i in part], return_dict=True,
+                                                add_generation_prompt=add_generation_prompt)["input_ids"]
+        except TemplateError:  # chat by chat, so that the line names the row
             ids = [chat_ids(tokenizer, chats[i], "cpu", add_generation_prompt, where=wheres[i]).tolist() for i in part]
         for i, row in zip(part, ids):
             out[i] = torch.tensor(row, dtype=torch.long, device=device)
