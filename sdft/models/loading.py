@@ -7,6 +7,8 @@ Its first load de-quantizes the GGUF (about 20 s); the result is cached as safet
 """
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import json
 import os
@@ -59,18 +61,29 @@ def meta_model(model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = config_folder(model)
+    path = Path(model).expanduser() if isinstance(model, (str, Path)) else None
     if folder is not None:
         config = AutoConfig.from_pretrained(folder)
-    elif isinstance(model, (str, Path)) and Path(model).suffix == ".gguf" and Path(model).expanduser().is_file():
-        path = Path(model).expanduser()
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    elif path is not None and path.suffix == ".gguf" and path.is_file():
+        stat = path.stat()
+        try:  # a copy: each meta model gets a config of its own
+            config = copy.deepcopy(_gguf_config(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
         except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError):  # loading says why
             return None
     else:
         return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_config(path: str, size: int, mtime_ns: int):
+    """The config a .gguf's metadata gives (read once per file version: about 10 s, and a LoRA run's check and
+    its dry run's plan both ask)."""
+    from transformers import AutoConfig
+
+    gguf = Path(path)
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def _cache_version(cache: Path) -> str | None:
