@@ -277,7 +277,7 @@ def _teacher_check(args, parser) -> int:
 
     device, dtype = _placed(args)
     model, tokenizer = load_trained(args.model, dtype)  # a LoRA adapter folder too: what is left to distil after a run?
-    model.to(device)
+    model.to(device=device, dtype=dtype)  # as generate: an adapter's layers too (peft makes them in float32)
     tokenizer = _render_with(tokenizer, template_kwargs)
     rows = teacher_check(model, tokenizer, data, args.templates, args.scorer, args.limit, args.max_new_tokens)
     print(f"greedy answers on the first {rows[0]['examples']} rows, scored ({args.scorer}) against their "
