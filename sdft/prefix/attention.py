@@ -39,36 +39,52 @@ def flex_available() -> bool:
     return True
 
 
-def may_use_flex(mode: str, model) -> bool:
-    """Whether a tree pass of ``model`` in this grad mode can take the block mask under ``mode``.
+def model_allows_flex(supports: bool, dropout: float, training: bool) -> bool:
+    """Whether a model can run its attention through FlexAttention: its class declares flex support
+    (``supports``) and it is not training with attention dropout (transformers' flex path refuses it)."""
+    return supports and not (training and dropout)
 
-    Never for ``dense``, a torch without FlexAttention, a model class that does not declare flex support,
-    or attention dropout while training (transformers' flex path refuses dropout). FlexAttention has
-    no backward on CPU (torch 2.13), so there only passes without gradient qualify (the teacher's
-    scoring, rollout prefill), and ``auto`` keeps the dense mask on CPU altogether.
-    """
-    if mode == "dense" or not flex_available() or not getattr(model, "_supports_flex_attn", False):
+
+def device_allows_flex(mode: str, device_type: str, grad: bool) -> bool:
+    """Whether a pass on ``device_type`` (with gradient or not) may take the block mask under ``mode``:
+    never for ``dense``; on CPU only ``flex`` passes without gradient (FlexAttention has no CPU backward in
+    torch 2.13, and ``auto`` keeps the dense mask there altogether); elsewhere always."""
+    if mode == "dense":
         return False
-    if model.training and getattr(model.config, "attention_dropout", 0.0):
-        return False
-    device = next(model.parameters()).device
-    if device.type == "cpu":
-        return mode == "flex" and not torch.is_grad_enabled()
+    if device_type == "cpu":
+        return mode == "flex" and not grad
     return True
 
 
-def use_flex(mode: str, width: int, model) -> bool:
-    """The rule: does a tree pass of packed width ``width`` take the block mask?
+def width_takes_flex(mode: str, width: int, device_type: str) -> bool:
+    """Whether a tree pass that may take the block mask takes it at packed width ``width``.
 
     On CUDA never for a row narrower than one block: there the block mask skips nothing, and a query
     shorter than 128 takes inductor's flex-decoding kernel, which in torch releases the package admits
     (>= 2.6) may refuse query-head groups that are not a power of two (Qwen2.5-0.5B's 7 query heads per KV
-    head; the pinned 2.13 falls back to the main kernel by itself)."""
-    if not may_use_flex(mode, model):
-        return False
-    if width < BLOCK and next(model.parameters()).device.type == "cuda":
+    head; the pinned 2.13 falls back to the main kernel by itself). ``auto`` asks for ``FLEX_MIN_NODES``."""
+    if width < BLOCK and device_type == "cuda":
         return False
     return mode == "flex" or width >= FLEX_MIN_NODES
+
+
+def device_type_of(model) -> str:
+    """The device type ``model``'s weights are on."""
+    return next(model.parameters()).device.type
+
+
+def may_use_flex(mode: str, model) -> bool:
+    """Whether a tree pass of ``model`` in this grad mode can take the block mask under ``mode``: a torch
+    with FlexAttention, ``model_allows_flex`` and ``device_allows_flex``."""
+    return (mode != "dense" and flex_available()
+            and model_allows_flex(getattr(model, "_supports_flex_attn", False),
+                                  getattr(model.config, "attention_dropout", 0.0), model.training)
+            and device_allows_flex(mode, device_type_of(model), torch.is_grad_enabled()))
+
+
+def use_flex(mode: str, width: int, model) -> bool:
+    """The rule: does a tree pass of ``model`` at packed width ``width`` take the block mask?"""
+    return may_use_flex(mode, model) and width_takes_flex(mode, width, device_type_of(model))
 
 
 def block_mask(ends: torch.Tensor, block: int = BLOCK):

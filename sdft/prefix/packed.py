@@ -170,14 +170,23 @@ def tree_forward(decoder, packed: PackedTrees, attention: str = "auto", **kwargs
 
 def pack_for(decoder, attention: str, pack):
     """``pack(pairs)`` (packed trees and their node indices) under the cost model of the attention the
-    pass will take: a block-sparse pass costs its nodes (only visible blocks are computed), so everything
-    shares one tree; a dense pass also pays every node pair (``pairs_per_token``), so weakly sharing
-    groups go to separate rows."""
-    if tree_attention.may_use_flex(attention, decoder):
+    pass will take (``pack_choosing``, with ``decoder``'s rule)."""
+    device_type = tree_attention.device_type_of(decoder)
+    return pack_choosing(pack, tree_attention.may_use_flex(attention, decoder),
+                         lambda width: tree_attention.width_takes_flex(attention, width, device_type),
+                         decoder.config)[0]
+
+
+def pack_choosing(pack, may_flex: bool, takes_flex, model_config):
+    """(``pack(pairs)``, whether the pass takes the block mask): a block-sparse pass costs its nodes (only
+    visible blocks are computed), so everything shares one tree where the pass ``may_flex`` and
+    ``takes_flex(width)`` of that tree; a dense pass also pays every node pair (``pairs_per_token``), so
+    weakly sharing groups go to separate rows. The run and the dry run's plan both choose here."""
+    if may_flex:
         packed = pack(float("inf"))
-        if tree_attention.use_flex(attention, packed[0].width, decoder):
-            return packed
-    return pack(pairs_per_token(decoder.config))
+        if takes_flex(packed[0].width):
+            return packed, True
+    return pack(pairs_per_token(model_config)), False
 
 
 def tree_hidden(decoder, contexts: list[torch.Tensor], completions: torch.Tensor,

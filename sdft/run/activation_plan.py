@@ -133,20 +133,26 @@ class ScoringActivations:
                 f"about {size_text(self.total)} of activations for its backward{how}{mask}")
 
 
-def _block_mask(config, device: torch.device) -> bool:
-    """Whether the student's tree pass takes the block mask (FlexAttention on CUDA) rather than the dense one."""
-    return device.type == "cuda" and config.tree_attention != "dense"
+def _flex_rule(mode: str, model, device: torch.device):
+    """(may the student's tree pass take the block mask, ``takes(width)``): the rule the run applies
+    (``sdft.prefix.attention.use_flex``) to ``model`` training, with gradient, on ``device``."""
+    from sdft.prefix import attention as tree_attention
+
+    may = (mode != "dense" and tree_attention.flex_available()
+           and tree_attention.model_allows_flex(getattr(model, "_supports_flex_attn", False),
+                                                getattr(model.config, "attention_dropout", 0.0), True)
+           and tree_attention.device_allows_flex(mode, device.type, True))
+    return may, lambda width: tree_attention.width_takes_flex(mode, width, device.type)
 
 
-def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, config, model_config,
-           device: torch.device) -> tuple[int, int]:
-    """(rows, width) of the student's pass over the micro-batch of the longest ``prompts`` with distinct
-    rollouts of full length: the prefix tree as the run packs it (one tree under the block mask on CUDA, rows
-    by the dense mask's cost elsewhere), the live teacher's contexts in the same tree where the run would join
-    them (``share_teacher_prefix``, by ``joint_pass_pays``'s rule), or a padded row per rollout without prefix
-    sharing."""
-    from sdft.prefix.packed import joint_nodes_pay, pack_sides
-    from sdft.prefix.tree import pairs_per_token
+def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, config, model,
+           device: torch.device) -> tuple[int, int, str]:
+    """(rows, width, mask) of the student's pass over the micro-batch of the longest ``prompts`` with distinct
+    rollouts of full length: the prefix tree as the run packs it (``pack_choosing``, as the run chooses: one
+    tree under the block mask, rows by the dense mask's cost otherwise), the live teacher's contexts in the
+    same tree where the run would join them (``share_teacher_prefix``, by ``joint_pass_pays``'s rule), or a
+    padded row per rollout without prefix sharing. ``mask``: "block", "dense" or "none" (no tree)."""
+    from sdft.prefix.packed import joint_nodes_pay, pack_choosing, pack_sides
 
     batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
     joint = config.share_teacher_prefix and config.teacher_mode == "live" and teacher_contexts is not None
@@ -154,22 +160,22 @@ def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, c
     chosen = sorted(range(len(prompts)), key=size)[-batch:]
     longest = [prompts[i] for i in chosen]
     if not config.share_prefix or config.attn_implementation == "flash_attention_2":
-        return len(longest) * group, max(map(len, longest)) + length - 1
+        return len(longest) * group, max(map(len, longest)) + length - 1, "none"
     contexts = [torch.tensor(p) for p in longest]
     completions = torch.arange(len(longest) * group * length).reshape(-1, length) + 1  # distinct rollouts
     mask = torch.ones_like(completions, dtype=torch.bool)
-    pairs = float("inf") if _block_mask(config, device) else pairs_per_token(model_config)
+    may, takes = _flex_rule(config.tree_attention, model, device)
 
     def pack(sides):
-        return pack_sides(sides, completions, mask, 0, pairs)[0]
+        return pack_choosing(lambda pairs: pack_sides(sides, completions, mask, 0, pairs), may, takes, model.config)
 
     sides = [contexts]
     if joint:
         teachers = [torch.tensor(teacher_contexts[i]) for i in chosen]
-        if joint_nodes_pay(pack, contexts, teachers):
+        if joint_nodes_pay(lambda sides: pack(sides)[0][0], contexts, teachers):
             sides = [contexts, teachers]
-    packed = pack(sides)
-    return packed.ids.shape[0], packed.width
+    (packed, _), flex = pack(sides)
+    return packed.ids.shape[0], packed.width, "block" if flex else "dense"
 
 
 def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.device,
@@ -183,7 +189,7 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     from sdft.run.memory_plan import compute_dtype
     from sdft.runtime.precision import autocast_dtype, compute_precision
 
-    rows, width = _slots(prompts, teacher_contexts, config, meta_model.config, device)
+    rows, width, tree_mask = _slots(prompts, teacher_contexts, config, meta_model, device)
     attention = meta_model.config._attn_implementation if config.attn_implementation == "auto" else \
         config.attn_implementation
     lower = autocast_dtype(compute_precision(config.mixed_precision, device))  # None: no autocast
@@ -216,7 +222,7 @@ def scoring_plan(meta_model, prompts: list[list[int]], config, device: torch.dev
     hidden = meta_model.config.get_text_config().hidden_size
     completions = min(len(prompts), config.per_device_train_batch_size) * config.num_generations
     teacher = completions * config.max_completion_length * hidden * size
-    dense = config.share_prefix and not _block_mask(config, device)
+    dense = tree_mask == "dense"
     copies = 1 if config.gradient_checkpointing or attention == "eager" else layers  # eager: one additive mask
     mask = rows * width * width * (1 + copies * size) if dense else 0
     return ScoringActivations(total, teacher, mask, layer, rows, width, config.gradient_checkpointing)

@@ -121,3 +121,36 @@ def test_a_live_teacher_joined_to_the_students_tree_is_counted_in_its_pass():
     real = sum(seen.values()) + student.numel() * student.element_size()
     saved_masks = plan.mask - plan.rows * plan.width ** 2
     assert 0.95 < (plan.saved + saved_masks) / real < 1.05, (plan.saved + saved_masks, real)
+
+
+@pytest.mark.parametrize("mode", ["auto", "flex", "dense"])
+@pytest.mark.parametrize("length", [24, 600])
+def test_on_cuda_the_plan_packs_and_masks_as_the_run_would(mode, length):
+    """The plan's tree on a CUDA device is the one ``pack_for`` packs for a training decoder there (block mask
+    from one block, or from ``FLEX_MIN_NODES`` in auto mode; the dense mask's rows below), and it counts the
+    dense mask's bytes only where the run takes the dense mask. (A stand-in decoder on CUDA; meta weights.)"""
+    from types import SimpleNamespace
+
+    from sdft.prefix import attention as tree_attention
+    from sdft.prefix.packed import pack_for, pack_sides
+
+    config = SDFTConfig(per_device_train_batch_size=2, num_generations=4, max_completion_length=length, device="cpu",
+                        tree_attention=mode, mixed_precision="no")
+    with torch.device("meta"):
+        meta = _model()
+    plan = scoring_plan(meta, PROMPTS, config, torch.device("cuda"))
+
+    class OnCuda:
+        _supports_flex_attn, training, config = True, True, meta.config
+
+        def parameters(self):
+            return iter([SimpleNamespace(device=torch.device("cuda"))])
+
+    completions = torch.arange(len(PROMPTS) * 4 * length).reshape(-1, length) + 1
+    mask = torch.ones_like(completions, dtype=torch.bool)
+    packed, _ = pack_for(OnCuda(), mode, lambda pairs: pack_sides([[torch.tensor(p) for p in PROMPTS]], completions,
+                                                                  mask, 0, pairs))
+    assert (plan.rows, plan.width) == (packed.ids.shape[0], packed.width)
+    flex = tree_attention.use_flex(mode, packed.width, OnCuda())
+    assert (plan.mask == 0) == flex
+    assert flex == (mode == "flex" or (mode == "auto" and length == 600))  # auto: 258 packed tokens stay dense
