@@ -38,9 +38,10 @@ def main():
         row_grad = torch.full((n,), 1.0 / n, device=device)
         tflop = 4 * n * h * v / 1e12
         for kernel in ("stats", "grad"):
-            default = dict(triton_backend.GPU_TILES[kernel])
+            default = triton_backend.GPU_TILES[kernel]
             for cfg in CANDIDATES:
-                triton_backend.GPU_TILES[kernel] = cfg
+                triton_backend.GPU_TILES[kernel] = (cfg,)  # this shape alone
+                triton_backend.FITTED.clear()
                 if kernel == "stats":
                     fn = lambda: triton_backend.forward(hs, ht, w, w, spec, True)  # noqa: E731
                 else:

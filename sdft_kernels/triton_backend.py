@@ -31,22 +31,66 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Tile shapes on a GPU per kernel; benchmarks/tune_tiles.py measures alternatives.
-# Chosen on an H100 (benchmarks/results/tune_tiles_h100_round*.log).
+# Tile shapes on a GPU per kernel, in order of preference. The first of each was the fastest on an H100
+# (benchmarks/results/tune_tiles_h100_round*.log, bf16). A GPU that cannot hold a shape for the inputs
+# at hand takes the next (``fitted``): fp32 operands take twice bf16's shared memory per pipeline stage,
+# which an A100 (163 KB a block), a consumer or L4-class card (99 KB) or a T4 (64 KB) may not have; the
+# later shapes buffer fewer stages, then take smaller tiles. benchmarks/kernel_resources.py compiles
+# every kernel variant for these GPUs (no GPU needed) and prints which shape each one takes.
 GPU_TILES = {
-    "stats": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    "grad": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    "stats": (dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
+              dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=2),
+              dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=2),
+              dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=1)),
+    "grad": (dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+             dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
+             dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=2),
+             dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=1)),
     # Not yet measured on a GPU: small row blocks keep the [BLOCK_N, 2K] int64 merge in registers.
-    "topk": dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=64, num_warps=4, num_stages=2),
+    "topk": (dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=64, num_warps=4, num_stages=2),
+             dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=32, num_warps=4, num_stages=1)),
 }
 # Small tiles keep the CPU interpreter quick and exercise the edge masks.
 INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16)
+# (kernel, GPU capability, variant) -> index of the first tile shape that launched there
+FITTED: dict[tuple, int] = {}
 
 
-def _tiles(device: torch.device, kernel: str):
-    """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) for one kernel on this device."""
-    cfg = dict(GPU_TILES[kernel] if device.type == "cuda" else INTERPRETER_TILES)
+def _split(shape: dict):
+    """(BLOCK_N, BLOCK_V, BLOCK_K, launch options) of one tile shape."""
+    cfg = dict(shape)
     return cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_K"), cfg
+
+
+def first_fitting(shapes, run, start: int = 0):
+    """(index, ``run(*tiles)``) for the first of ``shapes`` from ``start`` that this GPU can launch.
+
+    Triton raises ``OutOfResources`` before a kernel does any work when a shape needs more shared memory
+    (or registers, as threads) than the device has; ``run`` allocates its own outputs, so a retry starts
+    clean."""
+    from triton.runtime.errors import OutOfResources
+
+    refused = None
+    for index in range(start, len(shapes)):
+        try:
+            return index, run(*_split(shapes[index]))
+        except OutOfResources as err:
+            refused = err
+    raise RuntimeError(f"no tile shape of sdft's Triton kernels fits this GPU ({refused}); "
+                       "use backend='torch'") from refused
+
+
+def fitted(kernel: str, device: torch.device, variant: tuple, run):
+    """``run(BLOCK_N, BLOCK_V, BLOCK_K, launch options)`` under ``kernel``'s tile shapes for ``device``: the
+    interpreter's on CPU; on a GPU the first of ``GPU_TILES[kernel]`` it can launch for this ``variant``
+    (dtype and the constants that change the kernel's resources), remembered per GPU model."""
+    if device.type != "cuda":
+        return run(*_split(INTERPRETER_TILES))
+    key = (kernel, torch.cuda.get_device_capability(device), variant)
+    index, result = first_fitting(GPU_TILES[kernel], run, FITTED.get(key, 0))
+    FITTED[key] = index
+    return result
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -90,22 +134,29 @@ def _cap_args(cap: float | None) -> tuple[float, bool]:
     return (1.0, False) if cap is None else (float(cap), True)
 
 
-def _launch(h_s, h_t, w, w_t, kernel: str):
-    """(grid, columns per split, shared launch arguments, tile and precision keywords) of a forward kernel."""
+def _partials(name: str, planes: int, h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None,
+              before: tuple = (), after: tuple = ()):
+    """``{name}_kernel``'s per-split partials ``[planes, splits, N]`` (fp32): the vocabulary split so that the
+    grid fills the device; ``before`` / ``after``: the kernel's arguments around its output and sizes."""
+    kernel = getattr(K, f"{name}_kernel")
     n, vocab = h_s.shape[0], w.shape[0]
-    bn, bv, bk, opts = _tiles(h_s.device, kernel)
-    splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
-    keywords = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PRECISION=_precision(h_s.dtype), **opts)
-    return (triton_cdiv(n, bn), splits), per_split, (n, vocab, *_common(h_s, h_t, w, w_t)), keywords
+    cap, capped = _cap_args(cap)
+
+    def run(bn, bv, bk, opts):
+        splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
+        part = alloc((planes, splits, n), torch.float32, h_s.device)
+        kernel[(triton_cdiv(n, bn), splits)](
+            h_s, h_t, w, w_t, *before, part, n, vocab, *_common(h_s, h_t, w, w_t), spec.inv_temperature, cap,
+            per_split, *after, SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+            PRECISION=_precision(h_s.dtype), **opts)
+        return part
+
+    return fitted("stats", h_s.device, (name, h_s.dtype, shared, capped), run)
 
 
 def row_statistics(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
     """``stats_kernel``: per row (lse_s, mean_p(s - t), lse_t, mean_q(t - s)), fp32 [N] each."""
-    grid, per_split, sizes, keywords = _launch(h_s, h_t, w, w_t, "stats")
-    part = alloc((6, grid[1], h_s.shape[0]), torch.float32, h_s.device)
-    cap, capped = _cap_args(cap)
-    K.stats_kernel[grid](h_s, h_t, w, w_t, part, *sizes, spec.inv_temperature, cap, per_split,
-                         SHARED=shared, CAP=capped, **keywords)
+    part = _partials("stats", 6, h_s, h_t, w, w_t, spec, shared, cap)
     return (*_combine(part[0], part[1], part[2]), *_combine(part[3], part[4], part[5]))
 
 
@@ -122,13 +173,8 @@ def forward(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | N
         loss = mean_t_minus_s - lse_t + lse_s
         stats[2] = 0.0
     else:
-        grid, per_split, sizes, keywords = _launch(h_s, h_t, w, w_t, "stats")
-        jsd_part = alloc((2, grid[1], n), torch.float32, h_s.device)
-        cap, capped = _cap_args(cap)
-        K.jsd_kernel[grid](h_s, h_t, w, w_t, stats, jsd_part, *sizes, spec.inv_temperature, cap,
-                           per_split, math.log(spec.beta), math.log1p(-spec.beta), SHARED=shared, CAP=capped,
-                           **keywords)
-        kl_qm, kl_pm = jsd_part.sum(1)
+        kl_qm, kl_pm = _partials("jsd", 2, h_s, h_t, w, w_t, spec, shared, cap, before=(stats,),
+                                 after=(math.log(spec.beta), math.log1p(-spec.beta))).sum(1)
         loss = spec.beta * kl_qm + (1 - spec.beta) * kl_pm
         stats[2] = kl_pm
     return loss, stats
@@ -161,34 +207,37 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
     ``targets`` (the sampled ids): the sampled-token estimator's gradient instead of the divergence's;
     ``kind="softmax"``: the gradient of the student's log-sum-exp; ``cap``: soft-capped logits."""
     n, vocab = h_s.shape[0], w.shape[0]
-    bn, bv, bk, opts = _tiles(h_s.device, "grad")
     common = _common(h_s, h_t, w, w_t)
     precision = _precision(h_s.dtype)
-    elt = w.element_size()
-    chunk = max(bv, (GRAD_BLOCK_BYTES // max(1, n * elt)) // bv * bv)
-    chunk = min(chunk, triton_cdiv(vocab, bv) * bv)
-    d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
-    d_w = alloc(w.shape, w.dtype, w.device) if need_w else None
-    gz_buffer = alloc((n * chunk,), w.dtype, h_s.device)
     beta = spec.beta if spec.kind == "jsd" else 0.5
     row_grad = row_grad.contiguous()
     kind = KIND_ID[kind or ("sampled_token" if targets is not None else spec.kind)]
     ids = targets.contiguous() if targets is not None else row_grad  # a pointer KIND != 3 never reads
     cap, capped = _cap_args(cap)
-    for v_lo in range(0, vocab, chunk):
-        v_hi = min(v_lo + chunk, vocab)
-        width = v_hi - v_lo
-        # A contiguous [n, width] block: CPU GEMMs may read a strided view's unwritten padding.
-        block = gz_buffer[: n * width].view(n, width)
-        grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
-        K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, ids, block, n, *common, width,
-                            spec.inv_temperature, cap, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
-                            KIND=kind, SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-                            PRECISION=precision, **opts)
-        if need_h:
-            d_h += _mm_fp32(block, w[v_lo:v_hi])
-        if need_w:
-            torch.mm(block.T, h_s, out=d_w[v_lo:v_hi])
+
+    def run(bn, bv, bk, opts):
+        chunk = max(bv, (GRAD_BLOCK_BYTES // max(1, n * w.element_size())) // bv * bv)
+        chunk = min(chunk, triton_cdiv(vocab, bv) * bv)
+        d_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+        d_w = alloc(w.shape, w.dtype, w.device) if need_w else None
+        gz_buffer = alloc((n * chunk,), w.dtype, h_s.device)
+        for v_lo in range(0, vocab, chunk):
+            v_hi = min(v_lo + chunk, vocab)
+            width = v_hi - v_lo
+            # A contiguous [n, width] block: CPU GEMMs may read a strided view's unwritten padding.
+            block = gz_buffer[: n * width].view(n, width)
+            grid = (triton_cdiv(n, bn), triton_cdiv(width, bv))
+            K.grad_kernel[grid](h_s, h_t, w, w_t, stats, row_grad, ids, block, n, *common, width,
+                                spec.inv_temperature, cap, v_lo, v_hi, math.log(beta), math.log1p(-beta), 1 - beta,
+                                KIND=kind, SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                                PRECISION=precision, **opts)
+            if need_h:
+                d_h += _mm_fp32(block, w[v_lo:v_hi])
+            if need_w:
+                torch.mm(block.T, h_s, out=d_w[v_lo:v_hi])
+        return d_h, d_w
+
+    d_h, d_w = fitted("grad", h_s.device, (h_s.dtype, kind, shared, capped), run)
     return (d_h.to(h_s.dtype) if need_h else None), d_w
 
 
@@ -250,14 +299,17 @@ def topk_ids(x, w, k: int, spec: DivergenceSpec, cap: float | None):
     the lower id: ``topk_kernel`` keeps a running top-K per vocabulary split, torch merges the splits."""
     n, vocab = x.shape[0], w.shape[0]
     width = max(16, 1 << (k - 1).bit_length())  # K: a power of two, at least a tl.dot tile
-    bn, _, bk, opts = _tiles(x.device, "topk")
-    splits, per_split = _splits(n, vocab, bn, width, x.device)
-    keys = alloc((splits, n, width), torch.int64, x.device)
     cap, capped = _cap_args(cap)
-    K.topk_kernel[(triton_cdiv(n, bn), splits)](
-        x, w, keys, n, vocab, x.shape[1], x.stride(0), w.stride(0), spec.inv_temperature, cap, per_split,
-        CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype), **opts)
-    keys = keys.permute(1, 0, 2).reshape(n, splits * width).topk(k, dim=1).values
+
+    def run(bn, _, bk, opts):
+        splits, per_split = _splits(n, vocab, bn, width, x.device)
+        keys = alloc((splits, n, width), torch.int64, x.device)
+        K.topk_kernel[(triton_cdiv(n, bn), splits)](
+            x, w, keys, n, vocab, x.shape[1], x.stride(0), w.stride(0), spec.inv_temperature, cap, per_split,
+            CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype), **opts)
+        return keys.permute(1, 0, 2).reshape(n, splits * width)
+
+    keys = fitted("topk", x.device, (x.dtype, width, capped), run).topk(k, dim=1).values
     ordered = (keys >> 32).to(torch.int32)
     values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
     return 0x7FFFFFFF - (keys & 0xFFFFFFFF), values
