@@ -2,8 +2,8 @@
 
 Triton compiles a kernel for any CUDA architecture on this CPU (its wheel carries ptxas), and the compiled
 kernel states the shared memory one program needs; a GPU whose blocks cannot have that much refuses the
-launch (``OutOfResources``), and ``sdft_kernels.triton_backend.fitted`` then takes the next shape of
-``GPU_TILES``. This compiles every kernel variant the launchers use (dtype, shared head or not) for the
+launch (``OutOfResources``), and ``sdft_kernels.triton_backend.fitted`` then takes the next shape of its
+``tile_chain``. This compiles every kernel variant the launchers use (dtype, shared head or not) for the
 listed GPUs, walks each chain as a launch would, and reports the shape taken with its shared memory,
 registers and spilled bytes per thread (cuobjdump's resource usage). Registers and spills are measured
 on the cubin, not a run: they say where a shape spills, not how fast it is.
@@ -64,7 +64,7 @@ def signature(kernel, dtype: str, outputs: str, ids: str) -> dict:
 
 
 def variants(dtype: str):
-    """(launcher's kernel name, GPU_TILES entry, kernel, constants, signature) per variant in ``dtype``."""
+    """(launcher's kernel name, tile chain's name, kernel, constants, signature) per variant in ``dtype``."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # its kernels and tl's own helpers are interpreted there
         raise RuntimeError("kernel_resources compiles: run it without TRITON_INTERPRET=1")
     from sdft_kernels import triton_kernels as K
@@ -126,20 +126,24 @@ def shape_taken(kernel, constants, types, shapes, arch: int, limit: int):
     return None, None, compiled
 
 
+def chain_for(kernel: str, arch: int) -> tuple[dict, ...]:
+    """The launchers' tile chain for ``kernel`` on ``sm_{arch}``."""
+    from sdft_kernels.triton_backend import tile_chain
+
+    return tile_chain(kernel, divmod(arch, 10))
+
+
 def probe(gpu: str, dtype: str, name: str) -> dict:
     """The first shape's shared memory and the shape taken, for one variant on one GPU."""
-    from sdft_kernels.triton_backend import GPU_TILES
-
     arch, limit = GPUS[gpu]
     _, chain, kernel, constants, types = next(v for v in variants(dtype) if v[0] == name)
-    index, _, compiled = shape_taken(kernel, constants, types, GPU_TILES[chain], arch, limit)
-    first = compile_for(kernel, constants, types, GPU_TILES[chain][0], arch, with_v="K" not in constants)
+    shapes = chain_for(chain, arch)
+    index, _, compiled = shape_taken(kernel, constants, types, shapes, arch, limit)
+    first = compile_for(kernel, constants, types, shapes[0], arch, with_v="K" not in constants)
     return dict(first_shared=first.metadata.shared, index=index, shared=compiled.metadata.shared, limit=limit)
 
 
 def main():
-    from sdft_kernels.triton_backend import GPU_TILES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", nargs="+", default=list(GPUS), choices=list(GPUS))
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
@@ -164,7 +168,7 @@ def main():
             if dtype == "bf16" and arch < 80:
                 continue  # no bf16 there: a run computes in fp32 or fp16
             for name, chain, kernel, constants, types in variants(dtype):
-                index, shape, compiled = shape_taken(kernel, constants, types, GPU_TILES[chain], arch, limit)
+                index, shape, compiled = shape_taken(kernel, constants, types, chain_for(chain, arch), arch, limit)
                 regs, spilled = usage(compiled)
                 taken = "none fits" if shape is None else \
                     f"{index + 1}: {shape['BLOCK_N']}x{shape['BLOCK_V'] or constants.get('K')}x{shape['BLOCK_K']}, " \
@@ -180,8 +184,9 @@ def main():
         text = (f"# Triton kernels: the tile shape each GPU takes (compiled, not run)\n\n"
                 f"Triton {triton.__version__}, compiled on a CPU for each GPU's architecture. Command: `{command}`. "
                 "Shared memory is the compiled kernel's; the limit is the GPU's opt-in maximum per block; "
-                "registers and spilled bytes are per thread (cuobjdump). Shapes are GPU_TILES' chains in "
-                "sdft_kernels/triton_backend.py.\n\n" + header + "\n"
+                "registers and spilled bytes are per thread (cuobjdump). Shapes are `tile_chain`'s in "
+                "sdft_kernels/triton_backend.py (Hopper: GPU_TILES, measured on an H100; others: "
+                "OTHER_GPU_TILES).\n\n" + header + "\n"
                 + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n")
         (out / f"{args.stem}.md").write_text(text)
 

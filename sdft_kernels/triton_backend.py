@@ -31,12 +31,12 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Tile shapes on a GPU per kernel, in order of preference. The first of each was the fastest on an H100
-# (benchmarks/results/tune_tiles_h100_round*.log, bf16). A GPU that cannot hold a shape for the inputs
-# at hand takes the next (``fitted``): fp32 operands take twice bf16's shared memory per pipeline stage,
-# which an A100 (163 KB a block), a consumer or L4-class card (99 KB) or a T4 (64 KB) may not have; the
-# later shapes buffer fewer stages, then take smaller tiles. benchmarks/kernel_resources.py compiles
-# every kernel variant for these GPUs (no GPU needed) and prints which shape each one takes.
+# Tile shapes on a GPU per kernel, in order of preference (``tile_chain``). A GPU that cannot hold a shape
+# for the inputs at hand takes the next (``fitted``): fp32 operands take twice bf16's shared memory per
+# pipeline stage, which an A100 (163 KiB a block), a consumer or L4-class card (99 KiB) or a T4 (64 KiB)
+# may not have; the later shapes buffer fewer stages, then take smaller tiles.
+# Hopper (compute capability 9): the first of each was the fastest on an H100
+# (benchmarks/results/tune_tiles_h100_round*.log, bf16).
 GPU_TILES = {
     "stats": (dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
               dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=2),
@@ -50,6 +50,16 @@ GPU_TILES = {
     # Not yet measured on a GPU: small row blocks keep the [BLOCK_N, 2K] int64 merge in registers.
     "topk": (dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=64, num_warps=4, num_stages=2),
              dict(BLOCK_N=16, BLOCK_V=0, BLOCK_K=32, num_warps=4, num_stages=1)),
+}
+# Every other GPU (Ampere, Ada, Blackwell): not timed (the GPUs lent here are Hoppers), chosen by the
+# compiled kernels' spills. Compiled for those architectures, the H100's shapes spill 270 to 1,200 bytes a
+# thread at 255 registers (an A100's grad kernel with a shared head: 32 registers and 5.3 KB of stack),
+# 64 x 128 x 64 with 8 warps none to about 380 (benchmarks/results/kernel_resources_triton39.md).
+_SMALLER = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8)
+OTHER_GPU_TILES = {
+    "stats": (dict(_SMALLER, num_stages=3), dict(_SMALLER, num_stages=2), *GPU_TILES["stats"][2:]),
+    "grad": (dict(_SMALLER, num_stages=3), dict(_SMALLER, num_stages=2), *GPU_TILES["grad"][3:]),
+    "topk": GPU_TILES["topk"],
 }
 # Small tiles keep the CPU interpreter quick and exercise the edge masks.
 INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16)
@@ -81,14 +91,20 @@ def first_fitting(shapes, run, start: int = 0):
                        "use backend='torch'") from refused
 
 
+def tile_chain(kernel: str, capability: tuple[int, int]) -> tuple[dict, ...]:
+    """``kernel``'s tile shapes in order of preference on a GPU of compute ``capability``."""
+    return (GPU_TILES if capability[0] == 9 else OTHER_GPU_TILES)[kernel]
+
+
 def fitted(kernel: str, device: torch.device, variant: tuple, run):
     """``run(BLOCK_N, BLOCK_V, BLOCK_K, launch options)`` under ``kernel``'s tile shapes for ``device``: the
-    interpreter's on CPU; on a GPU the first of ``GPU_TILES[kernel]`` it can launch for this ``variant``
-    (dtype and the constants that change the kernel's resources), remembered per GPU model."""
+    interpreter's on CPU; on a GPU the first of ``tile_chain`` it can launch for this ``variant`` (dtype and
+    the constants that change the kernel's resources), remembered per GPU model."""
     if device.type != "cuda":
         return run(*_split(INTERPRETER_TILES))
-    key = (kernel, torch.cuda.get_device_capability(device), variant)
-    index, result = first_fitting(GPU_TILES[kernel], run, FITTED.get(key, 0))
+    capability = torch.cuda.get_device_capability(device)
+    key = (kernel, capability, variant)
+    index, result = first_fitting(tile_chain(kernel, capability), run, FITTED.get(key, 0))
     FITTED[key] = index
     return result
 

@@ -46,7 +46,7 @@ def test_no_shape_fitting_is_one_line_naming_the_torch_backend():
 
 
 def test_a_gpu_model_remembers_the_shape_it_took_per_variant(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setitem(triton_backend.GPU_TILES, "grad", SHAPES)
     monkeypatch.setattr(triton_backend, "FITTED", {})
     cuda = torch.device("cuda")
@@ -64,6 +64,15 @@ def test_a_gpu_model_remembers_the_shape_it_took_per_variant(monkeypatch):
     assert calls == [0]  # the interpreter: its own small tiles, no chain
 
 
+def test_hopper_takes_the_shapes_measured_on_an_h100_and_other_gpus_their_own():
+    for kernel in ("stats", "grad", "topk"):
+        assert triton_backend.tile_chain(kernel, (9, 0)) is triton_backend.GPU_TILES[kernel]
+        for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):
+            assert triton_backend.tile_chain(kernel, capability) is triton_backend.OTHER_GPU_TILES[kernel]
+    for chains in (triton_backend.GPU_TILES, triton_backend.OTHER_GPU_TILES):  # each ends in a small shape
+        assert all(chain[-1]["num_stages"] == 1 for chain in chains.values())
+
+
 def _probe(gpu: str, dtype: str, kernel: str) -> dict:
     """``benchmarks/kernel_resources.py --probe`` in a process of its own: these tests run Triton's
     interpreter, which the compiler cannot share a process with."""
@@ -78,18 +87,18 @@ def _probe(gpu: str, dtype: str, kernel: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_fp32_gradients_with_a_shared_head_find_a_shape_that_fits_a_99_kib_gpu():
+@pytest.mark.parametrize("gpu", ["A10 / RTX 3090", "H100 / H200"])
+def test_fp32_gradients_with_a_shared_head_find_a_shape_that_fits(gpu):
     """fp32 operands (``mixed_precision=no``, a GPU without bf16) with the teacher sharing the head: the
-    grad kernel's preferred shape needs 288 KiB of shared memory (three fp32 tiles, three stages buffered),
-    more than even an H100's 227 KiB (sm_90 compiles it to the same size); the chain must reach a shape
-    that launches on a 99 KiB card."""
-    found = _probe("A10 / RTX 3090", "fp32", "grad shared head")
-    assert found["first_shared"] > 232448  # what every GPU refused before the chain
+    grad kernel's preferred shape needs more shared memory than the GPU has (on an H100 288 KiB: three
+    fp32 tiles, three stages buffered, against 227 KiB); the chain must reach a shape that launches."""
+    found = _probe(gpu, "fp32", "grad shared head")
+    assert found["first_shared"] > found["limit"]  # what the GPU refused before the chain
     assert found["index"] is not None and found["shared"] <= found["limit"], found
 
 
 @pytest.mark.parametrize("kernel", ["stats shared head", "grad two heads"])
 def test_the_preferred_bf16_shapes_fit_a_99_kib_gpu(kernel):
-    """bf16 (a GPU run's default) keeps its measured H100 shapes on consumer and L4-class cards."""
+    """bf16 (a GPU run's default) takes its preferred shape on consumer and L4-class cards."""
     found = _probe("L4 / L40S / RTX 4090", "bf16", kernel)
     assert found["index"] == 0 and found["first_shared"] <= found["limit"], found
