@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -180,7 +181,7 @@ def main():
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/kernel_resources.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/kernel_resources.py " + shlex.join(sys.argv[1:])
         text = (f"# Triton kernels: the tile shape each GPU takes (compiled, not run)\n\n"
                 f"Triton {triton.__version__}, compiled on a CPU for each GPU's architecture. Command: `{command}`. "
                 "Shared memory is the compiled kernel's; the limit is the GPU's opt-in maximum per block; "
