@@ -91,9 +91,10 @@ def first_fitting(shapes, run, start: int = 0):
                        "use backend='torch'") from refused
 
 
-def tile_chain(kernel: str, capability: tuple[int, int]) -> tuple[dict, ...]:
-    """``kernel``'s tile shapes in order of preference on a GPU of compute ``capability``."""
-    return (GPU_TILES if capability[0] == 9 else OTHER_GPU_TILES)[kernel]
+def tile_chain(kernel: str, capability: tuple[int, int], hip: bool = False) -> tuple[dict, ...]:
+    """``kernel``'s tile shapes in order of preference on a GPU of compute ``capability`` (``hip``: an AMD
+    GPU under ROCm, whose MI300 also reports 9.x)."""
+    return (GPU_TILES if capability[0] == 9 and not hip else OTHER_GPU_TILES)[kernel]
 
 
 def fitted(kernel: str, device: torch.device, variant: tuple, run):
@@ -104,7 +105,8 @@ def fitted(kernel: str, device: torch.device, variant: tuple, run):
         return run(*_split(INTERPRETER_TILES))
     capability = torch.cuda.get_device_capability(device)
     key = (kernel, capability, variant)
-    index, result = first_fitting(tile_chain(kernel, capability), run, FITTED.get(key, 0))
+    chain = tile_chain(kernel, capability, hip=torch.version.hip is not None)
+    index, result = first_fitting(chain, run, FITTED.get(key, 0))
     FITTED[key] = index
     return result
 

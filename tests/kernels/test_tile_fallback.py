@@ -69,6 +69,7 @@ def test_hopper_takes_the_shapes_measured_on_an_h100_and_other_gpus_their_own():
         assert triton_backend.tile_chain(kernel, (9, 0)) is triton_backend.GPU_TILES[kernel]
         for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):
             assert triton_backend.tile_chain(kernel, capability) is triton_backend.OTHER_GPU_TILES[kernel]
+        assert triton_backend.tile_chain(kernel, (9, 4), hip=True) is triton_backend.OTHER_GPU_TILES[kernel]  # MI300
     for chains in (triton_backend.GPU_TILES, triton_backend.OTHER_GPU_TILES):  # each ends in a small shape
         assert all(chain[-1]["num_stages"] == 1 for chain in chains.values())
 
