@@ -137,8 +137,9 @@ class SDFTConfig:
                                   "(torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG) "
                                   "for the run; costs GPU speed, nothing measurable on CPU (sdft.runtime.determinism)")
     tf32: bool = _opt(False, "TF32 for fp32 matrix products and convolutions on an Ampere or newer CUDA GPU "
-                      "(torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32) for the run, as HF's tf32; "
-                      "what it rounds: 10 bits of mantissa in the products' inputs")
+                      "(torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32) for the run, as HF's tf32, "
+                      "the fused loss's Triton kernels included; what it rounds: 10 bits of mantissa in the "
+                      "products' inputs")
     decode_gemm: str = _opt("rule", "layout of decoding's few-row CPU matrix products: rule (fixed by the row "
                             "count: a seed gives the same rollouts under any load), auto (timed per process: can "
                             "be faster on another CPU, but a busy machine can change the numbers), off (F.linear)",

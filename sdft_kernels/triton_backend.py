@@ -112,10 +112,14 @@ def fitted(kernel: str, device: torch.device, variant: tuple, run):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs are multiplied exactly (no tf32); 16-bit ones use the tensor cores."""
+    """The kernels' products: 16-bit operands on the tensor cores; fp32 ones exactly, or in TF32 where this
+    process allows TF32 for fp32 matrix products (a run's ``tf32=true``, torch's ``allow_tf32`` or
+    ``set_float32_matmul_precision("high")``), as cuBLAS then computes the rest of the model."""
     if interpreting():
         return "interp"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _common(h_s, h_t, w, w_t):
@@ -169,7 +173,7 @@ def _partials(name: str, planes: int, h_s, h_t, w, w_t, spec: DivergenceSpec, sh
             PRECISION=_precision(h_s.dtype), **opts)
         return part
 
-    return fitted("stats", h_s.device, (name, h_s.dtype, shared, capped), run)
+    return fitted("stats", h_s.device, (name, h_s.dtype, _precision(h_s.dtype), shared, capped), run)
 
 
 def row_statistics(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
@@ -255,7 +259,7 @@ def backward(h_s, h_t, w, w_t, stats, row_grad, spec: DivergenceSpec, shared: bo
                 torch.mm(block.T, h_s, out=d_w[v_lo:v_hi])
         return d_h, d_w
 
-    d_h, d_w = fitted("grad", h_s.device, (h_s.dtype, kind, shared, capped), run)
+    d_h, d_w = fitted("grad", h_s.device, (h_s.dtype, precision, kind, shared, capped), run)
     return (d_h.to(h_s.dtype) if need_h else None), d_w
 
 
@@ -327,7 +331,7 @@ def topk_ids(x, w, k: int, spec: DivergenceSpec, cap: float | None):
             CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype), **opts)
         return keys.permute(1, 0, 2).reshape(n, splits * width)
 
-    keys = fitted("topk", x.device, (x.dtype, width, capped), run).topk(k, dim=1).values
+    keys = fitted("topk", x.device, (x.dtype, _precision(x.dtype), width, capped), run).topk(k, dim=1).values
     ordered = (keys >> 32).to(torch.int32)
     values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
     return 0x7FFFFFFF - (keys & 0xFFFFFFFF), values
