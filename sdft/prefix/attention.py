@@ -73,13 +73,20 @@ def device_type_of(model) -> str:
     return next(model.parameters()).device.type
 
 
+def flex_allowed(mode: str, supports: bool, dropout: float, training: bool, device_type: str, grad: bool) -> bool:
+    """Whether a tree pass may take the block mask under ``mode``: a torch with FlexAttention,
+    ``model_allows_flex`` (the model class's ``supports``, its attention ``dropout`` while ``training``) and
+    ``device_allows_flex`` (``device_type``, with gradient or not). The run asks through ``may_use_flex``,
+    the dry run's plan for a training pass on its device."""
+    return (mode != "dense" and flex_available() and model_allows_flex(supports, dropout, training)
+            and device_allows_flex(mode, device_type, grad))
+
+
 def may_use_flex(mode: str, model) -> bool:
-    """Whether a tree pass of ``model`` in this grad mode can take the block mask under ``mode``: a torch
-    with FlexAttention, ``model_allows_flex`` and ``device_allows_flex``."""
-    return (mode != "dense" and flex_available()
-            and model_allows_flex(getattr(model, "_supports_flex_attn", False),
-                                  getattr(model.config, "attention_dropout", 0.0), model.training)
-            and device_allows_flex(mode, device_type_of(model), torch.is_grad_enabled()))
+    """``flex_allowed`` for a pass of ``model`` as it is now (its device, train mode, and this grad mode)."""
+    return flex_allowed(mode, getattr(model, "_supports_flex_attn", False),
+                        getattr(model.config, "attention_dropout", 0.0), model.training, device_type_of(model),
+                        torch.is_grad_enabled())
 
 
 def use_flex(mode: str, width: int, model) -> bool:

@@ -138,10 +138,8 @@ def _flex_rule(mode: str, model, device: torch.device):
     (``sdft.prefix.attention.use_flex``) to ``model`` training, with gradient, on ``device``."""
     from sdft.prefix import attention as tree_attention
 
-    may = (mode != "dense" and tree_attention.flex_available()
-           and tree_attention.model_allows_flex(getattr(model, "_supports_flex_attn", False),
-                                                getattr(model.config, "attention_dropout", 0.0), True)
-           and tree_attention.device_allows_flex(mode, device.type, True))
+    may = tree_attention.flex_allowed(mode, getattr(model, "_supports_flex_attn", False),
+                                      getattr(model.config, "attention_dropout", 0.0), True, device.type, True)
     return may, lambda width: tree_attention.width_takes_flex(mode, width, device.type)
 
 
