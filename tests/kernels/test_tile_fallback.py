@@ -88,6 +88,7 @@ def _probe(gpu: str, dtype: str, kernel: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.compiles_for_gpus
 @pytest.mark.parametrize("gpu", ["A10 / RTX 3090", "H100 / H200"])
 def test_fp32_gradients_with_a_shared_head_find_a_shape_that_fits(gpu):
     """fp32 operands (``mixed_precision=no``, a GPU without bf16) with the teacher sharing the head: the
@@ -98,6 +99,7 @@ def test_fp32_gradients_with_a_shared_head_find_a_shape_that_fits(gpu):
     assert found["index"] is not None and found["shared"] <= found["limit"], found
 
 
+@pytest.mark.compiles_for_gpus
 @pytest.mark.parametrize("kernel", ["stats shared head", "grad two heads"])
 def test_the_preferred_bf16_shapes_fit_a_99_kib_gpu(kernel):
     """bf16 (a GPU run's default) takes its preferred shape on consumer and L4-class cards."""
