@@ -1,9 +1,11 @@
 """Time the Triton forward (statistics) and backward (gradient) passes under alternative tile shapes.
 
     python benchmarks/tune_tiles.py     # GPU only; prints one line per (shape, pass, config)
+    python benchmarks/tune_tiles.py --shapes qwen --candidates 0 2 8 9   # the GPU suite's short form
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -31,9 +33,17 @@ SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936)}
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--candidates", nargs="+", type=int, default=list(range(len(CANDIDATES))),
+                        help="indices into CANDIDATES")
+    args = parser.parse_args()
     device = torch.device("cuda")
     spec = make_spec("reverse_kl")
-    for name, (h, v) in SHAPES.items():
+    candidates = [CANDIDATES[i] for i in args.candidates]
+    chains = (triton_backend.GPU_TILES, triton_backend.OTHER_GPU_TILES)  # whichever this GPU's tile_chain reads
+    for name in args.shapes:
+        h, v = SHAPES[name]
         n = 4096
         hs = torch.randn(n, h, device=device, dtype=torch.bfloat16)
         ht = torch.randn(n, h, device=device, dtype=torch.bfloat16)
@@ -42,9 +52,10 @@ def main():
         row_grad = torch.full((n,), 1.0 / n, device=device)
         tflop = 4 * n * h * v / 1e12
         for kernel in ("stats", "grad"):
-            default = triton_backend.GPU_TILES[kernel]
-            for cfg in CANDIDATES:
-                triton_backend.GPU_TILES[kernel] = (cfg,)  # this shape alone
+            defaults = [chain[kernel] for chain in chains]
+            for cfg in candidates:
+                for chain in chains:
+                    chain[kernel] = (cfg,)  # this shape alone
                 triton_backend.FITTED.clear()
                 if kernel == "stats":
                     fn = lambda: triton_backend.forward(hs, ht, w, w, spec, True)  # noqa: E731
@@ -57,7 +68,8 @@ def main():
                     continue
                 work = tflop * (1 if kernel == "stats" else 2)
                 print(f"{name} {kernel} {cfg} {ms:.2f} ms {work / (ms * 1e-3):.0f} TFLOP/s", flush=True)
-            triton_backend.GPU_TILES[kernel] = default
+            for chain, default in zip(chains, defaults):
+                chain[kernel] = default
     # The backward's cuBLAS share alone, for reference.
     h, v = SHAPES["qwen"]
     gz = torch.randn(4096, 8192, device=device, dtype=torch.bfloat16)
