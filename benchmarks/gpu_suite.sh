@@ -160,7 +160,7 @@ tables "$RES/rollout_rows_suite.md"
 # --- 6. tile shapes on this GPU: the H100's measured shapes beside the two that spill less on sm_90
 # (benchmarks/results/kernel_resources_triton39.md); GPU only, last: the least needed
 if [ -z "$DRY" ]; then
-  section "tile shapes, qwen head" 60 bash -c "$PY benchmarks/tune_tiles.py --shapes qwen --candidates 0 2 8 9 \
+  section "tile shapes, qwen head" 60 bash -c "set -o pipefail; $PY benchmarks/tune_tiles.py --shapes qwen --candidates 0 2 8 9 \
     | tee '$RES/tune_tiles_suite.log'"
   tables "$RES/tune_tiles_suite.log"
 fi
