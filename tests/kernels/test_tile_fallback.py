@@ -1,4 +1,4 @@
-"""A GPU that cannot hold a kernel's preferred tile shape takes the next one (``GPU_TILES``' chains), and every
+"""A GPU that cannot hold a kernel's preferred tile shape takes the next one (``tile_chain``), and every
 kernel has a shape that fits the GPUs users train on: the launch logic with a stand-in kernel, the fit by
 compiling for those GPUs' architectures on this CPU (Triton's ptxas; no GPU needed)."""
 import json
