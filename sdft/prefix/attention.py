@@ -73,25 +73,32 @@ def device_type_of(model) -> str:
     return next(model.parameters()).device.type
 
 
-def flex_allowed(mode: str, supports: bool, dropout: float, training: bool, device_type: str, grad: bool) -> bool:
-    """Whether a tree pass may take the block mask under ``mode``: a torch with FlexAttention,
-    ``model_allows_flex`` (the model class's ``supports``, its attention ``dropout`` while ``training``) and
-    ``device_allows_flex`` (``device_type``, with gradient or not). The run asks through ``may_use_flex``,
-    the dry run's plan for a training pass on its device."""
-    return (mode != "dense" and flex_available() and model_allows_flex(supports, dropout, training)
-            and device_allows_flex(mode, device_type, grad))
+def flex_rule(mode: str, model, device_type: str, training: bool, grad: bool):
+    """(may a tree pass of ``model`` take the block mask under ``mode``, ``takes(width)``: does it at that
+    packed width): a torch with FlexAttention, ``model_allows_flex`` (its class's flex support, its attention
+    dropout while ``training``), ``device_allows_flex`` (``device_type``, with gradient or not) and
+    ``width_takes_flex``. The run asks for the model as it is now (``flex_rule_now``), the dry run's plan
+    for a training pass on its device."""
+    may = (mode != "dense" and flex_available()
+           and model_allows_flex(getattr(model, "_supports_flex_attn", False),
+                                 getattr(model.config, "attention_dropout", 0.0), training)
+           and device_allows_flex(mode, device_type, grad))
+    return may, lambda width: may and width_takes_flex(mode, width, device_type)
+
+
+def flex_rule_now(mode: str, model):
+    """``flex_rule`` for a pass of ``model`` as it is now: its device, train mode, and this grad mode."""
+    return flex_rule(mode, model, device_type_of(model), model.training, torch.is_grad_enabled())
 
 
 def may_use_flex(mode: str, model) -> bool:
-    """``flex_allowed`` for a pass of ``model`` as it is now (its device, train mode, and this grad mode)."""
-    return flex_allowed(mode, getattr(model, "_supports_flex_attn", False),
-                        getattr(model.config, "attention_dropout", 0.0), model.training, device_type_of(model),
-                        torch.is_grad_enabled())
+    """Whether a tree pass of ``model`` now may take the block mask under ``mode``, at some width."""
+    return flex_rule_now(mode, model)[0]
 
 
 def use_flex(mode: str, width: int, model) -> bool:
     """The rule: does a tree pass of ``model`` at packed width ``width`` take the block mask?"""
-    return may_use_flex(mode, model) and width_takes_flex(mode, width, device_type_of(model))
+    return flex_rule_now(mode, model)[1](width)
 
 
 def block_mask(ends: torch.Tensor, block: int = BLOCK):

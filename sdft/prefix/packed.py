@@ -171,10 +171,7 @@ def tree_forward(decoder, packed: PackedTrees, attention: str = "auto", **kwargs
 def pack_for(decoder, attention: str, pack):
     """``pack(pairs)`` (packed trees and their node indices) under the cost model of the attention the
     pass will take (``pack_choosing``, with ``decoder``'s rule)."""
-    device_type = tree_attention.device_type_of(decoder)
-    return pack_choosing(pack, tree_attention.may_use_flex(attention, decoder),
-                         lambda width: tree_attention.width_takes_flex(attention, width, device_type),
-                         decoder.config)[0]
+    return pack_choosing(pack, *tree_attention.flex_rule_now(attention, decoder), decoder.config)[0]
 
 
 def pack_choosing(pack, may_flex: bool, takes_flex, model_config):

@@ -133,23 +133,14 @@ class ScoringActivations:
                 f"about {size_text(self.total)} of activations for its backward{how}{mask}")
 
 
-def _flex_rule(mode: str, model, device: torch.device):
-    """(may the student's tree pass take the block mask, ``takes(width)``): the rule the run applies
-    (``sdft.prefix.attention.use_flex``) to ``model`` training, with gradient, on ``device``."""
-    from sdft.prefix import attention as tree_attention
-
-    may = tree_attention.flex_allowed(mode, getattr(model, "_supports_flex_attn", False),
-                                      getattr(model.config, "attention_dropout", 0.0), True, device.type, True)
-    return may, lambda width: tree_attention.width_takes_flex(mode, width, device.type)
-
-
 def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, config, model,
            device: torch.device) -> tuple[int, int, str]:
     """(rows, width, mask) of the student's pass over the micro-batch of the longest ``prompts`` with distinct
-    rollouts of full length: the prefix tree as the run packs it (``pack_choosing``, as the run chooses: one
+    rollouts of full length: the prefix tree as the run packs it (``pack_choosing`` under ``flex_rule``: one
     tree under the block mask, rows by the dense mask's cost otherwise), the live teacher's contexts in the
     same tree where the run would join them (``share_teacher_prefix``, by ``joint_pass_pays``'s rule), or a
     padded row per rollout without prefix sharing. ``mask``: "block", "dense" or "none" (no tree)."""
+    from sdft.prefix import attention as tree_attention
     from sdft.prefix.packed import joint_nodes_pay, pack_choosing, pack_sides
 
     batch, group, length = config.per_device_train_batch_size, config.num_generations, config.max_completion_length
@@ -162,7 +153,7 @@ def _slots(prompts: list[list[int]], teacher_contexts: list[list[int]] | None, c
     contexts = [torch.tensor(p) for p in longest]
     completions = torch.arange(len(longest) * group * length).reshape(-1, length) + 1  # distinct rollouts
     mask = torch.ones_like(completions, dtype=torch.bool)
-    may, takes = _flex_rule(config.tree_attention, model, device)
+    may, takes = tree_attention.flex_rule(config.tree_attention, model, device.type, training=True, grad=True)
 
     def pack(sides):
         return pack_choosing(lambda pairs: pack_sides(sides, completions, mask, 0, pairs), may, takes, model.config)
