@@ -163,6 +163,7 @@ def _partials(name: str, planes: int, h_s, h_t, w, w_t, spec: DivergenceSpec, sh
     kernel = getattr(K, f"{name}_kernel")
     n, vocab = h_s.shape[0], w.shape[0]
     cap, capped = _cap_args(cap)
+    precision = _precision(h_s.dtype)
 
     def run(bn, bv, bk, opts):
         splits, per_split = _splits(n, vocab, bn, bv, h_s.device)
@@ -170,10 +171,10 @@ def _partials(name: str, planes: int, h_s, h_t, w, w_t, spec: DivergenceSpec, sh
         kernel[(triton_cdiv(n, bn), splits)](
             h_s, h_t, w, w_t, *before, part, n, vocab, *_common(h_s, h_t, w, w_t), spec.inv_temperature, cap,
             per_split, *after, SHARED=shared, CAP=capped, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-            PRECISION=_precision(h_s.dtype), **opts)
+            PRECISION=precision, **opts)
         return part
 
-    return fitted("stats", h_s.device, (name, h_s.dtype, _precision(h_s.dtype), shared, capped), run)
+    return fitted("stats", h_s.device, (name, h_s.dtype, precision, shared, capped), run)
 
 
 def row_statistics(h_s, h_t, w, w_t, spec: DivergenceSpec, shared: bool, cap: float | None = None):
@@ -322,16 +323,17 @@ def topk_ids(x, w, k: int, spec: DivergenceSpec, cap: float | None):
     n, vocab = x.shape[0], w.shape[0]
     width = max(16, 1 << (k - 1).bit_length())  # K: a power of two, at least a tl.dot tile
     cap, capped = _cap_args(cap)
+    precision = _precision(x.dtype)
 
     def run(bn, _, bk, opts):
         splits, per_split = _splits(n, vocab, bn, width, x.device)
         keys = alloc((splits, n, width), torch.int64, x.device)
         K.topk_kernel[(triton_cdiv(n, bn), splits)](
             x, w, keys, n, vocab, x.shape[1], x.stride(0), w.stride(0), spec.inv_temperature, cap, per_split,
-            CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype), **opts)
+            CAP=capped, K=width, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, **opts)
         return keys.permute(1, 0, 2).reshape(n, splits * width)
 
-    keys = fitted("topk", x.device, (x.dtype, _precision(x.dtype), width, capped), run).topk(k, dim=1).values
+    keys = fitted("topk", x.device, (x.dtype, precision, width, capped), run).topk(k, dim=1).values
     ordered = (keys >> 32).to(torch.int32)
     values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
     return 0x7FFFFFFF - (keys & 0xFFFFFFFF), values
